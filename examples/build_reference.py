@@ -1,0 +1,320 @@
+"""Build the project's small reference stack from the local corpora in ../shared/corpora.
+
+Full build (about 75 minutes on one CPU thread):
+
+    cd /work/main && HF_HUB_OFFLINE=1 nohup python examples/build_reference.py \
+        --stages split,tokenizer,base,small --base-max-minutes 60 --small-max-minutes 12 --threads 1 \
+        > /tmp/build_reference.log 2>&1 &
+
+Stages (run in the order given by --stages):
+  split      deterministic train/validation split of each domain; training/validation texts go to
+             --work-dir/data/*.jsonl (outside the repo), validation prompts to --out/prompts/validation.jsonl
+  tokenizer  byte-level BPE (vocab 8192, <|endoftext|> as bos/eos/pad) -> --out/tokenizer
+  base       ~10M-parameter Llama trained from scratch -> --out/base (bf16 safetensors + tokenizer + training_log.json)
+  small      ~2M-parameter Llama (draft / assistant model) -> --out/small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
+sys.path.insert(0, str(REPO))
+
+logger = logging.getLogger("build_reference")
+
+EOS = "<|endoftext|>"
+DOMAINS = ("austen", "shakespeare", "kjv", "python")
+MODEL_SPECS = {
+    "base": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6),
+    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="split,tokenizer,base,small", help="comma-separated stages to run, in order")
+    p.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA, help="folder of the training corpora")
+    p.add_argument("--out", type=Path, default=REPO / "reference", help="output folder (in the repo)")
+    p.add_argument("--work-dir", type=Path, default=Path("/tmp/hf_bpd_reference"), help="cache/scratch folder outside the repo")
+    p.add_argument("--val-fraction", type=float, default=0.02)
+    p.add_argument("--prompts-per-domain", type=int, default=25)
+    p.add_argument("--prompt-chars", type=int, default=200)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--base-max-minutes", type=float, default=60.0)
+    p.add_argument("--small-max-minutes", type=float, default=12.0)
+    p.add_argument("--base-max-steps", type=int, default=None, help="LR-schedule length; default: estimate from --base-tokens-per-s")
+    p.add_argument("--small-max-steps", type=int, default=None, help="LR-schedule length; default: estimate from --small-tokens-per-s")
+    p.add_argument("--base-tokens-per-s", type=float, default=620.0, help="throughput estimate used for --base-max-steps")
+    p.add_argument("--small-tokens-per-s", type=float, default=3100.0, help="throughput estimate used for --small-max-steps")
+    p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per domain")
+    p.add_argument("--logging-steps", type=int, default=50)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- split
+def data_file(args, domain: str, split: str) -> Path:
+    return args.work_dir / "data" / f"{domain}_{split}.jsonl"
+
+
+def make_prompts(texts, n: int, chars: int, rng: random.Random):
+    """Cut ~`chars`-character windows that start and end at word boundaries from validation texts."""
+    pool = [t for t in texts if len(t) > 2 * chars]
+    prompts = []
+    for _ in range(n * 20):
+        if len(prompts) >= n or not pool:
+            break
+        text = rng.choice(pool)
+        end = rng.randrange(chars + 1, len(text))
+        end = max(text.rfind(" ", 0, end), text.rfind("\n", 0, end))
+        start = end - chars
+        if start <= 0:
+            continue
+        while start < end and not text[start - 1].isspace():
+            start += 1
+        window = text[start:end].strip()
+        if len(window) >= chars // 2 and window not in prompts:
+            prompts.append(window)
+    return prompts
+
+
+def stage_split(args):
+    from hf_bpd.data import split_reference_corpora
+
+    splits = split_reference_corpora(args.corpora, val_fraction=args.val_fraction)
+    (args.work_dir / "data").mkdir(parents=True, exist_ok=True)
+    (args.out / "prompts").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    info, rows = {}, []
+    for domain in DOMAINS:
+        for split, texts in splits[domain].items():
+            with open(data_file(args, domain, split), "w", encoding="utf-8") as f:
+                for t in texts:
+                    f.write(json.dumps({"text": t}, ensure_ascii=False) + "\n")
+        prompts = make_prompts(splits[domain]["validation"], args.prompts_per_domain, args.prompt_chars, rng)
+        rows += [{"prompt": p, "domain": domain} for p in prompts]
+        info[domain] = {s: {"texts": len(t), "chars": sum(map(len, t))} for s, t in splits[domain].items()}
+        info[domain]["prompts"] = len(prompts)
+    with open(args.out / "prompts" / "validation.jsonl", "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    with open(args.out / "prompts" / "split_info.json", "w") as f:
+        json.dump({"val_fraction": args.val_fraction, "seed": args.seed, "domains": info}, f, indent=2)
+    logger.info("Wrote %d prompts to %s", len(rows), args.out / "prompts" / "validation.jsonl")
+
+
+def ensure_split(args):
+    if not all(data_file(args, d, s).exists() for d in DOMAINS for s in ("train", "validation")):
+        stage_split(args)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def stage_tokenizer(args):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    ensure_split(args)
+
+    def texts():
+        for d in DOMAINS:
+            with open(data_file(args, d, "train"), encoding="utf-8") as f:
+                for line in f:
+                    yield json.loads(line)["text"]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size, min_frequency=2, special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    t0 = time.time()
+    tok.train_from_iterator(texts(), trainer=trainer)
+    logger.info("Trained BPE tokenizer (vocab %d) in %.1fs", tok.get_vocab_size(), time.time() - t0)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=512)
+    fast.save_pretrained(args.out / "tokenizer")
+    # Byte-level round trip on held-out text.
+    for d in DOMAINS:
+        with open(data_file(args, d, "validation"), encoding="utf-8") as f:
+            sample = json.loads(f.readline())["text"][:5000]
+        ids = fast(sample, add_special_tokens=False)["input_ids"]
+        if fast.decode(ids) != sample:
+            raise RuntimeError(f"Tokenizer does not round-trip {d} text exactly.")
+        logger.info("%s: %.2f chars/token, round trip OK", d, len(sample) / len(ids))
+
+
+# ----------------------------------------------------------------------------- LM training
+class TimeBudgetCallback:
+    """Stop training once `max_minutes` of wall-clock time have been spent."""
+
+    def __new__(cls, max_minutes: float):
+        from transformers import TrainerCallback
+
+        class _CB(TrainerCallback):
+            def __init__(self):
+                self.budget, self.start, self.stopped_on_time = max_minutes * 60.0, None, False
+
+            def on_train_begin(self, args, state, control, **kw):
+                self.start = time.time()
+
+            def on_step_end(self, args, state, control, **kw):
+                if time.time() - self.start >= self.budget:
+                    self.stopped_on_time = True
+                    control.should_training_stop = True
+                    logger.info("Time budget of %.1f min spent at step %d; stopping.", self.budget / 60, state.global_step)
+                return control
+
+        return _CB()
+
+
+def collate(features):
+    import torch
+
+    ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def load_packed(args, tokenizer, split: str):
+    from hf_bpd.data import load_text_files, pack_dataset
+
+    out = {}
+    for d in DOMAINS:
+        ds = load_text_files(data_file(args, d, split), cache_dir=args.work_dir / "hf_cache")
+        out[d] = pack_dataset(ds, tokenizer, args.seq_len)
+    return out
+
+
+def evaluate(model, blocks, batch_size: int):
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(blocks), batch_size):
+            batch = collate(blocks[i : i + batch_size])
+            loss = model(**batch).loss
+            n = batch["input_ids"].numel() - batch["input_ids"].shape[0]
+            total, count = total + loss.item() * n, count + n
+    return math.exp(total / max(count, 1))
+
+
+def stage_lm(args, name: str):
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, set_seed
+
+    ensure_split(args)
+    tok_dir = args.out / "tokenizer"
+    if not tok_dir.exists():
+        stage_tokenizer(args)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    set_seed(args.seed)
+
+    train_parts = load_packed(args, tokenizer, "train")
+    train = datasets.concatenate_datasets(list(train_parts.values())).shuffle(seed=args.seed)
+    val_parts = load_packed(args, tokenizer, "validation")
+    val = {d: [ds[i] for i in range(min(args.eval_blocks, len(ds)))] for d, ds in val_parts.items()}
+    logger.info("Train blocks: %s (total %d)", {d: len(v) for d, v in train_parts.items()}, len(train))
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        **MODEL_SPECS[name],
+    )
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    minutes = getattr(args, f"{name}_max_minutes")
+    max_steps = getattr(args, f"{name}_max_steps")
+    if max_steps is None:
+        tps = getattr(args, f"{name}_tokens_per_s")
+        max_steps = max(10, int(minutes * 60 * tps / (args.batch_size * args.seq_len)))
+    logger.info("%s: %d params (%.2fM), max_steps %d, budget %.1f min", name, n_params, n_params / 1e6, max_steps, minutes)
+
+    targs = TrainingArguments(
+        output_dir=str(args.work_dir / f"trainer_{name}"), max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(args.warmup_ratio * max_steps)), weight_decay=args.weight_decay,
+        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=args.logging_steps, save_strategy="no",
+        report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
+        seed=args.seed, disable_tqdm=False,
+    )
+    budget = TimeBudgetCallback(minutes)
+    trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[budget])
+    t0 = time.time()
+    result = trainer.train()
+    wall = time.time() - t0
+    steps = trainer.state.global_step
+    logger.info("%s: %d steps in %.1fs (%.3f steps/s, %.0f tokens/s)", name, steps, wall, steps / wall,
+                steps * args.batch_size * args.seq_len / wall)
+
+    t1 = time.time()
+    ppl = {d: evaluate(model, blocks, args.batch_size) for d, blocks in val.items()}
+    logger.info("%s validation perplexity: %s (%.1fs)", name, {d: round(v, 2) for d, v in ppl.items()}, time.time() - t1)
+
+    out_dir = args.out / name
+    model.to(torch.bfloat16).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    log = {
+        "model": name, "config": MODEL_SPECS[name], "num_parameters": n_params,
+        "data_files": {d: str(data_file(args, d, "train")) for d in DOMAINS},
+        "corpora": str(args.corpora), "val_fraction": args.val_fraction,
+        "train_blocks": {d: len(v) for d, v in train_parts.items()}, "seq_len": args.seq_len,
+        "batch_size": args.batch_size, "learning_rate": args.lr, "max_steps_planned": max_steps,
+        "steps": steps, "tokens_seen": steps * args.batch_size * args.seq_len,
+        "epochs": steps * args.batch_size / len(train), "stopped_on_time_budget": budget.stopped_on_time,
+        "max_minutes": minutes, "wall_time_s": round(wall, 1), "threads": args.threads,
+        "final_train_loss": result.training_loss,
+        "validation_blocks": {d: len(v) for d, v in val.items()},
+        "validation_perplexity": ppl,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+                       for h in trainer.state.log_history if "loss" in h],
+        "saved_dtype": "bfloat16", "torch": torch.__version__,
+    }
+    with open(out_dir / "training_log.json", "w") as f:
+        json.dump(log, f, indent=2)
+    logger.info("Saved %s to %s", name, out_dir)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("RAYON_NUM_THREADS", str(args.threads))
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.out, args.work_dir = args.out.resolve(), args.work_dir.resolve()
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    known = {"split": stage_split, "tokenizer": stage_tokenizer,
+             "base": lambda a: stage_lm(a, "base"), "small": lambda a: stage_lm(a, "small")}
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise SystemExit(f"Unknown stage(s) {unknown}; known: {sorted(known)}")
+    for stage in stages:
+        t0 = time.time()
+        logger.info("=== stage %s ===", stage)
+        known[stage](args)
+        logger.info("=== stage %s done in %.1fs ===", stage, time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()

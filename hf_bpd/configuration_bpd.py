@@ -1,0 +1,102 @@
+"""Configuration of a blockwise parallel decoding (BPD) model: a base causal LM plus `h` draft heads."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+HEAD_TYPES = ("resblock", "ffn", "lora")
+
+
+class BPDConfig(PretrainedConfig):
+    r"""
+    Configuration for [`BPDForCausalLM`]: which base model is wrapped and the shape of its draft heads.
+
+    Draft head `i` (1-based) reads the base model's last hidden state `z_t` at position `t` and predicts token
+    `t + 1 + i`; the base model's own `lm_head` keeps predicting token `t + 1` (Medusa's convention), so the base
+    model stays exactly intact.
+
+    Args:
+        num_draft_heads (`int`, *optional*, defaults to 4):
+            `h`, the number of draft heads. A block proposes `h` tokens after the base model's next token, so at most
+            `h + 1` tokens are produced per serial call of the base model.
+        head_type (`str`, *optional*, defaults to `"resblock"`):
+            - `"resblock"`: Medusa-style `x + SiLU(W x)` blocks (`W` zero-initialised: an untrained head reproduces
+              the base model's path).
+            - `"ffn"`: Kim et al.'s one-hidden-layer FFN, `x + W_2 act(W_1 x)` with hidden size
+              `head_hidden_size` (`W_2` zero-initialised).
+            - `"lora"`: a low-rank residual `x + B(A x)` of rank `head_rank` (`B` zero-initialised). A few hundred
+              thousand parameters per head even on a 4096-wide model.
+        head_num_layers (`int`, *optional*, defaults to 1):
+            How many of those blocks each head stacks.
+        head_hidden_size (`int`, *optional*):
+            Hidden width of an `"ffn"` head; defaults to the base model's hidden size.
+        head_rank (`int`, *optional*, defaults to 16):
+            Rank of a `"lora"` head.
+        share_lm_head (`bool`, *optional*, defaults to `True`):
+            Whether heads project to the vocabulary with the base model's (frozen) `lm_head`. When `False` each head
+            owns a projection, initialised as a copy of the base `lm_head`.
+        base_model_name_or_path (`str`, *optional*):
+            Hub id or local path of the base model, used by `from_pretrained` when no `base_model` is passed.
+        base_hidden_size (`int`, *optional*):
+            Hidden size of the base model (recorded so a checkpoint for a different base is a clear error).
+        base_vocab_size (`int`, *optional*):
+            Vocabulary size of the base model (recorded for the same reason).
+        base_model_type (`str`, *optional*):
+            `model_type` of the base model's config (informational, shown in errors and model cards).
+        freeze_base (`bool`, *optional*, defaults to `True`):
+            Whether the base model's parameters get `requires_grad=False`.
+    """
+
+    model_type = "bpd"
+
+    def __init__(
+        self,
+        num_draft_heads: int = 4,
+        head_type: str = "resblock",
+        head_num_layers: int = 1,
+        head_hidden_size: int | None = None,
+        head_rank: int = 16,
+        share_lm_head: bool = True,
+        base_model_name_or_path: str | None = None,
+        base_hidden_size: int | None = None,
+        base_vocab_size: int | None = None,
+        base_model_type: str | None = None,
+        freeze_base: bool = True,
+        **kwargs: Any,
+    ):
+        self.num_draft_heads = num_draft_heads
+        self.head_type = head_type
+        self.head_num_layers = head_num_layers
+        self.head_hidden_size = head_hidden_size
+        self.head_rank = head_rank
+        self.share_lm_head = share_lm_head
+        self.base_model_name_or_path = base_model_name_or_path
+        self.base_hidden_size = base_hidden_size
+        self.base_vocab_size = base_vocab_size
+        self.base_model_type = base_model_type
+        self.freeze_base = freeze_base
+        super().__init__(**kwargs)
+        self.validate_bpd()
+
+    def validate_bpd(self) -> None:
+        """Raise a `ValueError` naming the field for any invalid value."""
+
+        def positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BPDConfig.{name} must be an integer >= 1, got {value!r}.")
+
+        positive_int("num_draft_heads", self.num_draft_heads)
+        positive_int("head_num_layers", self.head_num_layers)
+        positive_int("head_rank", self.head_rank)
+        positive_int("head_hidden_size", self.head_hidden_size, allow_none=True)
+        positive_int("base_hidden_size", self.base_hidden_size, allow_none=True)
+        positive_int("base_vocab_size", self.base_vocab_size, allow_none=True)
+        if self.head_type not in HEAD_TYPES:
+            raise ValueError(f"BPDConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
+        for name in ("share_lm_head", "freeze_base"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BPDConfig.{name} must be a bool, got {getattr(self, name)!r}.")

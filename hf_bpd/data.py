@@ -1,0 +1,233 @@
+"""Data utilities: loading local text corpora, packing them into fixed-length blocks, and
+carving deterministic validation slices out of the project's reference corpora."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import datasets
+from datasets import Dataset, IterableDataset
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+AnyDataset = Union[Dataset, IterableDataset]
+
+REFERENCE_DOMAINS = ("austen", "shakespeare", "kjv", "python")
+
+
+def _column_names(dataset: AnyDataset) -> List[str]:
+    names = dataset.column_names
+    if names is None:  # streaming dataset with unresolved features: peek at one example
+        first = next(iter(dataset), None)
+        names = list(first.keys()) if first is not None else []
+    return list(names)
+
+
+def load_text_files(
+    paths: Union[PathLike, Sequence[PathLike]],
+    text_column: str = "text",
+    one_example_per_file: bool = True,
+    streaming: bool = False,
+    cache_dir: Optional[PathLike] = None,
+) -> AnyDataset:
+    """Load local `.txt` and `.jsonl`/`.json` files into a single dataset with one text column.
+
+    Args:
+        paths: A file path or a sequence of file paths. `.txt` files go through the `text` builder,
+            `.jsonl`/`.json` files through the `json` builder of `datasets.load_dataset`.
+        text_column: Name of the column holding the text in JSON files. `.txt` files are exposed
+            under the same column name.
+        one_example_per_file: For `.txt` files, make one example of each whole file (`True`) or one
+            example of each line (`False`).
+        streaming: Return an `IterableDataset` instead of a `Dataset`.
+        cache_dir: Optional `datasets` cache directory.
+
+    Returns:
+        A `Dataset` (or `IterableDataset` when `streaming=True`) with the single column `text_column`.
+
+    Raises:
+        ValueError: If no paths are given, a file type is unsupported, the text column is missing, or
+            (non-streaming only) every text is empty.
+    """
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("load_text_files needs at least one path.")
+    txt = [p for p in paths if p.endswith(".txt")]
+    jsn = [p for p in paths if p.endswith((".jsonl", ".json"))]
+    other = sorted(set(paths) - set(txt) - set(jsn))
+    if other:
+        raise ValueError(f"Unsupported file type(s) (expected .txt, .jsonl or .json): {other}")
+    cache = str(cache_dir) if cache_dir is not None else None
+
+    parts: List[AnyDataset] = []
+    if txt:
+        sample_by = "document" if one_example_per_file else "line"
+        ds = datasets.load_dataset(
+            "text", data_files=txt, sample_by=sample_by, split="train", streaming=streaming, cache_dir=cache
+        )
+        if text_column != "text":
+            ds = ds.rename_column("text", text_column)
+        parts.append(ds)
+    if jsn:
+        ds = datasets.load_dataset("json", data_files=jsn, split="train", streaming=streaming, cache_dir=cache)
+        found = _column_names(ds)
+        if text_column not in found:
+            raise ValueError(f"Text column {text_column!r} not found in {jsn}; columns found: {found}.")
+        parts.append(ds.select_columns([text_column]))
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+    if not streaming:
+        if len(dataset) == 0 or not any(t and t.strip() for t in dataset[text_column]):
+            raise ValueError(f"All {len(dataset)} texts in column {text_column!r} of {paths} are empty.")
+        logger.info("Loaded %d examples from %d file(s).", len(dataset), len(paths))
+    return dataset
+
+
+def pack_dataset(
+    dataset: AnyDataset,
+    tokenizer: Any,
+    seq_len: int,
+    text_column: str = "text",
+    add_eos: bool = True,
+    min_tokens: int = 0,
+    batch_size: int = 1000,
+) -> AnyDataset:
+    """Tokenise documents, append EOS to each, concatenate them and cut fixed-length blocks.
+
+    The remainder of each map batch that does not fill a whole block is dropped. Empty documents
+    are always skipped.
+
+    Args:
+        dataset: A `Dataset` or `IterableDataset` with a text column.
+        tokenizer: A `transformers` tokenizer (its `eos_token_id` is used when `add_eos=True`).
+        seq_len: Length of each output block.
+        text_column: Name of the text column.
+        add_eos: Append `tokenizer.eos_token_id` after each document.
+        min_tokens: Skip documents with fewer tokens than this (before EOS); the number skipped is
+            logged as a warning.
+        batch_size: Number of documents tokenised together by `dataset.map`.
+
+    Returns:
+        A dataset of the same kind with the single column `input_ids` (lists of `seq_len` ids).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be positive, got {seq_len}.")
+    columns = _column_names(dataset)
+    if text_column not in columns:
+        raise ValueError(f"Text column {text_column!r} not found; columns found: {columns}.")
+    eos = tokenizer.eos_token_id
+    if add_eos and eos is None:
+        raise ValueError("add_eos=True but the tokenizer has no eos_token_id.")
+    streaming = isinstance(dataset, IterableDataset)
+    stats = {"skipped": 0}
+
+    def _pack(batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
+        texts = [t for t in batch[text_column] if t and t.strip()]
+        skipped = len(batch[text_column]) - len(texts)
+        stream: List[int] = []
+        if texts:
+            for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+                if len(ids) < min_tokens:
+                    skipped += 1
+                    continue
+                stream.extend(ids)
+                if add_eos:
+                    stream.append(eos)
+        stats["skipped"] += skipped
+        if streaming and skipped:
+            logger.warning("Skipped %d empty or short (< %d tokens) document(s) in a batch.", skipped, max(min_tokens, 1))
+        n = len(stream) // seq_len
+        return {"input_ids": [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
+
+    kwargs: Dict[str, Any] = {"batched": True, "batch_size": batch_size, "remove_columns": columns}
+    if not streaming:
+        kwargs.update(load_from_cache_file=False, desc=f"Packing into {seq_len}-token blocks")
+    packed = dataset.map(_pack, **kwargs)
+    if not streaming:
+        if stats["skipped"]:
+            logger.warning(
+                "Skipped %d empty or short (< %d tokens) document(s).", stats["skipped"], max(min_tokens, 1)
+            )
+        logger.info("Packed %d blocks of %d tokens.", len(packed), seq_len)
+    return packed
+
+
+def _cut_at_line(text: str, val_fraction: float) -> int:
+    """Index of the first character of the last `val_fraction` of `text`, moved to a line start."""
+    target = int(len(text) * (1.0 - val_fraction))
+    cut = text.rfind("\n", 0, target)
+    return cut + 1 if cut >= 0 else target
+
+
+def split_reference_corpora(
+    corpora_dir: PathLike, val_fraction: float = 0.02, python_every: int = 50
+) -> Dict[str, Dict[str, List[str]]]:
+    """Deterministically split the reference corpora into training and held-out validation texts.
+
+    - `austen`, `shakespeare`: the last `val_fraction` of each work (cut at a line boundary).
+    - `kjv`: the last `val_fraction` of the verses of each book (at least one verse); verses of a
+      chapter are joined with newlines into one text per chapter (per split).
+    - `python`: every `python_every`-th module (sorted by path) goes to validation.
+
+    Args:
+        corpora_dir: Folder holding `austen_*.txt`, `shakespeare/*_gut.txt`, `kjv.jsonl` and
+            `python_stdlib.jsonl`.
+        val_fraction: Fraction of each work/book held out.
+        python_every: One module in this many is held out.
+
+    Returns:
+        `{domain: {"train": [texts], "validation": [texts]}}` for the four reference domains.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
+    root = Path(corpora_dir)
+    if not root.is_dir():
+        raise ValueError(f"Corpora directory {root} does not exist.")
+    out: Dict[str, Dict[str, List[str]]] = {d: {"train": [], "validation": []} for d in REFERENCE_DOMAINS}
+
+    for domain, pattern in (("austen", "austen_*.txt"), ("shakespeare", "shakespeare/*_gut.txt")):
+        files = sorted(root.glob(pattern))
+        if not files:
+            raise ValueError(f"No files matching {pattern} in {root}.")
+        for path in files:
+            text = path.read_text(encoding="utf-8")
+            cut = _cut_at_line(text, val_fraction)
+            out[domain]["train"].append(text[:cut])
+            out[domain]["validation"].append(text[cut:])
+
+    books: Dict[str, List[Dict[str, Any]]] = {}
+    with open(root / "kjv.jsonl", encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                verse = json.loads(line)
+                books.setdefault(verse["book"], []).append(verse)
+    for verses in books.values():
+        n_val = max(1, round(len(verses) * val_fraction))
+        for split, part in (("train", verses[:-n_val]), ("validation", verses[-n_val:])):
+            chapters: Dict[int, List[str]] = {}
+            for v in part:
+                chapters.setdefault(v["chapter"], []).append(v["text"])
+            out["kjv"][split].extend("\n".join(texts) for texts in chapters.values())
+
+    with open(root / "python_stdlib.jsonl", encoding="utf-8") as f:
+        modules = sorted((json.loads(line) for line in f if line.strip()), key=lambda m: m["path"])
+    for i, module in enumerate(modules):
+        split = "validation" if i % python_every == python_every - 1 else "train"
+        out["python"][split].append(module["text"])
+
+    for domain, splits in out.items():
+        logger.info(
+            "%s: %d train texts (%d chars), %d validation texts (%d chars)",
+            domain,
+            len(splits["train"]),
+            sum(map(len, splits["train"])),
+            len(splits["validation"]),
+            sum(map(len, splits["validation"])),
+        )
+    return out
