@@ -154,8 +154,120 @@ def pack_dataset(
             logger.warning(
                 "Skipped %d empty or short (< %d tokens) document(s).", stats["skipped"], max(min_tokens, 1)
             )
+        if len(packed) == 0:
+            raise ValueError(
+                f"No {seq_len}-token block could be packed from {len(dataset)} document(s) of column "
+                f"{text_column!r} ({stats['skipped']} empty or shorter than {max(min_tokens, 1)} tokens): the texts are "
+                "empty or too short all together; lower `seq_len` or add data."
+            )
         logger.info("Packed %d blocks of %d tokens.", len(packed), seq_len)
     return packed
+
+
+def load_packed_dataset(
+    paths: Union[PathLike, Sequence[PathLike]],
+    tokenizer: Any,
+    seq_len: int,
+    text_column: str = "text",
+    min_tokens: int = 0,
+    one_example_per_file: bool = True,
+    streaming: bool = False,
+    cache_dir: Optional[PathLike] = None,
+) -> AnyDataset:
+    """Local `.txt` / `.jsonl` files -> packed `seq_len`-token blocks: [`load_text_files`] then [`pack_dataset`].
+
+    Args:
+        paths: File path(s), as in [`load_text_files`].
+        tokenizer: A `transformers` tokenizer with an `eos_token_id` (appended after each document).
+        seq_len: Length of each block.
+        text_column: Text column of JSON files.
+        min_tokens: Skip (and count, in a warning) documents with fewer tokens; for draft heads use
+            `num_draft_heads + 2`, the shortest sequence that gives every head a target.
+        one_example_per_file: One document per `.txt` file (`True`) or per line (`False`).
+        streaming: Stream the files (an `IterableDataset`, nothing held in memory) for large corpora.
+        cache_dir: Optional `datasets` cache directory.
+
+    Returns:
+        A `Dataset` (or `IterableDataset`) with the single column `input_ids`.
+    """
+    texts = load_text_files(paths, text_column, one_example_per_file, streaming, cache_dir)
+    return pack_dataset(texts, tokenizer, seq_len, text_column=text_column, min_tokens=min_tokens)
+
+
+def drop_short_sequences(dataset: AnyDataset, min_length: int, column: str = "input_ids") -> AnyDataset:
+    """Remove tokenised sequences shorter than `min_length`, with a warning that counts them.
+
+    Args:
+        dataset: A `Dataset` or `IterableDataset` with a column of token-id lists.
+        min_length: Shortest length kept (`num_draft_heads + 2` for draft heads: shorter ones train no head).
+        column: The token-id column.
+
+    Returns:
+        The filtered dataset (filtered lazily when streaming; a warning then says when the first one is skipped).
+
+    Raises:
+        ValueError: If the column is missing, or (non-streaming) no sequence is long enough.
+    """
+    columns = _column_names(dataset)
+    if column not in columns:
+        raise ValueError(f"Column {column!r} not found; columns found: {columns}.")
+    if isinstance(dataset, IterableDataset):
+        seen = {"warned": False}
+
+        def _keep(example: Dict[str, Any]) -> bool:
+            keep = len(example[column]) >= min_length
+            if not keep and not seen["warned"]:
+                seen["warned"] = True
+                logger.warning("Skipping streamed sequences shorter than %d tokens.", min_length)
+            return keep
+
+        return dataset.filter(_keep)
+    total = len(dataset)
+    if total and _min_list_length(dataset, column) >= min_length:  # the common case (packed blocks): no pass
+        return dataset
+    kept = dataset.filter(
+        lambda batch: [len(x) >= min_length for x in batch[column]], batched=True, load_from_cache_file=False
+    )
+    skipped = total - len(kept)
+    if skipped:
+        logger.warning("Skipped %d of %d sequences shorter than %d tokens.", skipped, total, min_length)
+    if len(kept) == 0:
+        raise ValueError(f"All {total} sequences are shorter than {min_length} tokens.")
+    return kept
+
+
+def _min_list_length(dataset: Dataset, column: str) -> int:
+    """Length of the shortest list in `column`, computed in Arrow (no Python pass over the rows)."""
+    import pyarrow.compute as pc
+
+    lengths = pc.list_value_length(dataset.with_format("arrow")[column])
+    return int(pc.min(lengths).as_py() or 0)
+
+
+class BlockCollator:
+    """Batches token-id lists: right-pads to the longest, and returns `input_ids`, `attention_mask` and `labels`.
+
+    `labels` are the input ids with `-100` on padding only: unlike `DataCollatorForLanguageModeling`, an EOS token
+    that doubles as the pad token stays a target inside packed blocks.
+
+    Args:
+        pad_token_id: Id written on padded positions (never a target).
+    """
+
+    def __init__(self, pad_token_id: int = 0):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+        import torch
+
+        rows = [list(f["input_ids"]) for f in features]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+            mask[b, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
 def _cut_at_line(text: str, val_fraction: float) -> int:

@@ -35,7 +35,8 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from .acceptance import accepted_lengths, block_efficiency, cap_accepted, truncate_at_eos
+from .acceptance import block_efficiency, cap_accepted, select_best_draft, truncate_at_eos
+from .tree import canonical_nodes, compact_block, tree_attention_mask, tree_layout
 
 if TYPE_CHECKING:
     from .logits.base import DraftRescorer
@@ -90,14 +91,23 @@ def bpd_generate(
     ):
         if kwargs.get(key) is not None:
             raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
+    from .logits.base import DraftRescorer
+
+    if draft_rescorer is not None and not isinstance(draft_rescorer, DraftRescorer):
+        raise ValueError(
+            f"`draft_rescorer` must be a hf_bpd.logits.DraftRescorer, got {type(draft_rescorer).__name__}."
+        )
     streamer = kwargs.pop("streamer", None)
+    prompt = inputs if inputs is not None else kwargs.get("input_ids")
+    if streamer is not None and prompt is not None and prompt.dim() == 2 and prompt.shape[0] > 1:
+        raise ValueError("A `streamer` with `use_bpd=True` supports batch size 1 (rows advance at different speeds).")
     decode = functools.partial(_bpd_decode, bpd=bpd, draft_rescorer=draft_rescorer, bpd_streamer=streamer)
     return bpd.base.generate(
         inputs, generation_config=generation_config, custom_generate=decode, streamer=streamer, **kwargs
     )
 
 
-def _validate(model: Any, generation_config: Any, model_kwargs: dict[str, Any], batch_size: int, streamer: Any) -> Any:
+def _validate(model: Any, generation_config: Any, model_kwargs: dict[str, Any]) -> Any:
     """Check everything BPD cannot honour and return the cache."""
     if generation_config.num_beams > 1:
         raise ValueError("`use_bpd=True` decodes greedily or by sampling; `num_beams > 1` is not supported.")
@@ -112,8 +122,6 @@ def _validate(model: Any, generation_config: Any, model_kwargs: dict[str, Any], 
         )
     if not generation_config.use_cache:
         raise ValueError("`use_bpd=True` needs the KV cache: do not pass `use_cache=False`.")
-    if streamer is not None and batch_size > 1:
-        raise ValueError("A `streamer` with `use_bpd=True` supports batch size 1 (rows advance at different speeds).")
     cache = model_kwargs.get("cache")
     if cache is None:
         raise ValueError("`use_bpd=True` needs a KV cache; none was prepared by `generate`.")
@@ -147,26 +155,41 @@ class _Scorer:
         self.do_sample = do_sample
 
     def scores(
-        self, logits: torch.Tensor, out: torch.LongTensor, lengths: torch.LongTensor, block: torch.LongTensor, live: torch.BoolTensor
+        self,
+        logits: torch.Tensor,
+        out: torch.LongTensor,
+        lengths: torch.LongTensor,
+        node_tokens: torch.LongTensor,
+        depth: torch.LongTensor,
+        live: torch.BoolTensor,
     ) -> torch.Tensor:
-        """`logits` `(B, J, V)` of the block `(B, J)` whose first token is `out[b, lengths[b] - 1]`."""
+        """
+        Processed scores of the block's nodes.
+
+        Args:
+            logits (`(B, W, V)`): base logits at the block's nodes.
+            out, lengths: committed tokens of each row.
+            node_tokens (`(B, W, h)`): the draft that each node lies on; node `w` continues the row's committed
+                tokens with `node_tokens[b, w, : depth[w]]`.
+            depth (`(W,)`): how many draft tokens precede each node's prediction.
+        """
         if len(self.processors) == 0:
             return logits
         batch, width, vocab = logits.shape
         if self.position_free:
             flat = logits.reshape(batch * width, vocab)
             return self.processors(out[:, :1].repeat_interleave(width, 0), flat).view(batch, width, vocab)
-        # Processors that read `input_ids` see, for position j of row b, exactly what plain decoding would show:
-        # the row's committed tokens followed by the block's drafts 1..j.
-        candidates = out.clone()
-        if width > 1:
-            index = lengths[:, None] + torch.arange(width - 1, device=out.device)
-            candidates.scatter_(1, index, block[:, 1:])
+        # Processors that read `input_ids` see, for every node, exactly what plain decoding would show there:
+        # the row's committed tokens followed by the draft tokens on the path to that node. Rows differ in
+        # length, so each row is scored on its own, in row `b` of a full-batch call: processors that keep
+        # per-row state (e.g. the prompt padding lengths of the repetition penalty) index it by batch position.
         scores = logits.clone()
+        depths = depth.tolist()
         for b in torch.nonzero(live).flatten().tolist():
-            row_len = int(lengths[b])
-            for j in range(width):
-                scores[b, j] = self.processors(candidates[b : b + 1, : row_len + j], logits[b, j][None])[0]
+            committed = out[b, : int(lengths[b])]
+            for w in range(width):
+                prefix = torch.cat([committed, node_tokens[b, w, : depths[w]]])[None].expand(batch, -1)
+                scores[b, w] = self.processors(prefix, logits[b, w][None].expand(batch, -1).clone())[b]
         return scores
 
     def select(self, scores: torch.Tensor) -> torch.LongTensor:
@@ -217,7 +240,7 @@ def _bpd_decode(
 ) -> Any:
     batch, prompt_len = input_ids.shape
     device = input_ids.device
-    cache = _validate(model, generation_config, model_kwargs, batch, bpd_streamer)
+    cache = _validate(model, generation_config, model_kwargs)
     num_heads = bpd.config.num_draft_heads
     max_length = generation_config.max_length
     pad = generation_config._pad_token_tensor
@@ -248,13 +271,15 @@ def _bpd_decode(
     row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     draft_time = 0.0
 
-    def forward(ids: torch.LongTensor, positions: torch.LongTensor, logits_to_keep: int = 0) -> Any:
+    def forward(ids: torch.LongTensor, positions: torch.LongTensor, logits_to_keep: int = 0, mask: Any = None) -> Any:
         kwargs = {"position_ids": positions} if accepts_positions else {}
         if model._supports_logits_to_keep():
             kwargs["logits_to_keep"] = logits_to_keep
+        if mask is None and not dense:
+            mask = attn
         return model(
-            input_ids=ids, attention_mask=None if dense else attn, cache=cache, use_cache=True,
-            output_hidden_states=True, return_dict=True, **kwargs,
+            input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, output_hidden_states=True,
+            return_dict=True, **kwargs,
         )  # fmt: skip
 
     def commit(targets: torch.LongTensor, scores: torch.Tensor, logits: torch.Tensor, n: torch.LongTensor) -> torch.LongTensor:
@@ -300,44 +325,63 @@ def _bpd_decode(
             drafts = logits.argmax(dim=-1)[:, None]  # (B, 1, h)
         else:
             drafts = draft_rescorer(out, lengths, logits)
-            if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != num_heads:
+            if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != num_heads or drafts.shape[1] < 1:
                 raise ValueError(f"draft_rescorer must return (batch, p, {num_heads}) drafts, got {tuple(drafts.shape)}.")
-        if drafts.shape[1] != 1:
-            raise ValueError("This version verifies one draft per row (p = 1).")
         draft_time += time.perf_counter() - start
-        return drafts[:, 0]
+        return drafts.to(device)
 
     # Prefill: one serial call gives the first token and the first drafts.
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     fwd = forward(input_ids, positions, logits_to_keep=1)
     logits = fwd.logits[:, -1:].float()  # (B, 1, V)
-    scores = scorer.scores(logits, out, lengths, input_ids[:, -1:], live)
+    no_drafts = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
+    scores = scorer.scores(logits, out, lengths, no_drafts, torch.zeros(1, dtype=torch.long), live)
     commit(scorer.select(scores), scores, logits, torch.zeros_like(lengths))
     hidden = fwd.hidden_states[-1][:, -1]  # (B, d)
     next_pos = attn.sum(-1)  # position id of the last committed token, not yet in the cache
     serial_calls = 1
+    rows = torch.arange(batch, device=device)
     del fwd
 
     while bool(live.any()):
         remaining = row_limit - lengths
-        num_drafts = min(num_heads, int(remaining[live].max()) - 1)
-        drafts = draft(hidden)[:, :num_drafts]  # (B, h')
-        width = num_drafts + 1
-        block = torch.cat([out.gather(1, lengths[:, None] - 1), drafts], dim=1)  # (B, h' + 1)
-        attn = torch.cat([attn, live[:, None].long().expand(batch, width)], dim=1)
-        dense = dense and bool(live.all())
-        fwd = forward(block, next_pos[:, None] + torch.arange(width, device=device))
+        num_tokens = min(num_heads, int(remaining[live].max()) - 1)
+        drafts = draft(hidden)[:, :, :num_tokens]  # (B, p, h')
+        layout = tree_layout(drafts.shape[1], num_tokens, device)
+        width = layout.width
+        block = torch.cat([out.gather(1, lengths[:, None] - 1), drafts.flatten(1)], dim=1)  # (B, W)
+        positions = next_pos[:, None] + layout.depth
+        if width == num_tokens + 1:  # one draft: a plain causal block, 2D mask (none at all if dense)
+            attn = torch.cat([attn, live[:, None].long().expand(batch, width)], dim=1)
+            dense = dense and bool(live.all())
+            fwd = forward(block, positions)
+        else:
+            mask = tree_attention_mask(attn, layout, live, model.dtype)
+            attn = torch.cat([attn, live[:, None].long().expand(batch, width)], dim=1)
+            dense = False
+            fwd = forward(block, positions, mask=mask)
         serial_calls += 1
-        logits = fwd.logits.float()  # (B, h' + 1, V)
-        scores = scorer.scores(logits, out, lengths, block, live)
-        targets = scorer.select(scores)  # (B, h' + 1)
-        n = cap_accepted(accepted_lengths(drafts, targets), remaining)
+        logits = fwd.logits.float()  # (B, W, V)
+        node_tokens = drafts[:, layout.draft_of_node]  # (B, W, h')
+        scores = scorer.scores(logits, out, lengths, node_tokens, layout.depth, live)
+        canon = canonical_nodes(drafts, layout)  # (B, p, h' + 1): one target per distinct prefix
+        targets = scorer.select(scores).gather(1, canon.flatten(1)).view(canon.shape)
+        best, n = select_best_draft(drafts, targets)
+        n = cap_accepted(n, remaining)
+        path = canon[rows, best]  # (B, h' + 1) block nodes along the chosen draft
         was_live = live.clone()
-        n = commit(targets, scores, logits, torch.where(live, n, 0))
+        n = commit(targets[rows, best], scores.gather(1, _expand(path, scores)), logits.gather(1, _expand(path, logits)),
+                   torch.where(live, n, 0))  # fmt: skip
         steps.append(torch.where(was_live, n, -1))
-        hidden = fwd.hidden_states[-1][torch.arange(batch, device=device), n]  # (B, d) at the bonus token's parent
+        hidden = fwd.hidden_states[-1][rows, path[rows, n]]  # (B, d) at the bonus token's parent
         keep = torch.where(was_live, n + 1, 0)
         kept = int(keep.max())
+        if width != num_tokens + 1:  # move each row's kept nodes (root + accepted drafts) to the front
+            chosen = layout.node_index[best]  # (B, h' + 1)
+            rank = torch.full((batch, width), width, dtype=torch.long, device=device)
+            rank.scatter_(1, chosen, torch.arange(num_tokens + 1, device=device).expand(batch, -1).contiguous())
+            rank = torch.where(rank < keep[:, None], rank, width + torch.arange(width, device=device))
+            compact_block(cache, width, rank.argsort(dim=1))
         if kept < width:
             cache.crop(-(width - kept))
             attn = attn[:, : attn.shape[1] - (width - kept)]
@@ -366,6 +410,11 @@ def _bpd_decode(
         accepted_lengths=torch.stack(steps) if steps else torch.zeros((0, batch), dtype=torch.long),
         draft_time_s=draft_time,
     )
+
+
+def _expand(index: torch.LongTensor, like: torch.Tensor) -> torch.LongTensor:
+    """`(B, n)` node indices -> `(B, n, V)` for gathering rows of `(B, W, V)`."""
+    return index[:, :, None].expand(-1, -1, like.shape[-1])
 
 
 def _stack_rows(rows: list[list[torch.Tensor]], width: int) -> tuple[torch.Tensor, ...]:

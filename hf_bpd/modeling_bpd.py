@@ -17,6 +17,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_bpd import BPDConfig
 from .losses import draft_head_loss
+from .model_card import adapter_config_of, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -26,12 +27,18 @@ ADAPTER_SUBFOLDER = "adapter"
 
 
 # --------------------------------------------------------------------------------------------- heads
+def _tagged(linear: nn.Linear, how: str) -> nn.Linear:
+    """Record how `_init_weights` initialises this layer (v5 initialises leaf modules, not their parents)."""
+    linear._bpd_init = how
+    return linear
+
+
 class ResBlock(nn.Module):
     """Medusa's `x + SiLU(W x)`; `W` and its bias start at zero so the block starts as the identity."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, hidden_size)
+        self.linear = _tagged(nn.Linear(hidden_size, hidden_size), "zeros")
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,8 +50,8 @@ class FFNBlock(nn.Module):
 
     def __init__(self, hidden_size: int, inner_size: int):
         super().__init__()
-        self.up = nn.Linear(hidden_size, inner_size)
-        self.down = nn.Linear(inner_size, hidden_size)
+        self.up = _tagged(nn.Linear(hidden_size, inner_size), "normal")
+        self.down = _tagged(nn.Linear(inner_size, hidden_size), "zeros")
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,8 +63,8 @@ class LoRABlock(nn.Module):
 
     def __init__(self, hidden_size: int, rank: int):
         super().__init__()
-        self.lora_A = nn.Linear(hidden_size, rank, bias=False)
-        self.lora_B = nn.Linear(rank, hidden_size, bias=False)
+        self.lora_A = _tagged(nn.Linear(hidden_size, rank, bias=False), "kaiming")
+        self.lora_B = _tagged(nn.Linear(rank, hidden_size, bias=False), "zeros")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.lora_B(self.lora_A(x))
@@ -170,19 +177,17 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         return cls(BPDConfig(**config_kwargs), base_model=base)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, ResBlock):
-            init.zeros_(module.linear.weight)
-            init.zeros_(module.linear.bias)
-        elif isinstance(module, FFNBlock):
-            init.normal_(module.up.weight, std=0.02)
-            init.zeros_(module.up.bias)
-            init.zeros_(module.down.weight)
-            init.zeros_(module.down.bias)
-        elif isinstance(module, LoRABlock):
-            init.kaiming_uniform_(module.lora_A.weight, a=5**0.5)
-            init.zeros_(module.lora_B.weight)
-        elif isinstance(module, nn.Linear):  # own draft projections: overwritten by a copy of the base lm_head
+        if not isinstance(module, nn.Linear):
+            return
+        how = getattr(module, "_bpd_init", "normal")  # own draft projections: replaced by a copy of the lm_head
+        if how == "zeros":
+            init.zeros_(module.weight)
+        elif how == "kaiming":
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+        else:
             init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            init.zeros_(module.bias)
 
     def freeze_base(self) -> None:
         """Set `requires_grad=False` on every base parameter (adapters added later by peft are unaffected)."""
@@ -309,10 +314,13 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         save_base: bool = False,
         is_main_process: bool = True,
         push_to_hub: bool = False,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        training_info: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         """
-        Write `config.json`, `generation_config.json` and heads-only `bpd_heads.safetensors`.
+        Write `config.json`, `generation_config.json`, heads-only `bpd_heads.safetensors`, LoRA adapters (if any) in
+        `adapter/`, and a model card `README.md`.
 
         Args:
             save_directory: target folder.
@@ -320,6 +328,11 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
                 By default the base is referenced through `config.base_model_name_or_path`, not copied.
             is_main_process (`bool`): only the main process writes (distributed training).
             push_to_hub (`bool`): upload the folder afterwards (keyword arguments as in `push_to_hub`).
+            state_dict (`dict`, *optional*): the model's full state dict gathered by the caller (the Trainer passes
+                one under FSDP / DeepSpeed ZeRO-3, where the parameters themselves are sharded); heads and adapter
+                tensors are taken from it instead of from the parameters.
+            training_info (`dict`, *optional*): training record for the model card, also written to
+                `bpd_training.json`; by default a `bpd_training.json` already in `save_directory` is used.
             kwargs: `max_shard_size` and `safe_serialization` are accepted for compatibility with
                 `push_to_hub`; the heads are always one safetensors file (never pickle).
         """
@@ -333,16 +346,60 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         self.config.save_pretrained(save_directory)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(save_directory)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}
+        prefix = f"{self.base_model_prefix}."
+        if state_dict is None:
+            heads, base_state = self.heads_state_dict(), None
+        else:
+            heads = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+            base_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        tensors = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
         save_file(tensors, str(save_directory / HEADS_WEIGHTS_NAME), metadata={"format": "pt"})
-        base = self.base
+        base, adapter_config = self.base, None
         if hasattr(base, "peft_config"):  # peft adapters: saved alone, base referenced
-            base.save_pretrained(save_directory / ADAPTER_SUBFOLDER)
+            base.save_pretrained(save_directory / ADAPTER_SUBFOLDER, state_dict=base_state)
+            adapter_config = adapter_config_of(base)
             base = base.get_base_model()
         if save_base:
             base.save_pretrained(save_directory / BASE_SUBFOLDER)
-        if push_to_hub:  # transformers' own mixin: saves again into a temporary folder and uploads it
-            self.push_to_hub(kwargs.pop("repo_id", save_directory.name), **kwargs)
+        write_model_card(save_directory, self.config, training_info, adapter_config)
+        if push_to_hub:
+            self.push_to_hub(kwargs.pop("repo_id", save_directory.name), training_info=training_info, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        training_info: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """
+        Upload what [`save_pretrained`] writes (heads, adapters, config, model card; never the base weights) to a Hub
+        repo. Unlike transformers' mixin, the BPD model card is kept instead of a generic one.
+
+        Args:
+            repo_id (`str`): the Hub repo, created if missing.
+            training_info (`dict`, *optional*): training record for the model card (see [`save_pretrained`]).
+            kwargs: `max_shard_size`, `tags` and the like are accepted and ignored.
+        Returns:
+            The commit info of `huggingface_hub.HfApi.upload_folder`.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, training_info=training_info)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload BPD draft heads",
+                revision=revision, create_pr=create_pr,
+            )  # fmt: skip
 
     @classmethod
     def from_pretrained(

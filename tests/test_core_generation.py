@@ -187,3 +187,64 @@ def test_generation_config_use_bpd_flag():
         ids, max_new_tokens=9, do_sample=False, draft_rescorer=OracleDrafter(ref), return_dict_in_generate=True
     )
     assert torch.equal(out.sequences, ref) and out.num_serial_calls < 9
+
+
+class MixedDrafter(OracleDrafter):
+    """p drafts per row: random ones, with the oracle continuation (optionally corrupted) hidden at a random slot."""
+
+    def __init__(self, reference, num_drafts, corrupt_at=None, seed=0):
+        super().__init__(reference, PAD)
+        self.num_drafts, self.corrupt_at = num_drafts, corrupt_at
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids, lengths, draft_logits):
+        oracle = super().__call__(input_ids, lengths, draft_logits)[:, 0]  # (B, h)
+        batch, h, vocab = draft_logits.shape
+        drafts = torch.randint(3, vocab, (batch, self.num_drafts, h), generator=self.gen)
+        drafts[:, 1, :1] = oracle[:, :1]  # a draft sharing only the oracle's first token
+        if self.corrupt_at is not None:
+            oracle = oracle.clone()
+            oracle[:, self.corrupt_at] = (oracle[:, self.corrupt_at] + 1) % vocab
+        slot = torch.randint(0, self.num_drafts, (batch,), generator=self.gen)
+        drafts[torch.arange(batch), slot] = oracle
+        return drafts
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_pbest_verification_finds_the_right_draft(arch, batch):
+    model = make(arch)
+    model.generation_config.eos_token_id = None
+    ids, mask = batch_prompts(batch)
+    new = 1 + 5 * (H + 1)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
+        draft_rescorer=MixedDrafter(ref, num_drafts=4), return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    assert (out.accepted_lengths == H).all()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_pbest_partial_drafts_stay_lossless(batch):
+    """The best draft is right only up to token 2: rows accept 1 draft token; random drafts elsewhere."""
+    model = make("qwen2")
+    ids, mask = batch_prompts(batch, seed=7)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=22, do_sample=False, use_bpd=True,
+        draft_rescorer=MixedDrafter(ref, num_drafts=3, corrupt_at=1), return_dict_in_generate=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    live = out.accepted_lengths[:-1] >= 0
+    assert (out.accepted_lengths[:-1][live] >= 1).all()
+
+
+def test_pbest_with_input_dependent_processors():
+    model = make("llama")
+    ids, mask = batch_prompts(2, seed=2)
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=1.4)
+    ref = model.base.generate(ids, **kwargs)
+    out = model.generate(ids, use_bpd=True, draft_rescorer=MixedDrafter(ref, num_drafts=3), **kwargs)
+    assert torch.equal(out, ref)

@@ -1,0 +1,448 @@
+"""
+Training draft heads with the Hugging Face `Trainer`: frozen base (default), joint training with LoRA adapters on the
+base, or self-distillation from the base model's own predictions.
+
+`BPDTrainer` only changes what a draft-head run needs: the loss (the pure [`~hf_bpd.losses.bpd_training_loss`]), a
+learning-rate multiplier for the heads, per-head accuracy in the logs, heads-only checkpoints with a model card, and
+checks on resumed checkpoints. Everything else (DDP / DeepSpeed / FSDP through `accelerate launch`, mixed precision,
+gradient accumulation, logging to any `report_to`) is the Trainer's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.pytorch_utils import Conv1D
+from transformers.trainer_utils import get_last_checkpoint
+
+from .configuration_bpd import BPDConfig
+from .data import BlockCollator, drop_short_sequences
+from .losses import DISTILLATION_MODES, WEIGHTING_SCHEMES, bpd_training_loss, head_accuracy_counts, head_weights
+from .model_card import adapter_config_of, write_model_card
+from .modeling_bpd import ADAPTER_SUBFOLDER, HEADS_WEIGHTS_NAME, BPDForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------- arguments
+@dataclass
+class BPDTrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] plus the choices of a draft-head run. Every field has its `--help` text.
+    """
+
+    head_loss_weighting: str = field(
+        default="uniform",
+        metadata={
+            "help": "How the per-head losses are combined: 'uniform' (mean), 'geometric' (head i weighs "
+            "head_loss_decay**i, Medusa) or 'random' (one head drawn per step, Stern et al.).",
+            "choices": list(WEIGHTING_SCHEMES),
+        },
+    )
+    head_loss_decay: float = field(
+        default=0.8, metadata={"help": "Ratio of the 'geometric' head loss weighting (Medusa uses 0.8)."}
+    )
+    base_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the base model's own LM loss added to the head loss (joint training; Medusa-2 uses "
+            "the base loss plus 0.2 x the heads). Only has an effect when base parameters train (use_lora)."
+        },
+    )
+    heads_learning_rate_multiplier: float = field(
+        default=1.0,
+        metadata={"help": "The heads train with learning_rate x this (Medusa-2 gives heads 4x the LoRA rate)."},
+    )
+    distillation: str = field(
+        default="none",
+        metadata={
+            "help": "Self-distillation targets: 'none' (the training text), 'hard' (the base model's greedy token "
+            "at each position) or 'soft' (KL to the base model's distribution). The teacher is the base model "
+            "with any LoRA adapters disabled: heads learn what the verifier accepts.",
+            "choices": list(DISTILLATION_MODES),
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0, metadata={"help": "Temperature of 'soft' distillation (teacher and heads)."}
+    )
+    use_lora: bool = field(
+        default=False,
+        metadata={"help": "Joint training: add LoRA adapters to the (frozen) base model and train them with the heads."},
+    )
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank (Medusa-2: 32)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (Medusa-2: 16)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Names of the base model's linear modules that get adapters (e.g. q_proj v_proj); default "
+            "'all-linear' (every linear layer but the output head)."
+        },
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluation returns the loss and per-head metrics only (draft logits are (B, T, h, V))."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head_loss_weighting not in WEIGHTING_SCHEMES:
+            raise ValueError(f"head_loss_weighting must be one of {WEIGHTING_SCHEMES}, got {self.head_loss_weighting!r}.")
+        if self.distillation not in DISTILLATION_MODES:
+            raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {self.distillation!r}.")
+        for name in ("heads_learning_rate_multiplier", "distillation_temperature"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.base_loss_weight < 0:
+            raise ValueError(f"base_loss_weight must be >= 0, got {self.base_loss_weight}.")
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def check_tokenizer_matches(tokenizer: Any, model: BPDForCausalLM) -> None:
+    """
+    Raise a `ValueError` when the tokenizer can produce ids outside the base model's vocabulary.
+
+    Args:
+        tokenizer: a `transformers` tokenizer.
+        model ([`BPDForCausalLM`]): the model it feeds.
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    size = len(tokenizer)
+    if size > vocab:
+        raise ValueError(
+            f"The tokenizer ({type(tokenizer).__name__}, {size} tokens) does not match the base model "
+            f"({model.config.base_model_name_or_path!r}, vocabulary {vocab}): ids >= {vocab} would index out of the "
+            "embedding table. Use the base model's own tokenizer."
+        )
+
+
+def linear_module_names(module: nn.Module) -> list[str]:
+    """The distinct short names (`q_proj`, `c_attn`, ...) of the linear layers in `module` that LoRA can target."""
+    return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+
+
+def add_lora_adapters(
+    model: BPDForCausalLM,
+    r: int = 32,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    target_modules: Sequence[str] | str | None = None,
+    **lora_kwargs: Any,
+) -> BPDForCausalLM:
+    """
+    Put LoRA adapters on the base model (through `peft`); the base weights stay frozen, adapters and heads train.
+
+    Args:
+        model ([`BPDForCausalLM`]): the model; `model.base` becomes a `peft` model in place.
+        r (`int`), lora_alpha (`int`), lora_dropout (`float`): the LoRA hyper-parameters.
+        target_modules (`list[str]` or `str`, *optional*): module names (suffix match) or one regex (full match);
+            defaults to `"all-linear"`.
+        lora_kwargs: any other `peft.LoraConfig` field.
+    Returns:
+        The same model.
+    Raises:
+        `ValueError` when the base already carries adapters or a target module does not exist in it (the message
+        lists the linear modules available).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model.base, "peft_config"):
+        raise ValueError("The base model already carries peft adapters; add LoRA once.")
+    targets = "all-linear" if target_modules is None or list(target_modules) == ["all-linear"] else target_modules
+    if targets != "all-linear":
+        names = [name for name, _ in model.base.named_modules()]
+        if isinstance(targets, str):
+            missing = [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+        else:
+            targets = list(targets)
+            missing = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if missing:
+            raise ValueError(
+                f"LoRA target module(s) {missing} do not exist in the base model ({type(model.base).__name__}). "
+                f"Its linear modules are: {linear_module_names(model.base)}."
+            )
+    config = LoraConfig(
+        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+        **lora_kwargs,
+    )  # fmt: skip
+    model.base = get_peft_model(model.base, config)
+    return model
+
+
+def merge_lora(model: BPDForCausalLM) -> BPDForCausalLM:
+    """
+    Merge the LoRA adapters into the base weights for inference (`peft`'s `merge_and_unload`).
+
+    The merged base is no longer the model `config.base_model_name_or_path` names: save it with
+    `save_pretrained(..., save_base=True)`, or save the unmerged model (heads + adapters) instead.
+
+    Returns:
+        The same model, whose `base` is a plain `transformers` model again.
+    """
+    if not hasattr(model.base, "peft_config"):
+        raise ValueError("The base model carries no LoRA adapters to merge.")
+    model.base = model.base.merge_and_unload()
+    model.generation_config = model.base.generation_config
+    logger.warning(
+        "LoRA merged into the base weights: save with `save_base=True` (a heads-only checkpoint would reference the "
+        "unmerged base %r).",
+        model.config.base_model_name_or_path,
+    )
+    return model
+
+
+def _datasets_filtered(dataset: Any, min_length: int) -> Any:
+    """Drop sequences shorter than `min_length` from a `datasets` dataset (or each of a dict of them)."""
+    import datasets
+
+    if isinstance(dataset, dict):
+        return {name: _datasets_filtered(d, min_length) for name, d in dataset.items()}
+    if isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)):
+        return drop_short_sequences(dataset, min_length)
+    return dataset
+
+
+# --------------------------------------------------------------------------------------------- trainer
+class BPDTrainer(Trainer):
+    """
+    [`~transformers.Trainer`] for the draft heads of a [`BPDForCausalLM`].
+
+    Args:
+        model ([`BPDForCausalLM`]): the model; with `args.use_lora` adapters are added to its base here.
+        args ([`BPDTrainingArguments`]): the run's arguments.
+        data_collator (*optional*): defaults to [`~hf_bpd.data.BlockCollator`] (padding masked in the labels).
+        train_dataset, eval_dataset (*optional*): datasets with `input_ids` (e.g. from
+            [`~hf_bpd.data.load_packed_dataset`]); sequences shorter than `num_draft_heads + 2` are skipped, with a
+            warning that counts them.
+        processing_class (*optional*): the tokenizer, checked against the base vocabulary and saved with the heads.
+        training_data (`str` or `list[str]`, *optional*): what the heads were trained on, for the model card.
+        kwargs: any other `Trainer` argument (`callbacks`, `optimizers`, ...).
+    """
+
+    loss_is_scaled_for_ga = False  # `compute_loss` returns a per-batch mean
+
+    def __init__(
+        self,
+        model: BPDForCausalLM,
+        args: BPDTrainingArguments,
+        data_collator: Any = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        training_data: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ):
+        if not isinstance(model, BPDForCausalLM):
+            raise ValueError(f"BPDTrainer trains a BPDForCausalLM, got {type(model).__name__}.")
+        if not isinstance(args, BPDTrainingArguments):
+            raise ValueError(f"BPDTrainer needs BPDTrainingArguments, got {type(args).__name__}.")
+        if processing_class is not None and hasattr(processing_class, "__len__"):
+            check_tokenizer_matches(processing_class, model)
+        if args.use_lora and not hasattr(model.base, "peft_config"):
+            add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
+        self.base_trainable = any(p.requires_grad for p in model.base.parameters())
+        if args.base_loss_weight > 0 and not self.base_trainable:
+            logger.warning("base_loss_weight=%s has no effect: the base model is frozen (use_lora adds adapters).", args.base_loss_weight)
+        min_length = model.config.num_draft_heads + 2
+        train_dataset = _datasets_filtered(train_dataset, min_length)
+        eval_dataset = _datasets_filtered(eval_dataset, min_length)
+        if data_collator is None:
+            pad = getattr(processing_class, "pad_token_id", None)
+            pad = model.generation_config.pad_token_id if pad is None else pad
+            data_collator = BlockCollator(0 if pad is None else int(pad))
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+        )  # fmt: skip
+        self.model_accepts_loss_kwargs = False
+        self.training_data = [training_data] if isinstance(training_data, str) else training_data
+        self.head_generator = torch.Generator().manual_seed(args.seed)
+        self.head_stats: dict[str, torch.Tensor] = {}  # split -> (4, h) sums since the last log
+        self.head_metrics: dict[str, dict[str, list[float]]] = {}  # split -> last logged per-head metrics
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The draft-head objective of [`~hf_bpd.losses.bpd_training_loss`] (a per-batch mean)."""
+        args = self.args
+        labels = inputs.get("labels")
+        if labels is None:
+            mask = inputs.get("attention_mask")
+            labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**model_inputs, return_draft_logits=True)
+        teacher = self.teacher_logits(model, model_inputs, outputs) if args.distillation != "none" else None
+        num_heads = outputs.draft_logits.shape[2]
+        scheme = args.head_loss_weighting if model.training or args.head_loss_weighting != "random" else "uniform"
+        weights = head_weights(num_heads, scheme, args.head_loss_decay, self.head_generator)
+        result = bpd_training_loss(
+            outputs.draft_logits, labels, base_logits=outputs.logits, teacher_logits=teacher, head_weights=weights,
+            distillation=args.distillation, temperature=args.distillation_temperature,
+            base_loss_weight=args.base_loss_weight if self.base_trainable else 0.0,
+        )  # fmt: skip
+        self._accumulate("train" if model.training else "eval", outputs.draft_logits, result.head_losses, result.targets)
+        return (result.loss, outputs) if return_outputs else result.loss
+
+    @torch.no_grad()
+    def teacher_logits(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:
+        """
+        The self-distillation teacher: the base model's logits with any LoRA adapters disabled (no gradient).
+
+        Without adapters the base model of the forward pass already is the teacher and its logits are reused.
+        """
+        base = self.accelerator.unwrap_model(model).base
+        if not hasattr(base, "disable_adapter"):
+            return outputs.logits.detach()
+        with base.disable_adapter():
+            return base(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+
+    @torch.no_grad()
+    def _accumulate(self, split: str, draft_logits: torch.Tensor, head_losses: torch.Tensor, targets: torch.Tensor) -> None:
+        top1, top5, total = head_accuracy_counts(draft_logits.detach(), targets, top_k=5)
+        stats = torch.stack([head_losses.detach().float(), top1.float(), top5.float(), total.float()])
+        steps = torch.ones_like(stats[:1])
+        stats = torch.cat([stats, steps])  # (5, h): loss sum, top-1 hits, top-5 hits, targets, batches
+        self.head_stats[split] = stats if split not in self.head_stats else self.head_stats[split] + stats
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, with the draft heads' parameters in groups of `lr x heads_learning_rate_multiplier`."""
+        fresh = self.optimizer is None
+        optimizer = super().create_optimizer(model)
+        multiplier = self.args.heads_learning_rate_multiplier
+        if not fresh or multiplier == 1.0:
+            return optimizer
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        head_ids = {id(p) for n, p in unwrapped.named_parameters() if not n.startswith(f"{unwrapped.base_model_prefix}.")}
+        for group in list(optimizer.param_groups):
+            heads = [p for p in group["params"] if id(p) in head_ids]
+            if not heads:
+                continue
+            if len(heads) == len(group["params"]):
+                group["lr"] *= multiplier
+                continue
+            group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": heads,
+                                       "lr": group["lr"] * multiplier})  # fmt: skip
+        return optimizer
+
+    # ------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the per-head loss, top-1 and top-5 accuracy since the last log (summed over all processes)."""
+        eval_losses = [k for k in logs if k.startswith("eval") and k.endswith("_loss")]
+        split, prefix = ("eval", eval_losses[0][: -len("loss")]) if eval_losses else ("train", "")
+        stats = self.head_stats.pop(split, None)
+        if stats is not None:
+            if self.accelerator.num_processes > 1:
+                stats = self.accelerator.reduce(stats, reduction="sum")
+            loss, top1, top5 = stats[0] / stats[4], stats[1] / stats[3].clamp(min=1), stats[2] / stats[3].clamp(min=1)
+            metrics = {"loss": loss.tolist(), "top1": top1.tolist(), "top5": top5.tolist()}
+            self.head_metrics[split] = metrics
+            for name, values in metrics.items():
+                logs.update({f"{prefix}head{i + 1}_{name}": round(v, 4) for i, v in enumerate(values)})
+        super().log(logs, start_time)
+
+    def training_info(self) -> dict[str, Any]:
+        """The training record written to `bpd_training.json` and rendered in the model card."""
+        import peft
+        import transformers
+
+        from . import __version__
+
+        model = self.accelerator.unwrap_model(self.model)
+        args = self.args
+        split = "eval" if "eval" in self.head_metrics else "train"
+        metrics = self.head_metrics.get(split)
+        weighting = args.head_loss_weighting + (f" ({args.head_loss_decay}**i)" if args.head_loss_weighting == "geometric" else "")
+        mode = "LoRA + heads" if hasattr(model.base, "peft_config") else ("full base + heads" if self.base_trainable else "frozen base, heads only")
+        return {
+            "base_model": model.config.base_model_name_or_path,
+            "num_draft_heads": model.config.num_draft_heads,
+            "head_type": model.config.head_type,
+            "training_data": self.training_data,
+            "mode": mode,
+            "distillation": args.distillation,
+            "head_loss_weighting": weighting,
+            "base_loss_weight": args.base_loss_weight if self.base_trainable else None,
+            "heads_learning_rate_multiplier": args.heads_learning_rate_multiplier,
+            "learning_rate": args.learning_rate,
+            "global_step": self.state.global_step,
+            "num_input_tokens_seen": self.state.num_input_tokens_seen or None,
+            "head_metrics": None if metrics is None else {
+                "split": "evaluation" if split == "eval" else "training (last logging interval)",
+                "targets": "labels" if args.distillation == "none" else "base model greedy tokens",
+                **metrics,
+            },
+            "versions": {"hf_bpd": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                         "torch": torch.__version__},
+        }  # fmt: skip
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            self._write_card(output_dir or self.args.output_dir)
+
+    def _write_card(self, folder: str | os.PathLike) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        write_model_card(folder, model.config, self.training_info(), adapter_config_of(model.base))
+
+    def create_model_card(self, **kwargs: Any) -> None:
+        """The BPD model card (base model, `h`, head type, training data, per-head accuracy); used by `push_to_hub`."""
+        if self.is_world_process_zero():
+            self._write_card(self.args.output_dir)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """`Trainer.train`; a resumed checkpoint must hold as many draft heads as the model (checked first)."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, (str, os.PathLike)):
+            self._check_checkpoint(checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_checkpoint(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        if not (folder / "config.json").is_file() or not (folder / HEADS_WEIGHTS_NAME).is_file():
+            raise ValueError(f"{folder} is not a BPDTrainer checkpoint (no config.json / {HEADS_WEIGHTS_NAME}).")
+        saved = BPDConfig.from_pretrained(folder)
+        config = self.accelerator.unwrap_model(self.model).config
+        if saved.num_draft_heads != config.num_draft_heads:
+            raise ValueError(
+                f"Cannot resume from {folder}: it holds num_draft_heads={saved.num_draft_heads}, but the model being "
+                f"trained has num_draft_heads={config.num_draft_heads}. Resume with the same number of heads or "
+                "start a fresh run (another output_dir)."
+            )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model if model is None else model)
+        folder = Path(resume_from_checkpoint)
+        self._check_checkpoint(folder)
+        model.load_heads(folder / HEADS_WEIGHTS_NAME)
+        has_adapters = hasattr(model.base, "peft_config")
+        if (folder / ADAPTER_SUBFOLDER).is_dir() != has_adapters:
+            raise ValueError(
+                f"{folder} {'holds' if not has_adapters else 'lacks'} LoRA adapters but the model being trained "
+                f"{'has none' if not has_adapters else 'has them'}: resume with the same `use_lora` setting."
+            )
+        if has_adapters:
+            model.base.load_adapter(str(folder / ADAPTER_SUBFOLDER), model.base.active_adapter, is_trainable=True)
+        logger.info("Loaded draft heads%s from %s.", " and LoRA adapters" if has_adapters else "", folder)
+
+    def _load_best_model(self) -> None:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
