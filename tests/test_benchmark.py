@@ -1,0 +1,102 @@
+"""hf-bpd bench / analyze on a tiny model with the shipped tokenizer (no wall-clock assertions)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_heads, tiny_base
+from transformers import AutoTokenizer
+
+from hf_bpd import BPDForCausalLM
+from hf_bpd.analysis import h_max, repetition_stats
+from hf_bpd.benchmark import BenchConfig, Resources, benchmark, load_prompts
+from hf_bpd.cli import main
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "reference" / "tokenizer"
+PROMPTS = [
+    {"prompt": "It is a truth universally acknowledged, that", "domain": "austen"},
+    {"prompt": "def main(argv):\n    return", "domain": "python"},
+    {"prompt": "In the beginning God created", "domain": "kjv"},
+]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    vocab = len(tok)
+    base = tiny_base("llama", vocab_size=vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                     bos_token_id=tok.bos_token_id)  # fmt: skip
+    model = randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=3), std=0.05)
+    small = tiny_base("llama", seed=5, vocab_size=vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    folder = tmp_path_factory.mktemp("bench")
+    base.save_pretrained(folder / "base")
+    tok.save_pretrained(folder / "base")
+    small.save_pretrained(folder / "small")
+    model.config.base_model_name_or_path = str(folder / "base")
+    model.save_pretrained(folder / "heads")
+    (folder / "prompts.jsonl").write_text("\n".join(json.dumps(p) for p in PROMPTS))
+    return Resources(model=model, tokenizer=tok, small_lm=small), folder
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_benchmark_methods_identical_and_keyed(setup, batch_size):
+    res, _ = setup
+    methods = ["greedy", "bpd", "pld", "assisted", "oracle"]  # PBEST0
+    cfg = BenchConfig(max_new_tokens=12, batch_size=batch_size, repeats=2, top_k=3, num_drafts=3, oracle_top_k=4)
+    report = benchmark(res, PROMPTS, methods, cfg, progress=False)
+    assert set(report["methods"]) == set(methods)
+    assert set(report["domains"]) == {"austen", "python", "kjv"}
+    for name, fig in report["methods"].items():
+        assert fig["identical_to_greedy"] is True, name
+        assert {"block_efficiency", "tokens_per_s", "speedup_vs_greedy", "mean_accepted_length",
+                "rescoring_ms_per_step"} <= set(fig)  # fmt: skip
+    assert report["methods"]["greedy"]["block_efficiency"] == pytest.approx(1.0)
+    assert report["methods"]["oracle"]["block_efficiency"] >= report["methods"]["bpd"]["block_efficiency"]
+
+
+def test_unknown_method_and_bad_prompts(setup, tmp_path):
+    res, _ = setup
+    with pytest.raises(ValueError, match="Unknown methods"):
+        benchmark(res, PROMPTS, ["fast"], BenchConfig(), progress=False)
+    with pytest.raises(ValueError, match="needs"):
+        benchmark(Resources(model=res.model, tokenizer=res.tokenizer), PROMPTS, ["bpd-ngram"], BenchConfig(repeats=1),
+                  progress=False)  # fmt: skip
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(ValueError, match="prompt"):
+        load_prompts(bad)
+
+
+def test_cli_bench_writes_json(setup, tmp_path, capsys):
+    _, folder = setup
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model", str(folder / "heads"), "--prompts", str(folder / "prompts.jsonl"),
+                 "--methods", "greedy", "bpd", "--max-new-tokens", "8", "--repeats", "1", "--batch-size", "1", "2",
+                 "--json", str(out), "--no-progress", "--small-lm", str(folder / "small")])  # fmt: skip
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert set(data["methods"]) == {"greedy", "bpd"} and set(data["by_batch_size"]) == {"1", "2"}
+    assert "speedup_vs_greedy" in capsys.readouterr().out
+
+
+def test_cli_analyze_writes_plots(setup, tmp_path):
+    _, folder = setup
+    code = main(["analyze", "--model", str(folder / "heads"), "--prompts", str(folder / "prompts.jsonl"),
+                 "--max-new-tokens", "10", "--out", str(tmp_path / "an"), "--ngram", ""])  # fmt: skip
+    assert code == 0
+    files = {p.name for p in (tmp_path / "an").iterdir()}
+    assert {"entropy_per_head.png", "oracle_topk.png", "accepted_lengths.png", "analysis.json"} <= files
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    eff = report["domains"]["austen"]["oracle_block_efficiency"]
+    assert eff["16"] >= eff["1"] >= 1.0
+
+
+def test_repetition_and_h_max():
+    stats = repetition_stats(torch.tensor([[1, 1, 1, 2], [3, 4, 5, 6]]))
+    assert stats["consecutive_repetition"] == pytest.approx(2 / 6)
+    assert stats["mean_longest_run"] == pytest.approx((3 + 1) / 2)
+    assert h_max([0.5, 0.9, 1.2, 1.1, 1.5]) == 3
+    assert h_max([1.0, 0.5]) == 1
