@@ -157,8 +157,8 @@ def pack_dataset(
         if len(packed) == 0:
             raise ValueError(
                 f"No {seq_len}-token block could be packed from {len(dataset)} document(s) of column "
-                f"{text_column!r} ({stats['skipped']} empty or shorter than {max(min_tokens, 1)} tokens): the texts are "
-                "empty or too short all together; lower `seq_len` or add data."
+                f"{text_column!r} ({stats['skipped']} empty or shorter than {max(min_tokens, 1)} tokens): the "
+                "texts are empty, or too short all together; lower `seq_len` or add data."
             )
         logger.info("Packed %d blocks of %d tokens.", len(packed), seq_len)
     return packed

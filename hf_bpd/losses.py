@@ -119,7 +119,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     return F.cross_entropy(flat, targets, ignore_index=ignore_index)
 
 
-def greedy_targets(teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100) -> torch.LongTensor:
+def greedy_targets(
+    teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, ignore_index: int = -100
+) -> torch.LongTensor:
     """
     The teacher's greedy tokens as unshifted labels: entry `s` is `argmax teacher_logits[:, s - 1]`.
 

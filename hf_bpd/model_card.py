@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,10 @@ def adapter_config_of(base: Any) -> dict[str, Any] | None:
     if not hasattr(base, "peft_config"):
         return None
     return base.peft_config[base.active_adapter].to_dict()
+
+
+def _is_hub_id(name: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name)) and not Path(name).exists()
 
 
 def _yaml_list(key: str, values: list[str]) -> list[str]:
@@ -51,7 +56,7 @@ def render_model_card(
     base = config.base_model_name_or_path
     h = config.num_draft_heads
     yaml = ["---", "library_name: hf_bpd"]
-    if base:
+    if base and _is_hub_id(base):  # the Hub validates `base_model`: never a local path
         yaml.append(f"base_model: {json.dumps(base)}")
     yaml += _yaml_list("tags", ["hf_bpd", "blockwise-parallel-decoding", "draft-heads", "speculative-decoding"])
     data = info.get("training_data")

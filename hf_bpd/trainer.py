@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,7 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .configuration_bpd import BPDConfig
 from .data import BlockCollator, drop_short_sequences
 from .losses import DISTILLATION_MODES, WEIGHTING_SCHEMES, bpd_training_loss, head_accuracy_counts, head_weights
-from .model_card import adapter_config_of, write_model_card
+from .model_card import MODEL_CARD_NAME, TRAINING_INFO_NAME, adapter_config_of, write_model_card
 from .modeling_bpd import ADAPTER_SUBFOLDER, HEADS_WEIGHTS_NAME, BPDForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class BPDTrainingArguments(TrainingArguments):
     head_loss_weighting: str = field(
         default="uniform",
         metadata={
-            "help": "How the per-head losses are combined: 'uniform' (mean), 'geometric' (head i weighs "
+            "help": "How the per-head losses are combined: 'uniform' (mean), 'geometric' (0-based head i weighs "
             "head_loss_decay**i, Medusa) or 'random' (one head drawn per step, Stern et al.).",
             "choices": list(WEIGHTING_SCHEMES),
         },
@@ -75,7 +76,7 @@ class BPDTrainingArguments(TrainingArguments):
     )
     use_lora: bool = field(
         default=False,
-        metadata={"help": "Joint training: add LoRA adapters to the (frozen) base model and train them with the heads."},
+        metadata={"help": "Joint training: add LoRA adapters to the (frozen) base model, trained with the heads."},
     )
     lora_r: int = field(default=32, metadata={"help": "LoRA rank (Medusa-2: 32)."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (Medusa-2: 16)."})
@@ -87,6 +88,11 @@ class BPDTrainingArguments(TrainingArguments):
             "'all-linear' (every linear layer but the output head)."
         },
     )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "DDP's find_unused_parameters; every trainable parameter (heads, adapters) is used at "
+                  "every step, so the default skips that extra graph traversal."},
+    )
     prediction_loss_only: bool = field(
         default=True,
         metadata={"help": "Evaluation returns the loss and per-head metrics only (draft logits are (B, T, h, V))."},
@@ -95,7 +101,9 @@ class BPDTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.head_loss_weighting not in WEIGHTING_SCHEMES:
-            raise ValueError(f"head_loss_weighting must be one of {WEIGHTING_SCHEMES}, got {self.head_loss_weighting!r}.")
+            raise ValueError(
+                f"head_loss_weighting must be one of {WEIGHTING_SCHEMES}, got {self.head_loss_weighting!r}."
+            )
         if self.distillation not in DISTILLATION_MODES:
             raise ValueError(f"distillation must be one of {DISTILLATION_MODES}, got {self.distillation!r}.")
         for name in ("heads_learning_rate_multiplier", "distillation_temperature"):
@@ -169,6 +177,8 @@ def add_lora_adapters(
                 f"LoRA target module(s) {missing} do not exist in the base model ({type(model.base).__name__}). "
                 f"Its linear modules are: {linear_module_names(model.base)}."
             )
+    if "fan_in_fan_out" not in lora_kwargs and any(isinstance(m, Conv1D) for m in model.base.modules()):
+        lora_kwargs["fan_in_fan_out"] = True  # GPT-2 style Conv1D layers store the weight transposed
     config = LoraConfig(
         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
         **lora_kwargs,
@@ -250,7 +260,10 @@ class BPDTrainer(Trainer):
             add_lora_adapters(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_target_modules)
         self.base_trainable = any(p.requires_grad for p in model.base.parameters())
         if args.base_loss_weight > 0 and not self.base_trainable:
-            logger.warning("base_loss_weight=%s has no effect: the base model is frozen (use_lora adds adapters).", args.base_loss_weight)
+            logger.warning(
+                "base_loss_weight=%s has no effect: the base model is frozen (use_lora adds adapters).",
+                args.base_loss_weight,
+            )
         min_length = model.config.num_draft_heads + 2
         train_dataset = _datasets_filtered(train_dataset, min_length)
         eval_dataset = _datasets_filtered(eval_dataset, min_length)
@@ -265,7 +278,7 @@ class BPDTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.training_data = [training_data] if isinstance(training_data, str) else training_data
         self.head_generator = torch.Generator().manual_seed(args.seed)
-        self.head_stats: dict[str, torch.Tensor] = {}  # split -> (4, h) sums since the last log
+        self.head_stats: dict[str, torch.Tensor] = {}  # split -> (5, h) sums since the last log
         self.head_metrics: dict[str, dict[str, list[float]]] = {}  # split -> last logged per-head metrics
 
     # ------------------------------------------------------------------ loss
@@ -293,7 +306,8 @@ class BPDTrainer(Trainer):
             distillation=args.distillation, temperature=args.distillation_temperature,
             base_loss_weight=args.base_loss_weight if self.base_trainable else 0.0,
         )  # fmt: skip
-        self._accumulate("train" if model.training else "eval", outputs.draft_logits, result.head_losses, result.targets)
+        split = "train" if model.training else "eval"
+        self._accumulate(split, outputs.draft_logits, result.head_losses, result.targets)
         return (result.loss, outputs) if return_outputs else result.loss
 
     @torch.no_grad()
@@ -310,7 +324,9 @@ class BPDTrainer(Trainer):
             return base(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
 
     @torch.no_grad()
-    def _accumulate(self, split: str, draft_logits: torch.Tensor, head_losses: torch.Tensor, targets: torch.Tensor) -> None:
+    def _accumulate(
+        self, split: str, draft_logits: torch.Tensor, head_losses: torch.Tensor, targets: torch.Tensor
+    ) -> None:
         top1, top5, total = head_accuracy_counts(draft_logits.detach(), targets, top_k=5)
         stats = torch.stack([head_losses.detach().float(), top1.float(), top5.float(), total.float()])
         steps = torch.ones_like(stats[:1])
@@ -319,14 +335,15 @@ class BPDTrainer(Trainer):
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """The Trainer's optimizer, with the draft heads' parameters in groups of `lr x heads_learning_rate_multiplier`."""
+        """The Trainer's optimizer; the heads' parameters get groups of `lr x heads_learning_rate_multiplier`."""
         fresh = self.optimizer is None
         optimizer = super().create_optimizer(model)
         multiplier = self.args.heads_learning_rate_multiplier
         if not fresh or multiplier == 1.0:
             return optimizer
         unwrapped = self.accelerator.unwrap_model(self.model)
-        head_ids = {id(p) for n, p in unwrapped.named_parameters() if not n.startswith(f"{unwrapped.base_model_prefix}.")}
+        prefix = f"{unwrapped.base_model_prefix}."
+        head_ids = {id(p) for n, p in unwrapped.named_parameters() if not n.startswith(prefix)}
         for group in list(optimizer.param_groups):
             heads = [p for p in group["params"] if id(p) in head_ids]
             if not heads:
@@ -366,8 +383,13 @@ class BPDTrainer(Trainer):
         args = self.args
         split = "eval" if "eval" in self.head_metrics else "train"
         metrics = self.head_metrics.get(split)
-        weighting = args.head_loss_weighting + (f" ({args.head_loss_decay}**i)" if args.head_loss_weighting == "geometric" else "")
-        mode = "LoRA + heads" if hasattr(model.base, "peft_config") else ("full base + heads" if self.base_trainable else "frozen base, heads only")
+        weighting = args.head_loss_weighting
+        if weighting == "geometric":
+            weighting += f" ({args.head_loss_decay}**i)"
+        if hasattr(model.base, "peft_config"):
+            mode = "LoRA + heads"
+        else:
+            mode = "full base + heads" if self.base_trainable else "frozen base, heads only"
         return {
             "base_model": model.config.base_model_name_or_path,
             "num_draft_heads": model.config.num_draft_heads,
@@ -404,6 +426,17 @@ class BPDTrainer(Trainer):
         """The BPD model card (base model, `h`, head type, training data, per-head accuracy); used by `push_to_hub`."""
         if self.is_world_process_zero():
             self._write_card(self.args.output_dir)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The Trainer pushes `output_dir` with standard weight files copied in: copy the heads' files too."""
+        if self.is_world_process_zero() and self.args.hub_strategy != "end":
+            source, target = Path(checkpoint_folder), Path(self.args.output_dir)
+            for name in (HEADS_WEIGHTS_NAME, TRAINING_INFO_NAME, MODEL_CARD_NAME):
+                if (source / name).is_file():
+                    shutil.copy(source / name, target / name)
+            if (source / ADAPTER_SUBFOLDER).is_dir():
+                shutil.copytree(source / ADAPTER_SUBFOLDER, target / ADAPTER_SUBFOLDER, dirs_exist_ok=True)
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
         """`Trainer.train`; a resumed checkpoint must hold as many draft heads as the model (checked first)."""

@@ -1,0 +1,495 @@
+"""BPDTrainer on a tiny Llama and synthetic arithmetic sequences: training, modes, checkpoints, DDP, bad input."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import VOCAB, tiny_base
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, TrainerCallback
+
+from hf_bpd import BPDForCausalLM
+from hf_bpd.data import BlockCollator, load_packed_dataset, pack_dataset
+from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments, add_lora_adapters, check_tokenizer_matches, merge_lora
+
+REPO = Path(__file__).resolve().parents[1]
+H = 3
+SEQ = 32
+NUMBERS = VOCAB - 3  # word "wK" is token id K + 3 (ids 0, 1, 2: pad, eos, bos)
+
+
+# --------------------------------------------------------------------------------------------- fixtures
+def word_tokenizer(size: int = VOCAB) -> PreTrainedTokenizerFast:
+    """Whitespace word-level tokenizer: `<pad> <eos> <bos> w0 .. w{size - 4}` (ids 0 .. size - 1)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"w{i}": i + 3 for i in range(size - 3)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>")
+
+
+def arithmetic_text(start: int, step: int, length: int) -> str:
+    return " ".join(f"w{(start + k * step) % NUMBERS}" for k in range(length))
+
+
+def arithmetic_ids(start: int, step: int, length: int) -> list[int]:
+    return [3 + (start + k * step) % NUMBERS for k in range(length)]
+
+
+def write_corpus(path: Path, docs: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(docs):
+            text = arithmetic_text(rng.randrange(NUMBERS), rng.choice([1, 2, 3]), rng.randrange(20, 60))
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+class LogCapture(TrainerCallback):
+    def __init__(self):
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+def training_args(output_dir: Path, **overrides) -> BPDTrainingArguments:
+    kwargs = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+        per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=1e-2, logging_steps=50, seed=0,
+    )  # fmt: skip
+    kwargs.update(overrides)
+    return BPDTrainingArguments(**kwargs)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """32-wide models gain nothing from intra-op threads, and oversubscribed cores slow every step down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("corpus")
+    train, evaluation = write_corpus(root / "train.jsonl", 400, 0), write_corpus(root / "eval.jsonl", 40, 1)
+    return SimpleNamespace(train=train, eval=evaluation)
+
+
+@pytest.fixture(scope="module")
+def blocks(corpus, tokenizer):
+    return SimpleNamespace(
+        train=load_packed_dataset(corpus.train, tokenizer, SEQ, min_tokens=H + 2),
+        eval=load_packed_dataset(corpus.eval, tokenizer, SEQ, min_tokens=H + 2),
+    )
+
+
+@pytest.fixture(scope="module")
+def base_dir(blocks, tokenizer, tmp_path_factory):
+    """A tiny Llama trained (plain loop, ~200 steps) to continue the arithmetic sequences, saved with its tokenizer."""
+    base = tiny_base("llama").train()
+    opt = torch.optim.AdamW(base.parameters(), lr=3e-3)
+    collate, gen = BlockCollator(0), torch.Generator().manual_seed(0)
+    for _ in range(200):
+        batch = collate([blocks.train[i] for i in torch.randint(len(blocks.train), (16,), generator=gen).tolist()])
+        base(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp("base")
+    base.eval().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return torch.tensor([arithmetic_ids(a, s, 8) for a, s in ((5, 2), (50, 3), (20, 1))])
+
+
+@pytest.fixture(scope="module")
+def frozen_run(base_dir, blocks, corpus, tokenizer, tmp_path_factory):
+    """150 steps, frozen base, 3 heads with their own projections; evaluated before and after."""
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H, share_lm_head=False)
+    base_before = {k: v.clone() for k, v in model.base.state_dict().items()}
+    heads_before = {k: v.clone() for k, v in model.heads_state_dict().items()}
+    capture = LogCapture()
+    out = tmp_path_factory.mktemp("frozen")
+    trainer = BPDTrainer(
+        model, training_args(out, max_steps=150, logging_first_step=True), train_dataset=blocks.train,
+        eval_dataset=blocks.eval, processing_class=tokenizer, training_data=[str(corpus.train)], callbacks=[capture],
+    )  # fmt: skip
+    initial = trainer.evaluate()
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    final = trainer.evaluate()
+    model.eval()
+    return SimpleNamespace(
+        model=model, trainer=trainer, initial=initial, final=final, logs=capture.logs, base_before=base_before,
+        heads_before=heads_before, seconds=seconds, out=out,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def lora_run(base_dir, blocks, tokenizer, tmp_path_factory):
+    """6 steps of joint training: LoRA on q/v/down projections, base LM loss, 4x head learning rate."""
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
+    out = tmp_path_factory.mktemp("lora")
+    args = training_args(
+        out, max_steps=6, learning_rate=5e-3, use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj", "down_proj"], base_loss_weight=0.5, heads_learning_rate_multiplier=4.0,
+        save_strategy="steps", save_steps=3, logging_steps=3,
+    )  # fmt: skip
+    trainer = BPDTrainer(model, args, train_dataset=blocks.train, processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
+    model.eval()
+    return SimpleNamespace(model=model, trainer=trainer, before=before, out=out)
+
+
+def draft_and_logits(model: BPDForCausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits, out.draft_logits
+
+
+# --------------------------------------------------------------------------------------------- training
+def test_training_lowers_every_head_loss_and_bpd_accepts_blocks(frozen_run, prompts):
+    h_range = range(1, H + 1)
+    for i in h_range:  # held-out loss of every head, before vs after
+        before, after = frozen_run.initial[f"eval_head{i}_loss"], frozen_run.final[f"eval_head{i}_loss"]
+        assert after < 0.6 * before, (i, before, after)
+    train_logs = [log for log in frozen_run.logs if "loss" in log and "head1_loss" in log]
+    for i in h_range:  # and on the training stream, first logged step vs last
+        assert train_logs[-1][f"head{i}_loss"] < train_logs[0][f"head{i}_loss"]
+    model = frozen_run.model
+    ref = model.base.generate(prompts, max_new_tokens=40, do_sample=False)
+    out = model.generate(prompts, max_new_tokens=40, do_sample=False, use_bpd=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)  # lossless
+    print(f"block efficiency {out.block_efficiency:.2f} after {frozen_run.seconds:.1f}s of training")
+    assert out.block_efficiency > 2.0
+    for row in prompts:  # batch 1 as well
+        kw = dict(max_new_tokens=40, do_sample=False)
+        single = model.generate(row[None], use_bpd=True, return_dict_in_generate=True, **kw)
+        assert torch.equal(single.sequences, model.base.generate(row[None], **kw))
+        assert single.block_efficiency > 2.0
+
+
+def test_frozen_mode_leaves_base_bit_identical(frozen_run):
+    after = frozen_run.model.base.state_dict()
+    assert after.keys() == frozen_run.base_before.keys()
+    assert all(torch.equal(after[k], v) for k, v in frozen_run.base_before.items())
+    assert not any(p.requires_grad for p in frozen_run.model.base.parameters())
+    heads = frozen_run.model.heads_state_dict()
+    assert all(not torch.equal(heads[k], v) for k, v in frozen_run.heads_before.items() if "weight" in k)
+
+
+def test_per_head_metrics_reach_the_logs(frozen_run):
+    train = [log for log in frozen_run.logs if "loss" in log and "eval_loss" not in log]
+    evals = [log for log in frozen_run.logs if "eval_loss" in log]
+    assert len(train) >= 4 and len(evals) == 2  # logging_first_step + every 50 steps; two evaluate() calls
+    for log, prefix in ((train[-1], ""), (evals[-1], "eval_")):
+        for i in range(1, H + 1):
+            top1, top5 = log[f"{prefix}head{i}_top1"], log[f"{prefix}head{i}_top5"]
+            assert 0.0 <= top1 <= top5 <= 1.0 and log[f"{prefix}head{i}_loss"] > 0
+    assert evals[-1]["eval_head1_top1"] > 0.5  # the trained first head is mostly right on held-out data
+    # What `report_to` integrations see is what the callbacks see; the trainer keeps the latest for the card.
+    assert frozen_run.trainer.state.log_history[-1]["eval_head1_top1"] == evals[-1]["eval_head1_top1"]
+
+
+def test_heads_only_checkpoint_round_trip_and_model_card(frozen_run, base_dir, corpus, prompts, tmp_path):
+    frozen_run.trainer.save_model(str(tmp_path))
+    files = {p.name for p in tmp_path.iterdir()}
+    assert {"bpd_heads.safetensors", "config.json", "README.md", "bpd_training.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin", "base", "adapter"}
+    assert all(not k.startswith("base.") for k in load_file(tmp_path / "bpd_heads.safetensors"))
+    loaded = BPDForCausalLM.from_pretrained(tmp_path).eval()  # the base comes from config.base_model_name_or_path
+    assert loaded.config.base_model_name_or_path == str(base_dir)
+    for a, b in zip(draft_and_logits(frozen_run.model, prompts), draft_and_logits(loaded, prompts)):
+        assert torch.equal(a, b)
+    kw = dict(max_new_tokens=30, do_sample=False, use_bpd=True, return_dict_in_generate=True)
+    x, y = frozen_run.model.generate(prompts, **kw), loaded.generate(prompts, **kw)
+    assert torch.equal(x.sequences, y.sequences) and torch.equal(x.accepted_lengths, y.accepted_lengths)
+    card = (tmp_path / "README.md").read_text()
+    info = json.loads((tmp_path / "bpd_training.json").read_text())
+    top1 = frozen_run.final["eval_head1_top1"]
+    assert "base_model:" not in card  # a local path is no Hub id: kept out of the YAML metadata
+    for needle in (f"`{base_dir}`", "| draft heads `h` | 3 |", "`resblock`", str(corpus.train), f"{top1:.4f}"):
+        assert needle in card, needle
+    assert info["head_metrics"]["split"] == "evaluation" and len(info["head_metrics"]["top1"]) == H
+    # A plain save_pretrained writes a card too (without training data, unless given).
+    plain = tmp_path / "plain"
+    loaded.save_pretrained(plain)
+    assert "# Draft heads for" in (plain / "README.md").read_text()
+    frozen_run.trainer.create_model_card()  # Trainer.push_to_hub's hook writes the BPD card, not a generic one
+    assert "## Measured per-head accuracy" in (frozen_run.out / "README.md").read_text()
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+def test_lora_mode_changes_only_adapters_and_heads(lora_run):
+    model, before = lora_run.model, lora_run.before
+    changed_lora = 0
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            assert param.requires_grad
+            changed_lora += not torch.equal(param, before[name])
+        elif name.startswith("base."):
+            assert not param.requires_grad and torch.equal(param, before[name]), name
+        else:
+            assert param.requires_grad
+            if name.endswith("weight"):
+                assert not torch.equal(param, before[name]), name
+    assert changed_lora > 0
+    assert all(torch.count_nonzero(p) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    # heads_learning_rate_multiplier: head parameters sit in groups at 4x the base learning rate.
+    head_ids = {id(p) for n, p in model.named_parameters() if not n.startswith("base.")}
+    for group in lora_run.trainer.optimizer.param_groups:
+        is_head = {id(p) in head_ids for p in group["params"]}
+        assert len(is_head) == 1
+        assert group["initial_lr"] == pytest.approx(2e-2 if is_head.pop() else 5e-3)
+
+
+def test_lora_checkpoint_round_trip_and_merge(lora_run, prompts, tmp_path):
+    model = lora_run.model
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "base").exists()
+    assert "LoRA adapters on the base" in (tmp_path / "README.md").read_text()
+    loaded = BPDForCausalLM.from_pretrained(tmp_path).eval()
+    for a, b in zip(draft_and_logits(model, prompts), draft_and_logits(loaded, prompts)):
+        assert torch.equal(a, b)
+    kw = dict(max_new_tokens=20, do_sample=False)
+    assert torch.equal(loaded.generate(prompts, use_bpd=True, **kw), model.generate(prompts, use_bpd=True, **kw))
+    merged = merge_lora(loaded)
+    assert not hasattr(merged.base, "peft_config")
+    for a, b in zip(draft_and_logits(model, prompts), draft_and_logits(merged, prompts)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert torch.equal(merged.generate(prompts, use_bpd=True, **kw), merged.base.generate(prompts, **kw))
+    with pytest.raises(ValueError, match="no LoRA adapters"):
+        merge_lora(merged)
+
+
+def test_resume_restores_heads_and_adapters_and_checks_num_heads(lora_run, base_dir, blocks, tokenizer):
+    checkpoint = lora_run.out / "checkpoint-3"
+    assert (checkpoint / "bpd_heads.safetensors").is_file() and (checkpoint / "adapter").is_dir()
+    args = lambda **kw: training_args(  # noqa: E731
+        lora_run.out, max_steps=4, learning_rate=5e-3, use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj", "down_proj"], base_loss_weight=0.5, heads_learning_rate_multiplier=4.0,
+        **kw,
+    )  # fmt: skip
+    other = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
+    trainer = BPDTrainer(other, args(), train_dataset=blocks.train)
+    with pytest.raises(ValueError, match=r"num_draft_heads=3.*num_draft_heads=2"):
+        trainer.train(resume_from_checkpoint=str(checkpoint))
+
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
+    trainer = BPDTrainer(model, args(), train_dataset=blocks.train, processing_class=tokenizer)
+    trainer._load_from_checkpoint(str(checkpoint))
+    saved = load_file(checkpoint / "bpd_heads.safetensors")
+    assert all(torch.equal(model.heads_state_dict()[k], v) for k, v in saved.items())
+    adapter = load_file(checkpoint / "adapter" / "adapter_model.safetensors")
+    params = dict(model.base.named_parameters())
+    assert all(torch.equal(params[k.replace(".weight", ".default.weight")], v) for k, v in adapter.items())
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    assert trainer.state.global_step == 4
+
+
+# --------------------------------------------------------------------------------------------- distillation
+def test_teacher_is_the_base_without_adapters(lora_run, base_dir, prompts):
+    model, trainer = lora_run.model, lora_run.trainer
+    inputs = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+    with torch.no_grad():
+        outputs = model(**inputs)
+        teacher = trainer.teacher_logits(model, inputs, outputs)
+        plain = AutoModelForCausalLM.from_pretrained(base_dir).eval()(**inputs).logits
+    torch.testing.assert_close(teacher, plain, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(outputs.logits, plain, atol=1e-4)  # the adapters do change the student's base
+
+
+@pytest.mark.parametrize("mode, weighting", [("hard", "geometric"), ("soft", "random")])
+def test_self_distillation_lowers_head_loss(mode, weighting, base_dir, blocks, tmp_path):
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2, share_lm_head=False)
+    args = training_args(
+        tmp_path, max_steps=40, distillation=mode, head_loss_weighting=weighting, distillation_temperature=2.0,
+    )  # fmt: skip
+    trainer = BPDTrainer(model, args, train_dataset=blocks.train, eval_dataset=blocks.eval.select(range(16)))
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    for i in (1, 2):
+        assert after[f"eval_head{i}_loss"] < 0.8 * before[f"eval_head{i}_loss"], (i, before, after)
+    info = trainer.training_info()
+    assert info["distillation"] == mode and info["head_metrics"]["targets"] == "base model greedy tokens"
+
+
+# --------------------------------------------------------------------------------------------- Hub
+def test_push_to_hub_uploads_heads_adapters_and_card(lora_run, monkeypatch):
+    import huggingface_hub
+
+    uploaded = {}
+
+    def fake_create_repo(self, repo_id, **kwargs):
+        return SimpleNamespace(repo_id=f"me/{repo_id}")
+
+    def fake_upload_folder(self, *, repo_id, folder_path, **kwargs):
+        root = Path(folder_path)
+        uploaded.update(repo_id=repo_id, files={str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
+        uploaded["card"] = (root / "README.md").read_text()
+        return "commit"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
+    info = lora_run.trainer.training_info()
+    assert lora_run.model.push_to_hub("heads", training_info=info) == "commit"
+    assert uploaded["repo_id"] == "me/heads"
+    expected = {"bpd_heads.safetensors", "config.json", "README.md", "adapter/adapter_model.safetensors"}
+    assert expected <= uploaded["files"]
+    assert not any(f.endswith("model.safetensors") and not f.startswith("adapter/") for f in uploaded["files"])
+    assert "library_name: hf_bpd" in uploaded["card"] and "LoRA + heads" in uploaded["card"]
+
+
+def test_checkpoint_pushes_during_training_carry_heads_and_adapters(lora_run, monkeypatch, tmp_path):
+    import transformers.trainer
+    from concurrent.futures import Future
+
+    uploads = []
+
+    def fake_upload_folder(*, folder_path, **kwargs):
+        root = Path(folder_path)
+        uploads.append({str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()})
+        done = Future()
+        done.set_result("commit")
+        return done
+
+    trainer = lora_run.trainer
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: SimpleNamespace(upload_folder=fake_upload_folder))
+    monkeypatch.setattr(trainer.args, "output_dir", str(tmp_path))
+    monkeypatch.setattr(trainer, "hub_model_id", "me/heads", raising=False)
+    monkeypatch.setattr(trainer, "push_in_progress", None, raising=False)
+    trainer._push_from_checkpoint(str(lora_run.out / "checkpoint-3"))
+    assert {"bpd_heads.safetensors", "README.md", "adapter/adapter_model.safetensors", "config.json"} <= uploads[0]
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def test_data_errors_missing_column_empty_texts_and_short_documents(tokenizer, tmp_path, caplog):
+    with pytest.raises(ValueError, match="Text column 'text' not found; columns found: \\['body'\\]"):
+        pack_dataset(Dataset.from_dict({"body": ["w1 w2 w3"]}), tokenizer, 8)
+    with pytest.raises(ValueError, match="No 8-token block"):
+        pack_dataset(Dataset.from_dict({"text": ["", "   ", ""]}), tokenizer, 8)
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"content": "w1 w2"}) + "\n")
+    with pytest.raises(ValueError, match="columns found"):
+        load_packed_dataset(tmp_path / "bad.jsonl", tokenizer, 8)
+    docs = [arithmetic_text(0, 1, n) for n in (2, 4, 30, 3, 40)]  # three shorter than h + 2 = 5
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    with caplog.at_level(logging.WARNING):
+        packed = load_packed_dataset(tmp_path / "mixed.jsonl", tokenizer, 8, min_tokens=H + 2)
+    assert "Skipped 3 empty or short (< 5 tokens)" in caplog.text
+    assert len(packed) == (30 + 1 + 40 + 1) // 8
+
+
+def test_trainer_skips_and_counts_short_sequences(base_dir, tmp_path, caplog):
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
+    rows = [arithmetic_ids(0, 1, n) for n in (3, 10, 4, 12, 5, 1)]  # 3 shorter than h + 2 = 5
+    with caplog.at_level(logging.WARNING):
+        data = Dataset.from_dict({"input_ids": rows})
+        trainer = BPDTrainer(model, training_args(tmp_path, max_steps=1), train_dataset=data)
+    assert "Skipped 3 of 6 sequences shorter than 5 tokens" in caplog.text
+    assert sorted(len(r) for r in trainer.train_dataset["input_ids"]) == [5, 10, 12]
+    trainer.train()  # variable lengths: BlockCollator pads and masks
+    with pytest.raises(ValueError, match="All 2 sequences are shorter than 5"):
+        BPDTrainer(model, training_args(tmp_path), train_dataset=Dataset.from_dict({"input_ids": rows[:1] + rows[-1:]}))
+
+
+def test_streaming_dataset_trains(base_dir, corpus, tokenizer, tmp_path):
+    stream = load_packed_dataset(corpus.train, tokenizer, SEQ, min_tokens=H + 2, streaming=True)
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
+    args = training_args(tmp_path, max_steps=3, per_device_train_batch_size=4)
+    trainer = BPDTrainer(model, args, train_dataset=stream)
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_tokenizer_vocabulary_must_match_the_model(base_dir, tmp_path):
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
+    check_tokenizer_matches(word_tokenizer(VOCAB), model)
+    with pytest.raises(ValueError, match=r"120 tokens.*vocabulary 97"):
+        BPDTrainer(model, training_args(tmp_path), processing_class=word_tokenizer(120))
+
+
+def test_lora_target_modules_must_exist(tmp_path):
+    model = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2)
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\] do not exist.*'q_proj'"):
+        BPDTrainer(model, training_args(tmp_path, use_lora=True, lora_target_modules=["q_proj", "qkv_proj"]))
+    assert not hasattr(model.base, "peft_config")
+    gpt2 = BPDForCausalLM.from_base(tiny_base("gpt2"), num_draft_heads=2)
+    with pytest.raises(ValueError, match=r"'c_attn'"):
+        add_lora_adapters(gpt2, target_modules=["q_proj"])
+    add_lora_adapters(gpt2, r=2, target_modules=["c_attn"])  # Conv1D layers are valid targets
+    with pytest.raises(ValueError, match="already carries"):
+        add_lora_adapters(gpt2)
+
+
+def test_argument_validation(tmp_path):
+    with pytest.raises(ValueError, match="head_loss_weighting"):
+        training_args(tmp_path, head_loss_weighting="stern")
+    with pytest.raises(ValueError, match="distillation"):
+        training_args(tmp_path, distillation="yes")
+    with pytest.raises(ValueError, match="heads_learning_rate_multiplier"):
+        training_args(tmp_path, heads_learning_rate_multiplier=0.0)
+    with pytest.raises(ValueError, match="BPDForCausalLM"):
+        BPDTrainer(tiny_base("llama"), training_args(tmp_path))
+
+
+# --------------------------------------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_process_accelerate_launch_trains_and_saves_loadable_heads(base_dir, corpus, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()), str(REPO / "examples" / "train_heads.py"),
+        "--use_cpu", "--base_model", str(base_dir), "--train_files", str(corpus.train), "--output_dir", str(out),
+        "--num_draft_heads", "2", "--seq_len", str(SEQ), "--per_device_train_batch_size", "4", "--max_steps", "3",
+        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
+        "--include_num_input_tokens_seen", "true",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, gloo backend, even on a GPU machine
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    print(f"2-process accelerate launch took {time.perf_counter() - start:.1f}s")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    info = json.loads((out / "bpd_training.json").read_text())
+    assert info["global_step"] == 3
+    assert info["num_input_tokens_seen"] == 2 * 3 * 4 * SEQ  # both processes' batches were counted: 2 ranks
+    loaded = BPDForCausalLM.from_pretrained(out).eval()
+    assert loaded.num_draft_heads == 2 and loaded.config.base_model_name_or_path == str(base_dir)
+    ids = torch.tensor([arithmetic_ids(3, 2, 8)])
+    ref = loaded.base.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False, use_bpd=True), ref)
