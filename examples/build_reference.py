@@ -66,6 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-tokens-per-s", type=float, default=3100.0, help="throughput estimate used for --small-max-steps")
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per domain")
     p.add_argument("--logging-steps", type=int, default=50)
+    p.add_argument("--heads-max-h", type=int, default=8, help="draft heads trained (the first h are kept, h chosen by measurement)")
+    p.add_argument("--heads-max-minutes", type=float, default=12.0)
+    p.add_argument("--heads-tokens-per-s", type=float, default=1200.0, help="throughput estimate for the LR schedule")
+    p.add_argument("--heads-lr", type=float, default=2e-3)
+    p.add_argument("--heads-select-prompts", type=int, default=4, help="validation prompts per domain for choosing h")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
@@ -294,6 +299,105 @@ def stage_lm(args, name: str):
     logger.info("Saved %s to %s", name, out_dir)
 
 
+# ----------------------------------------------------------------------------- draft heads
+def bpd_with_first_heads(model, h: int):
+    """A BPDForCausalLM on the same base that keeps the first `h` heads of `model` (same weights)."""
+    from hf_bpd import BPDConfig, BPDForCausalLM
+
+    fields = {k: getattr(model.config, k) for k in ("head_type", "head_num_layers", "head_hidden_size", "head_rank",
+                                                     "share_lm_head", "base_model_name_or_path")}
+    small = BPDForCausalLM(BPDConfig(num_draft_heads=h, **fields), base_model=model.base)
+    small.heads.load_state_dict({k: v for k, v in model.heads.state_dict().items() if int(k.split(".")[0]) < h})
+    return small.eval()
+
+
+def measure_heads(model, tokenizer, prompts, max_new_tokens: int):
+    """Block efficiency and greedy/BPD wall-clock ratio of `model` on `prompts` (batch 1, one pass each)."""
+    import torch
+
+    tokens = calls = 0
+    t_greedy = t_bpd = 0.0
+    for p in prompts:
+        ids = tokenizer(p["prompt"], return_tensors="pt")
+        t0 = time.perf_counter()
+        ref = model.base.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
+        t1 = time.perf_counter()
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
+                             return_dict_in_generate=True)
+        t_bpd += time.perf_counter() - t1
+        t_greedy += t1 - t0
+        assert torch.equal(out.sequences, ref), "BPD output differs from greedy"
+        tokens, calls = tokens + out.num_generated_tokens, calls + out.num_serial_calls
+    return {"block_efficiency": round(tokens / calls, 3), "speedup_vs_greedy": round(t_greedy / t_bpd, 3)}
+
+
+def stage_heads(args):
+    """Train `--heads-max-h` draft heads on the frozen base by hard self-distillation, then keep the first h."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    from hf_bpd import BPDForCausalLM
+    from hf_bpd.data import BlockCollator
+    from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
+
+    set_seed(args.seed)
+    base_dir = args.out / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # The base is referenced relative to the heads folder (resolved by BPDForCausalLM.from_pretrained).
+    model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads_max_h, head_type="resblock",
+                                     head_num_layers=1, base_model_name_or_path="../base")
+    train_parts = load_packed(args, tokenizer, "train")
+    train = datasets.concatenate_datasets(list(train_parts.values())).shuffle(seed=args.seed + 1)
+    val_parts = load_packed(args, tokenizer, "validation")
+    val = datasets.concatenate_datasets([ds.select(range(min(16, len(ds)))) for ds in val_parts.values()])
+    max_steps = max(10, int(args.heads_max_minutes * 60 * args.heads_tokens_per_s / (args.batch_size * args.seq_len)))
+    targs = BPDTrainingArguments(
+        output_dir=str(args.work_dir / "trainer_heads"), max_steps=max_steps, per_device_train_batch_size=args.batch_size,
+        per_device_eval_batch_size=args.batch_size, learning_rate=args.heads_lr, lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 20), weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no",
+        report_to="none", use_cpu=True, seed=args.seed, distillation="hard", head_loss_weighting="uniform",
+    )  # fmt: skip
+    budget = TimeBudgetCallback(args.heads_max_minutes)
+    trainer = BPDTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
+                         data_collator=BlockCollator(tokenizer.pad_token_id), callbacks=[budget])  # fmt: skip
+    t0 = time.time()
+    trainer.train()
+    wall = time.time() - t0
+    metrics = trainer.evaluate()
+    logger.info("heads: %d steps in %.0fs; validation %s", trainer.state.global_step, wall, metrics)
+
+    # Pick h by measurement: block efficiency and wall-clock ratio of the first h heads on validation prompts.
+    prompts = [json.loads(line) for line in (args.out / "prompts" / "validation.jsonl").read_text().splitlines()]
+    per_domain = {}
+    for p in prompts:
+        per_domain.setdefault(p["domain"], [])
+        if len(per_domain[p["domain"]]) < args.heads_select_prompts:
+            per_domain[p["domain"]].append(p)
+    chosen = [p for ps in per_domain.values() for p in ps]
+    model.eval()
+    selection = {}
+    for h in sorted({2, 4, 6, args.heads_max_h}):
+        if h <= args.heads_max_h:
+            selection[h] = measure_heads(bpd_with_first_heads(model, h), tokenizer, chosen, 48)
+            logger.info("h=%d: %s", h, selection[h])
+    best = max(selection, key=lambda h: selection[h]["speedup_vs_greedy"])
+    final = bpd_with_first_heads(model, best)
+    info = {
+        "training_data": {d: str(data_file(args, d, "train")) for d in DOMAINS}, "mode": "frozen base, heads only",
+        "distillation": "hard (base model's greedy tokens)", "head_loss_weighting": "uniform",
+        "global_step": trainer.state.global_step, "trained_heads": args.heads_max_h, "wall_time_s": round(wall, 1),
+        "validation_metrics": metrics, "h_selection": {str(k): v for k, v in selection.items()},
+        "h_selection_rule": f"largest measured greedy/BPD wall-clock ratio on {len(chosen)} validation prompts, "
+                            "48 new tokens, batch 1",
+        "chosen_h": best, "threads": args.threads,
+    }  # fmt: skip
+    final.save_pretrained(args.out / "heads", training_info=info)
+    tokenizer.save_pretrained(args.out / "heads")
+    logger.info("Saved heads (h=%d) to %s", best, args.out / "heads")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -305,7 +409,7 @@ def main(argv=None):
     args.out, args.work_dir = args.out.resolve(), args.work_dir.resolve()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     known = {"split": stage_split, "tokenizer": stage_tokenizer,
-             "base": lambda a: stage_lm(a, "base"), "small": lambda a: stage_lm(a, "small")}
+             "base": lambda a: stage_lm(a, "base"), "small": lambda a: stage_lm(a, "small"), "heads": stage_heads}
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise SystemExit(f"Unknown stage(s) {unknown}; known: {sorted(known)}")

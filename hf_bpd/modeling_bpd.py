@@ -415,7 +415,8 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         Args:
             pretrained_model_name_or_path: a local folder or a Hub repo id (downloaded with `huggingface_hub`).
             base_model (`PreTrainedModel` or `str`, *optional*): the base to attach the heads to. Defaults to the
-                folder's `base/` copy, else `config.base_model_name_or_path`.
+                folder's `base/` copy, else `config.base_model_name_or_path` (a relative path is looked up next to the
+                checkpoint folder first, then from the working directory).
             kwargs: passed to `AutoModelForCausalLM.from_pretrained` when the base is loaded (e.g. `dtype`).
         Raises:
             `ValueError` when the heads were trained for a base of another hidden size or vocabulary, or when the
@@ -430,6 +431,9 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
                 base_model = str(folder / BASE_SUBFOLDER)
             elif config.base_model_name_or_path:
                 base_model = config.base_model_name_or_path
+                beside = folder / base_model  # a relative path is read relative to the checkpoint first
+                if not Path(base_model).is_absolute() and beside.is_dir():
+                    base_model = str(beside.resolve())
             else:
                 raise ValueError(f"{folder} has no `base/` folder and no `base_model_name_or_path`: pass `base_model=`.")
         if isinstance(base_model, (str, os.PathLike)):

@@ -197,3 +197,14 @@ def test_user_dynamic_cache_works(model):
     ref = model.base.generate(ids, max_new_tokens=8, do_sample=False)
     out = model.generate(ids, max_new_tokens=8, do_sample=False, use_bpd=True, cache=DynamicCache())
     assert torch.equal(out, ref)
+
+
+def test_relative_base_path_is_resolved_next_to_the_checkpoint(tmp_path, monkeypatch):
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    model = randomize_heads(BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2))
+    model.config.base_model_name_or_path = "../base"
+    model.save_pretrained(tmp_path / "heads")
+    monkeypatch.chdir("/")
+    loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads")
+    ids, _ = batch_prompts(1)
+    assert torch.equal(loaded(input_ids=ids).draft_logits, model(input_ids=ids).draft_logits)

@@ -1,0 +1,36 @@
+"""The "p-best 0-gram" baseline: the `p` best lattice paths by head scores alone (Kim et al., section 7)."""
+
+from __future__ import annotations
+
+import torch
+
+from .lattice import LatticeRescorer, TopKLattice, pbest_paths
+
+
+class PBestRescorer(LatticeRescorer):
+    """
+    Proposes the `p` best paths of the top-k lattice by the heads' own log-probabilities, no language model: the
+    baseline that separates the gain of verifying several drafts from the gain of a rescoring LM. Exact: the path
+    score is a sum of independent per-position scores, so a top-`p` merge per position finds the `p` best paths
+    without enumerating the `k ** h` of them. With `num_drafts=1` it proposes the plain argmax draft.
+
+    Args:
+        top_k (`int`): `k`, tokens kept per head.
+        num_drafts (`int`, defaults to 1): `p`, at most `top_k ** h`.
+
+    Example:
+
+    ```python
+    >>> from hf_bpd.logits import PBestRescorer
+    >>> out = model.generate(ids, use_bpd=True, draft_rescorer=PBestRescorer(top_k=16, num_drafts=16))
+    ```
+    """
+
+    def __init__(self, top_k: int, num_drafts: int = 1):
+        super().__init__(top_k=top_k, alpha=0.0, num_drafts=num_drafts)
+
+    def _rescore(
+        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
+    ) -> torch.LongTensor:
+        paths, _ = pbest_paths(lattice.logprobs, self.num_drafts)
+        return paths
