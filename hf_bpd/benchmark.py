@@ -95,12 +95,11 @@ class Resources:
     tokenizer: Any
     small_lm: Any = None
     ngram_path: str | None = None
+    rescorers: dict[str, DraftRescorer] = field(default_factory=dict)  # built once per method (loading not timed)
 
 
 def method_kwargs(method: str, res: Resources, cfg: BenchConfig, reference: torch.Tensor | None) -> dict[str, Any]:
-    """The `generate` keyword arguments of a method (rescorers built fresh for each call)."""
-    from . import logits as L  # rescorers; kenlm is imported lazily inside NgramRescorer
-
+    """The `generate` keyword arguments of a method."""
     if method == "greedy":
         return {}
     if method == "pld":
@@ -109,20 +108,30 @@ def method_kwargs(method: str, res: Resources, cfg: BenchConfig, reference: torc
         _need(res.small_lm, method, "a small LM (--small-lm)")
         return {"assistant_model": res.small_lm}
     kwargs: dict[str, Any] = {"use_bpd": True, "return_dict_in_generate": True}
+    if method == "oracle":
+        kwargs["draft_rescorer"] = OracleTopKDrafter(reference, cfg.oracle_top_k)
+    elif method != "bpd":
+        if method not in res.rescorers:
+            res.rescorers[method] = make_rescorer(method, res, cfg)
+        kwargs["draft_rescorer"] = res.rescorers[method]
+    return kwargs
+
+
+def make_rescorer(method: str, res: Resources, cfg: BenchConfig) -> DraftRescorer:
+    """The rescorer of a `bpd-*` method (kenlm is imported lazily by `NgramRescorer`)."""
+    from . import logits as L
+
+    pad = res.tokenizer.pad_token_id
     if method in ("bpd-ngram", "bpd-pbest"):
         path = _need(res.ngram_path, method, "an n-gram model (--ngram)")
         p = 1 if method == "bpd-ngram" else cfg.num_drafts
-        kwargs["draft_rescorer"] = L.NgramRescorer(path, top_k=cfg.top_k, alpha=cfg.alpha_ngram, num_drafts=p)
-    elif method == "bpd-neural":
+        return L.NgramRescorer(path, top_k=cfg.top_k, alpha=cfg.alpha_ngram, num_drafts=p, pad_token_id=pad)
+    if method == "bpd-neural":
         lm = _need(res.small_lm, method, "a small LM (--small-lm)")
-        kwargs["draft_rescorer"] = L.NeuralRescorer(lm, top_k=cfg.top_k, alpha=cfg.alpha_neural)
-    elif method == "bpd-pbest0":
-        kwargs["draft_rescorer"] = L.PBestRescorer(top_k=cfg.top_k, num_drafts=cfg.num_drafts)
-    elif method == "oracle":
-        kwargs["draft_rescorer"] = OracleTopKDrafter(reference, cfg.oracle_top_k)
-    elif method != "bpd":
-        raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    return kwargs
+        return L.NeuralRescorer(lm, top_k=cfg.top_k, alpha=cfg.alpha_neural, pad_token_id=pad)
+    if method == "bpd-pbest0":
+        return L.PBestRescorer(top_k=cfg.top_k, num_drafts=cfg.num_drafts)
+    raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
 
 
 def _need(value: Any, method: str, what: str) -> Any:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 REFERENCE = Path(__file__).resolve().parents[1] / "reference"
+DELEGATED = {"build-ngram": "hf_bpd.logits.build_ngram", "tune": "hf_bpd.logits.tuning"}
 
 
 def _reference(name: str) -> str | None:
@@ -137,11 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     ana.add_argument("--out", default="analysis", help="folder for the PNG plots and analysis.json")
     ana.set_defaults(func=cmd_analyze)
 
-    for name, module in (("build-ngram", "hf_bpd.logits.build_ngram"), ("tune", "hf_bpd.logits.tuning")):
-        p = sub.add_parser(name, help=f"see `hf-bpd {name} --help`", add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(func=lambda a, m=module: _delegate(m, a.rest))
+    for name in DELEGATED:
+        sub.add_parser(name, help=f"see `hf-bpd {name} --help`", add_help=False)
 
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:  # their own argparse parsers take the rest, options included
+        return _delegate(DELEGATED[argv[0]], argv[1:])
     args = parser.parse_args(argv)
     return args.func(args)
 

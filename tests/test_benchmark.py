@@ -44,8 +44,12 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     res, _ = setup
-    methods = ["greedy", "bpd", "pld", "assisted", "oracle"]  # PBEST0
+    methods = ["greedy", "bpd", "bpd-ngram", "bpd-pbest", "bpd-pbest0", "bpd-neural", "pld", "assisted", "oracle"]
     cfg = BenchConfig(max_new_tokens=12, batch_size=batch_size, repeats=2, top_k=3, num_drafts=3, oracle_top_k=4)
+    arpa = setup[1] / "tiny.arpa"
+    arpa.write_text("\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
+                    "-0.5\t17\t-0.1\n-0.7\t42\t0\n\n\\2-grams:\n-0.1\t17 42\n\n\\end\\\n")  # fmt: skip
+    res = Resources(model=res.model, tokenizer=res.tokenizer, small_lm=res.small_lm, ngram_path=str(arpa))
     report = benchmark(res, PROMPTS, methods, cfg, progress=False)
     assert set(report["methods"]) == set(methods)
     assert set(report["domains"]) == {"austen", "python", "kjv"}
