@@ -12,7 +12,7 @@ Joint training with LoRA adapters and self-distillation: add `--use_lora --lora_
 Several processes (DDP) run the same script unchanged:
 
     accelerate launch --num_processes 8 examples/train_heads.py ...              # 8 GPUs
-    accelerate launch --cpu --num_processes 2 examples/train_heads.py ...        # 2 CPU processes (gloo)
+    accelerate launch --multi_gpu --num_processes 2 examples/train_heads.py --use_cpu ...  # 2 CPU processes (gloo)
     accelerate launch --config_file deepspeed_zero2.yaml examples/train_heads.py ...
 
 Every `BPDTrainingArguments` / `TrainingArguments` flag works (`--help` lists them). The output folder holds the heads

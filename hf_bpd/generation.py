@@ -293,11 +293,12 @@ def _bpd_decode(
         n, stopped = stopper(out, lengths, targets, n.clone(), live)
         cut = (offsets[None] > n[:, None]) & valid  # written, then cut by a stopping criterion
         out.scatter_(1, index, torch.where(cut, pad_id, out.gather(1, index)))
-        for b in torch.nonzero(live).flatten().tolist():
-            if keep_scores:
-                row_scores[b].extend(scores[b, : int(n[b]) + 1])
-            if keep_logits:
-                row_logits[b].extend(logits[b, : int(n[b]) + 1])
+        if keep_scores or keep_logits:
+            for b in torch.nonzero(live).flatten().tolist():
+                if keep_scores:
+                    row_scores[b].extend(scores[b, : int(n[b]) + 1])
+                if keep_logits:
+                    row_logits[b].extend(logits[b, : int(n[b]) + 1])
         if bpd_streamer is not None:
             bpd_streamer.put(targets[0, : int(n[0]) + 1].cpu())
         lengths.add_(torch.where(live, n + 1, 0))
