@@ -35,7 +35,7 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from .acceptance import block_efficiency, cap_accepted, select_best_draft, truncate_at_eos
+from .acceptance import accepted_lengths, block_efficiency, cap_accepted, select_best_draft, truncate_at_eos
 from .tree import canonical_nodes, compact_block, tree_attention_mask, tree_layout
 
 if TYPE_CHECKING:
@@ -66,6 +66,9 @@ class BPDGenerateOutput(GenerateDecoderOnlyOutput):
             took part in); `h + 1` at most.
         accepted_lengths (`torch.LongTensor` of shape `(num_steps, batch)`): drafts accepted by each row at each
             verify step, `-1` where the row had already finished.
+        unrefined_accepted_lengths (`torch.LongTensor` of shape `(num_steps, batch)`, *optional*): with
+            `compare_unrefined=True`, what the heads' own argmax draft would have accepted at each step (verified in
+            the same call, never chosen), `-1` where the row had finished.
         draft_time_s (`float`): seconds spent computing drafts (heads and any rescorer).
     """
 
@@ -73,6 +76,7 @@ class BPDGenerateOutput(GenerateDecoderOnlyOutput):
     num_generated_tokens: int | None = None
     block_efficiency: float | None = None
     accepted_lengths: torch.LongTensor | None = None
+    unrefined_accepted_lengths: torch.LongTensor | None = None
     draft_time_s: float | None = None
 
 
@@ -81,6 +85,7 @@ def bpd_generate(
     inputs: torch.Tensor | None = None,
     generation_config: Any = None,
     draft_rescorer: "DraftRescorer | None" = None,
+    compare_unrefined: bool = False,
     **kwargs: Any,
 ) -> Any:
     """`BPDForCausalLM.generate(..., use_bpd=True)`; see there."""
@@ -101,7 +106,10 @@ def bpd_generate(
     prompt = inputs if inputs is not None else kwargs.get("input_ids")
     if streamer is not None and prompt is not None and prompt.dim() == 2 and prompt.shape[0] > 1:
         raise ValueError("A `streamer` with `use_bpd=True` supports batch size 1 (rows advance at different speeds).")
-    decode = functools.partial(_bpd_decode, bpd=bpd, draft_rescorer=draft_rescorer, bpd_streamer=streamer)
+    if compare_unrefined and draft_rescorer is None:
+        raise ValueError("`compare_unrefined=True` compares a `draft_rescorer`'s drafts with the heads' own: pass one.")
+    decode = functools.partial(_bpd_decode, bpd=bpd, draft_rescorer=draft_rescorer, bpd_streamer=streamer,
+                               compare_unrefined=compare_unrefined)  # fmt: skip
     return bpd.base.generate(
         inputs, generation_config=generation_config, custom_generate=decode, streamer=streamer, **kwargs
     )
@@ -236,6 +244,7 @@ def _bpd_decode(
     bpd: "BPDForCausalLM",
     draft_rescorer: "DraftRescorer | None" = None,
     bpd_streamer: Any = None,
+    compare_unrefined: bool = False,
     **model_kwargs: Any,
 ) -> Any:
     batch, prompt_len = input_ids.shape
@@ -267,6 +276,7 @@ def _bpd_decode(
     live = torch.ones(batch, dtype=torch.bool, device=device)
     live_calls = torch.zeros_like(lengths)
     steps: list[torch.Tensor] = []
+    unrefined: list[torch.Tensor] = []  # accepted lengths the heads' own argmax drafts would have had
     row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
     draft_time = 0.0
@@ -329,6 +339,8 @@ def _bpd_decode(
             if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != num_heads or drafts.shape[1] < 1:
                 raise ValueError(f"draft_rescorer must return (batch, p, {num_heads}) drafts, got {tuple(drafts.shape)}.")
         draft_time += time.perf_counter() - start
+        if compare_unrefined:  # verified in the same call as an extra last draft, never chosen
+            drafts = torch.cat([drafts.to(device), logits.argmax(dim=-1)[:, None].to(device)], dim=1)
         return drafts.to(device)
 
     # Prefill: one serial call gives the first token and the first drafts.
@@ -367,7 +379,11 @@ def _bpd_decode(
         scores = scorer.scores(logits, out, lengths, node_tokens, layout.depth, live)
         canon = canonical_nodes(drafts, layout)  # (B, p, h' + 1): one target per distinct prefix
         targets = scorer.select(scores).gather(1, canon.flatten(1)).view(canon.shape)
-        best, n = select_best_draft(drafts, targets)
+        if compare_unrefined:
+            unrefined.append(torch.where(live, accepted_lengths(drafts[:, -1], targets[:, -1]), -1))
+            best, n = select_best_draft(drafts[:, :-1], targets[:, :-1])
+        else:
+            best, n = select_best_draft(drafts, targets)
         n = cap_accepted(n, remaining)
         path = canon[rows, best]  # (B, h' + 1) block nodes along the chosen draft
         was_live = live.clone()
@@ -409,6 +425,7 @@ def _bpd_decode(
         num_generated_tokens=int(generated.sum()),
         block_efficiency=float(per_row.mean()) if batch > 1 else block_efficiency(int(generated[0]), serial_calls),
         accepted_lengths=torch.stack(steps) if steps else torch.zeros((0, batch), dtype=torch.long),
+        unrefined_accepted_lengths=torch.stack(unrefined) if unrefined else None,
         draft_time_s=draft_time,
     )
 

@@ -283,6 +283,8 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             use_bpd (`bool`, *optional*): decode blockwise (draft -> verify -> accept). Defaults to
                 `generation_config.use_bpd` if set there, else `False` (the base model's own `generate`).
             draft_rescorer ([`~hf_bpd.logits.DraftRescorer`], *optional*): changes the drafts (never the output).
+            compare_unrefined (`bool`, *optional*): with a `draft_rescorer`, also verify the heads' own argmax draft
+                in the same call and report its accepted lengths (`unrefined_accepted_lengths`) beside the refined.
             kwargs: every usual `generate` argument (`max_new_tokens`, `attention_mask`, `do_sample`,
                 `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
         Returns:
@@ -295,10 +297,9 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         if use_bpd is None:
             use_bpd = bool(getattr(generation_config or self.generation_config, "use_bpd", False))
         if not use_bpd:
-            for key in ("draft_rescorer", "return_bpd_stats"):
-                if kwargs.get(key) is not None:
+            for key in ("draft_rescorer", "compare_unrefined"):
+                if kwargs.pop(key, None) not in (None, False):
                     raise ValueError(f"`{key}` only applies with `use_bpd=True`.")
-                kwargs.pop(key, None)
             return self.base.generate(inputs, generation_config=generation_config, **kwargs)
         return bpd_generate(self, inputs, generation_config=generation_config, **kwargs)
 

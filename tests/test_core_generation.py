@@ -248,3 +248,24 @@ def test_pbest_with_input_dependent_processors():
     ref = model.base.generate(ids, **kwargs)
     out = model.generate(ids, use_bpd=True, draft_rescorer=MixedDrafter(ref, num_drafts=3), **kwargs)
     assert torch.equal(out, ref)
+
+
+def test_compare_unrefined_reports_both_accepted_lengths():
+    """The heads' own drafts are verified beside the refined ones: oracle drafts accept everything, random heads less."""
+    model = make("llama")
+    model.generation_config.eos_token_id = None
+    ids, mask = batch_prompts(2)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True, return_dict_in_generate=True,
+        draft_rescorer=OracleDrafter(ref), compare_unrefined=True,
+    )  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    assert (out.accepted_lengths == H).all()
+    assert out.unrefined_accepted_lengths.shape == out.accepted_lengths.shape
+    assert (out.unrefined_accepted_lengths < H).any()
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True,
+                           return_dict_in_generate=True)  # fmt: skip
+    assert int(out.unrefined_accepted_lengths[0, 0]) == int(plain.accepted_lengths[0, 0])  # same first step
+    with pytest.raises(ValueError, match="compare_unrefined"):
+        model.generate(ids, max_new_tokens=5, use_bpd=True, compare_unrefined=True)
