@@ -57,6 +57,48 @@ def table(methods: dict, domain_cols: tuple[str, ...] = COLS) -> list[str]:
     return lines
 
 
+def reference_table() -> list[str]:
+    """Sizes, training budgets and held-out perplexities of the shipped reference stack (from its own logs)."""
+    ref = REPO / "reference"
+
+    def size(path: Path) -> str:
+        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+        return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+
+    lines = ["| part | what | training | held-out | size on disk |", "|---|---|---|---|---|"]
+    for name in ("base", "small"):
+        log_path = ref / name / "training_log.json"
+        if log_path.exists():
+            log = json.loads(log_path.read_text())
+            ppl = ", ".join(f"{d} {v:.1f}" for d, v in log["validation_perplexity"].items())
+            lines.append(f"| `reference/{name}` | Llama, {log['num_parameters'] / 1e6:.2f}M parameters | {log['steps']} steps, "
+                         f"{log['tokens_seen'] / 1e6:.2f}M tokens, {log['wall_time_s'] / 60:.0f} min | perplexity: {ppl} | "
+                         f"{size(ref / name)} |")  # fmt: skip
+    info_path = ref / "heads" / "bpd_training.json"
+    if info_path.exists():
+        info = json.loads(info_path.read_text())
+        metrics = info.get("validation_metrics", {})
+        top1 = ", ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.endswith("_top1"))
+        sel = "; ".join(f"h={h}: eff {v['block_efficiency']}, x{v['speedup_vs_greedy']}" for h, v in info["h_selection"].items())
+        lines.append(f"| `reference/heads` | {info['chosen_h']} ResBlock heads (of {info['trained_heads']} trained), frozen "
+                     f"base, hard self-distillation | {info['global_step']} steps, {info['wall_time_s'] / 60:.0f} min | "
+                     f"top-1 per head (of {info['trained_heads']}): {top1}; h chosen by measured speed: {sel} | "
+                     f"{size(ref / 'heads')} |")  # fmt: skip
+    ngram_path = ref / "ngram" / "ngram_info.json"
+    if ngram_path.exists():
+        info = json.loads(ngram_path.read_text())
+        lines.append(f"| `reference/ngram` | KenLM {info['order']}-gram over token ids, prune {info['prune']}, "
+                     f"{info['quantize_bits']}-bit {info['binary_type']} | {info['build_time_s']:.0f} s | – | "
+                     f"{info['size_bytes'] / 1e6:.1f} MB |")  # fmt: skip
+    lines.append(f"| all of `reference/` | | | | {size(ref)} |")
+    return lines
+
+
+def replace_between(text: str, tag: str, body: list[str]) -> str:
+    start, end = text.index(f"<!-- {tag}:START -->"), text.index(f"<!-- {tag}:END -->")
+    return text[: start + len(f"<!-- {tag}:START -->")] + "\n" + "\n".join(body) + "\n" + text[end:]
+
+
 def refinement_gain(methods: dict) -> str:
     base = methods["bpd"]["block_efficiency"]
     parts = []
@@ -97,6 +139,10 @@ def main() -> None:
         "forward calls of the base model (counted the same way for every method).",
         "",
         f"Commands: `{_rel(bench_cmd)}`; `{_rel(analyze_cmd)}`" + (f"; `{_rel(core_cmd)}`" if core_cmd else ""),
+        "",
+        "## Reference stack",
+        "",
+        *reference_table(),
         "",
     ]
     for bs, report in bench["by_batch_size"].items():
@@ -144,9 +190,9 @@ def main() -> None:
     if core_cmd:
         summary += ["Decode loop with oracle drafts (`python bench/bench_core.py`):", "",
                     *lines[lines.index("## Decode loop with oracle drafts (bench/bench_core.py)") + 2 :][:4], ""]  # fmt: skip
-    readme = (REPO / "README.md").read_text()
-    start, end = readme.index("<!-- BENCH:START -->"), readme.index("<!-- BENCH:END -->")
-    readme = readme[: start + len("<!-- BENCH:START -->")] + "\n" + "\n".join(summary) + "\n" + readme[end:]
+    readme = replace_between((REPO / "README.md").read_text(), "BENCH", summary)
+    readme = replace_between(readme, "REF", ["Read from the stack's own training logs by `python bench/make_benchmarks.py`:",
+                                             "", *reference_table()])  # fmt: skip
     (REPO / "README.md").write_text(readme)
     print(f"wrote BENCHMARKS.md in {(time.time() - t0) / 60:.1f} min")
 

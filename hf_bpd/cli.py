@@ -47,7 +47,8 @@ def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool
         raise SystemExit(f"No BPD model at {args.model!r}: pass --model DIR (a BPDForCausalLM checkpoint).")
     base = args.base or None
     model = BPDForCausalLM.from_pretrained(args.model, base_model=base, dtype=torch.float32).eval()
-    tokenizer_path = args.tokenizer or base or model.config.base_model_name_or_path
+    has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
+    tokenizer_path = args.tokenizer or base or (args.model if has_tokenizer else model.base.name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     small = None
     if need_small and args.small_lm:
