@@ -33,13 +33,16 @@ def draft_head_loss(
         no valid target contributes 0.
     """
     _, seq_len, num_heads, _ = draft_logits.shape
+    # `unbind` first: slicing the stacked tensor per head would make each head's backward allocate and zero-fill a
+    # gradient of the whole (batch, seq, h, vocab) tensor (h of them; most of a training step on CPU).
+    per_head = draft_logits.unbind(dim=2)
     losses = []
     for i in range(num_heads):
         shift = i + 2
         if seq_len <= shift:
             losses.append(draft_logits.new_zeros((), dtype=torch.float32))
             continue
-        logits_i = draft_logits[:, : seq_len - shift, i].flatten(0, 1).float()  # (B * (T - shift), V)
+        logits_i = per_head[i][:, : seq_len - shift].flatten(0, 1).float()  # (B * (T - shift), V)
         target_i = labels[:, shift:].flatten()  # (B * (T - shift),)
         if (target_i != ignore_index).any():
             losses.append(F.cross_entropy(logits_i, target_i, ignore_index=ignore_index))
@@ -170,13 +173,14 @@ def soft_distillation_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}.")
     _, seq_len, num_heads, _ = draft_logits.shape
     teacher_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, T, V)
+    per_head = draft_logits.unbind(dim=2)  # see draft_head_loss: avoids h full-size zero-filled gradients
     losses = []
     for i in range(num_heads):
         shift = i + 2
         if seq_len <= shift:
             losses.append(draft_logits.new_zeros((), dtype=torch.float32))
             continue
-        student = F.log_softmax(draft_logits[:, : seq_len - shift, i].float() / temperature, dim=-1)
+        student = F.log_softmax(per_head[i][:, : seq_len - shift].float() / temperature, dim=-1)
         teacher = teacher_logp[:, shift - 1 : seq_len - 1]  # (B, T - shift, V): the distribution of token t + 2 + i
         kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # (B, T - shift)
         if labels is None:
