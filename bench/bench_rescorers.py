@@ -8,7 +8,8 @@ Each rescorer is called as the decode loop calls it, on a simulated decode throu
 prefix of every row grows by 1 .. h + 1 tokens per step (so the neural rescorer's cache is exercised the way
 `generate` exercises it). Draft logits are synthetic: head `i` ranks the true token `i + 1` ahead and `k - 1`
 tokens drawn from the corpus' own token stream near the top, so the n-gram meets the states it would meet on real
-text. The neural LM is a randomly initialised Llama of the given size (its weights do not change the cost).
+text. The neural LM is `--lm` (e.g. reference/small) or a randomly initialised Llama of the given size (its weights do
+not change the cost).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 import time
 
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_bpd.logits import NeuralRescorer, NgramRescorer, PBestRescorer
 from hf_bpd.logits.tuning import load_prompt_texts
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--max-context", type=int, default=1024)
+    parser.add_argument("--lm", default=None, help="small LM folder for the neural rescorer (default: a random Llama)")
     parser.add_argument("--lm-hidden", type=int, default=256)
     parser.add_argument("--lm-layers", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -89,7 +91,7 @@ def main() -> None:
         num_hidden_layers=args.lm_layers, num_attention_heads=max(1, args.lm_hidden // 64),
         max_position_embeddings=4096,
     )  # fmt: skip
-    lm = LlamaForCausalLM(lm_config).eval()
+    lm = (AutoModelForCausalLM.from_pretrained(args.lm, dtype=torch.float32) if args.lm else LlamaForCausalLM(lm_config)).eval()
     params = sum(p.numel() for p in lm.parameters()) / 1e6
     h, k, p = args.num_draft_heads, args.top_k, args.num_drafts
     rescorers = {

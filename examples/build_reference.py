@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per domain")
     p.add_argument("--logging-steps", type=int, default=50)
     p.add_argument("--heads-max-h", type=int, default=6, help="draft heads trained (the first h are kept, h chosen by measurement)")
-    p.add_argument("--heads-max-minutes", type=float, default=12.0)
+    p.add_argument("--heads-max-minutes", type=float, default=28.0)
     p.add_argument("--heads-tokens-per-s", type=float, default=500.0, help="throughput estimate for the LR schedule")
     p.add_argument("--heads-batch-size", type=int, default=4,
                    help="small batches train faster per token on CPU (h vocabulary-sized logits per position)")

@@ -39,7 +39,7 @@ def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .benchmark import Resources
-    from .modeling_bpd import BPDForCausalLM
+    from .modeling_bpd import BPDForCausalLM, tokenizer_source
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -47,9 +47,7 @@ def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool
         raise SystemExit(f"No BPD model at {args.model!r}: pass --model DIR (a BPDForCausalLM checkpoint).")
     base = args.base or None
     model = BPDForCausalLM.from_pretrained(args.model, base_model=base, dtype=torch.float32).eval()
-    has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
-    tokenizer_path = args.tokenizer or base or (args.model if has_tokenizer else model.base.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, base))
     small = None
     if need_small and args.small_lm:
         small = AutoModelForCausalLM.from_pretrained(args.small_lm, dtype=torch.float32).eval()
@@ -66,10 +64,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--small-lm", default=_reference("small"), help="small LM: neural rescorer and assistant model")
     p.add_argument("--ngram", default=_default_ngram(), help="KenLM model over token ids (.binary or .arpa)")
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--num-drafts", type=int, default=4)
-    p.add_argument("--alpha-ngram", type=float, default=0.5)
-    p.add_argument("--alpha-neural", type=float, default=0.5)
+    # Defaults tuned by block efficiency with `hf-bpd tune` on reference/prompts/tune.jsonl (disjoint from the
+    # prompts the benchmark uses by default); the commands and tables are in BENCHMARKS.md.
+    p.add_argument("--top-k", type=int, default=8, help="lattice top-k of the rescorers")
+    p.add_argument("--num-drafts", type=int, default=4, help="drafts verified per step by bpd-ngram / bpd-pbest*")
+    p.add_argument("--alpha-ngram", type=float, default=0.5, help="n-gram weight of bpd-ngram / bpd-pbest")
+    p.add_argument("--alpha-neural", type=float, default=0.75, help="small-LM weight of bpd-neural")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 

@@ -489,6 +489,19 @@ def _check_base_matches(config: BPDConfig, hidden_size: int, vocab_size: int) ->
             )
 
 
+def tokenizer_source(checkpoint: str | os.PathLike, model: BPDForCausalLM, tokenizer: str | None = None,
+                     base: str | None = None) -> str:  # fmt: skip
+    """
+    Where to load the tokenizer of a BPD checkpoint from: `tokenizer`, else `base`, else the checkpoint folder when
+    it holds a tokenizer, else the folder/name the base model was loaded from (relative base paths resolved).
+    """
+    if tokenizer or base:
+        return str(tokenizer or base)
+    if (Path(checkpoint) / "tokenizer_config.json").exists():
+        return str(checkpoint)
+    return model.base.name_or_path
+
+
 def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if path.is_dir():

@@ -241,10 +241,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def run_from_args(args: argparse.Namespace) -> TuningResult:
     from transformers import AutoTokenizer
 
-    from ..modeling_bpd import BPDForCausalLM
+    from ..modeling_bpd import BPDForCausalLM, tokenizer_source
 
     model = BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base or model.config.base_model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, args.base))
     texts = load_prompt_texts(args.prompts, args.prompt_field, args.max_prompts)
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][-args.max_prompt_tokens :] for t in texts]
     prompts = [torch.tensor(ids) for ids in encoded if ids]
