@@ -189,8 +189,9 @@ def main() -> None:
         "",
         "Model: the shipped reference stack (`reference/`: base Llama, BPD heads, small LM, KenLM 4-gram), greedy "
         f"decoding, {args.max_new_tokens} new tokens, up to {args.max_prompts} held-out validation prompts per domain, "
-        f"{args.repeats} interleaved repeats per method (median wall clock). Block efficiency = generated tokens / "
-        "forward calls of the base model (counted the same way for every method).",
+        f"{args.repeats} interleaved repeats per method (median wall clock). Block efficiency = generated tokens per "
+        "row per forward call of the base model (counted the same way for every method). `pld` and `assisted` are "
+        "transformers' own and support batch size 1 only (– at batch 4).",
         "",
         f"Commands: `{_rel(bench_cmd)}`; `{_rel(analyze_cmd)}`" + (f"; `{_rel(core_cmd)}`" if core_cmd else ""),
         "",

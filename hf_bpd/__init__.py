@@ -9,6 +9,11 @@ from .modeling_bpd import BPDCausalLMOutput, BPDForCausalLM
 
 __version__ = "0.1.0"
 
+# `AutoConfig` (and through it `AutoTokenizer` on a heads folder) then reads model_type "bpd" without a warning.
+from transformers import AutoConfig as _AutoConfig  # noqa: E402
+
+_AutoConfig.register(BPDConfig.model_type, BPDConfig, exist_ok=True)
+
 __all__ = [
     "BPDConfig",
     "BPDForCausalLM",

@@ -7,8 +7,10 @@ together), `bpd-pbest0` (p best paths by head scores alone), `pld` (transformers
 `assisted` (transformers' assisted decoding with the small LM as draft model) and `oracle` (oracle top-k block
 efficiency: the heads' top-k lattice with a perfect chooser; measures headroom, no wall clock).
 
-Block efficiency is measured the same way for every method: generated tokens / forward calls of the base model
-(counted by a forward hook), so BPD, prompt lookup and assisted decoding compare on one scale.
+Block efficiency is measured the same way for every method: generated tokens / (forward calls of the base model x
+rows in the batch), i.e. tokens per row per serial call (calls counted by a forward hook), so BPD, prompt lookup and
+assisted decoding compare on one scale and plain greedy scores 1 at every batch size. transformers' prompt lookup
+and assisted decoding support batch size 1 only: at larger batch sizes they are reported as `unsupported`.
 """
 
 from __future__ import annotations
@@ -98,6 +100,15 @@ class Resources:
     rescorers: dict[str, DraftRescorer] = field(default_factory=dict)  # built once per method (loading not timed)
 
 
+# transformers' assisted generation (prompt lookup included) raises for batch size > 1 (transformers 5.x).
+BATCH1_ONLY = {
+    "pld": "transformers' prompt lookup decoding supports batch size 1 only",
+    "assisted": "transformers' assisted decoding supports batch size 1 only",
+}
+FIGURE_KEYS = ("block_efficiency", "tokens_per_s", "speedup_vs_greedy", "identical_to_greedy", "mean_accepted_length",
+               "rescoring_ms_per_step")  # fmt: skip
+
+
 def method_kwargs(method: str, res: Resources, cfg: BenchConfig, reference: torch.Tensor | None) -> dict[str, Any]:
     """The `generate` keyword arguments of a method."""
     if method == "greedy":
@@ -156,13 +167,16 @@ def run_method(
     """One pass of a method over all batches: outputs, seconds, and counters."""
     model = res.model
     counter = ForwardCounter(model.base)
-    outputs, generated, accepted, draft_s, steps = [], 0, [], 0.0, 0
+    outputs, generated, accepted, draft_s, steps, row_calls = [], 0, [], 0.0, 0, 0
     start = time.perf_counter()
     try:
         for i, batch in enumerate(inputs):
             kwargs = method_kwargs(method, res, cfg, references[i] if references is not None else None)
             gen = model if kwargs.get("use_bpd") else model.base
+            calls_before = counter.calls
             out = gen.generate(**batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, **kwargs)
+            # a forward call advances every row of the batch: efficiency is per row
+            row_calls += (counter.calls - calls_before) * batch["input_ids"].shape[0]
             seq = out.sequences if hasattr(out, "sequences") else out
             outputs.append(seq)
             prompt_len = batch["input_ids"].shape[1]
@@ -181,6 +195,7 @@ def run_method(
         "seconds": elapsed,
         "generated": generated,
         "serial_calls": counter.calls,
+        "row_calls": row_calls,
         "accepted": accepted,
         "draft_ms_per_step": 1e3 * draft_s / steps if steps else 0.0,
     }
@@ -206,6 +221,11 @@ def benchmark(
         raise ValueError(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
     if "greedy" not in methods:
         methods = ["greedy", *methods]  # the reference for identity and speedup
+    unsupported = {m: BATCH1_ONLY[m] for m in methods if m in BATCH1_ONLY and cfg.batch_size > 1}
+    if unsupported:
+        logger.warning("Batch size %d: skipping %s (%s).", cfg.batch_size, ", ".join(unsupported),
+                       "; ".join(unsupported.values()))  # fmt: skip
+        methods = [m for m in methods if m not in unsupported]
     domains = sorted({p.get("domain", "all") for p in prompts})
     report: dict[str, Any] = {"config": cfg.__dict__ | {"num_prompts": len(prompts)}, "domains": {}}
     bar = tqdm(total=len(domains) * cfg.repeats * len(methods), desc="bench", disable=not progress)
@@ -222,6 +242,11 @@ def benchmark(
         report["domains"][domain] = {"num_prompts": len(subset), "methods": figures}
     bar.close()
     report["methods"] = {m: _overall(m, report["domains"]) for m in methods}
+    for m, why in unsupported.items():  # reported, not silently dropped
+        skipped = dict.fromkeys(FIGURE_KEYS) | {"unsupported": why}
+        report["methods"][m] = dict(skipped)
+        for d in report["domains"].values():
+            d["methods"][m] = dict(skipped)
     return report
 
 
@@ -232,7 +257,7 @@ def _figures(method: str, runs: list[dict], greedy_runs: list[dict], greedy_ref:
     identical = all(torch.equal(a, b) for a, b in zip(first["outputs"], greedy_ref))
     accepted = first["accepted"]
     fig = {
-        "block_efficiency": round(first["generated"] / max(first["serial_calls"], 1), 3),
+        "block_efficiency": round(first["generated"] / max(first["row_calls"], 1), 3),
         "tokens_per_s": round(first["generated"] / seconds, 2),
         "speedup_vs_greedy": round(greedy_seconds / seconds, 3),
         "identical_to_greedy": identical,
@@ -267,15 +292,17 @@ def _overall(method: str, domains: dict[str, Any]) -> dict[str, Any]:
 
 def format_table(report: dict[str, Any]) -> str:
     """A plain-text table per domain for people."""
-    cols = ("block_efficiency", "tokens_per_s", "speedup_vs_greedy", "identical_to_greedy", "mean_accepted_length",
-            "rescoring_ms_per_step")  # fmt: skip
+    cols = FIGURE_KEYS
     lines = []
     sections = [("all domains", report["methods"])] + [(d, v["methods"]) for d, v in report["domains"].items()]
     for name, methods in sections:
         lines.append(f"\n[{name}]")
         lines.append(f"{'method':<12}" + "".join(f"{c:>24}" for c in cols))
         for m, f in methods.items():
-            lines.append(f"{m:<12}" + "".join(f"{str(f.get(c)):>24}" for c in cols))
+            if f.get("unsupported"):
+                lines.append(f"{m:<12}  ({f['unsupported']})")
+            else:
+                lines.append(f"{m:<12}" + "".join(f"{str(f.get(c)):>24}" for c in cols))
     return "\n".join(lines)
 
 

@@ -50,10 +50,18 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     arpa.write_text("\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
                     "-0.5\t17\t-0.1\n-0.7\t42\t0\n\n\\2-grams:\n-0.1\t17 42\n\n\\end\\\n")  # fmt: skip
     res = Resources(model=res.model, tokenizer=res.tokenizer, small_lm=res.small_lm, ngram_path=str(arpa))
-    report = benchmark(res, PROMPTS, methods, cfg, progress=False)
+    # two prompts in a domain, so that batch size 2 really batches them
+    prompts = PROMPTS + [{"prompt": "She was the youngest of the two daughters", "domain": "austen"}]
+    report = benchmark(res, prompts, methods, cfg, progress=False)
     assert set(report["methods"]) == set(methods)
     assert set(report["domains"]) == {"austen", "python", "kjv"}
+    batch1_only = {"pld", "assisted"} if batch_size > 1 else set()
+    for name in batch1_only:  # transformers raises for batch > 1: reported as unsupported, not dropped or crashed
+        assert "batch size 1 only" in report["methods"][name]["unsupported"]
+        assert report["domains"]["austen"]["methods"][name]["speedup_vs_greedy"] is None
     for name, fig in report["methods"].items():
+        if name in batch1_only:
+            continue
         assert fig["identical_to_greedy"] is True, name
         assert {"block_efficiency", "tokens_per_s", "speedup_vs_greedy", "mean_accepted_length",
                 "rescoring_ms_per_step"} <= set(fig)  # fmt: skip
