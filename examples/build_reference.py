@@ -81,6 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- split
+def training_data_names() -> list[str]:
+    """What the model cards record as training data (the files themselves live in the scratch --work-dir)."""
+    files = {"austen": "austen_*.txt", "shakespeare": "shakespeare/*_gut.txt", "kjv": "kjv.jsonl",
+             "python": "python_stdlib.jsonl"}  # what hf_bpd.data.split_reference_corpora reads
+    return [f"{d}: training split of ../shared/corpora/{files[d]} (see reference/prompts/split_info.json)"
+            for d in DOMAINS]  # fmt: skip
+
+
 def data_file(args, domain: str, split: str) -> Path:
     return args.work_dir / "data" / f"{domain}_{split}.jsonl"
 
@@ -388,8 +396,8 @@ def stage_heads(args):
             logger.info("h=%d: %s", h, selection[h])
     best = max(selection, key=lambda h: selection[h]["speedup_vs_greedy"])
     final = bpd_with_first_heads(model, best)
-    info = {
-        "training_data": {d: str(data_file(args, d, "train")) for d in DOMAINS}, "mode": "frozen base, heads only",
+    info = trainer.training_info() | {
+        "training_data": training_data_names(), "mode": "frozen base, heads only",
         "distillation": "hard (base model's greedy tokens)", "head_loss_weighting": "uniform",
         "global_step": trainer.state.global_step, "trained_heads": args.heads_max_h, "wall_time_s": round(wall, 1),
         "validation_metrics": metrics, "h_selection": {str(k): v for k, v in selection.items()},
@@ -413,7 +421,7 @@ def stage_ngram(args):
     build_ngram([data_file(args, d, "train") for d in DOMAINS], str(args.out / "tokenizer"), out, order=4,
                 prune=[0, 1, 1, 1], quantize_bits=8)  # fmt: skip
     info = {"order": 4, "prune": [0, 1, 1, 1], "quantize_bits": 8, "binary_type": "trie",
-            "training_data": {d: str(data_file(args, d, "train")) for d in DOMAINS},
+            "training_data": training_data_names(),
             "size_bytes": out.stat().st_size, "build_time_s": round(time.time() - t0, 1)}  # fmt: skip
     (out.parent / "ngram_info.json").write_text(json.dumps(info, indent=2))
     logger.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)

@@ -117,6 +117,8 @@ def render_model_card(
                 + (f"{loss:.4f}" if loss is not None else "-")
                 + " |"
             )
+        if len(metrics.get("top1", [])) > h:
+            lines += ["", f"Heads {h + 1}-{len(metrics['top1'])} were trained too; only the first {h} are kept."]
     else:
         lines.append("Not measured.")
     lines += [
