@@ -32,23 +32,34 @@ def draft_head_loss(
         `(loss, head_losses)`: the weighted total (scalar) and the per-head mean losses `(num_heads,)`. A head with
         no valid target contributes 0.
     """
-    _, seq_len, num_heads, _ = draft_logits.shape
-    # `unbind` first: slicing the stacked tensor per head would make each head's backward allocate and zero-fill a
-    # gradient of the whole (batch, seq, h, vocab) tensor (h of them; most of a training step on CPU).
-    per_head = draft_logits.unbind(dim=2)
     losses = []
-    for i in range(num_heads):
-        shift = i + 2
-        if seq_len <= shift:
+    for shift, window in _head_windows(draft_logits):
+        if window is None:
             losses.append(draft_logits.new_zeros((), dtype=torch.float32))
             continue
-        logits_i = per_head[i][:, : seq_len - shift].flatten(0, 1).float()  # (B * (T - shift), V)
+        logits_i = window.flatten(0, 1).float()  # (B * (T - shift), V)
         target_i = labels[:, shift:].flatten()  # (B * (T - shift),)
         if (target_i != ignore_index).any():
             losses.append(F.cross_entropy(logits_i, target_i, ignore_index=ignore_index))
         else:
             losses.append(logits_i.sum() * 0.0)  # keeps the graph connected (DDP) without a NaN
-    head_losses = torch.stack(losses)
+    return _weighted(torch.stack(losses), head_weights)
+
+
+def _head_windows(draft_logits: torch.Tensor):
+    """
+    For each head `i`: `(shift, logits)` with `shift = i + 2` and head `i`'s logits `(B, T - shift, V)` at the
+    positions whose target (`shift` positions ahead) exists, or `None` when the sequence is too short.
+    """
+    seq_len = draft_logits.shape[1]
+    # `unbind` first: slicing the stacked tensor per head would make each head's backward allocate and zero-fill a
+    # gradient of the whole (batch, seq, h, vocab) tensor (h of them; most of a training step on CPU).
+    for i, logits in enumerate(draft_logits.unbind(dim=2)):
+        shift = i + 2
+        yield shift, (logits[:, : seq_len - shift] if seq_len > shift else None)
+
+
+def _weighted(head_losses: torch.Tensor, head_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     if head_weights is None:
         return head_losses.mean(), head_losses
     head_weights = head_weights.to(head_losses)
@@ -171,16 +182,14 @@ def soft_distillation_loss(
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    _, seq_len, num_heads, _ = draft_logits.shape
+    seq_len = draft_logits.shape[1]
     teacher_logp = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)  # (B, T, V)
-    per_head = draft_logits.unbind(dim=2)  # see draft_head_loss: avoids h full-size zero-filled gradients
     losses = []
-    for i in range(num_heads):
-        shift = i + 2
-        if seq_len <= shift:
+    for shift, window in _head_windows(draft_logits):
+        if window is None:
             losses.append(draft_logits.new_zeros((), dtype=torch.float32))
             continue
-        student = F.log_softmax(per_head[i][:, : seq_len - shift].float() / temperature, dim=-1)
+        student = F.log_softmax(window.float() / temperature, dim=-1)
         teacher = teacher_logp[:, shift - 1 : seq_len - 1]  # (B, T - shift, V): the distribution of token t + 2 + i
         kl = F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1)  # (B, T - shift)
         if labels is None:
@@ -191,11 +200,7 @@ def soft_distillation_loss(
             losses.append((kl * mask).sum() / mask.sum() * temperature**2)
         else:
             losses.append(kl.sum() * 0.0)
-    head_losses = torch.stack(losses)
-    if head_weights is None:
-        return head_losses.mean(), head_losses
-    head_weights = head_weights.to(head_losses)
-    return (head_losses * head_weights).sum() / head_weights.sum(), head_losses
+    return _weighted(torch.stack(losses), head_weights)
 
 
 # --------------------------------------------------------------------------------------------- metrics
@@ -213,16 +218,15 @@ def head_accuracy_counts(
         `(top1, topk, total)`, each `torch.LongTensor` of shape `(num_heads,)`: head `i`'s correct top-1 and top-`k`
         predictions and its number of valid targets.
     """
-    _, seq_len, num_heads, vocab = draft_logits.shape
+    _, _, num_heads, vocab = draft_logits.shape
     k = min(top_k, vocab)
     top1, topk, total = (torch.zeros(num_heads, dtype=torch.long, device=draft_logits.device) for _ in range(3))
-    for i in range(num_heads):
-        shift = i + 2
-        if seq_len <= shift:
+    for i, (shift, window) in enumerate(_head_windows(draft_logits)):
+        if window is None:
             continue
         target = labels[:, shift:]  # (B, T - shift)
         valid = target != ignore_index
-        best = draft_logits[:, : seq_len - shift, i].topk(k, dim=-1).indices  # (B, T - shift, k)
+        best = window.topk(k, dim=-1).indices  # (B, T - shift, k)
         hits = best == target[..., None]
         top1[i] = (hits[..., 0] & valid).sum()
         topk[i] = (hits.any(-1) & valid).sum()
