@@ -19,11 +19,11 @@ import sys
 import time
 from pathlib import Path
 
+from hf_bpd.benchmark import FIGURE_KEYS as COLS
+from hf_bpd.benchmark import METHODS
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
-METHODS = ("greedy", "bpd", "bpd-ngram", "bpd-neural", "bpd-pbest", "bpd-pbest0", "pld", "assisted", "oracle")
-COLS = ("block_efficiency", "tokens_per_s", "speedup_vs_greedy", "identical_to_greedy", "mean_accepted_length",
-        "rescoring_ms_per_step")  # fmt: skip
 
 
 def run(cmd: list[str]) -> str:

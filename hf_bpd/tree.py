@@ -10,6 +10,7 @@ target. That keeps p-best verification lossless for sampling too (one sample per
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +37,12 @@ class TreeLayout:
         return int(self.depth.shape[0])
 
 
+@functools.lru_cache(maxsize=64)
 def tree_layout(num_drafts: int, num_tokens: int, device: torch.device | str = "cpu") -> TreeLayout:
-    """The [`TreeLayout`] of `num_drafts` drafts of `num_tokens` tokens each."""
+    """
+    The [`TreeLayout`] of `num_drafts` drafts of `num_tokens` tokens each. Cached: the decode loop asks for the same
+    few shapes every step, and callers only read the tensors.
+    """
     p, h = num_drafts, num_tokens
     j = torch.arange(h + 1, device=device)
     node_index = torch.where(j == 0, 0, 1 + torch.arange(p, device=device)[:, None] * h + j - 1)  # (p, h + 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import VOCAB, batch_prompts, randomize_heads, tiny_base
@@ -208,3 +210,20 @@ def test_relative_base_path_is_resolved_next_to_the_checkpoint(tmp_path, monkeyp
     loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads")
     ids, _ = batch_prompts(1)
     assert torch.equal(loaded(input_ids=ids).draft_logits, model(input_ids=ids).draft_logits)
+
+
+def test_tokenizer_source_follows_a_relative_base_path(tmp_path, monkeypatch):
+    """`hf-bpd tune` once passed the raw "../base" to AutoTokenizer (read as a Hub id)."""
+    from hf_bpd.modeling_bpd import tokenizer_source
+
+    tiny_base("llama").save_pretrained(tmp_path / "base")
+    model = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2)
+    model.config.base_model_name_or_path = "../base"
+    model.save_pretrained(tmp_path / "heads")
+    monkeypatch.chdir("/")
+    loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads")
+    assert Path(tokenizer_source(tmp_path / "heads", loaded)).resolve() == (tmp_path / "base").resolve()
+    assert tokenizer_source(tmp_path / "heads", loaded, tokenizer="tok") == "tok"
+    assert tokenizer_source(tmp_path / "heads", loaded, base="b") == "b"
+    (tmp_path / "heads" / "tokenizer_config.json").write_text("{}")  # a checkpoint with its own tokenizer wins
+    assert tokenizer_source(tmp_path / "heads", loaded) == str(tmp_path / "heads")
