@@ -2,13 +2,17 @@
 How much of BPD's theoretical `h + 1` tokens per serial call the decode loop turns into wall-clock speed.
 
     python bench/bench_core.py                      # 10M-parameter Llama shape, h = 4, batch 1 and 4
+    python bench/bench_core.py --model reference/heads --batch-sizes 1 --threads 1   # the shipped reference model
     python bench/bench_core.py --num-draft-heads 8 --new-tokens 256 --json bench_core.json
 
 Plain greedy (`base.generate`) against `generate(use_bpd=True)` with *oracle* heads (`OracleDrafter`: every draft
 is the base model's own greedy continuation, so each verify call accepts all `h` drafts) on a randomly initialised
 model of the reference model's shape. Repeats are interleaved (greedy, BPD, greedy, BPD, ...) and the median of
 each is reported, with the ratio measured in the same run. A forward hook on the base model splits each BPD step
-into model forward time, draft time and the loop's own overhead (everything else).
+into model forward time, draft time and the loop's own overhead (everything else). Reported besides:
+`draft_loop_share` (draft + loop per BPD step as a share of one greedy step, wall time per token of `generate`),
+`share_of_ideal` (speedup / block efficiency), and `heads_ms` / `heads_share`, the cost of the heads' own argmax
+draft (`model.draft_argmax` on one hidden state per row), which the oracle does not pay.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from hf_bpd import BPDForCausalLM
 from hf_bpd.logits import OracleDrafter
+from hf_bpd.metrics import share_of_ideal
 
 
 class ForwardTimer:
@@ -46,6 +51,11 @@ class ForwardTimer:
 
 def run(args: argparse.Namespace, batch: int) -> dict:
     torch.manual_seed(0)
+    if args.model:  # a trained checkpoint (e.g. reference/heads): the same measurement on the real model
+        model = BPDForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        base = model.base
+        base.generation_config.eos_token_id = None
+        return measure(args, batch, model, base, base.config.vocab_size)
     config = LlamaConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
         num_attention_heads=args.hidden // 48, num_key_value_heads=args.hidden // 48, max_position_embeddings=1024,
@@ -54,7 +64,24 @@ def run(args: argparse.Namespace, batch: int) -> dict:
     base = LlamaForCausalLM(config).eval()
     base.generation_config.eos_token_id = None
     model = BPDForCausalLM.from_base(base, num_draft_heads=args.num_draft_heads)
-    prompts = torch.randint(1, args.vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
+    return measure(args, batch, model, base, args.vocab)
+
+
+def heads_ms(model: BPDForCausalLM, batch: int, repeats: int = 200) -> float:
+    """Median milliseconds of the heads' own argmax draft for one step (one hidden state per row)."""
+    hidden = torch.randn(batch, model.config.base_hidden_size, dtype=model.dtype)
+    draft = model.draft_argmax if hasattr(model, "draft_argmax") else (lambda x: model.draft_logits(x).argmax(-1))
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            draft(hidden)
+            times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(args: argparse.Namespace, batch: int, model: BPDForCausalLM, base, vocab: int) -> dict:
+    prompts = torch.randint(1, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=args.new_tokens, do_sample=False)
     reference = base.generate(prompts, **kwargs)
     oracle = OracleDrafter(reference)
@@ -84,22 +111,30 @@ def run(args: argparse.Namespace, batch: int) -> dict:
         )
     g, b = statistics.median(greedy_s), statistics.median(bpd_s)
     tokens = batch * args.new_tokens
+    step = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+    greedy_step_ms = 1e3 * g / args.new_tokens  # one plain decoding step, wall time of `generate`
+    heads = heads_ms(model, batch)
     return {
         "batch_size": batch,
-        "num_draft_heads": args.num_draft_heads,
+        "num_draft_heads": model.config.num_draft_heads,
         "new_tokens": args.new_tokens,
         "parameters_M": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
         "block_efficiency": round(res.block_efficiency, 3),
         "greedy_tokens_per_s": round(tokens / g, 1),
         "bpd_tokens_per_s": round(tokens / b, 1),
         "speedup": round(g / b, 2),
-        "share_of_ideal": round((g / b) / res.block_efficiency, 3),
-        **{k: round(statistics.median(s[k] for s in steps), 2) for k in steps[0]},
+        "share_of_ideal": round(share_of_ideal(g / b, res.block_efficiency), 3),
+        **{k: round(v, 2) for k, v in step.items()},
+        "greedy_step_ms": round(greedy_step_ms, 2),
+        "draft_loop_share": round((step["draft_ms"] + step["overhead_ms"]) / greedy_step_ms, 3),
+        "heads_ms": round(heads, 2),
+        "heads_share": round(heads / greedy_step_ms, 3),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="a BPD checkpoint (e.g. reference/heads) instead of a random model")
     parser.add_argument("--hidden", type=int, default=288)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)

@@ -24,7 +24,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from hf_bpd.logits import NeuralRescorer, NgramRescorer, PBestRescorer
-from hf_bpd.logits.tuning import load_prompt_texts
+from hf_bpd.data import load_prompts
 
 
 def synthetic_logits(stream: list[int], pos: list[int], num_heads: int, top_k: int, vocab: int, rng: random.Random):
@@ -84,7 +84,7 @@ def main() -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     vocab = len(tokenizer)
-    text = "\n\n".join(load_prompt_texts(args.prompts))
+    text = "\n\n".join(row["prompt"] for row in load_prompts(args.prompts))
     stream = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     lm_config = LlamaConfig(
         vocab_size=vocab, hidden_size=args.lm_hidden, intermediate_size=4 * args.lm_hidden,

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from hf_bpd.benchmark import FIGURE_KEYS as COLS
-from hf_bpd.benchmark import METHODS
+from hf_bpd.tools.bench import FIGURE_KEYS as COLS
+from hf_bpd.tools.bench import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"

@@ -115,7 +115,7 @@ def make_prompts(texts, n: int, chars: int, rng: random.Random):
 
 
 def stage_split(args):
-    from hf_bpd.data import split_reference_corpora
+    from hf_bpd.tools.reference import split_reference_corpora
 
     splits = split_reference_corpora(args.corpora, val_fraction=args.val_fraction)
     (args.work_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -412,7 +412,7 @@ def stage_heads(args):
 
 def stage_ngram(args):
     """A pruned, quantised KenLM 4-gram over the reference tokenizer's ids, from the training split only."""
-    from hf_bpd.logits.build_ngram import build_ngram
+    from hf_bpd.tools.build_ngram import build_ngram
 
     ensure_split(args)
     out = args.out / "ngram" / "ngram4.binary"

@@ -78,8 +78,3 @@ def truncate_at_eos(
     hit_eos = is_eos.any(dim=-1)
     first_eos = torch.where(is_eos, positions, committed.shape[-1]).min(dim=-1).values
     return torch.where(hit_eos, first_eos, n), hit_eos
-
-
-def block_efficiency(num_generated_tokens: int, num_serial_calls: int) -> float:
-    """Generated tokens per serial call of the base model (>= 1 for a working decoder; `h + 1` at most)."""
-    return num_generated_tokens / max(num_serial_calls, 1)

@@ -3,10 +3,11 @@ The `hf-bpd` command.
 
     hf-bpd bench   [--model DIR] [--prompts FILE.jsonl] [--methods ...] [--max-new-tokens N] [--batch-size B ...] [--json OUT]
     hf-bpd analyze [--model DIR] [--prompts FILE.jsonl] [--out DIR]
-    hf-bpd build-ngram ...   (KenLM n-gram over token ids; see hf_bpd/logits/build_ngram.py)
-    hf-bpd tune ...          (alpha / k / p search; see hf_bpd/logits/tuning.py)
+    hf-bpd build-ngram ...   (KenLM n-gram over token ids; see hf_bpd/tools/build_ngram.py)
+    hf-bpd tune ...          (alpha / k / p search; see hf_bpd/tools/tune.py)
+    hf-bpd export --format medusa OUT   (heads for vLLM's Medusa proposer; see hf_bpd/export.py)
 
-Defaults point at the shipped reference stack under `reference/` (heads, base, small LM, n-gram, prompts).
+Defaults point at the reference stack (heads, base, small LM, n-gram, prompts) in $HF_BPD_REFERENCE or ./reference.
 """
 
 from __future__ import annotations
@@ -19,31 +20,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REFERENCE = Path(__file__).resolve().parents[1] / "reference"
-DELEGATED = {"build-ngram": "hf_bpd.logits.build_ngram", "tune": "hf_bpd.logits.tuning"}
-
-
-def _reference(name: str) -> str | None:
-    path = REFERENCE / name
-    return str(path) if path.exists() else None
-
-
-def _default_ngram() -> str | None:
-    folder = REFERENCE / "ngram"
-    found = sorted(folder.glob("*.binary")) + sorted(folder.glob("*.arpa")) if folder.is_dir() else []
-    return str(found[0]) if found else None
+DELEGATED = {"build-ngram": "hf_bpd.tools.build_ngram", "tune": "hf_bpd.tools.tune", "export": "hf_bpd.export"}
 
 
 def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .benchmark import Resources
     from .modeling_bpd import BPDForCausalLM, tokenizer_source
+    from .tools.bench import Resources
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.model or not Path(args.model).exists():
+    if not Path(args.model).exists():
         raise SystemExit(f"No BPD model at {args.model!r}: pass --model DIR (a BPDForCausalLM checkpoint).")
     base = args.base or None
     model = BPDForCausalLM.from_pretrained(args.model, base_model=base, dtype=torch.float32).eval()
@@ -55,31 +44,56 @@ def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_reference("heads"), help="BPD checkpoint folder (default: reference/heads)")
+    from .logits.defaults import RESCORER_DEFAULTS as D
+
+    ref = "(default: reference/%s in $HF_BPD_REFERENCE or ./reference)"
+    p.add_argument("--model", default=None, help="BPD checkpoint folder " + ref % "heads")
     p.add_argument("--base", default=None, help="base model folder/name (default: the checkpoint's own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's)")
-    p.add_argument("--prompts", default=_reference("prompts/validation.jsonl"),
-                   help='JSONL, one {"prompt": text, "domain": optional} a line (default: shipped validation prompts)')
+    p.add_argument("--prompts", default=None,
+                   help='JSONL, one {"prompt": text} or {"messages": chat} (+ optional "domain") a line '
+                        + ref % "prompts/validation.jsonl")  # fmt: skip
     p.add_argument("--max-prompts", type=int, default=None, help="at most this many prompts per domain")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--small-lm", default=_reference("small"), help="small LM: neural rescorer and assistant model")
-    p.add_argument("--ngram", default=_default_ngram(), help="KenLM model over token ids (.binary or .arpa)")
-    # Defaults tuned by block efficiency with `hf-bpd tune` on reference/prompts/tune.jsonl (disjoint from the
-    # prompts the benchmark uses by default); the commands and tables are in BENCHMARKS.md.
-    p.add_argument("--top-k", type=int, default=8, help="lattice top-k of the rescorers")
-    p.add_argument("--num-drafts", type=int, default=4, help="drafts verified per step by bpd-ngram / bpd-pbest*")
-    p.add_argument("--alpha-ngram", type=float, default=0.5, help="n-gram weight of bpd-ngram / bpd-pbest")
-    p.add_argument("--alpha-neural", type=float, default=0.75, help="small-LM weight of bpd-neural")
+    p.add_argument("--small-lm", default=None, help="small LM: neural rescorer and assistant model " + ref % "small")
+    p.add_argument("--ngram", default=None, help="KenLM model over token ids (.binary or .arpa) " + ref % "ngram/*")
+    # One set of defaults (hf_bpd.logits.RESCORER_DEFAULTS), tuned with `hf-bpd tune` (see BENCHMARKS.md).
+    p.add_argument("--top-k", type=int, default=D.top_k, help="lattice top-k of the rescorers")
+    p.add_argument("--num-drafts", type=int, default=D.num_drafts, help="drafts verified per step by bpd-pbest*")
+    p.add_argument("--alpha-ngram", type=float, default=D.alpha_ngram, help="n-gram weight of bpd-ngram / bpd-pbest")
+    p.add_argument("--alpha-neural", type=float, default=D.alpha_neural, help="small-LM weight of bpd-neural")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .benchmark import METHODS, BenchConfig, benchmark, format_table, load_prompts
+def _resolve_defaults(args: argparse.Namespace, need_small: bool, need_ngram: bool) -> None:
+    """Fill the reference-stack defaults (a clear error when a required one is missing)."""
+    from .tools.reference import default_ngram, find_reference, require_reference
 
-    methods = args.methods or list(METHODS)
-    res = _load_resources(args, need_small=any(m in methods for m in ("assisted", "bpd-neural")),
-                          need_ngram=any(m in methods for m in ("bpd-ngram", "bpd-pbest")))  # fmt: skip
-    prompts = load_prompts(args.prompts, args.max_prompts)
+    try:
+        if args.model is None:
+            args.model = str(require_reference("heads", "--model DIR"))
+        if args.prompts is None:
+            args.prompts = str(require_reference("prompts/validation.jsonl", "--prompts FILE.jsonl"))
+    except FileNotFoundError as err:
+        raise SystemExit(f"hf-bpd: error: {err}") from None
+    if args.small_lm is None and need_small:
+        found = find_reference("small")
+        args.small_lm = str(found) if found else None
+    if args.ngram is None and need_ngram:
+        found = default_ngram()
+        args.ngram = str(found) if found else None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .data import load_prompts
+    from .tools.bench import BenchConfig, benchmark, format_table
+
+    methods = args.methods  # parsed and checked before anything is loaded
+    need_small = any(m in methods for m in ("assisted", "bpd-neural"))
+    need_ngram = any(m in methods for m in ("bpd-ngram", "bpd-pbest"))
+    _resolve_defaults(args, need_small, need_ngram)
+    res = _load_resources(args, need_small=need_small, need_ngram=need_ngram)
+    prompts = load_prompts(args.prompts, res.tokenizer, args.max_prompts)
     results = {}
     for batch_size in args.batch_size:
         cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size, repeats=args.repeats,
@@ -98,16 +112,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze, plot
-    from .benchmark import load_prompts
+    from .data import load_prompts
+    from .tools.analyze import analyze, plot
 
+    _resolve_defaults(args, need_small=False, need_ngram=args.ngram is None)
     res = _load_resources(args, need_small=False, need_ngram=bool(args.ngram))
     compare = None
     if res.ngram_path:
         from .logits import NgramRescorer
 
         compare = NgramRescorer(res.ngram_path, top_k=args.top_k, alpha=args.alpha_ngram, num_drafts=1)
-    prompts = load_prompts(args.prompts, args.max_prompts)
+    prompts = load_prompts(args.prompts, res.tokenizer, args.max_prompts)
     report = analyze(res, prompts, args.max_new_tokens, compare=compare)
     paths = plot(report, args.out)
     report.pop("_raw")
@@ -117,6 +132,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _methods_arg(text: str) -> list[str]:
+    from .tools.bench import parse_methods
+
+    try:
+        return parse_methods(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -124,12 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-bpd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    bench = sub.add_parser("bench", help="compare decoding methods on prompts (interleaved repeats, medians)")
+    from .tools.bench import METHOD_HELP
+
+    methods_help = "\n".join(f"  {name:<12} {what}" for name, what in METHOD_HELP.items())
+    bench = sub.add_parser("bench", help="compare decoding methods on prompts (interleaved repeats, medians)",
+                           epilog="methods (--methods, comma- or space-separated; default: all):\n" + methods_help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     _common(bench)
-    bench.add_argument("--methods", nargs="+", default=None, help="default: all")
+    bench.add_argument("--methods", type=_methods_arg, nargs="+", default=None,
+                       help=f"methods to run, e.g. greedy,bpd (default: all): {', '.join(METHOD_HELP)}")  # fmt: skip
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     bench.add_argument("--repeats", type=int, default=3)
-    bench.add_argument("--oracle-top-k", type=int, default=8)
+    bench.add_argument("--oracle-top-k", type=int, default=8, help="k of the oracle method")
     bench.add_argument("--json", default=None, help="write the figures to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=cmd_bench)
@@ -146,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in DELEGATED:  # their own argparse parsers take the rest, options included
         return _delegate(DELEGATED[argv[0]], argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "bench":  # one flat list, in the given order, without repeats
+        groups = args.methods if args.methods is not None else [list(METHOD_HELP)]
+        args.methods = list(dict.fromkeys(m for group in groups for m in group))
     return args.func(args)
 
 

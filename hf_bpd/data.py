@@ -1,12 +1,12 @@
-"""Data utilities: loading local text corpora, packing them into fixed-length blocks, and
-carving deterministic validation slices out of the project's reference corpora."""
+"""Data utilities: the one reader of local text corpora (training data and n-gram corpora), the one reader of prompt
+files (benchmark, analysis, tuning), packing into fixed-length blocks, and the training collator."""
 
 from __future__ import annotations
 
 import json
 import logging
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import datasets
 from datasets import Dataset, IterableDataset
@@ -15,9 +15,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 AnyDataset = Union[Dataset, IterableDataset]
-
-REFERENCE_DOMAINS = ("austen", "shakespeare", "kjv", "python")
-
 
 def _column_names(dataset: AnyDataset) -> List[str]:
     names = dataset.column_names
@@ -270,76 +267,121 @@ class BlockCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def _cut_at_line(text: str, val_fraction: float) -> int:
-    """Index of the first character of the last `val_fraction` of `text`, moved to a line start."""
-    target = int(len(text) * (1.0 - val_fraction))
-    cut = text.rfind("\n", 0, target)
-    return cut + 1 if cut >= 0 else target
-
-
-def split_reference_corpora(
-    corpora_dir: PathLike, val_fraction: float = 0.02, python_every: int = 50
-) -> Dict[str, Dict[str, List[str]]]:
-    """Deterministically split the reference corpora into training and held-out validation texts.
-
-    - `austen`, `shakespeare`: the last `val_fraction` of each work (cut at a line boundary).
-    - `kjv`: the last `val_fraction` of the verses of each book (at least one verse); verses of a
-      chapter are joined with newlines into one text per chapter (per split).
-    - `python`: every `python_every`-th module (sorted by path) goes to validation.
+def iter_documents(
+    paths: Union[PathLike, Sequence[PathLike]], text_field: str = "text", line_per_document: bool = False
+) -> Iterator[str]:
+    """Yield the non-empty documents of local corpora, lazily: the same files and rules as [`load_text_files`].
 
     Args:
-        corpora_dir: Folder holding `austen_*.txt`, `shakespeare/*_gut.txt`, `kjv.jsonl` and
-            `python_stdlib.jsonl`.
-        val_fraction: Fraction of each work/book held out.
-        python_every: One module in this many is held out.
+        paths: `.txt` files (one document per file, or per line with `line_per_document`), `.jsonl` / `.json`
+            files (text under `text_field`).
+        text_field: The JSON field holding the text.
+        line_per_document: One document per line of `.txt` files.
+
+    Raises:
+        FileNotFoundError: For a missing file (named).
+        ValueError: See [`load_text_files`].
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"corpus file not found: {path}")
+    dataset = load_text_files(paths, text_column=text_field, one_example_per_file=not line_per_document, streaming=True)
+    for example in dataset:
+        text = example[text_field]
+        if text and text.strip():
+            yield text
+
+
+def load_prompts(
+    path: PathLike, tokenizer: Any = None, max_prompts_per_domain: Optional[int] = None
+) -> List[Dict[str, Any]]:
+    """Read a prompts file: the one prompt loader of `hf-bpd bench`, `analyze` and `tune`.
+
+    A `.jsonl` file holds one JSON object a line with either `"prompt"` (raw text) or `"messages"` (a chat: a list
+    of `{"role", "content"}`, rendered with the tokenizer's chat template and the generation prompt), and optionally
+    `"domain"`. Any other file holds one raw-text prompt a line.
+
+    Args:
+        path: The prompts file.
+        tokenizer: Renders `"messages"` (needed only when a line has them).
+        max_prompts_per_domain: Keep at most this many prompts of each domain (the first ones).
 
     Returns:
-        `{domain: {"train": [texts], "validation": [texts]}}` for the four reference domains.
+        `[{"prompt": text, "domain": str, "chat": bool}]`; `chat` prompts already hold the template's special tokens
+        (tokenize them with `add_special_tokens=False`, as [`tokenize_prompts`] does).
+
+    Raises:
+        FileNotFoundError, ValueError: naming the file and line of what is wrong.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}.")
-    root = Path(corpora_dir)
-    if not root.is_dir():
-        raise ValueError(f"Corpora directory {root} does not exist.")
-    out: Dict[str, Dict[str, List[str]]] = {d: {"train": [], "validation": []} for d in REFERENCE_DOMAINS}
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    prompts: List[Dict[str, Any]] = []
+    seen: Dict[str, int] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if path.suffix == ".jsonl":
+            row = _prompt_row(line, f"{path}:{number}", tokenizer)
+        else:
+            row = {"prompt": line, "domain": "all", "chat": False}
+        seen[row["domain"]] = seen.get(row["domain"], 0) + 1
+        if max_prompts_per_domain is None or seen[row["domain"]] <= max_prompts_per_domain:
+            prompts.append(row)
+    if not prompts:
+        raise ValueError(f"{path} holds no prompts.")
+    return prompts
 
-    for domain, pattern in (("austen", "austen_*.txt"), ("shakespeare", "shakespeare/*_gut.txt")):
-        files = sorted(root.glob(pattern))
-        if not files:
-            raise ValueError(f"No files matching {pattern} in {root}.")
-        for path in files:
-            text = path.read_text(encoding="utf-8")
-            cut = _cut_at_line(text, val_fraction)
-            out[domain]["train"].append(text[:cut])
-            out[domain]["validation"].append(text[cut:])
 
-    books: Dict[str, List[Dict[str, Any]]] = {}
-    with open(root / "kjv.jsonl", encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                verse = json.loads(line)
-                books.setdefault(verse["book"], []).append(verse)
-    for verses in books.values():
-        n_val = max(1, round(len(verses) * val_fraction))
-        for split, part in (("train", verses[:-n_val]), ("validation", verses[-n_val:])):
-            chapters: Dict[int, List[str]] = {}
-            for v in part:
-                chapters.setdefault(v["chapter"], []).append(v["text"])
-            out["kjv"][split].extend("\n".join(texts) for texts in chapters.values())
+def _prompt_row(line: str, where: str, tokenizer: Any) -> Dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not a JSON object ({err}).") from err
+    if not isinstance(record, dict):
+        raise ValueError(f'{where}: expected a JSON object with "prompt" or "messages", got {type(record).__name__}.')
+    domain = str(record.get("domain", "all"))
+    if isinstance(record.get("prompt"), str) and record["prompt"]:
+        return {"prompt": record["prompt"], "domain": domain, "chat": False}
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages:
+        if tokenizer is None:
+            raise ValueError(f'{where}: "messages" prompts are rendered with the chat template: pass a tokenizer.')
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{where}: \"messages\" needs a chat template, but the tokenizer {type(tokenizer).__name__} "
+                f"({getattr(tokenizer, 'name_or_path', '')!s}) has none: use \"prompt\" lines with raw text, or a "
+                "tokenizer with a chat template."
+            )
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return {"prompt": text, "domain": domain, "chat": True}
+    raise ValueError(
+        f"{where}: every line needs a non-empty \"prompt\" (raw text) or \"messages\" (a chat list) field; found "
+        f"{sorted(record)}."
+    )
 
-    with open(root / "python_stdlib.jsonl", encoding="utf-8") as f:
-        modules = sorted((json.loads(line) for line in f if line.strip()), key=lambda m: m["path"])
-    for i, module in enumerate(modules):
-        split = "validation" if i % python_every == python_every - 1 else "train"
-        out["python"][split].append(module["text"])
 
-    for domain, splits in out.items():
-        logger.info(
-            "%s: %d train texts (%d chars), %d validation texts (%d chars)",
-            domain,
-            len(splits["train"]),
-            sum(map(len, splits["train"])),
-            len(splits["validation"]),
-            sum(map(len, splits["validation"])),
-        )
-    return out
+def tokenize_prompts(
+    prompts: Sequence[Dict[str, Any]], tokenizer: Any, batch_size: int = 1, max_prompt_tokens: Optional[int] = None
+) -> List[Dict[str, Any]]:
+    """Left-padded `input_ids` / `attention_mask` batches of [`load_prompts`] rows (chat prompts without extra
+    special tokens), each prompt cut to its last `max_prompt_tokens` tokens."""
+    import torch
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for start in range(0, len(prompts), batch_size):
+        rows = []
+        for row in prompts[start : start + batch_size]:
+            ids = tokenizer(row["prompt"], add_special_tokens=not row.get("chat", False))["input_ids"]
+            rows.append(ids[-max_prompt_tokens:] if max_prompt_tokens else ids)
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), pad if pad is not None else 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, ids in enumerate(rows):
+            if ids:
+                input_ids[b, width - len(ids) :] = torch.tensor(ids)
+                mask[b, width - len(ids) :] = 1
+        batches.append({"input_ids": input_ids, "attention_mask": mask})
+    return batches

@@ -3,7 +3,9 @@ The blockwise decode loop: draft -> verify -> accept, lossless, batch-aware.
 
 `bpd_generate` runs transformers' own `generate` preparation on the base model (generation config merge, logits
 processors, stopping criteria, cache, max_length) through its `custom_generate=callable` hook; `_bpd_decode` is
-that callable. The acceptance math lives in `acceptance.py`; this file only plumbs.
+that callable. The acceptance math lives in `acceptance.py`; this file only plumbs. `_BlockDecoder.step` is the
+algorithm: draft (a [`~hf_bpd.logits.Drafter`]) -> verify (one forward) -> accept -> commit -> `drafter.update` ->
+roll back, each a small method over one explicit [`DecodeState`].
 
 Rows of a batch accept different numbers of drafts per step. The KV cache has one length for the whole batch, so
 the rejected positions of a row that accepted fewer tokens than the best row stay in the cache as *holes*: they are
@@ -35,11 +37,13 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from .acceptance import accepted_lengths, block_efficiency, cap_accepted, select_best_draft, truncate_at_eos
-from .tree import canonical_nodes, compact_block, tree_attention_mask, tree_layout
+from ._compat import pad_token_tensor, supports_logits_to_keep
+from .acceptance import accepted_lengths, cap_accepted, select_best_draft, truncate_at_eos
+from .logits.base import Drafter, DraftState, HeadsDrafter
+from .metrics import block_efficiency
+from .tree import TreeLayout, canonical_nodes, compact_block, tree_attention_mask, tree_layout
 
 if TYPE_CHECKING:
-    from .logits.base import DraftRescorer
     from .modeling_bpd import BPDForCausalLM
 
 # Processors that read only the scores (never `input_ids`): applied to all verified positions in one call.
@@ -84,7 +88,7 @@ def bpd_generate(
     bpd: "BPDForCausalLM",
     inputs: torch.Tensor | None = None,
     generation_config: Any = None,
-    draft_rescorer: "DraftRescorer | None" = None,
+    draft_rescorer: Drafter | None = None,
     compare_unrefined: bool = False,
     **kwargs: Any,
 ) -> Any:
@@ -96,11 +100,10 @@ def bpd_generate(
     ):
         if kwargs.get(key) is not None:
             raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
-    from .logits.base import DraftRescorer
-
-    if draft_rescorer is not None and not isinstance(draft_rescorer, DraftRescorer):
+    if draft_rescorer is not None and not isinstance(draft_rescorer, Drafter):
         raise ValueError(
-            f"`draft_rescorer` must be a hf_bpd.logits.DraftRescorer, got {type(draft_rescorer).__name__}."
+            f"`draft_rescorer` must be a hf_bpd.logits.Drafter (e.g. a DraftRescorer, a lattice rescorer or an "
+            f"OracleDrafter), got {type(draft_rescorer).__name__}. Wrap a function in a `DraftRescorer` subclass."
         )
     streamer = kwargs.pop("streamer", None)
     prompt = inputs if inputs is not None else kwargs.get("input_ids")
@@ -165,36 +168,36 @@ class _Scorer:
     def scores(
         self,
         logits: torch.Tensor,
-        out: torch.LongTensor,
+        tokens: torch.LongTensor,
         lengths: torch.LongTensor,
-        node_tokens: torch.LongTensor,
-        depth: torch.LongTensor,
         live: torch.BoolTensor,
+        drafts: torch.LongTensor | None = None,
+        layout: TreeLayout | None = None,
     ) -> torch.Tensor:
         """
         Processed scores of the block's nodes.
 
         Args:
             logits (`(B, W, V)`): base logits at the block's nodes.
-            out, lengths: committed tokens of each row.
-            node_tokens (`(B, W, h)`): the draft that each node lies on; node `w` continues the row's committed
-                tokens with `node_tokens[b, w, : depth[w]]`.
-            depth (`(W,)`): how many draft tokens precede each node's prediction.
+            tokens, lengths: committed tokens of each row.
+            drafts (`(B, p, h')`), layout: the block's drafts; node `w` continues the row's committed tokens with
+                the first `layout.depth[w]` tokens of draft `layout.draft_of_node[w]` (None: the root only).
         """
         if len(self.processors) == 0:
             return logits
         batch, width, vocab = logits.shape
         if self.position_free:
             flat = logits.reshape(batch * width, vocab)
-            return self.processors(out[:, :1].repeat_interleave(width, 0), flat).view(batch, width, vocab)
+            return self.processors(tokens[:, :1].repeat_interleave(width, 0), flat).view(batch, width, vocab)
         # Processors that read `input_ids` see, for every node, exactly what plain decoding would show there:
         # the row's committed tokens followed by the draft tokens on the path to that node. Rows differ in
         # length, so each row is scored on its own, in row `b` of a full-batch call: processors that keep
         # per-row state (e.g. the prompt padding lengths of the repetition penalty) index it by batch position.
         scores = logits.clone()
-        depths = depth.tolist()
+        depths = layout.depth.tolist() if layout is not None else [0] * width
+        node_tokens = drafts[:, layout.draft_of_node] if layout is not None else tokens.new_zeros(batch, width, 0)
         for b in torch.nonzero(live).flatten().tolist():
-            committed = out[b, : int(lengths[b])]
+            committed = tokens[b, : int(lengths[b])]
             for w in range(width):
                 prefix = torch.cat([committed, node_tokens[b, w, : depths[w]]])[None].expand(batch, -1)
                 scores[b, w] = self.processors(prefix, logits[b, w][None].expand(batch, -1).clone())[b]
@@ -216,9 +219,15 @@ class _Stopper:
         eos = [c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
         self.eos = torch.cat([e.flatten() for e in eos]) if eos else None
         self.has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        self.may_cut = not self.fast or self.eos is not None  # whether a row's tokens can be cut inside a block
 
     def __call__(
-        self, out: torch.LongTensor, lengths: torch.LongTensor, committed: torch.LongTensor, n: torch.LongTensor, live: torch.BoolTensor
+        self,
+        out: torch.LongTensor,
+        lengths: torch.LongTensor,
+        committed: torch.LongTensor,
+        n: torch.LongTensor,
+        live: torch.BoolTensor,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """Cut `n` at the first token that meets a criterion; `out` already holds the committed tokens."""
         if self.fast:  # max length is enforced by the caller through `row_limit`
@@ -234,6 +243,346 @@ class _Stopper:
         return n, stopped
 
 
+@dataclass
+class DecodeState:
+    """
+    Everything the loop advances, one tensor per concept (`B` rows, `C` cache slots).
+
+    Args:
+        tokens (`(B, max_length + h + 1)`): committed tokens of each row: the prompt with its left padding, then the
+            generated tokens; pad ids after `lengths[b]`.
+        lengths (`(B,)`): committed length of each row.
+        live (`(B,)`): rows still generating.
+        row_limit (`(B,)`): length at which a row stops (`max_length`, lowered when stopping criteria end the batch).
+        stop_len (`(B,)`): length at which a row first met a stopping criterion, `-1` before.
+        attention_mask (`(B, C)`): 1 where a cache slot holds a committed token of the row; 0 for left padding and
+            for *holes* (a row's rejected drafts that another row's kept tokens keep in the cache).
+        dense (`bool`): no padding and no holes, so the model runs without a mask, as plain decoding does.
+        next_position (`(B,)`): position id of the last committed token, which is not in the cache yet.
+        hidden (`(B, d)`): the base model's last hidden state where it predicted the last committed token.
+        row_calls (`(B,)`): serial calls each row took part in while generating.
+        serial_calls (`int`): forward calls of the base model.
+    """
+
+    tokens: torch.LongTensor
+    lengths: torch.LongTensor
+    live: torch.BoolTensor
+    row_limit: torch.LongTensor
+    stop_len: torch.LongTensor
+    attention_mask: torch.LongTensor
+    dense: bool
+    next_position: torch.LongTensor
+    hidden: torch.Tensor | None = None
+    row_calls: torch.LongTensor | None = None
+    serial_calls: int = 0
+
+
+@dataclass
+class VerifiedBlock:
+    """
+    One verify call over `p` drafts of `h'` tokens sharing the root (the last committed token), `W = 1 + p * h'`.
+
+    Args:
+        drafts (`(B, p, h')`), layout ([`~hf_bpd.tree.TreeLayout`]).
+        logits, scores (`(B, W, V)`): the base model's logits at the block's nodes, and after the logits processors.
+        hidden (`(B, W, d)`): last hidden states at the nodes.
+        canon (`(B, p, h' + 1)`): node of each draft prefix whose target counts (one per distinct prefix).
+        targets (`(B, p, h' + 1)`): the base model's token (argmax or sample) after each draft prefix.
+    """
+
+    drafts: torch.LongTensor
+    layout: TreeLayout
+    logits: torch.Tensor
+    scores: torch.Tensor
+    hidden: torch.Tensor
+    canon: torch.LongTensor
+    targets: torch.LongTensor
+
+
+class _LastHidden:
+    """
+    The base model's last hidden state, read as the input of its output projection (a forward hook), so the verify
+    call needs no `output_hidden_states` (every layer's states) and only the rows the projection sees.
+    """
+
+    def __init__(self, model: Any):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.value: torch.Tensor | None = None
+        self.handle = head.register_forward_hook(self._hook) if isinstance(head, torch.nn.Module) else None
+
+    def _hook(self, module: Any, args: tuple, output: Any) -> None:
+        self.value = args[0]
+
+    def take(self) -> torch.Tensor | None:
+        value, self.value = self.value, None
+        return value
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
+
+
+class _BlockDecoder:
+    """The draft -> verify -> accept -> roll back loop over a [`DecodeState`]; `run` reads as the algorithm."""
+
+    def __init__(
+        self,
+        model: Any,
+        bpd: "BPDForCausalLM",
+        cache: Any,
+        generation_config: Any,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        drafter: "Drafter",
+        streamer: Any,
+        compare_unrefined: bool,
+    ):
+        self.model, self.bpd, self.cache, self.drafter = model, bpd, cache, drafter
+        self.num_heads = bpd.config.num_draft_heads
+        self.max_length = generation_config.max_length
+        pad = pad_token_tensor(generation_config)
+        self.pad_id = int(pad) if pad is not None else 0
+        return_dict = generation_config.return_dict_in_generate
+        self.keep_scores = bool(return_dict and generation_config.output_scores)
+        self.keep_logits = bool(return_dict and generation_config.output_logits)
+        self.scorer = _Scorer(logits_processor, generation_config.do_sample)
+        self.stopper = _Stopper(stopping_criteria)
+        self.streamer = streamer
+        self.compare_unrefined = compare_unrefined
+        self.accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
+        self.keeps_logits = supports_logits_to_keep(model)
+        # argmax of the raw logits equals argmax of a float copy: copy only for processors, sampling or outputs
+        self.float_logits = bool(len(logits_processor) or generation_config.do_sample or self.keep_scores
+                                 or self.keep_logits)  # fmt: skip
+        self.last_hidden = _LastHidden(model)  # removed again at the end of `run`
+        self.accepted: list[torch.Tensor] = []
+        self.unrefined: list[torch.Tensor] = []  # what the heads' own argmax drafts would have accepted
+        self.row_scores: list[list[torch.Tensor]] = []
+        self.row_logits: list[list[torch.Tensor]] = []
+        self.draft_time_s = 0.0
+
+    # ---------------------------------------------------------------------------------------------- the algorithm
+    def run(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None) -> DecodeState:
+        try:
+            state = self.prefill(input_ids, attention_mask)
+            while bool(state.live.any()):
+                self.step(state)
+        finally:
+            self.last_hidden.remove()
+        return state
+
+    def step(self, state: DecodeState) -> None:
+        """One serial call of the base model: commits between 1 and `h + 1` tokens per live row."""
+        remaining = state.row_limit - state.lengths  # tokens each row may still commit
+        num_tokens = min(self.num_heads, int(remaining[state.live].max()) - 1)
+        drafts = self.draft(state, num_tokens)  # (B, p, h')
+        block = self.verify(state, drafts)  # one forward over all drafts
+        best, n = self.accept(state, block, remaining)  # longest verified prefix of each row
+        rows = torch.arange(best.shape[0], device=best.device)
+        path = block.canon[rows, best]  # (B, h' + 1): the nodes of each row's kept draft
+        was_live = state.live  # `commit` rebinds `state.live`
+        n = self.commit(state, block.targets[rows, best], n, block, path)  # write tokens, stopping criteria
+        accepted = torch.where(was_live, n, -1)
+        self.accepted.append(accepted)
+        self.drafter.update(accepted, best)
+        self.roll_back(state, block, best, path, n, was_live)
+
+    # ---------------------------------------------------------------------------------------------- the steps
+    def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None) -> DecodeState:
+        """One serial call over the prompt gives the first token and the heads' first input."""
+        batch, prompt_len = input_ids.shape
+        device = input_ids.device
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+        dense = bool(mask.all())  # no padding: the model may run without a mask (as plain decoding does)
+        if not dense and not self.accepts_positions:
+            raise ValueError(
+                f"{type(self.model).__name__} takes no `position_ids`: `use_bpd=True` needs them with padding."
+            )
+        tokens = torch.full((batch, self.max_length + self.num_heads + 1), self.pad_id, dtype=torch.long, device=device)
+        tokens[:, :prompt_len] = input_ids
+        lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
+        state = DecodeState(
+            tokens=tokens, lengths=lengths, live=torch.ones(batch, dtype=torch.bool, device=device),
+            row_limit=torch.full_like(lengths, self.max_length), stop_len=torch.full_like(lengths, -1),
+            attention_mask=mask, dense=dense, next_position=mask.sum(-1), row_calls=torch.zeros_like(lengths),
+        )  # fmt: skip
+        self.row_scores = [[] for _ in range(batch)]
+        self.row_logits = [[] for _ in range(batch)]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, hidden = self.forward(state, input_ids, positions, logits_to_keep=1)
+        logits = logits[:, -1:]  # (B, 1, V)
+        scores = self.scorer.scores(logits, tokens, lengths, state.live)
+        root = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.commit(state, self.scorer.select(scores), torch.zeros_like(lengths),
+                    _Prefill(logits=logits, scores=scores), root)  # fmt: skip
+        state.hidden = hidden[:, -1]  # (B, d)
+        return state
+
+    def draft(self, state: DecodeState, num_tokens: int) -> torch.LongTensor:
+        """The drafter's `(B, p, h')` drafts (plus, with `compare_unrefined`, the heads' own as a last draft)."""
+        start = time.perf_counter()
+        view = DraftState(self.bpd, state.tokens, state.lengths, state.live, state.hidden, num_tokens)
+        drafts = self.drafter.get_drafts(view)
+        batch = state.tokens.shape[0]
+        if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != self.num_heads or drafts.shape[1] < 1:
+            raise ValueError(
+                f"draft_rescorer must return (batch, p, {self.num_heads}) drafts, got {tuple(drafts.shape)}."
+            )
+        if self.compare_unrefined:  # verified in the same call, never chosen
+            drafts = torch.cat([drafts.to(state.tokens.device), view.head_argmax()[:, None].to(drafts.device)], dim=1)
+        self.draft_time_s += time.perf_counter() - start
+        return drafts[:, :, :num_tokens].to(state.tokens.device)
+
+    def verify(self, state: DecodeState, drafts: torch.LongTensor) -> VerifiedBlock:
+        """One forward of the base model over `[last token, drafts...]`: every draft in one tree-shaped block."""
+        batch, p, num_tokens = drafts.shape
+        layout = tree_layout(p, num_tokens, drafts.device)
+        last = state.tokens.gather(1, state.lengths[:, None] - 1)
+        ids = torch.cat([last, drafts.flatten(1)], dim=1)  # (B, W)
+        positions = state.next_position[:, None] + layout.depth
+        mask = None if p == 1 else tree_attention_mask(state.attention_mask, layout, state.live, self.model.dtype)
+        state.attention_mask = torch.cat([state.attention_mask, state.live[:, None].long().expand(-1, layout.width)], 1)
+        state.dense = state.dense and p == 1 and bool(state.live.all())
+        logits, hidden = self.forward(state, ids, positions, mask=mask)  # (B, W, V), (B, W, d)
+        scores = self.scorer.scores(logits, state.tokens, state.lengths, state.live, drafts, layout)
+        canon = layout.node_index.expand(batch, -1, -1) if p == 1 else canonical_nodes(drafts, layout)
+        targets = self.scorer.select(scores).gather(1, canon.flatten(1)).view(canon.shape)  # (B, p, h' + 1)
+        return VerifiedBlock(drafts, layout, logits, scores, hidden, canon, targets)
+
+    def accept(
+        self, state: DecodeState, block: VerifiedBlock, remaining: torch.LongTensor
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The draft with the longest verified prefix of each row and that length, capped at what a row may commit."""
+        drafts, targets = block.drafts, block.targets
+        if self.compare_unrefined:  # the last draft is the heads' own: reported, never chosen
+            self.unrefined.append(torch.where(state.live, accepted_lengths(drafts[:, -1], targets[:, -1]), -1))
+            drafts, targets = drafts[:, :-1], targets[:, :-1]
+        best, n = select_best_draft(drafts, targets)
+        return best, cap_accepted(n, remaining)
+
+    def commit(
+        self, state: DecodeState, targets: torch.LongTensor, n: torch.LongTensor, block: Any, path: torch.LongTensor
+    ) -> torch.LongTensor:
+        """Write `targets[b, : n_b + 1]` for live rows, apply the stopping criteria; return the final `n`."""
+        n = torch.where(state.live, n, 0)
+        offsets = torch.arange(targets.shape[1], device=targets.device)
+        valid = (offsets[None] <= n[:, None]) & state.live[:, None]
+        index = (state.lengths[:, None] + offsets).clamp(max=state.tokens.shape[1] - 1)
+        state.tokens.scatter_(1, index, torch.where(valid, targets, state.tokens.gather(1, index)))
+        n, stopped = self.stopper(state.tokens, state.lengths, targets, n.clone(), state.live)
+        cut = (offsets[None] > n[:, None]) & valid  # written, then cut by a stopping criterion
+        if self.stopper.may_cut:
+            state.tokens.scatter_(1, index, torch.where(cut, self.pad_id, state.tokens.gather(1, index)))
+        if self.keep_scores or self.keep_logits:
+            self._record(state, block, path, n)
+        if self.streamer is not None:
+            self.streamer.put(targets[0, : int(n[0]) + 1].cpu())
+        state.lengths.add_(torch.where(state.live, n + 1, 0))
+        state.row_calls.add_(state.live.long())
+        self._apply_stops(state, stopped)
+        return n
+
+    def roll_back(
+        self, state: DecodeState, block: VerifiedBlock, best: torch.LongTensor, path: torch.LongTensor,
+        n: torch.LongTensor, was_live: torch.BoolTensor,
+    ) -> None:  # fmt: skip
+        """Drop the rejected nodes from the cache (holes where another row keeps more) and move to the next step."""
+        batch, width = block.hidden.shape[0], block.layout.width
+        rows = torch.arange(batch, device=n.device)
+        state.hidden = block.hidden[rows, path[rows, n]]  # (B, d) where the base model predicted the bonus token
+        keep = torch.where(was_live, n + 1, 0)  # the root and the accepted drafts of each row
+        kept = int(keep.max())
+        if block.drafts.shape[1] > 1:  # several drafts: move each row's kept nodes to the front of the block
+            chosen = block.layout.node_index[best]  # (B, h' + 1)
+            rank = torch.full((batch, width), width, dtype=torch.long, device=n.device)
+            rank.scatter_(1, chosen, torch.arange(chosen.shape[1], device=n.device).expand(batch, -1).contiguous())
+            rank = torch.where(rank < keep[:, None], rank, width + torch.arange(width, device=n.device))
+            compact_block(self.cache, width, rank.argsort(dim=1))
+        if kept < width:  # no row kept these trailing nodes
+            self.cache.crop(-(width - kept))
+            state.attention_mask = state.attention_mask[:, : state.attention_mask.shape[1] - (width - kept)]
+        if batch > 1:  # (one row keeps all it verified)
+            holes = torch.arange(kept, device=n.device)[None] >= keep[:, None]  # (B, kept)
+            if bool(holes.any()):
+                tail = state.attention_mask[:, -kept:]
+                state.attention_mask[:, -kept:] = tail.masked_fill(holes, 0)
+                state.dense = False
+        state.next_position = state.next_position + keep
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def forward(
+        self, state: DecodeState, ids: torch.LongTensor, positions: torch.LongTensor, mask: Any = None,
+        logits_to_keep: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One serial call of the base model: logits `(B, W, V)` and the last hidden states `(B, W', d)`."""
+        kwargs: dict[str, Any] = {"position_ids": positions} if self.accepts_positions else {}
+        if self.keeps_logits:
+            kwargs["logits_to_keep"] = logits_to_keep
+        if mask is None and not state.dense:
+            mask = state.attention_mask
+        prefill = state.serial_calls == 0
+        hooked = self.last_hidden.handle is not None
+        out = self.model(input_ids=ids, attention_mask=mask, cache=self.cache, use_cache=True, return_dict=True,
+                         output_hidden_states=prefill or not hooked, **kwargs)  # fmt: skip
+        state.serial_calls += 1
+        hidden = self.last_hidden.take()
+        if hidden is None:  # the model projects without calling its output module: read every layer's states
+            self.last_hidden.remove()
+            hidden = out.hidden_states[-1]
+        logits = out.logits
+        return (logits.float() if self.float_logits else logits), hidden
+
+    def _record(self, state: DecodeState, block: Any, path: torch.LongTensor, n: torch.LongTensor) -> None:
+        scores = block.scores.gather(1, _expand(path, block.scores))
+        logits = block.logits.gather(1, _expand(path, block.logits))
+        for b in torch.nonzero(state.live).flatten().tolist():
+            if self.keep_scores:
+                self.row_scores[b].extend(scores[b, : int(n[b]) + 1].float())
+            if self.keep_logits:
+                self.row_logits[b].extend(logits[b, : int(n[b]) + 1].float())
+
+    def _apply_stops(self, state: DecodeState, stopped: torch.BoolTensor) -> None:
+        state.stop_len.copy_(torch.where(stopped & (state.stop_len < 0), state.lengths, state.stop_len))
+        if self.stopper.has_eos:  # like plain decoding: a finished row is padded from here on
+            state.live = state.live & ~stopped
+        elif bool((state.stop_len >= 0).all()):  # no EOS criterion: every row runs until the last one stops
+            final = int(state.stop_len.max())
+            state.row_limit.clamp_(max=final)
+            state.tokens[:, final:] = self.pad_id
+            state.lengths.clamp_(max=final)
+        state.live = state.live & (state.lengths < state.row_limit)
+
+    def output(self, state: DecodeState, prompt_len: int, return_dict: bool) -> Any:
+        if self.streamer is not None:
+            self.streamer.end()
+        sequences = state.tokens[:, : int(state.lengths.max())]
+        if not return_dict:
+            return sequences
+        batch = sequences.shape[0]
+        generated = state.lengths - prompt_len
+        width = sequences.shape[1] - prompt_len
+        return BPDGenerateOutput(
+            sequences=sequences,
+            scores=_stack_rows(self.row_scores, width) if self.keep_scores else None,
+            logits=_stack_rows(self.row_logits, width) if self.keep_logits else None,
+            num_serial_calls=state.serial_calls,
+            num_generated_tokens=int(generated.sum()),
+            block_efficiency=block_efficiency(generated, state.row_calls),
+            accepted_lengths=torch.stack(self.accepted) if self.accepted else torch.zeros((0, batch), dtype=torch.long),
+            unrefined_accepted_lengths=torch.stack(self.unrefined) if self.unrefined else None,
+            draft_time_s=self.draft_time_s,
+        )
+
+
+@dataclass
+class _Prefill:
+    """The prefill's one position, shaped like a [`VerifiedBlock`] for `commit`."""
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+
+
 def _bpd_decode(
     model: Any,
     input_ids: torch.LongTensor,
@@ -242,192 +591,19 @@ def _bpd_decode(
     generation_config: Any,
     *,
     bpd: "BPDForCausalLM",
-    draft_rescorer: "DraftRescorer | None" = None,
+    draft_rescorer: "Drafter | None" = None,
     bpd_streamer: Any = None,
     compare_unrefined: bool = False,
     **model_kwargs: Any,
 ) -> Any:
-    batch, prompt_len = input_ids.shape
-    device = input_ids.device
+    """The `custom_generate` callable: transformers has prepared everything, BPD decodes."""
     cache = _validate(model, generation_config, model_kwargs)
-    num_heads = bpd.config.num_draft_heads
-    max_length = generation_config.max_length
-    pad = generation_config._pad_token_tensor
-    pad_id = int(pad) if pad is not None else 0
-    return_dict = generation_config.return_dict_in_generate
-    keep_scores = return_dict and generation_config.output_scores
-    keep_logits = return_dict and generation_config.output_logits
-    scorer = _Scorer(logits_processor, generation_config.do_sample)
-    stopper = _Stopper(stopping_criteria)
-    if draft_rescorer is not None:
-        draft_rescorer.reset()
-    accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
-
-    attn = model_kwargs.get("attention_mask")
-    attn = torch.ones_like(input_ids) if attn is None else attn.long()
-    dense = bool(attn.all())  # no padding and no holes: the model may run without a mask (as plain decoding does)
-    if not dense and not accepts_positions:
-        raise ValueError(f"{type(model).__name__} takes no `position_ids`: `use_bpd=True` needs them with padding.")
-    out = torch.full((batch, max_length + num_heads + 1), pad_id, dtype=torch.long, device=device)
-    out[:, :prompt_len] = input_ids
-    lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
-    row_limit = torch.full_like(lengths, max_length)
-    stop_len = torch.full_like(lengths, -1)  # where a row first met a stopping criterion
-    live = torch.ones(batch, dtype=torch.bool, device=device)
-    live_calls = torch.zeros_like(lengths)
-    steps: list[torch.Tensor] = []
-    unrefined: list[torch.Tensor] = []  # accepted lengths the heads' own argmax drafts would have had
-    row_scores: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    row_logits: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    draft_time = 0.0
-
-    def forward(ids: torch.LongTensor, positions: torch.LongTensor, logits_to_keep: int = 0, mask: Any = None) -> Any:
-        kwargs = {"position_ids": positions} if accepts_positions else {}
-        if model._supports_logits_to_keep():
-            kwargs["logits_to_keep"] = logits_to_keep
-        if mask is None and not dense:
-            mask = attn
-        return model(
-            input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, output_hidden_states=True,
-            return_dict=True, **kwargs,
-        )  # fmt: skip
-
-    def commit(targets: torch.LongTensor, scores: torch.Tensor, logits: torch.Tensor, n: torch.LongTensor) -> torch.LongTensor:
-        """Write `targets[b, : n_b + 1]` for live rows, apply stopping criteria; return the final `n`."""
-        nonlocal live
-        width = targets.shape[1]
-        offsets = torch.arange(width, device=device)
-        valid = (offsets[None] <= n[:, None]) & live[:, None]
-        index = (lengths[:, None] + offsets).clamp(max=out.shape[1] - 1)
-        out.scatter_(1, index, torch.where(valid, targets, out.gather(1, index)))
-        n, stopped = stopper(out, lengths, targets, n.clone(), live)
-        cut = (offsets[None] > n[:, None]) & valid  # written, then cut by a stopping criterion
-        out.scatter_(1, index, torch.where(cut, pad_id, out.gather(1, index)))
-        if keep_scores or keep_logits:
-            for b in torch.nonzero(live).flatten().tolist():
-                if keep_scores:
-                    row_scores[b].extend(scores[b, : int(n[b]) + 1])
-                if keep_logits:
-                    row_logits[b].extend(logits[b, : int(n[b]) + 1])
-        if bpd_streamer is not None:
-            bpd_streamer.put(targets[0, : int(n[0]) + 1].cpu())
-        lengths.add_(torch.where(live, n + 1, 0))
-        live_calls.add_(live.long())
-        _apply_stops(stopped)
-        return n
-
-    def _apply_stops(stopped: torch.BoolTensor) -> None:
-        nonlocal live
-        stop_len.copy_(torch.where(stopped & (stop_len < 0), lengths, stop_len))
-        if stopper.has_eos:  # like plain decoding: a finished row is padded from here on
-            live = live & ~stopped
-        elif bool((stop_len >= 0).all()):  # no EOS criterion: every row runs until the last one stops
-            final = int(stop_len.max())
-            row_limit.clamp_(max=final)
-            out[:, final:] = pad_id
-            lengths.clamp_(max=final)
-        live = live & (lengths < row_limit)
-
-    def draft(hidden: torch.Tensor) -> torch.LongTensor:
-        nonlocal draft_time
-        start = time.perf_counter()
-        logits = bpd.draft_logits(hidden).float()  # (B, h, V)
-        if draft_rescorer is None:
-            drafts = logits.argmax(dim=-1)[:, None]  # (B, 1, h)
-        else:
-            drafts = draft_rescorer(out, lengths, logits)
-            if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != num_heads or drafts.shape[1] < 1:
-                raise ValueError(f"draft_rescorer must return (batch, p, {num_heads}) drafts, got {tuple(drafts.shape)}.")
-        draft_time += time.perf_counter() - start
-        if compare_unrefined:  # verified in the same call as an extra last draft, never chosen
-            drafts = torch.cat([drafts.to(device), logits.argmax(dim=-1)[:, None].to(device)], dim=1)
-        return drafts.to(device)
-
-    # Prefill: one serial call gives the first token and the first drafts.
-    positions = (attn.cumsum(-1) - 1).clamp(min=0)
-    fwd = forward(input_ids, positions, logits_to_keep=1)
-    logits = fwd.logits[:, -1:].float()  # (B, 1, V)
-    no_drafts = torch.zeros(batch, 1, 0, dtype=torch.long, device=device)
-    scores = scorer.scores(logits, out, lengths, no_drafts, torch.zeros(1, dtype=torch.long), live)
-    commit(scorer.select(scores), scores, logits, torch.zeros_like(lengths))
-    hidden = fwd.hidden_states[-1][:, -1]  # (B, d)
-    next_pos = attn.sum(-1)  # position id of the last committed token, not yet in the cache
-    serial_calls = 1
-    rows = torch.arange(batch, device=device)
-    del fwd
-
-    while bool(live.any()):
-        remaining = row_limit - lengths
-        num_tokens = min(num_heads, int(remaining[live].max()) - 1)
-        drafts = draft(hidden)[:, :, :num_tokens]  # (B, p, h')
-        layout = tree_layout(drafts.shape[1], num_tokens, device)
-        width = layout.width
-        block = torch.cat([out.gather(1, lengths[:, None] - 1), drafts.flatten(1)], dim=1)  # (B, W)
-        positions = next_pos[:, None] + layout.depth
-        if width == num_tokens + 1:  # one draft: a plain causal block, 2D mask (none at all if dense)
-            attn = torch.cat([attn, live[:, None].long().expand(batch, width)], dim=1)
-            dense = dense and bool(live.all())
-            fwd = forward(block, positions)
-        else:
-            mask = tree_attention_mask(attn, layout, live, model.dtype)
-            attn = torch.cat([attn, live[:, None].long().expand(batch, width)], dim=1)
-            dense = False
-            fwd = forward(block, positions, mask=mask)
-        serial_calls += 1
-        logits = fwd.logits.float()  # (B, W, V)
-        node_tokens = drafts[:, layout.draft_of_node]  # (B, W, h')
-        scores = scorer.scores(logits, out, lengths, node_tokens, layout.depth, live)
-        canon = canonical_nodes(drafts, layout)  # (B, p, h' + 1): one target per distinct prefix
-        targets = scorer.select(scores).gather(1, canon.flatten(1)).view(canon.shape)
-        if compare_unrefined:
-            unrefined.append(torch.where(live, accepted_lengths(drafts[:, -1], targets[:, -1]), -1))
-            best, n = select_best_draft(drafts[:, :-1], targets[:, :-1])
-        else:
-            best, n = select_best_draft(drafts, targets)
-        n = cap_accepted(n, remaining)
-        path = canon[rows, best]  # (B, h' + 1) block nodes along the chosen draft
-        was_live = live.clone()
-        n = commit(targets[rows, best], scores.gather(1, _expand(path, scores)), logits.gather(1, _expand(path, logits)),
-                   torch.where(live, n, 0))  # fmt: skip
-        steps.append(torch.where(was_live, n, -1))
-        hidden = fwd.hidden_states[-1][rows, path[rows, n]]  # (B, d) at the bonus token's parent
-        keep = torch.where(was_live, n + 1, 0)
-        kept = int(keep.max())
-        if width != num_tokens + 1:  # move each row's kept nodes (root + accepted drafts) to the front
-            chosen = layout.node_index[best]  # (B, h' + 1)
-            rank = torch.full((batch, width), width, dtype=torch.long, device=device)
-            rank.scatter_(1, chosen, torch.arange(num_tokens + 1, device=device).expand(batch, -1).contiguous())
-            rank = torch.where(rank < keep[:, None], rank, width + torch.arange(width, device=device))
-            compact_block(cache, width, rank.argsort(dim=1))
-        if kept < width:
-            cache.crop(-(width - kept))
-            attn = attn[:, : attn.shape[1] - (width - kept)]
-        holes = torch.arange(kept, device=device)[None] >= keep[:, None]  # (B, kept)
-        if bool(holes.any()):
-            attn[:, attn.shape[1] - kept :] = attn[:, attn.shape[1] - kept :].masked_fill(holes, 0)
-            dense = False
-        next_pos = next_pos + keep
-        del fwd
-
-    if bpd_streamer is not None:
-        bpd_streamer.end()
-    sequences = out[:, : int(lengths.max())]
-    if not return_dict:
-        return sequences
-    generated = lengths - prompt_len
-    per_row = generated.float() / live_calls.clamp(min=1).float()
-    width = sequences.shape[1] - prompt_len
-    return BPDGenerateOutput(
-        sequences=sequences,
-        scores=_stack_rows(row_scores, width) if keep_scores else None,
-        logits=_stack_rows(row_logits, width) if keep_logits else None,
-        num_serial_calls=serial_calls,
-        num_generated_tokens=int(generated.sum()),
-        block_efficiency=float(per_row.mean()) if batch > 1 else block_efficiency(int(generated[0]), serial_calls),
-        accepted_lengths=torch.stack(steps) if steps else torch.zeros((0, batch), dtype=torch.long),
-        unrefined_accepted_lengths=torch.stack(unrefined) if unrefined else None,
-        draft_time_s=draft_time,
-    )
+    drafter = draft_rescorer if draft_rescorer is not None else HeadsDrafter()
+    drafter.reset()
+    decoder = _BlockDecoder(model, bpd, cache, generation_config, logits_processor, stopping_criteria, drafter,
+                            bpd_streamer, compare_unrefined)  # fmt: skip
+    state = decoder.run(input_ids, model_kwargs.get("attention_mask"))
+    return decoder.output(state, input_ids.shape[1], generation_config.return_dict_in_generate)
 
 
 def _expand(index: torch.LongTensor, like: torch.Tensor) -> torch.LongTensor:

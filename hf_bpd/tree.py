@@ -14,7 +14,8 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicLayer
+
+from ._compat import reorder_cache_tail
 
 
 @dataclass
@@ -99,17 +100,7 @@ def tree_attention_mask(
 def compact_block(cache, width: int, order: torch.LongTensor) -> None:
     """
     Reorder the last `width` cache slots of every layer by `order` `(batch, width)` (kept nodes first), so that
-    cropping the tail removes the nodes no row kept. Supports the dynamic cache's full-attention layers.
+    cropping the tail removes the nodes no row kept. Supports the dynamic cache's full-attention layers (the in-place
+    cache write is a private transformers API: it lives in `hf_bpd._compat`).
     """
-    for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or getattr(layer, "sliding_window", None):
-            raise ValueError(
-                f"Verifying several drafts at once needs a dynamic full-attention cache; got {type(layer).__name__}."
-            )
-        if not layer.is_initialized:
-            continue
-        for name in ("keys", "values"):
-            states = getattr(layer, name)  # (B, H, T, D)
-            index = order[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-            block = states[:, :, -width:].gather(2, index)
-            states[:, :, -width:] = block
+    reorder_cache_tail(cache, width, order)

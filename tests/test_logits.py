@@ -25,8 +25,9 @@ from hf_bpd.logits import (
     pbest_paths,
     tune_rescorer,
 )
-from hf_bpd.logits import build_ngram as build_ngram_module
+from hf_bpd.data import iter_documents
 from hf_bpd.logits import ngram as ngram_module
+from hf_bpd.tools import build_ngram as build_ngram_module
 
 H = 3
 LN10 = math.log(10.0)
@@ -336,9 +337,11 @@ def test_neural_self_rescoring_generate_lossless_and_accepts_all(batch):
     # The LM is the verifier and sees the whole vocabulary: every draft is accepted (the last block may be cut).
     assert (out.accepted_lengths[:-1] == H).all()
     assert rescorer.calls == out.accepted_lengths.shape[0] and rescorer.time_s > 0
-    # Its cache holds each row's committed prefix as of the last draft step (before the last block was verified).
-    last_block = out.accepted_lengths[-1] + 1
-    assert torch.equal(rescorer.cached_lengths, out.sequences.shape[1] - (mask == 0).sum(-1) - last_block)
+    # Its cache holds each row's committed prefix as of the last draft step, plus the accepted part of the last walk
+    # (the loop's `update` feedback: the walk's tokens are the draft, `h - 1` of them are fed).
+    last = out.accepted_lengths[-1]
+    before_last_block = out.sequences.shape[1] - (mask == 0).sum(-1) - (last + 1)
+    assert torch.equal(rescorer.cached_lengths, before_last_block + last.clamp(max=H - 1))
 
 
 @needs_kenlm
@@ -412,22 +415,41 @@ def _scratch_lm_logprobs(lm, committed: list[int], path: list[int], lattice_toke
     return torch.stack([logprobs[start + i, lattice_tokens[i]] for i in range(len(path))])
 
 
-def test_neural_cache_batch1_follows_prefix_and_matches_full_forward():
+def _commit(buffer, lengths, drafts, accepted, gen):
+    """Write what a verify step would commit: each row's accepted drafts, then a random bonus token."""
+    for b in range(buffer.shape[0]):
+        n = int(accepted[b])
+        if n < 0:  # a finished row commits nothing
+            continue
+        start = int(lengths[b])
+        buffer[b, start : start + n] = drafts[b, 0, :n]
+        buffer[b, start + n] = int(torch.randint(3, VOCAB, (1,), generator=gen))
+    return lengths + (accepted + 1).clamp(min=0)
+
+
+def test_neural_cache_batch1_follows_feedback_and_matches_full_forward():
     lm = tiny_base("llama", seed=5)
     gen = torch.Generator().manual_seed(0)
-    buffer = torch.randint(3, VOCAB, (1, 40), generator=gen)
+    buffer = torch.randint(3, VOCAB, (1, 60), generator=gen)
     rescorer = NeuralRescorer(lm, top_k=5, alpha=0.5)
-    schedule = [8, 9, 13, 14, 14, 20, 11, 15, 18]  # grows, stays (finished row), then falls back (crop)
-    for step, length in enumerate(schedule):
-        if step == 7:  # a different history from position 9 on: the cache must drop everything after it
-            buffer[0, 9:] = torch.randint(3, VOCAB, (31,), generator=gen)
+    length = torch.tensor([8])
+    # accepted drafts per step; None: no feedback (a direct call), so the walk counts as rejected
+    for step, accepted in enumerate([0, 1, H, 2, None, H, 0, 1]):
         logits = torch.randn(1, H, VOCAB, generator=gen)
-        drafts = rescorer(buffer, torch.tensor([length]), logits)
-        assert rescorer.cached_lengths.tolist() == [length]
-        assert rescorer.cache_length == length  # batch 1: no holes, the walk's tokens cropped
+        drafts = rescorer(buffer, length, logits)
+        assert rescorer.cached_lengths.tolist() == length.tolist()
+        assert rescorer.cache_length == int(length) + H - 1  # the walk's tokens wait for the feedback
         lattice = TopKLattice.from_logits(logits, 5)
-        want = _scratch_lm_logprobs(lm, buffer[0, :length].tolist(), drafts[0, 0].tolist(), lattice.tokens[0])
+        want = _scratch_lm_logprobs(lm, buffer[0, : int(length)].tolist(), drafts[0, 0].tolist(), lattice.tokens[0])
         torch.testing.assert_close(rescorer.last_lm_logprobs[0], want)
+        if accepted is None:
+            continue
+        n = torch.tensor([accepted])
+        rescorer.update(n, torch.zeros(1, dtype=torch.long))
+        kept = min(accepted, H - 1)
+        assert rescorer.cached_lengths.tolist() == [int(length) + kept]
+        assert rescorer.cache_length == int(length) + kept  # batch 1: the rejected walk tokens are cropped
+        length = _commit(buffer, length, drafts, n, gen)
     rescorer.reset()
     assert rescorer.cached_lengths is None and rescorer.calls == 0 and rescorer.time_s == 0.0
 
@@ -437,14 +459,12 @@ def test_neural_cache_batch_with_padding_matches_full_forward(arch):
     gen = torch.Generator().manual_seed(1)
     ids, mask = batch_prompts(3, length=9, seed=2)
     pads = (mask == 0).sum(-1)
-    buffer = torch.cat([ids, torch.randint(3, VOCAB, (3, 30), generator=gen)], dim=1)
+    buffer = torch.cat([ids, torch.randint(3, VOCAB, (3, 40), generator=gen)], dim=1)
     rescorer = NeuralRescorer(lm, top_k=4, alpha=0.7, pad_token_id=PAD)
     lengths = torch.full((3,), 9)
-    for step, grow in enumerate([[1, 1, 1], [4, 1, 2], [1, 3, 4], [2, 2, 1], [3, 1, 2]]):
-        lengths = lengths + torch.tensor(grow)
-        if step == 3:  # row 1 saw another history from 2 tokens back: those slots become holes
-            start = int(lengths[1]) - 4
-            buffer[1, start:] = torch.randint(3, VOCAB, (buffer.shape[1] - start,), generator=gen)
+    # rows accept different numbers of drafts: the rejected walk tokens of one row stay as holes while another
+    # row keeps more; -1 is a row that had finished
+    for accepted in ([0, H, 1], [2, 0, H], [H, 1, 0], [1, 2, -1], [0, 0, -1], [H, H, -1]):
         logits = torch.randn(3, H, VOCAB, generator=gen)
         drafts = rescorer(buffer, lengths, logits)
         assert torch.equal(rescorer.cached_lengths, lengths - pads)
@@ -453,6 +473,10 @@ def test_neural_cache_batch_with_padding_matches_full_forward(arch):
             committed = buffer[b, int(pads[b]) : int(lengths[b])].tolist()
             want = _scratch_lm_logprobs(lm, committed, drafts[b, 0].tolist(), lattice.tokens[b])
             torch.testing.assert_close(rescorer.last_lm_logprobs[b], want, rtol=1e-4, atol=1e-5)
+        accepted = torch.tensor(accepted)
+        rescorer.update(accepted, torch.zeros(3, dtype=torch.long))
+        assert torch.equal(rescorer.cached_lengths, lengths - pads + accepted.clamp(min=0, max=H - 1))
+        lengths = _commit(buffer, lengths, drafts, accepted, gen)
 
 
 # ------------------------------------------------------------------------------------------------ errors
@@ -586,7 +610,7 @@ def test_tune_rescorer_skips_impossible_configs():
 
 
 def test_tune_cli_smoke(tmp_path, capsys):
-    from hf_bpd.logits import tuning
+    from hf_bpd.tools import tune as tuning
 
     model = BPDForCausalLM.from_base(tiny_base(vocab_size=8192), num_draft_heads=H)
     model.save_pretrained(tmp_path / "bpd", save_base=True)
@@ -604,14 +628,14 @@ def test_iter_documents(tmp_path):
     (tmp_path / "a.txt").write_text("line one\n\nline two\n")
     (tmp_path / "b.jsonl").write_text('{"text": "doc"}\n{"text": ""}\n')
     (tmp_path / "c.jsonl").write_text('{"body": "doc"}\n')
-    docs = list(build_ngram_module.iter_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"]))
+    docs = list(iter_documents([tmp_path / "a.txt", tmp_path / "b.jsonl"]))
     assert docs == ["line one\n\nline two\n", "doc"]
-    by_line = build_ngram_module.iter_documents([tmp_path / "a.txt"], line_per_document=True)
+    by_line = iter_documents([tmp_path / "a.txt"], line_per_document=True)
     assert list(by_line) == ["line one", "line two"]
-    with pytest.raises(ValueError, match="has no field 'text'"):
-        list(build_ngram_module.iter_documents([tmp_path / "c.jsonl"]))
+    with pytest.raises(ValueError, match="Text column 'text' not found .*c.jsonl"):
+        list(iter_documents([tmp_path / "c.jsonl"]))
     with pytest.raises(FileNotFoundError, match="nothere.txt"):
-        list(build_ngram_module.iter_documents([tmp_path / "nothere.txt"]))
+        list(iter_documents([tmp_path / "nothere.txt"]))
 
 
 @needs_lmplz

@@ -1,11 +1,12 @@
-"""Draft refinement: rescorers that change BPD drafts (never the output).
+"""Draft refinement: drafters and rescorers that change BPD drafts (never the output).
 
 `kenlm` is imported lazily: importing this package never needs it, only building an `NgramRescorer` does.
 """
 
 from typing import Any
 
-from .base import DraftRescorer
+from .base import Drafter, DraftRescorer, DraftState, HeadsDrafter
+from .defaults import RESCORER_DEFAULTS, RescorerDefaults
 from .lattice import LatticeRescorer, TopKLattice, pbest_paths
 from .neural import NeuralRescorer
 from .ngram import NgramRescorer, is_kenlm_available, ngram_pbest
@@ -14,11 +15,16 @@ from .pbest import PBestRescorer
 
 __all__ = [
     "DraftRescorer",
+    "DraftState",
+    "Drafter",
+    "HeadsDrafter",
     "LatticeRescorer",
     "NeuralRescorer",
     "NgramRescorer",
     "OracleDrafter",
     "PBestRescorer",
+    "RESCORER_DEFAULTS",
+    "RescorerDefaults",
     "TopKLattice",
     "TuningResult",
     "is_kenlm_available",
@@ -29,9 +35,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The tuning helpers load on first use, so that `python -m hf_bpd.logits.tuning` runs a fresh module.
+    # The tuning tool lives in `hf_bpd.tools.tune`; its two public names stay importable from here.
     if name in ("tune_rescorer", "TuningResult"):
-        from . import tuning
+        from ..tools import tune
 
-        return getattr(tuning, name)
+        return getattr(tune, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,39 +1,158 @@
-"""The draft-rescorer interface: one `__call__` shape, like transformers' `LogitsProcessor`."""
+"""
+The drafter interface: one shape for every way of proposing drafts, like transformers' `CandidateGenerator`.
+
+At every step the decode loop hands a [`DraftState`] to `Drafter.get_drafts` and gets `(batch, p, h)` draft tokens;
+after the base model has verified them it calls `Drafter.update` with what each row accepted. `reset` runs once at
+the start of every `generate` call. The loop owns the timing (`BPDGenerateOutput.draft_time_s`).
+
+Implementations: [`HeadsDrafter`] (the heads' own argmax, the default), the lattice rescorers
+([`~hf_bpd.logits.LatticeRescorer`]: p-best, n-gram, neural), [`~hf_bpd.logits.OracleDrafter`] and any tree drafter.
+[`DraftRescorer`] keeps the older `__call__(input_ids, lengths, draft_logits)` interface working.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 
-class DraftRescorer:
+class DraftState:
     """
-    Turns the draft heads' logits into the draft(s) that the base model verifies. It changes only the draft: the
-    verifier, and so the output of `generate`, are untouched.
+    What a drafter sees at one decode step. The heads' logits are computed on first use and then reused, so a
+    drafter that does not read them (the oracle) costs nothing, and two readers pay once.
 
-    Pass an instance to `model.generate(..., use_bpd=True, draft_rescorer=...)`. Subclasses implement `__call__`;
-    `reset` is called once at the start of every `generate` call (drop per-call state such as a KV cache).
+    Args:
+        model ([`~hf_bpd.BPDForCausalLM`]): the model whose heads draft.
+        input_ids (`torch.LongTensor` of shape `(batch, buffer_len)`): committed tokens of each row (prompt with
+            its left padding, then generated tokens); only `input_ids[b, : lengths[b]]` is meaningful. The drafts
+            continue the last committed token `input_ids[b, lengths[b] - 1]`.
+        lengths (`torch.LongTensor` of shape `(batch,)`): committed length of each row.
+        live (`torch.BoolTensor` of shape `(batch,)`): rows still generating (drafts of finished rows are ignored).
+        hidden (`torch.Tensor` of shape `(batch, hidden)`): the base model's last hidden state at the position that
+            predicted the last committed token: the heads' input.
+        num_tokens (`int`): draft tokens the loop will verify, `<= h` (fewer near `max_length`); drafters return
+            `h` tokens anyway and the loop keeps the first `num_tokens`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        live: torch.BoolTensor,
+        hidden: torch.Tensor,
+        num_tokens: int,
+    ):
+        self.model = model
+        self.input_ids = input_ids
+        self.lengths = lengths
+        self.live = live
+        self.hidden = hidden
+        self.num_tokens = num_tokens
+        self._logits: torch.Tensor | None = None
+        self._argmax: torch.LongTensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        """`h`, the number of draft heads."""
+        return int(self.model.config.num_draft_heads)
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the vocabulary the drafts are ids of (the base model's)."""
+        return int(self.model.config.base_vocab_size)
+
+    def draft_logits(self) -> torch.Tensor:
+        """The heads' logits `(batch, h, vocab)` over the full vocabulary, in the model's dtype (computed once)."""
+        if self._logits is None:
+            self._logits = self.model.draft_logits(self.hidden)
+        return self._logits
+
+    def head_argmax(self) -> torch.LongTensor:
+        """The heads' own draft `(batch, h)`: each head's most likely token (computed once)."""
+        if self._argmax is None:
+            if self._logits is None and hasattr(self.model, "draft_argmax"):
+                self._argmax = self.model.draft_argmax(self.hidden)
+            else:
+                self._argmax = self.draft_logits().argmax(dim=-1)
+        return self._argmax
+
+
+class Drafter:
+    """
+    Proposes the drafts that the base model verifies. It changes only the drafts: the verifier, and so the output of
+    `generate`, are untouched.
+
+    Pass an instance to `model.generate(..., use_bpd=True, draft_rescorer=...)`. Subclasses implement `get_drafts`;
+    drafters that keep state across steps (a KV cache, statistics) also implement `update` and `reset`.
 
     Attributes:
-        num_drafts (`int`): `p`, how many drafts `__call__` returns per row (verified together in one call).
+        num_drafts (`int`): `p`, how many drafts `get_drafts` returns per row (verified together in one call).
     """
 
     num_drafts: int = 1
 
     def reset(self) -> None:
-        """Forget per-`generate` state. The default keeps none."""
+        """Called once at the start of every `generate` call: drop all per-call state. The default keeps none."""
+
+    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+        """
+        Args:
+            state ([`DraftState`]): committed tokens, live rows, and the heads' input of the current step.
+        Returns:
+            `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first (ties go to the first).
+        """
+        raise NotImplementedError
+
+    def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
+        """
+        Called after every verify step, once the loop has committed the step's tokens.
+
+        Args:
+            accepted_lengths (`torch.LongTensor` of shape `(batch,)`): draft tokens each row accepted (the row
+                committed `accepted_lengths[b] + 1` tokens: the accepted drafts, then the base model's own), `-1`
+                for a row that had finished before this step.
+            chosen (`torch.LongTensor` of shape `(batch,)`): index of the draft each row kept, in `[0, num_drafts)`.
+        """
+
+
+class HeadsDrafter(Drafter):
+    """The heads' own drafts: each head's argmax (plain blockwise parallel decoding, the default)."""
+
+    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+        return state.head_argmax()[:, None]  # (B, 1, h)
+
+
+class DraftRescorer(Drafter):
+    """
+    A drafter written as a function of the heads' logits, like transformers' `LogitsProcessor`: subclasses implement
+    `__call__(input_ids, lengths, draft_logits) -> (batch, num_drafts, h)`. (This was the only drafter interface
+    before [`Drafter`]; subclasses written for it keep working unchanged.)
+    """
+
+    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+        return self(state.input_ids, state.lengths, state.draft_logits().float())
 
     def __call__(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, draft_logits: torch.FloatTensor
     ) -> torch.LongTensor:
         """
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch, buffer_len)`): committed tokens of each row (prompt with
-                its left padding, then generated tokens); only `input_ids[b, : lengths[b]]` is meaningful. The
-                last committed token `input_ids[b, lengths[b] - 1]` is the one the drafts continue.
+            input_ids (`torch.LongTensor` of shape `(batch, buffer_len)`): committed tokens of each row (see
+                [`DraftState`]).
             lengths (`torch.LongTensor` of shape `(batch,)`): committed length of each row.
             draft_logits (`torch.FloatTensor` of shape `(batch, h, vocab)`): head `i` scores the token `i + 1`
                 positions after the last committed token.
         Returns:
             `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} is a DraftRescorer without `__call__`: implement "
+            "`__call__(input_ids, lengths, draft_logits)`, or derive from `hf_bpd.logits.Drafter` and implement "
+            "`get_drafts(state)`."
+        )

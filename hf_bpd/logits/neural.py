@@ -2,9 +2,10 @@
 Local neural rescoring (Kim et al., section 7): a small causal LM that shares the tokenizer walks the top-k lattice
 left to right and picks, at each position, the token with the best interpolated score.
 
-The LM keeps its own KV cache across decode steps. Rows of a batch commit different numbers of tokens, and the cache
-has one length for all rows, so (as in `hf_bpd.generation`) each cache slot belongs to a row or is a *hole* of
-that row: holes are masked out of the 2D attention mask and position ids are counted per row.
+The LM keeps its own KV cache across decode steps and learns what each row accepted from the loop's `update`. Rows
+of a batch commit different numbers of tokens, and the cache has one length for all rows, so (as in
+`hf_bpd.generation`) each cache slot belongs to a row or is a *hole* of that row: holes are masked out of the 2D
+attention mask and position ids are counted per row.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ class NeuralRescorer(LatticeRescorer):
     Greedy walk of a small LM over the top-k lattice: at position `i` it picks
     `argmax_{t in S_i} (1 - alpha) * head_logprob_i(t) + alpha * lm_logprob(t | prefix, chosen_1..i-1)`.
 
-    The LM keeps its own [`~transformers.DynamicCache`] across the decode steps of one `generate` call: at each call
-    it compares its cached tokens with each row's committed prefix `input_ids[b, : lengths[b]]`, drops what differs
-    (holes, then `cache.crop` of the trailing slots no row uses) and feeds only the new committed tokens, batched
-    over rows. The walk then costs `h - 1` forwards of one token per row, which are cropped again afterwards (they
-    are drafts, not committed).
+    The LM keeps its own [`~transformers.DynamicCache`] across the decode steps of one `generate` call. At each step
+    it feeds only the committed tokens it does not hold yet (batched over rows), then walks the lattice with `h - 1`
+    forwards of one token per row. The walk's tokens are the draft: the loop's [`update`] says how many of them each
+    row accepted, and those stay in the cache; the others become holes of their row (masked out, with position ids
+    counted per row) and trailing slots no row uses are cropped. Nothing is re-derived by comparing tokens.
 
     Args:
         lm (`PreTrainedModel`): a causal LM sharing the base model's tokenizer and vocabulary (e.g. a small model of
@@ -68,17 +69,19 @@ class NeuralRescorer(LatticeRescorer):
         self.reset()
 
     def reset(self) -> None:
-        """Drop the KV cache and the statistics (called at the start of every `generate`)."""
+        """Start of a `generate` call: drop the KV cache and the statistics."""
         super().reset()
         self._cache: Any = None
-        self._slot_tokens: torch.LongTensor | None = None  # (B, L): token of each cache slot
-        self._slot_mask: torch.LongTensor | None = None  # (B, L): 1 where the slot is a real token of the row
+        self._slot_mask: torch.LongTensor | None = None  # (B, L): 1 where the slot is a committed token of the row
+        self._start: torch.LongTensor | None = None  # (B,): left padding of each row (not fed)
+        self._held: torch.LongTensor | None = None  # (B,): committed tokens of each row in the cache
+        self._walk = 0  # trailing slots holding the last walk's draft tokens, until `update` says what was kept
         self.last_lm_logprobs: torch.FloatTensor | None = None
 
     @property
     def cached_lengths(self) -> torch.LongTensor | None:
         """Committed tokens held in the LM's cache for each row, `(batch,)` (None before the first call)."""
-        return None if self._slot_mask is None else self._slot_mask.sum(-1)
+        return None if self._held is None else self._held.clone()
 
     @property
     def cache_length(self) -> int:
@@ -107,56 +110,68 @@ class NeuralRescorer(LatticeRescorer):
     def _crop(self, num_slots: int) -> None:
         if num_slots > 0:
             self._cache.crop(-num_slots)
-            self._slot_tokens = self._slot_tokens[:, :-num_slots]
             self._slot_mask = self._slot_mask[:, :-num_slots]
 
-    def _sync(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> torch.FloatTensor:
+    def _feed_committed(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> torch.FloatTensor:
         """
-        Bring the LM's cache to each row's committed prefix (longest common prefix kept, the rest fed in one batched
-        forward) and return the LM log-probabilities `(B, V)` of the token after the last committed token.
+        Feed each row's committed tokens that the cache does not hold yet (one batched forward) and return the LM
+        log-probabilities `(B, V)` of the token after the last committed token. What the cache holds is known from
+        the loop's feedback ([`update`]), so nothing is compared: the cache always holds a prefix of every row.
         """
         device = self.lm.device
         batch = input_ids.shape[0]
         if self._slot_mask is not None and self._slot_mask.shape[0] != batch:
             logger.debug("NeuralRescorer: batch size changed, dropping the cache.")
-            self._cache = self._slot_tokens = self._slot_mask = None
+            self._cache = self._slot_mask = None
+        lengths = lengths.to(device)
         if self._slot_mask is None:
-            self._slot_tokens = torch.zeros((batch, 0), dtype=torch.long, device=device)
             self._slot_mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
-        ids = input_ids.to(device)
-        starts = leading_pads(input_ids, lengths, self.pad_token_id).tolist()
-        ends = lengths.tolist()
-        new_tokens: list[torch.LongTensor] = []
-        kept_lengths: list[int] = []
-        for b in range(batch):
-            committed = ids[b, starts[b] : ends[b]]
-            slots = torch.nonzero(self._slot_mask[b]).flatten()
-            cached = self._slot_tokens[b, slots]
-            common = min(len(committed), len(cached))
-            differs = torch.nonzero(committed[:common] != cached[:common]).flatten()
-            keep = int(differs[0]) if len(differs) else common
-            keep = min(keep, len(committed) - 1)  # always feed the last committed token: its logits are needed
-            self._slot_mask[b, slots[keep:]] = 0  # rejected or stale slots become holes
-            kept_lengths.append(keep)
-            new_tokens.append(committed[keep:])
-        used = torch.nonzero(self._slot_mask.any(0)).flatten()
-        self._crop(self._slot_mask.shape[1] - (int(used[-1]) + 1 if len(used) else 0))  # trailing slots nobody uses
-
-        width = max(len(t) for t in new_tokens)
-        block = torch.zeros((batch, width), dtype=torch.long, device=device)
-        block_mask = torch.zeros_like(block)
-        for b, tokens in enumerate(new_tokens):
-            block[b, : len(tokens)] = tokens
-            block[b, len(tokens) :] = tokens[-1]  # holes: any valid id, masked out
-            block_mask[b, : len(tokens)] = 1
-        kept = torch.tensor(kept_lengths, device=device)
-        positions = kept[:, None] + torch.arange(width, device=device)  # (B, W)
+            self._start = leading_pads(input_ids, lengths, self.pad_token_id).to(device)
+            self._held = torch.zeros(batch, dtype=torch.long, device=device)
+        self._settle(torch.zeros(batch, dtype=torch.long, device=device))  # a walk nobody reported on: rejected
+        committed = lengths - self._start
+        if bool((self._held >= committed).any()):  # a shorter history than held (direct calls): drop the excess
+            self._drop_real_slots(torch.clamp(committed - 1, min=0))
+        new = committed - self._held  # (B,) >= 1: at least the last committed token, whose logits are needed
+        width = int(new.max())
+        offsets = torch.arange(width, device=device)
+        index = (self._start + self._held)[:, None] + offsets  # (B, W)
+        block_mask = (offsets[None] < new[:, None]).long()
+        block = input_ids.to(device).gather(1, index.clamp(max=input_ids.shape[1] - 1))  # holes: any valid id, masked
+        positions = self._held[:, None] + offsets
         mask = torch.cat([self._slot_mask, block_mask], dim=1)
-        last = torch.tensor([len(t) - 1 for t in new_tokens], device=device)
-        logits = self._forward(block, mask, positions, last)  # (B, V)
-        self._slot_tokens = torch.cat([self._slot_tokens, block], dim=1)
+        logits = self._forward(block, mask, positions, new - 1)  # (B, V)
         self._slot_mask = mask
+        self._held = committed.clone()
         return torch.log_softmax(logits.float(), dim=-1)
+
+    def _drop_real_slots(self, keep: torch.LongTensor) -> None:
+        """Keep only the first `keep[b]` committed tokens of each row in the cache: the later slots become holes."""
+        rank = self._slot_mask.cumsum(-1)  # 1-based rank of each real slot
+        self._slot_mask = self._slot_mask * (rank <= keep[:, None]).long()
+        self._held = torch.minimum(self._held, keep)
+        self._crop_unused()
+
+    def _crop_unused(self) -> None:
+        used = torch.nonzero(self._slot_mask.any(0)).flatten()
+        self._crop(self._slot_mask.shape[1] - (int(used[-1]) + 1 if len(used) else 0))
+
+    def _settle(self, accepted: torch.LongTensor) -> None:
+        """The walk's first `accepted[b]` tokens were committed: keep them; the rest of the walk becomes holes."""
+        if self._walk == 0:
+            return
+        walk = self._slot_mask.shape[1] - self._walk
+        kept = accepted.to(self._slot_mask.device).clamp(min=0, max=self._walk)  # -1 (finished rows) keeps none
+        inside = torch.arange(self._walk, device=kept.device)[None] < kept[:, None]
+        self._slot_mask[:, walk:] = inside.long()
+        self._held = self._held + kept
+        self._walk = 0
+        self._crop_unused()
+
+    def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
+        """Keep the accepted part of the last walk in the LM's cache (a row's walk tokens are its draft)."""
+        if self._slot_mask is not None:
+            self._settle(accepted_lengths)
 
     def _rescore(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
@@ -173,8 +188,8 @@ class NeuralRescorer(LatticeRescorer):
         device = self.lm.device
         tokens = lattice.tokens.to(device)
         head = lattice.logprobs.to(device)
-        logprobs = self._sync(input_ids, lengths)  # (B, V)
-        real = self._slot_mask.sum(-1)  # (B,): position id of the next token of each row
+        logprobs = self._feed_committed(input_ids, lengths)  # (B, V)
+        real = self._held  # (B,): position id of the next token of each row
         chosen, lm_scores = [], []
         for i in range(h):
             lm_i = logprobs.gather(-1, tokens[:, i])  # (B, k)
@@ -185,9 +200,8 @@ class NeuralRescorer(LatticeRescorer):
                 break
             step = tokens[:, i].gather(1, pick[:, None])  # (B, 1)
             self._slot_mask = torch.cat([self._slot_mask, torch.ones((batch, 1), dtype=torch.long, device=device)], 1)
-            self._slot_tokens = torch.cat([self._slot_tokens, step], dim=1)
             logits = self._forward(step, self._slot_mask, (real + i)[:, None], torch.zeros_like(real))
             logprobs = torch.log_softmax(logits.float(), dim=-1)
-        self._crop(h - 1)  # the walk's tokens are drafts, not committed
+        self._walk = h - 1  # the walk's tokens are drafts: `update` keeps the accepted ones, the rest become holes
         self.last_lm_logprobs = torch.stack(lm_scores, dim=1)  # (B, h, k)
         return torch.stack(chosen, dim=1)[:, None].to(lattice.tokens.device)  # (B, 1, h)

@@ -221,7 +221,7 @@ class NgramRescorer(LatticeRescorer):
     row.
 
     The n-gram is a KenLM model (ARPA or binary) whose words are the base model's token ids written in decimal
-    (`"17"`): build one with `hf-bpd build-ngram` ([`~hf_bpd.logits.build_ngram.build_ngram`]).
+    (`"17"`): build one with `hf-bpd build-ngram` ([`~hf_bpd.tools.build_ngram.build_ngram`]).
 
     Args:
         model (`str`, `os.PathLike` or `kenlm.Model`): path to the KenLM model, or a loaded model.

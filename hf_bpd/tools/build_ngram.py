@@ -2,7 +2,7 @@
 Build a KenLM n-gram over the token ids of a tokenizer, for [`~hf_bpd.logits.NgramRescorer`].
 
     hf-bpd build-ngram corpus/*.txt corpus/kjv.jsonl --tokenizer reference/tokenizer --order 4 --output ngram4.bin
-    python -m hf_bpd.logits.build_ngram corpus.txt --tokenizer gpt2 --order 4 --prune 0 1 1 --output ngram4.bin
+    python -m hf_bpd.tools.build_ngram corpus.txt --tokenizer gpt2 --order 4 --prune 0 1 1 --output ngram4.bin
 
 Each document becomes one line of space-separated token ids; KenLM's `lmplz` estimates the model (modified
 Kneser-Ney) and `build_binary` compacts it (a quantised trie by default). `lmplz` and `build_binary` are not in the
@@ -13,7 +13,6 @@ PATH.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -22,10 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from ..data import iter_documents
+
 logger = logging.getLogger(__name__)
 
 _BINARIES = ("lmplz", "build_binary")
-_DEFAULT_BIN = Path(__file__).resolve().parents[2] / "third_party" / "kenlm" / "bin"  # scripts/build_kenlm.sh
+_DEFAULT_BIN = Path("third_party") / "kenlm" / "bin"  # where scripts/build_kenlm.sh installs them (source checkout)
 
 
 def find_kenlm_binary(name: str, kenlm_bin: str | os.PathLike | None = None) -> Path:
@@ -33,7 +34,7 @@ def find_kenlm_binary(name: str, kenlm_bin: str | os.PathLike | None = None) -> 
     Locate a KenLM program (`lmplz` or `build_binary`).
 
     Looked up in order: the `kenlm_bin` folder, the `KENLM_BIN` environment variable, PATH, then
-    `third_party/kenlm/bin` of a source checkout (where `scripts/build_kenlm.sh` installs them).
+    `third_party/kenlm/bin` under the current directory (where `scripts/build_kenlm.sh` installs them).
 
     Raises:
         FileNotFoundError: with how to build the programs.
@@ -53,38 +54,6 @@ def find_kenlm_binary(name: str, kenlm_bin: str | os.PathLike | None = None) -> 
         "pip wheel: build it with `bash scripts/build_kenlm.sh` (add --install-deps for the apt packages) and pass "
         "--kenlm-bin third_party/kenlm/bin or set KENLM_BIN."
     )
-
-
-def iter_documents(
-    paths: Sequence[str | os.PathLike], text_field: str = "text", line_per_document: bool = False
-) -> Iterator[str]:
-    """
-    Yield the documents of text corpora.
-
-    Args:
-        paths: `.jsonl` files (one JSON object a line, text under `text_field`), `.json` files (a list of such
-            objects) or plain text files (one document per file, or per line with `line_per_document`).
-        text_field (`str`, defaults to `"text"`): the JSON field holding the text.
-        line_per_document (`bool`, defaults to `False`): split plain text files into one document per line.
-    """
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {path}")
-        if path.suffix in (".jsonl", ".json"):
-            with open(path, encoding="utf-8") as handle:
-                records = json.load(handle) if path.suffix == ".json" else (json.loads(l) for l in handle if l.strip())
-                for number, record in enumerate(records, 1):
-                    if text_field not in record:
-                        raise ValueError(f"{path}: record {number} has no field {text_field!r} ({sorted(record)}).")
-                    if record[text_field]:
-                        yield record[text_field]
-        else:
-            text = path.read_text(encoding="utf-8")
-            if line_per_document:
-                yield from (line for line in text.splitlines() if line.strip())
-            elif text.strip():
-                yield text
 
 
 def write_token_corpus(
@@ -149,7 +118,7 @@ def build_ngram(
     Build a KenLM n-gram whose words are the token ids of `tokenizer`.
 
     Args:
-        corpus_files: text, `.jsonl` or `.json` corpora (see [`iter_documents`]).
+        corpus_files: text, `.jsonl` or `.json` corpora (see [`~hf_bpd.data.iter_documents`]).
         tokenizer (`str` or tokenizer): a tokenizer, or a name/path for `AutoTokenizer.from_pretrained`; must be
             the base model's.
         output (`str` or `os.PathLike`): the model to write; a `.arpa` suffix writes ARPA text, anything else a
@@ -163,7 +132,8 @@ def build_ngram(
         quantize_bits (`int`, *optional*, defaults to 8): trie quantisation bits for probabilities and backoffs
             (`-q N -b N`); None stores full floats.
         kenlm_bin: folder holding `lmplz` and `build_binary` (see [`find_kenlm_binary`]).
-        text_field, line_per_document, max_documents: see [`iter_documents`].
+        text_field, line_per_document: see [`~hf_bpd.data.iter_documents`].
+        max_documents (`int`, *optional*): use at most this many documents.
         memory (`str`, defaults to `"20%"`): `lmplz -S` memory budget.
         keep_arpa (`bool`, defaults to `False`): keep the intermediate ARPA next to a binary output.
     Returns:
@@ -239,7 +209,7 @@ def run_from_args(args: argparse.Namespace) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`hf-bpd build-ngram` / `python -m hf_bpd.logits.build_ngram`."""
+    """`hf-bpd build-ngram` / `python -m hf_bpd.tools.build_ngram`."""
     parser = argparse.ArgumentParser(description="Build a KenLM n-gram over token ids.", prog="build-ngram")
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

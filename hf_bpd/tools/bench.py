@@ -1,37 +1,63 @@
 """
 `hf-bpd bench`: every decoding method on the same prompts, in one run, with interleaved repeats.
 
-Methods: `greedy` (the base model's own generate), `bpd` (heads' argmax drafts), `bpd-ngram` (global KenLM
-rescoring, best path), `bpd-neural` (local rescoring with the small LM), `bpd-pbest` (p best n-gram paths verified
-together), `bpd-pbest0` (p best paths by head scores alone), `pld` (transformers' prompt lookup decoding),
-`assisted` (transformers' assisted decoding with the small LM as draft model) and `oracle` (oracle top-k block
-efficiency: the heads' top-k lattice with a perfect chooser; measures headroom, no wall clock).
-
-Block efficiency is measured the same way for every method: generated tokens / (forward calls of the base model x
-rows in the batch), i.e. tokens per row per serial call (calls counted by a forward hook), so BPD, prompt lookup and
-assisted decoding compare on one scale and plain greedy scores 1 at every batch size. transformers' prompt lookup
-and assisted decoding support batch size 1 only: at larger batch sizes they are reported as `unsupported`.
+The methods are listed in `METHODS` (and by `hf-bpd bench --help`). Every figure is defined once, in
+`hf_bpd.metrics`: block efficiency is generated tokens per serial call of the base model per row, so BPD, prompt
+lookup and assisted decoding compare on one scale and plain greedy scores 1 at every batch size (BPD's calls per row
+come from its accepted lengths; prompt lookup's and assisted decoding's from a forward hook, at batch size 1).
+transformers' prompt lookup and assisted decoding support batch size 1 only: at larger batch sizes they are
+reported as `unsupported`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from .logits.base import DraftRescorer
-from .modeling_bpd import BPDForCausalLM
+from .. import metrics
+from ..data import tokenize_prompts
+from ..logits import RESCORER_DEFAULTS, Drafter, OracleDrafter
+from ..modeling_bpd import BPDForCausalLM
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("greedy", "bpd", "bpd-ngram", "bpd-neural", "bpd-pbest", "bpd-pbest0", "pld", "assisted", "oracle")
+METHOD_HELP = {
+    "greedy": "the base model's own generate (the reference for identity and speedup)",
+    "bpd": "blockwise parallel decoding with the heads' argmax drafts",
+    "bpd-ngram": "global KenLM n-gram rescoring of the heads' top-k lattice, best path (needs --ngram)",
+    "bpd-neural": "local rescoring with the small LM (needs --small-lm)",
+    "bpd-pbest": "the p best n-gram paths verified together (needs --ngram)",
+    "bpd-pbest0": "the p best lattice paths by head scores alone",
+    "pld": "transformers' prompt lookup decoding (batch size 1)",
+    "assisted": "transformers' assisted decoding with the small LM as draft model (batch size 1; needs --small-lm)",
+    "oracle": "oracle top-k: the heads' top-k lattice with a perfect chooser (headroom; no wall clock)",
+}
+METHODS = tuple(METHOD_HELP)
+
+
+def parse_methods(methods: str | list[str] | None) -> list[str]:
+    """
+    Method names from a comma- or space-separated list (None: all), checked before anything is loaded.
+
+    Raises:
+        ValueError: naming the unknown methods and listing the valid ones.
+    """
+    if methods is None:
+        return list(METHODS)
+    items = [methods] if isinstance(methods, str) else list(methods)
+    names = [name.strip() for item in items for name in item.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+    if not names:
+        raise ValueError(f"No method given; choose from {', '.join(METHODS)}.")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -50,32 +76,13 @@ class BenchConfig:
     max_new_tokens: int = 64
     batch_size: int = 1
     repeats: int = 3
-    top_k: int = 4
-    num_drafts: int = 4
-    alpha_ngram: float = 0.5
-    alpha_neural: float = 0.5
-    oracle_top_k: int = 8
+    top_k: int = RESCORER_DEFAULTS.top_k
+    num_drafts: int = RESCORER_DEFAULTS.num_drafts
+    alpha_ngram: float = RESCORER_DEFAULTS.alpha_ngram
+    alpha_neural: float = RESCORER_DEFAULTS.alpha_neural
+    oracle_top_k: int = RESCORER_DEFAULTS.oracle_top_k
     pld_tokens: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-class OracleTopKDrafter(DraftRescorer):
-    """
-    The best path of the heads' top-k lattice, chosen with knowledge of the reference continuation: the draft
-    follows the reference while each reference token lies in that head's top-k (Kim et al.'s oracle top-k).
-    """
-
-    def __init__(self, reference: torch.LongTensor, top_k: int):
-        self.reference, self.top_k = reference, top_k
-
-    def __call__(self, input_ids, lengths, draft_logits):
-        batch, num_heads, _ = draft_logits.shape
-        padded = torch.nn.functional.pad(self.reference, (0, num_heads), value=0)
-        index = (lengths[:, None] + torch.arange(num_heads)).clamp(max=padded.shape[1] - 1)
-        wanted = padded.gather(1, index)  # (B, h)
-        top = draft_logits.topk(min(self.top_k, draft_logits.shape[-1]), dim=-1).indices  # (B, h, k)
-        inside = (top == wanted[..., None]).any(-1).long().cumprod(-1).bool()
-        return torch.where(inside, wanted, top[..., 0])[:, None]
 
 
 class ForwardCounter:
@@ -97,7 +104,7 @@ class Resources:
     tokenizer: Any
     small_lm: Any = None
     ngram_path: str | None = None
-    rescorers: dict[str, DraftRescorer] = field(default_factory=dict)  # built once per method (loading not timed)
+    rescorers: dict[str, Drafter] = field(default_factory=dict)  # built once per method (loading not timed)
 
 
 # transformers' assisted generation (prompt lookup included) raises for batch size > 1 (transformers 5.x).
@@ -120,7 +127,8 @@ def method_kwargs(method: str, res: Resources, cfg: BenchConfig, reference: torc
         return {"assistant_model": res.small_lm}
     kwargs: dict[str, Any] = {"use_bpd": True, "return_dict_in_generate": True}
     if method == "oracle":
-        kwargs["draft_rescorer"] = OracleTopKDrafter(reference, cfg.oracle_top_k)
+        pad = res.tokenizer.pad_token_id
+        kwargs["draft_rescorer"] = OracleDrafter(reference, pad if pad is not None else 0, top_k=cfg.oracle_top_k)
     elif method != "bpd":
         if method not in res.rescorers:
             res.rescorers[method] = make_rescorer(method, res, cfg)
@@ -128,9 +136,9 @@ def method_kwargs(method: str, res: Resources, cfg: BenchConfig, reference: torc
     return kwargs
 
 
-def make_rescorer(method: str, res: Resources, cfg: BenchConfig) -> DraftRescorer:
+def make_rescorer(method: str, res: Resources, cfg: BenchConfig) -> Drafter:
     """The rescorer of a `bpd-*` method (kenlm is imported lazily by `NgramRescorer`)."""
-    from . import logits as L
+    from .. import logits as L
 
     pad = res.tokenizer.pad_token_id
     if method in ("bpd-ngram", "bpd-pbest"):
@@ -152,22 +160,18 @@ def _need(value: Any, method: str, what: str) -> Any:
 
 
 def batches(prompts: list[dict], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Left-padded tokenised batches of the prompts' `"prompt"` texts."""
-    tokenizer.padding_side = "left"
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        texts = [p["prompt"] for p in prompts[i : i + batch_size]]
-        out.append(dict(tokenizer(texts, return_tensors="pt", padding=True)))
-    return out
+    """Left-padded tokenised batches of [`~hf_bpd.data.load_prompts`] rows."""
+    return tokenize_prompts(prompts, tokenizer, batch_size)
 
 
 def run_method(
     method: str, res: Resources, cfg: BenchConfig, inputs: list[dict[str, torch.Tensor]], references: list[torch.Tensor] | None
 ) -> dict[str, Any]:
-    """One pass of a method over all batches: outputs, seconds, and counters."""
+    """One pass of a method over all batches: outputs, seconds, and the counts `hf_bpd.metrics` turns into figures."""
     model = res.model
+    pad = res.tokenizer.pad_token_id
     counter = ForwardCounter(model.base)
-    outputs, generated, accepted, draft_s, steps, row_calls = [], 0, [], 0.0, 0, 0
+    outputs, accepted, tokens, calls, draft_s, steps = [], [], 0, 0, 0.0, 0
     start = time.perf_counter()
     try:
         for i, batch in enumerate(inputs):
@@ -175,29 +179,30 @@ def run_method(
             gen = model if kwargs.get("use_bpd") else model.base
             calls_before = counter.calls
             out = gen.generate(**batch, max_new_tokens=cfg.max_new_tokens, do_sample=False, **kwargs)
-            # a forward call advances every row of the batch: efficiency is per row
-            row_calls += (counter.calls - calls_before) * batch["input_ids"].shape[0]
             seq = out.sequences if hasattr(out, "sequences") else out
             outputs.append(seq)
-            prompt_len = batch["input_ids"].shape[1]
-            new = seq[:, prompt_len:]
-            generated += int((new != res.tokenizer.pad_token_id).sum()) if res.tokenizer.pad_token_id is not None else new.numel()
-            if hasattr(out, "accepted_lengths"):
-                acc = out.accepted_lengths
-                accepted.extend(acc[acc >= 0].tolist())
+            new = seq[:, batch["input_ids"].shape[1] :]
+            row_tokens = (new != pad).sum(-1) if pad is not None else torch.full((new.shape[0],), new.shape[1])
+            if hasattr(out, "accepted_lengths"):  # BPD: the calls each row took part in, from its accepted lengths
+                row_calls = metrics.rows_from_accepted(out.accepted_lengths)[1]
+                accepted.append(out.accepted_lengths.flatten())
                 draft_s += out.draft_time_s
-                steps += out.num_serial_calls
+                steps += out.accepted_lengths.shape[0]
+            elif method == "greedy":  # plain decoding: one token per row per call
+                row_calls = row_tokens
+            else:  # prompt lookup / assisted decoding (batch size 1): the calls the forward hook counted
+                row_calls = torch.full_like(row_tokens, counter.calls - calls_before)
+            tokens += int(row_tokens.sum())
+            calls += int(row_calls.sum())
     finally:
         counter.handle.remove()
-    elapsed = time.perf_counter() - start
     return {
         "outputs": outputs,
-        "seconds": elapsed,
-        "generated": generated,
-        "serial_calls": counter.calls,
-        "row_calls": row_calls,
-        "accepted": accepted,
-        "draft_ms_per_step": 1e3 * draft_s / steps if steps else 0.0,
+        "seconds": time.perf_counter() - start,
+        "generated": tokens,
+        "row_calls": calls,
+        "accepted": torch.cat(accepted) if accepted else torch.zeros(0, dtype=torch.long),
+        "draft_ms_per_step": metrics.draft_ms_per_step(draft_s, steps),
     }
 
 
@@ -216,9 +221,7 @@ def benchmark(
         figures are `block_efficiency`, `tokens_per_s`, `speedup_vs_greedy`, `identical_to_greedy`,
         `mean_accepted_length`, `rescoring_ms_per_step`, `seconds`.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {', '.join(METHODS)}.")
+    methods = parse_methods(methods)
     if "greedy" not in methods:
         methods = ["greedy", *methods]  # the reference for identity and speedup
     unsupported = {m: BATCH1_ONLY[m] for m in methods if m in BATCH1_ONLY and cfg.batch_size > 1}
@@ -255,16 +258,18 @@ def _figures(method: str, runs: list[dict], greedy_runs: list[dict], greedy_ref:
     greedy_seconds = statistics.median(r["seconds"] for r in greedy_runs)
     first = runs[0]
     identical = all(torch.equal(a, b) for a, b in zip(first["outputs"], greedy_ref))
-    accepted = first["accepted"]
+    mean_accepted = metrics.mean_accepted_length(first["accepted"])
     fig = {
-        "block_efficiency": round(first["generated"] / max(first["row_calls"], 1), 3),
-        "tokens_per_s": round(first["generated"] / seconds, 2),
-        "speedup_vs_greedy": round(greedy_seconds / seconds, 3),
+        "block_efficiency": round(metrics.block_efficiency(first["generated"], first["row_calls"]), 3),
+        "tokens_per_s": round(metrics.tokens_per_second(first["generated"], seconds), 2),
+        "speedup_vs_greedy": round(metrics.speedup(greedy_seconds, seconds), 3),
         "identical_to_greedy": identical,
-        "mean_accepted_length": round(sum(accepted) / len(accepted), 3) if accepted else None,
+        "mean_accepted_length": round(mean_accepted, 3) if mean_accepted is not None else None,
         "rescoring_ms_per_step": round(first["draft_ms_per_step"], 3),
         "seconds": round(seconds, 3),
         "generated_tokens": first["generated"],
+        "row_calls": first["row_calls"],
+        "steps": int((first["accepted"] >= 0).sum()),
     }
     if method == "oracle":  # headroom measure: no wall clock
         fig["tokens_per_s"] = fig["speedup_vs_greedy"] = None
@@ -272,22 +277,23 @@ def _figures(method: str, runs: list[dict], greedy_runs: list[dict], greedy_ref:
 
 
 def _overall(method: str, domains: dict[str, Any]) -> dict[str, Any]:
-    """Totals over domains: efficiency and speed from summed tokens, calls and seconds."""
+    """Totals over domains: every figure from summed tokens, calls, steps and seconds (the same rules as per domain)."""
     figs = [d["methods"][method] for d in domains.values()]
     greedy = [d["methods"]["greedy"] for d in domains.values()]
     tokens = sum(f["generated_tokens"] for f in figs)
     seconds = sum(f["seconds"] for f in figs)
-    eff = [f["block_efficiency"] for f in figs]
-    acc = [f["mean_accepted_length"] for f in figs if f["mean_accepted_length"] is not None]
-    out = {
-        "block_efficiency": round(statistics.mean(eff), 3),
-        "tokens_per_s": round(tokens / seconds, 2) if method != "oracle" else None,
-        "speedup_vs_greedy": round(sum(g["seconds"] for g in greedy) / seconds, 3) if method != "oracle" else None,
+    steps = sum(f["steps"] for f in figs)
+    accepted = [(f["mean_accepted_length"], f["steps"]) for f in figs if f["mean_accepted_length"] is not None]
+    rescoring = sum(f["rescoring_ms_per_step"] * f["steps"] for f in figs)
+    return {
+        "block_efficiency": round(metrics.block_efficiency(tokens, sum(f["row_calls"] for f in figs)), 3),
+        "tokens_per_s": round(metrics.tokens_per_second(tokens, seconds), 2) if method != "oracle" else None,
+        "speedup_vs_greedy": round(metrics.speedup(sum(g["seconds"] for g in greedy), seconds), 3)
+        if method != "oracle" else None,
         "identical_to_greedy": all(f["identical_to_greedy"] for f in figs),
-        "mean_accepted_length": round(statistics.mean(acc), 3) if acc else None,
-        "rescoring_ms_per_step": round(statistics.mean(f["rescoring_ms_per_step"] for f in figs), 3),
+        "mean_accepted_length": round(sum(m * n for m, n in accepted) / steps, 3) if accepted and steps else None,
+        "rescoring_ms_per_step": round(rescoring / steps, 3) if steps else 0.0,
     }
-    return out
 
 
 def format_table(report: dict[str, Any]) -> str:
@@ -304,22 +310,3 @@ def format_table(report: dict[str, Any]) -> str:
             else:
                 lines.append(f"{m:<12}" + "".join(f"{str(f.get(c)):>24}" for c in cols))
     return "\n".join(lines)
-
-
-def load_prompts(path: str | Path, max_prompts_per_domain: int | None = None) -> list[dict]:
-    """Read a prompts JSONL (`{"prompt": text, "domain": optional}` a line), keeping at most N per domain."""
-    prompts, seen = [], {}
-    for i, line in enumerate(Path(path).read_text().splitlines()):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise ValueError(f"{path}:{i + 1}: every line needs a non-empty \"prompt\" text field.")
-        domain = row.setdefault("domain", "all")
-        seen[domain] = seen.get(domain, 0) + 1
-        if max_prompts_per_domain is None or seen[domain] <= max_prompts_per_domain:
-            prompts.append(row)
-    if not prompts:
-        raise ValueError(f"{path} holds no prompts.")
-    return prompts
-

@@ -3,7 +3,7 @@ Tune a rescorer's `alpha`, `top_k` and `num_drafts` on held-out prompts by block
 `alpha` per dataset this way).
 
     hf-bpd tune --model reference/heads --rescorer ngram --ngram ngram4.bin --alphas 0 0.25 0.5 0.75 --top-ks 4 8
-    python -m hf_bpd.logits.tuning --model DIR --rescorer neural --lm reference/small --prompts prompts.jsonl
+    python -m hf_bpd.tools.tune --model DIR --rescorer neural --lm reference/small --prompts prompts.jsonl
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .base import DraftRescorer
+from .. import metrics
+from ..data import load_prompts, tokenize_prompts
+from ..logits.base import Drafter
 
 logger = logging.getLogger(__name__)
 
-RescorerFactory = Callable[..., DraftRescorer]  # make_rescorer(alpha=..., top_k=..., num_drafts=...)
+RescorerFactory = Callable[..., Drafter]  # make_rescorer(alpha=..., top_k=..., num_drafts=...)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def _as_prompts(prompts_ids: Sequence[torch.LongTensor] | torch.LongTensor) -> l
 
 def evaluate_rescorer(
     model: Any,
-    rescorer: DraftRescorer | None,
+    rescorer: Drafter | None,
     prompts: list[torch.LongTensor],
     max_new_tokens: int,
     **generate_kwargs: Any,
@@ -74,10 +76,10 @@ def evaluate_rescorer(
     Decode each prompt alone with `generate(..., use_bpd=True)` and average the statistics.
 
     Returns:
-        `dict` with `block_efficiency` (mean over prompts), `tokens_per_s` (all tokens / all wall time) and
-        `rescore_ms_per_call` (rescoring time per draft step, when the rescorer keeps `time_s` and `calls`).
+        `dict` with `block_efficiency`, `tokens_per_s` and `rescore_ms_per_call` (drafting time per verify step, as
+        the loop measures it), all as `hf_bpd.metrics` defines them, over all prompts.
     """
-    efficiencies, tokens, wall, rescore_s, calls = [], 0, 0.0, 0.0, 0
+    tokens, calls, wall, draft_s, steps = 0, 0, 0.0, 0.0, 0
     for ids in prompts:
         ids = ids.to(model.device)
         start = time.perf_counter()
@@ -86,14 +88,14 @@ def evaluate_rescorer(
             draft_rescorer=rescorer, return_dict_in_generate=True, **generate_kwargs,
         )  # fmt: skip
         wall += time.perf_counter() - start
-        efficiencies.append(float(out.block_efficiency))
         tokens += int(out.num_generated_tokens)
-        rescore_s += float(getattr(rescorer, "time_s", 0.0))  # statistics restart at every generate (reset)
-        calls += int(getattr(rescorer, "calls", 0))
+        calls += int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
+        draft_s += out.draft_time_s
+        steps += out.accepted_lengths.shape[0]
     return {
-        "block_efficiency": sum(efficiencies) / len(efficiencies),
-        "tokens_per_s": tokens / max(wall, 1e-9),
-        "rescore_ms_per_call": 1000.0 * rescore_s / calls if calls else 0.0,
+        "block_efficiency": metrics.block_efficiency(tokens, calls),
+        "tokens_per_s": metrics.tokens_per_second(tokens, wall),
+        "rescore_ms_per_call": metrics.draft_ms_per_step(draft_s, steps),
     }
 
 
@@ -164,39 +166,14 @@ def tune_rescorer(
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def load_prompt_texts(path: str | Path, field_name: str = "prompt", max_prompts: int | None = None) -> list[str]:
-    """Prompts from a `.jsonl` file (`field_name`, else `"text"`) or a text file (one prompt a line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    texts: list[str] = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.strip():
-                continue
-            if path.suffix == ".jsonl":
-                record = json.loads(line)
-                text = record.get(field_name, record.get("text"))
-                if text is None:
-                    raise ValueError(f"{path}: a record has neither {field_name!r} nor 'text' ({sorted(record)}).")
-            else:
-                text = line.rstrip("\n")
-            texts.append(text)
-            if max_prompts is not None and len(texts) >= max_prompts:
-                break
-    return texts
-
-
 def _make_factory(args: argparse.Namespace, model: Any, tokenizer: Any) -> RescorerFactory:
-    from .neural import NeuralRescorer
-    from .ngram import NgramRescorer
-    from .pbest import PBestRescorer
+    from ..logits import NeuralRescorer, NgramRescorer, PBestRescorer
 
     vocab = model.config.base_vocab_size
     if args.rescorer == "ngram":
         if not args.ngram:
             raise SystemExit("--rescorer ngram needs --ngram PATH (a KenLM model over token ids).")
-        from .ngram import load_kenlm
+        from ..logits.ngram import load_kenlm
 
         ngram, _ = load_kenlm(args.ngram)  # loaded once, shared by every configuration
         NgramRescorer(ngram, top_k=1, vocab_size=vocab)  # fail early on a foreign vocabulary
@@ -208,7 +185,7 @@ def _make_factory(args: argparse.Namespace, model: Any, tokenizer: Any) -> Resco
 
         lm = AutoModelForCausalLM.from_pretrained(args.lm, dtype=torch.float32).to(model.device).eval()
 
-        def neural(alpha: float, top_k: int, num_drafts: int) -> DraftRescorer:
+        def neural(alpha: float, top_k: int, num_drafts: int) -> Drafter:
             if num_drafts != 1:
                 raise ValueError("NeuralRescorer proposes one draft (num_drafts=1).")
             return NeuralRescorer(lm, top_k=top_k, alpha=alpha, pad_token_id=tokenizer.pad_token_id)
@@ -225,8 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rescorer", choices=("ngram", "neural", "pbest"), required=True)
     parser.add_argument("--ngram", default=None, help="KenLM model over token ids (for --rescorer ngram).")
     parser.add_argument("--lm", default=None, help="Small causal LM folder/name (for --rescorer neural).")
-    parser.add_argument("--prompts", required=True, help='Held-out prompts: JSONL ({"prompt": ...}) or text lines.')
-    parser.add_argument("--prompt-field", default="prompt", help="JSONL field of the prompt text.")
+    parser.add_argument("--prompts", required=True,
+                        help='Held-out prompts: JSONL ({"prompt": text} or {"messages": chat}) or text lines.')  # fmt: skip
     parser.add_argument("--max-prompts", type=int, default=20, help="Use the first N prompts (default 20).")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="Keep the last N prompt tokens.")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -245,9 +222,9 @@ def run_from_args(args: argparse.Namespace) -> TuningResult:
 
     model = BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, args.base))
-    texts = load_prompt_texts(args.prompts, args.prompt_field, args.max_prompts)
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"][-args.max_prompt_tokens :] for t in texts]
-    prompts = [torch.tensor(ids) for ids in encoded if ids]
+    rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
+    batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
+    prompts = [batch["input_ids"][0] for batch in batches if batch["input_ids"].numel()]
     result = tune_rescorer(
         model, _make_factory(args, model, tokenizer), prompts, alphas=args.alphas, top_ks=args.top_ks,
         num_drafts_list=args.num_drafts, max_new_tokens=args.max_new_tokens,
@@ -258,7 +235,7 @@ def run_from_args(args: argparse.Namespace) -> TuningResult:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`hf-bpd tune` / `python -m hf_bpd.logits.tuning`."""
+    """`hf-bpd tune` / `python -m hf_bpd.tools.tune`."""
     parser = argparse.ArgumentParser(description="Tune a draft rescorer by block efficiency.", prog="tune")
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

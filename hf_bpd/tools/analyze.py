@@ -18,36 +18,43 @@ from typing import Any
 
 import torch
 
-from .benchmark import OracleTopKDrafter, Resources, batches
-from .logits.base import DraftRescorer
+from .. import metrics
+from ..logits import Drafter, DraftState, OracleDrafter
+from .bench import Resources, batches
 
 logger = logging.getLogger(__name__)
 
 
-class DraftRecorder(DraftRescorer):
+class DraftRecorder(Drafter):
     """
-    Records, at every decode step, the heads' entropies and the drafts (plain argmax, and optionally what another
-    rescorer would propose), while drafting with the plain argmax (so the decode itself is plain BPD).
+    Drafts with the heads' argmax (so the decode is plain BPD) and records, at every step of one `generate` call,
+    the heads' entropies and drafts, and optionally what another drafter would propose. `reset` (the start of a
+    `generate` call) clears the records, as for every drafter: read them after each call.
     """
 
-    def __init__(self, compare: DraftRescorer | None = None):
+    def __init__(self, compare: Drafter | None = None):
         self.compare = compare
+        self.reset()
+
+    def reset(self) -> None:
         self.entropies: list[torch.Tensor] = []  # (B, h) per step
         self.drafts: list[torch.Tensor] = []
         self.compared: list[torch.Tensor] = []
-
-    def reset(self) -> None:
         if self.compare is not None:
             self.compare.reset()
 
-    def __call__(self, input_ids, lengths, draft_logits):
-        logp = torch.log_softmax(draft_logits.float(), dim=-1)
+    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+        logp = torch.log_softmax(state.draft_logits().float(), dim=-1)
         self.entropies.append(-(logp.exp() * logp).sum(-1))
-        drafts = draft_logits.argmax(-1)  # (B, h)
+        drafts = state.head_argmax()  # (B, h)
         self.drafts.append(drafts)
         if self.compare is not None:
-            self.compared.append(self.compare(input_ids, lengths, draft_logits)[:, 0])
+            self.compared.append(self.compare.get_drafts(state)[:, 0])
         return drafts[:, None]
+
+    def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
+        if self.compare is not None:  # the compared drafter sees what was really kept: the argmax draft
+            self.compare.update(accepted_lengths, torch.zeros_like(chosen))
 
 
 def repetition_stats(drafts: torch.Tensor) -> dict[str, float]:
@@ -82,7 +89,7 @@ def analyze(
     prompts: list[dict],
     max_new_tokens: int,
     top_ks: tuple[int, ...] = (1, 2, 4, 8, 16),
-    compare: DraftRescorer | None = None,
+    compare: Drafter | None = None,
     batch_size: int = 1,
 ) -> dict[str, Any]:
     """Run the analyses per domain; returns JSON-ready figures plus raw arrays under `"_raw"` for plotting."""
@@ -91,32 +98,40 @@ def analyze(
     for domain in sorted({p.get("domain", "all") for p in prompts}):
         inputs = batches([p for p in prompts if p.get("domain", "all") == domain], res.tokenizer, batch_size)
         recorder = DraftRecorder(compare)
-        accepted, oracle = [], {k: [0, 0] for k in top_ks}
+        pad = res.tokenizer.pad_token_id if res.tokenizer.pad_token_id is not None else 0
+        accepted, entropies, drafts, compared = [], [], [], []
+        oracle = {k: [0, 0] for k in top_ks}
         for batch in inputs:
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
                                  draft_rescorer=recorder, return_dict_in_generate=True)  # fmt: skip
-            acc = out.accepted_lengths
-            accepted.extend(acc[acc >= 0].tolist())
+            accepted.append(out.accepted_lengths.flatten())
+            entropies += recorder.entropies
+            drafts += recorder.drafts
+            compared += recorder.compared
             for k in top_ks:
                 o = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
-                                   draft_rescorer=OracleTopKDrafter(out.sequences, k), return_dict_in_generate=True)  # fmt: skip
+                                   draft_rescorer=OracleDrafter(out.sequences, pad, top_k=k),
+                                   return_dict_in_generate=True)  # fmt: skip
+                _, calls = metrics.rows_from_accepted(o.accepted_lengths)
                 oracle[k][0] += o.num_generated_tokens
-                oracle[k][1] += o.num_serial_calls * o.sequences.shape[0]
-        entropies = torch.cat(recorder.entropies)  # (steps*B, h)
+                oracle[k][1] += int(calls.sum())
+        entropies = torch.cat(entropies)  # (steps*B, h)
         mean_entropy = entropies.mean(0).tolist()
-        eff = {k: round(t / c, 3) for k, (t, c) in oracle.items()}
+        eff = {k: round(metrics.block_efficiency(t, c), 3) for k, (t, c) in oracle.items()}
+        accepted = torch.cat(accepted)
+        stats = metrics.accepted_length_stats(accepted)
         figures = {
             "mean_entropy_per_head": [round(e, 3) for e in mean_entropy],
             "h_max": h_max(mean_entropy),
-            "repetition_plain": repetition_stats(torch.cat(recorder.drafts)),
+            "repetition_plain": repetition_stats(torch.cat(drafts)),
             "oracle_block_efficiency": eff,
             "oracle_gain_vs_k1": {k: round(v / eff[top_ks[0]] - 1, 3) for k, v in eff.items()},
-            "mean_accepted_length": round(sum(accepted) / max(len(accepted), 1), 3),
+            "mean_accepted_length": round(stats["mean"] or 0.0, 3),
         }
         if compare is not None:
-            figures["repetition_rescored"] = repetition_stats(torch.cat(recorder.compared))
+            figures["repetition_rescored"] = repetition_stats(torch.cat(compared))
         report["domains"][domain] = figures
-        report["_raw"][domain] = {"entropies": entropies, "accepted": accepted}
+        report["_raw"][domain] = {"entropies": entropies, "accepted": accepted[accepted >= 0].tolist()}
     return report
 
 

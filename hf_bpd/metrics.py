@@ -1,0 +1,100 @@
+"""
+One definition of each decoding metric, shared by `generate`'s statistics ([`~hf_bpd.BPDGenerateOutput`]),
+`hf-bpd bench`, `hf-bpd analyze` and `hf-bpd tune`.
+
+- **block efficiency**: generated tokens per serial call of the base model, per row: the tokens all rows generated
+  divided by the serial calls each row took part in while it was still generating (a call advances every row of
+  the batch). The prefill counts as a call. Plain decoding scores exactly 1 at every batch size; BPD at most
+  `h + 1`.
+- **accepted length**: draft tokens a row accepted at one verify step (`-1` marks a row that had finished).
+- **tokens/s**: generated tokens (all rows) per second of wall time.
+- **draft (rescoring) time per step**: seconds the loop spent computing drafts, per verify step.
+- **share of the ideal speedup**: `speedup / block_efficiency` (1 when a block costs what one plain step costs).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def block_efficiency(num_generated_tokens: int | Sequence[int], num_serial_calls: int | Sequence[int]) -> float:
+    """
+    Generated tokens per serial call of the base model, per row.
+
+    Args:
+        num_generated_tokens (`int` or per-row sequence/tensor): tokens generated (by each row).
+        num_serial_calls (`int` or per-row sequence/tensor): serial calls (each row took part in while generating).
+    Returns:
+        `sum(tokens) / sum(calls)`; 0 when there was no call.
+    """
+    tokens = _total(num_generated_tokens)
+    calls = _total(num_serial_calls)
+    return tokens / calls if calls > 0 else 0.0
+
+
+def rows_from_accepted(accepted_lengths: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """
+    Tokens generated and serial calls taken part in, per row, from a BPD run's accepted lengths.
+
+    Args:
+        accepted_lengths (`torch.LongTensor` of shape `(steps, batch)`): as in `BPDGenerateOutput`, `-1` once a row
+            finished. The prefill (one token, one call per row) is counted too.
+    Returns:
+        `(tokens, calls)`, each `(batch,)`. (Rows cut at `max_length` or by a stopping criterion inside a block
+        commit fewer tokens than `accepted + 1`; `generate` reports the exact counts, this is for logs of steps.)
+    """
+    live = accepted_lengths >= 0
+    tokens = 1 + torch.where(live, accepted_lengths + 1, 0).sum(0)
+    calls = 1 + live.long().sum(0)
+    return tokens, calls
+
+
+def accepted_length_stats(accepted_lengths: torch.Tensor | Sequence[int]) -> dict[str, float | int | list[int] | None]:
+    """
+    Args:
+        accepted_lengths: accepted lengths of any shape (`-1` entries, finished rows, are ignored).
+    Returns:
+        `mean` (None without any step), `steps` (counted entries), `histogram` (`histogram[n]` = steps that
+        accepted `n` drafts).
+    """
+    values = torch.as_tensor(accepted_lengths, dtype=torch.long).flatten()
+    values = values[values >= 0]
+    if values.numel() == 0:
+        return {"mean": None, "steps": 0, "histogram": []}
+    return {"mean": float(values.float().mean()), "steps": int(values.numel()),
+            "histogram": torch.bincount(values).tolist()}  # fmt: skip
+
+
+def mean_accepted_length(accepted_lengths: torch.Tensor | Sequence[int]) -> float | None:
+    """Mean drafts accepted per verify step and live row (None without any step)."""
+    return accepted_length_stats(accepted_lengths)["mean"]  # type: ignore[return-value]
+
+
+def tokens_per_second(num_generated_tokens: int, seconds: float) -> float:
+    """Generated tokens per second of wall time."""
+    return num_generated_tokens / seconds if seconds > 0 else 0.0
+
+
+def draft_ms_per_step(draft_time_s: float, num_steps: int) -> float:
+    """Milliseconds spent drafting (heads and any rescorer) per verify step."""
+    return 1000.0 * draft_time_s / num_steps if num_steps > 0 else 0.0
+
+
+def speedup(baseline_seconds: float, seconds: float) -> float:
+    """How many times faster than the baseline (same tokens)."""
+    return baseline_seconds / seconds if seconds > 0 else 0.0
+
+
+def share_of_ideal(speedup_value: float, block_efficiency_value: float) -> float:
+    """`speedup / block_efficiency`: the part of the block efficiency that the loop turns into wall-clock speed."""
+    return speedup_value / block_efficiency_value if block_efficiency_value > 0 else 0.0
+
+
+def _total(value: int | Sequence[int] | torch.Tensor) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.sum())
+    if isinstance(value, (int, float)):
+        return float(value)
+    return float(sum(value))
