@@ -47,6 +47,12 @@ class BPDConfig(PretrainedConfig):
             `model_type` of the base model's config (informational, shown in errors and model cards).
         freeze_base (`bool`, *optional*, defaults to `True`):
             Whether the base model's parameters get `requires_grad=False`.
+        draft_vocab_size (`int`, *optional*):
+            `K`: the heads predict only `K` tokens of the base vocabulary (the most frequent targets of the training
+            data, stored in the checkpoint as `draft_token_map`); other tokens are never drafted. The projections then
+            cost `h x d x K` instead of `h x d x V` per position (training and every decode step). vLLM's Medusa
+            format calls this `truncated_vocab_size` + `token_map`. `None` (default): the full vocabulary. Lossless
+            either way: only the verifier decides what is output.
     """
 
     model_type = "bpd"
@@ -64,6 +70,7 @@ class BPDConfig(PretrainedConfig):
         base_vocab_size: int | None = None,
         base_model_type: str | None = None,
         freeze_base: bool = True,
+        draft_vocab_size: int | None = None,
         **kwargs: Any,
     ):
         self.num_draft_heads = num_draft_heads
@@ -77,6 +84,7 @@ class BPDConfig(PretrainedConfig):
         self.base_vocab_size = base_vocab_size
         self.base_model_type = base_model_type
         self.freeze_base = freeze_base
+        self.draft_vocab_size = draft_vocab_size
         super().__init__(**kwargs)
         self.validate_bpd()
 
@@ -95,6 +103,12 @@ class BPDConfig(PretrainedConfig):
         positive_int("head_hidden_size", self.head_hidden_size, allow_none=True)
         positive_int("base_hidden_size", self.base_hidden_size, allow_none=True)
         positive_int("base_vocab_size", self.base_vocab_size, allow_none=True)
+        positive_int("draft_vocab_size", self.draft_vocab_size, allow_none=True)
+        if self.draft_vocab_size and self.base_vocab_size and self.draft_vocab_size > self.base_vocab_size:
+            raise ValueError(
+                f"BPDConfig.draft_vocab_size ({self.draft_vocab_size}) cannot exceed the base vocabulary "
+                f"({self.base_vocab_size})."
+            )
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"BPDConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
         for name in ("share_lm_head", "freeze_base"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -9,14 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_bpd import BPDConfig
 from .losses import draft_head_loss
+from .smollm2 import resolve_base_model
 from .model_card import adapter_config_of, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -24,6 +28,7 @@ logger = logging.getLogger(__name__)
 HEADS_WEIGHTS_NAME = "bpd_heads.safetensors"
 BASE_SUBFOLDER = "base"
 ADAPTER_SUBFOLDER = "adapter"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 
 # --------------------------------------------------------------------------------------------- heads
@@ -129,7 +134,7 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError(
                     "BPDForCausalLM needs a base model: pass `base_model=` or set `config.base_model_name_or_path`."
                 )
-            base_model = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path)
+            base_model = resolve_base_model(config.base_model_name_or_path)
         base_cfg = base_model.config
         hidden_size = _base_hidden_size(base_cfg)
         vocab_size = base_model.get_output_embeddings().weight.shape[0]
@@ -137,19 +142,31 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         config.base_hidden_size, config.base_vocab_size = hidden_size, vocab_size
         config.base_model_type = getattr(base_cfg, "model_type", None)
 
+        if config.draft_vocab_size is not None and config.draft_vocab_size > vocab_size:
+            raise ValueError(
+                f"draft_vocab_size={config.draft_vocab_size} exceeds the base model's vocabulary ({vocab_size})."
+            )
+        out_size = config.draft_vocab_size or vocab_size
         self.heads = nn.ModuleList([build_head(config, hidden_size) for _ in range(config.num_draft_heads)])
         if not config.share_lm_head:
             self.draft_lm_heads = nn.ModuleList(
-                [nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(config.num_draft_heads)]
+                [nn.Linear(hidden_size, out_size, bias=False) for _ in range(config.num_draft_heads)]
             )
         # Initialise the heads *before* the base is attached: v5's post_init walks every child module and must
         # never touch the (pretrained) base weights.
         self.post_init()
+        # The draft vocabulary: head output j is base token `draft_token_map[j]` (saved with the heads; set it with
+        # `set_draft_vocab`). Without one, the heads score the full vocabulary and no map exists.
+        self.draft_token_map: torch.LongTensor | None
+        if config.draft_vocab_size is None:
+            self.draft_token_map = None
+        else:
+            self.register_buffer("draft_token_map", torch.arange(out_size, device=base_model.device), persistent=True)
+        self._projection_cache: tuple[Any, ...] | None = None
+        self._inverse_cache: tuple[Any, ...] | None = None
         self.base = base_model
         if not config.share_lm_head:
-            with torch.no_grad():
-                for proj in self.draft_lm_heads:
-                    proj.weight.copy_(base_model.get_output_embeddings().weight)
+            self._copy_output_rows_into_draft_projections()
         self.heads.to(device=base_model.device, dtype=base_model.dtype)
         if not config.share_lm_head:
             self.draft_lm_heads.to(device=base_model.device, dtype=base_model.dtype)
@@ -170,7 +187,8 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if isinstance(base, (str, os.PathLike)):
             config_kwargs.setdefault("base_model_name_or_path", str(base))
-            base = AutoModelForCausalLM.from_pretrained(base)
+            local = Path(base).expanduser()  # a local folder is loaded by its absolute path (see `_base_reference`)
+            base = resolve_base_model(str(local.resolve()) if local.is_dir() else str(base))
         elif not isinstance(base, PreTrainedModel) and not hasattr(base, "get_output_embeddings"):
             raise ValueError(f"`base` must be a causal LM or a name/path, got {type(base).__name__}.")
         config_kwargs.setdefault("base_model_name_or_path", getattr(base.config, "_name_or_path", None) or None)
@@ -205,20 +223,100 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         return self.config.num_draft_heads
 
     # ------------------------------------------------------------------ forward
-    def draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, hidden: torch.Tensor, full_vocab: bool = True) -> torch.Tensor:
         """
         Draft-head logits from the base model's last hidden states.
 
         Args:
             hidden (`torch.Tensor` of shape `(..., hidden)`): last hidden states of the base model.
+            full_vocab (`bool`, defaults to `True`): with a draft vocabulary (`config.draft_vocab_size = K`), `True`
+                returns logits over the whole base vocabulary (tokens outside the draft vocabulary get the dtype's
+                lowest finite value, so softmax gives them 0 and log-probabilities stay finite); `False` returns the
+                compact `(..., h, K)` logits, column `j` scoring token `draft_token_map[j]`.
         Returns:
-            `torch.Tensor` of shape `(..., num_draft_heads, vocab)`; index `i` predicts the token `i + 2` positions
-            after the position of `hidden`.
+            `torch.Tensor` of shape `(..., num_draft_heads, vocab)` (or `(..., num_draft_heads, K)`); index `i`
+            predicts the token `i + 2` positions after the position of `hidden`.
         """
         states = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (..., h, d)
-        if self.config.share_lm_head:
-            return self.base.get_output_embeddings()(states)  # (..., h, V)
-        return torch.stack([proj(states[..., i, :]) for i, proj in enumerate(self.draft_lm_heads)], dim=-2)
+        if self.config.share_lm_head:  # one matmul for all heads
+            weight, bias = self._draft_projection()
+            logits = nn.functional.linear(states, weight, bias)  # (..., h, K or V)
+        else:
+            logits = torch.stack([proj(states[..., i, :]) for i, proj in enumerate(self.draft_lm_heads)], dim=-2)
+        return logits if (self.draft_token_map is None or not full_vocab) else self._to_full_vocab(logits)
+
+    def _to_full_vocab(self, compact: torch.Tensor) -> torch.Tensor:
+        """Compact `(..., K)` draft logits -> `(..., V)`; tokens outside the draft vocabulary get the lowest value."""
+        if self.draft_token_map is None:
+            return compact
+        full = compact.new_full((*compact.shape[:-1], self.config.base_vocab_size), torch.finfo(compact.dtype).min)
+        return full.scatter_(-1, self.draft_token_map.expand(compact.shape), compact)
+
+    def draft_argmax(self, hidden: torch.Tensor) -> torch.LongTensor:
+        """The heads' greedy drafts `(..., h)` as base-vocabulary token ids (no full-vocabulary tensor is built)."""
+        best = self.draft_logits(hidden, full_vocab=False).argmax(dim=-1)
+        return best if self.draft_token_map is None else self.draft_token_map[best]
+
+    def _draft_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """
+        The shared projection for the heads: the base `lm_head`'s weight (and bias), restricted to the draft
+        vocabulary's rows when there is one. The restricted copy is cached while the weight and the map are unchanged
+        (checked through their tensor versions), unless gradients must flow into the weight.
+        """
+        emb = self.base.get_output_embeddings()
+        weight, bias = emb.weight, getattr(emb, "bias", None)
+        token_map = self.draft_token_map
+        if token_map is None:
+            return weight, bias
+        if weight.requires_grad and torch.is_grad_enabled():
+            return weight.index_select(0, token_map), None if bias is None else bias.index_select(0, token_map)
+        key = (weight.data_ptr(), weight._version, weight.dtype, token_map.data_ptr(), token_map._version)
+        if self._projection_cache is None or self._projection_cache[0] != key:
+            rows = weight.detach().index_select(0, token_map)
+            self._projection_cache = (key, rows, None if bias is None else bias.detach().index_select(0, token_map))
+        return self._projection_cache[1], self._projection_cache[2]
+
+    def set_draft_vocab(self, token_ids: torch.LongTensor | list[int]) -> None:
+        """
+        Set the draft vocabulary: the `config.draft_vocab_size` base-vocabulary ids the heads predict (e.g. the most
+        frequent target tokens of the training data, see [`~hf_bpd.features.draft_vocab_from_counts`]). Own
+        projections (`share_lm_head=False`) are re-initialised from the matching `lm_head` rows: call before training.
+        """
+        if self.draft_token_map is None:
+            raise ValueError("This model has no draft vocabulary: create it with `draft_vocab_size=K`.")
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+        size, vocab = self.config.draft_vocab_size, self.config.base_vocab_size
+        if ids.numel() != size or ids.unique().numel() != size:
+            raise ValueError(f"set_draft_vocab needs {size} distinct token ids, got {ids.numel()} ({ids.unique().numel()} distinct).")
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"set_draft_vocab: token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}].")
+        self.draft_token_map.copy_(ids.to(self.draft_token_map.device))
+        if not self.config.share_lm_head:
+            self._copy_output_rows_into_draft_projections()
+
+    def _copy_output_rows_into_draft_projections(self) -> None:
+        weight = self.base.get_output_embeddings().weight
+        if self.draft_token_map is not None:
+            weight = weight.index_select(0, self.draft_token_map.to(weight.device))
+        with torch.no_grad():
+            for proj in self.draft_lm_heads:
+                proj.weight.copy_(weight)
+
+    def to_draft_ids(self, token_ids: torch.LongTensor, ignore_index: int = -100) -> torch.LongTensor:
+        """Base-vocabulary ids -> draft-vocabulary indices; `ignore_index` where a token (or label) is outside it."""
+        if self.draft_token_map is None:
+            return token_ids
+        token_map = self.draft_token_map
+        key = (token_map.data_ptr(), token_map._version, token_ids.device)
+        if self._inverse_cache is None or self._inverse_cache[0] != key:
+            inverse = torch.full((self.config.base_vocab_size,), ignore_index, dtype=torch.long, device=token_ids.device)
+            inverse[token_map.to(token_ids.device)] = torch.arange(token_map.numel(), device=token_ids.device)
+            self._inverse_cache = (key, inverse, ignore_index)
+        inverse = self._inverse_cache[1]
+        if self._inverse_cache[2] != ignore_index:
+            inverse = inverse.masked_fill(inverse == self._inverse_cache[2], ignore_index)
+        valid = (token_ids >= 0) & (token_ids < inverse.numel())
+        return torch.where(valid, inverse[token_ids.clamp(0, inverse.numel() - 1)], ignore_index)
 
     def forward(
         self,
@@ -230,6 +328,8 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         return_draft_logits: bool = True,
+        base_hidden_states: torch.Tensor | None = None,
+        draft_full_vocab: bool = True,
         **kwargs: Any,
     ) -> BPDCausalLMOutput:
         r"""
@@ -240,9 +340,16 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): the usual causal-LM labels
                 (`-100` is ignored); head `i` is trained against `labels[:, t + 1 + i]`.
             return_draft_logits (`bool`, defaults to `True`): compute the `(batch, seq_len, h, vocab)` draft logits.
+            base_hidden_states (`torch.Tensor` of shape `(batch, seq_len, hidden)`, *optional*): the frozen base
+                model's last hidden states, computed earlier (cached features, [`~hf_bpd.features`]); the base is
+                not run and `logits` is `None`.
+            draft_full_vocab (`bool`, defaults to `True`): with a draft vocabulary, `False` returns compact
+                `(..., h, K)` draft logits (see [`draft_logits`]); the loss is always computed in the compact space.
         Returns:
             [`BPDCausalLMOutput`].
         """
+        if base_hidden_states is not None:
+            return self._heads_forward(base_hidden_states, labels, return_draft_logits, draft_full_vocab)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         out = self.base(
@@ -257,22 +364,28 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             **kwargs,
         )
         hidden = out.hidden_states[-1]  # (B, T, d)
-        draft = self.draft_logits(hidden) if (return_draft_logits or labels is not None) else None
-        loss = head_losses = base_loss = None
+        result = self._heads_forward(hidden, labels, return_draft_logits, draft_full_vocab)
         if labels is not None:
-            loss, head_losses = draft_head_loss(draft, labels)
-            base_loss = nn.functional.cross_entropy(
+            result.base_loss = nn.functional.cross_entropy(
                 out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
+        result.logits, result.cache = out.logits, getattr(out, "cache", None)
+        return result
+
+    def _heads_forward(
+        self, hidden: torch.Tensor, labels: torch.LongTensor | None, return_draft_logits: bool, full_vocab: bool
+    ) -> BPDCausalLMOutput:
+        """Draft logits (and with `labels` the heads' loss, in the compact draft space) from last hidden states."""
+        hidden = hidden.to(next(self.heads.parameters()).dtype)  # cached features may be stored in another dtype
+        loss = head_losses = None
+        compact = self.draft_logits(hidden, full_vocab=False) if (return_draft_logits or labels is not None) else None
+        if labels is not None:
+            loss, head_losses = draft_head_loss(compact, self.to_draft_ids(labels))
+        draft = self._to_full_vocab(compact) if (return_draft_logits and full_vocab) else compact
         return BPDCausalLMOutput(
-            loss=loss,
-            head_losses=head_losses,
-            base_loss=base_loss,
-            logits=out.logits,
-            draft_logits=draft if return_draft_logits else None,
+            loss=loss, head_losses=head_losses, draft_logits=draft if return_draft_logits else None,
             hidden_states=hidden,
-            cache=getattr(out, "cache", None),
-        )
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ generation
     def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
@@ -291,17 +404,25 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             What the base model's `generate` returns; with `return_dict_in_generate=True` and `use_bpd=True` a
             [`~hf_bpd.generation.BPDGenerateOutput`] with BPD statistics.
         """
+        from .checks import check_prompt, prepare_bpd_arguments
         from .generation import bpd_generate  # local import: generation imports this module
 
         use_bpd = kwargs.pop("use_bpd", None)
         if use_bpd is None:
             use_bpd = bool(getattr(generation_config or self.generation_config, "use_bpd", False))
+        check_prompt(inputs, kwargs)
         if not use_bpd:
             for key in ("draft_rescorer", "compare_unrefined"):
                 if kwargs.pop(key, None) not in (None, False):
                     raise ValueError(f"`{key}` only applies with `use_bpd=True`.")
             return self.base.generate(inputs, generation_config=generation_config, **kwargs)
+        # everything BPD cannot honour exactly is refused here, before any model call (see hf_bpd/checks.py)
+        inputs, kwargs = prepare_bpd_arguments(self, inputs, generation_config, kwargs)
         return bpd_generate(self, inputs, generation_config=generation_config, **kwargs)
+
+    def compute_transition_scores(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base model's `compute_transition_scores` (the scores of a BPD output are the base model's)."""
+        return self.base.compute_transition_scores(*args, **kwargs)
 
     # ------------------------------------------------------------------ save / load
     def heads_state_dict(self) -> dict[str, torch.Tensor]:
@@ -344,7 +465,9 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             return
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        self.config.save_pretrained(save_directory)
+        config = copy.deepcopy(self.config)  # the base reference is rewritten for the new folder, never in place
+        config.base_model_name_or_path = self._base_reference(save_directory)
+        config.save_pretrained(save_directory)
         if self.generation_config is not None:
             self.generation_config.save_pretrained(save_directory)
         prefix = f"{self.base_model_prefix}."
@@ -362,9 +485,26 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             base = base.get_base_model()
         if save_base:
             base.save_pretrained(save_directory / BASE_SUBFOLDER)
-        write_model_card(save_directory, self.config, training_info, adapter_config)
+        write_model_card(save_directory, config, training_info, adapter_config)
         if push_to_hub:
             self.push_to_hub(kwargs.pop("repo_id", save_directory.name), training_info=training_info, **kwargs)
+
+    def _base_reference(self, save_directory: Path) -> str | None:
+        """
+        `base_model_name_or_path` as written into `save_directory`. When the attached base was loaded from a local
+        folder, that folder is written relative to `save_directory` (so a relative reference such as the shipped
+        `../base` survives saving elsewhere, and a heads + base pair moved together keeps working), or as an
+        absolute path when the reference already was one. A Hub id (or a base of unknown origin) is kept unchanged.
+        """
+        ref = self.config.base_model_name_or_path
+        base = self.base.get_base_model() if hasattr(self.base, "peft_config") else self.base
+        loaded_from = getattr(base, "name_or_path", None) or ""
+        if not loaded_from or not Path(loaded_from).expanduser().is_dir():
+            return ref
+        local = Path(loaded_from).expanduser().resolve()
+        if ref and Path(ref).expanduser().is_absolute():
+            return str(local)
+        return os.path.relpath(local, save_directory.resolve())
 
     def push_to_hub(
         self,
@@ -414,42 +554,64 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         Load heads saved by [`save_pretrained`] (strictly) onto their base model.
 
         Args:
-            pretrained_model_name_or_path: a local folder or a Hub repo id (downloaded with `huggingface_hub`).
+            pretrained_model_name_or_path: a local folder or a Hub repo id (downloaded with `huggingface_hub`;
+                `revision` / `subfolder` apply to it). `AutoModelForCausalLM.from_pretrained(folder)` ends here too.
             base_model (`PreTrainedModel` or `str`, *optional*): the base to attach the heads to. Defaults to the
                 folder's `base/` copy, else `config.base_model_name_or_path` (a relative path is looked up next to the
                 checkpoint folder first, then from the working directory).
             kwargs: passed to `AutoModelForCausalLM.from_pretrained` when the base is loaded (e.g. `dtype`).
+        The checkpoint's `generation_config.json` (with e.g. `use_bpd` or `max_new_tokens`) replaces the base model's
+        generation config, for both `generate` paths.
         Raises:
-            `ValueError` when the heads were trained for a base of another hidden size or vocabulary, or when the
-            heads file does not hold exactly the expected tensors.
+            `ValueError` when the heads were trained for a base of another hidden size or vocabulary, when the heads
+            file does not hold exactly the expected tensors, or is corrupt; `FileNotFoundError` when the folder (or a
+            local base path it names) does not exist; `OSError` when a repo id is neither a folder nor reachable.
         """
         if model_args:
             raise ValueError("BPDForCausalLM.from_pretrained takes no positional model arguments.")
-        folder = _resolve_folder(pretrained_model_name_or_path)
-        config = BPDConfig.from_pretrained(folder)
+        config = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the BPDConfig it read
+        for key in ("_from_auto", "adapter_kwargs", "code_revision", "_commit_hash"):
+            kwargs.pop(key, None)  # AutoModel bookkeeping; the base is loaded by its own from_pretrained
+        heads_hub = {k: kwargs.pop(k) for k in ("revision", "subfolder") if k in kwargs}  # the heads repo only
+        shared_hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "force_download") if k in kwargs}
+        folder = _resolve_folder(pretrained_model_name_or_path, **heads_hub, **shared_hub)
+        if not isinstance(config, BPDConfig):
+            config = BPDConfig.from_pretrained(folder)
         if base_model is None:
             if (folder / BASE_SUBFOLDER).is_dir():
-                base_model = str(folder / BASE_SUBFOLDER)
+                base_model = str((folder / BASE_SUBFOLDER).resolve())
             elif config.base_model_name_or_path:
-                base_model = config.base_model_name_or_path
-                beside = folder / base_model  # a relative path is read relative to the checkpoint first
-                if not Path(base_model).is_absolute() and beside.is_dir():
-                    base_model = str(beside.resolve())
+                base_model = _locate_base(config.base_model_name_or_path, folder)
             else:
                 raise ValueError(f"{folder} has no `base/` folder and no `base_model_name_or_path`: pass `base_model=`.")
-        if isinstance(base_model, (str, os.PathLike)):
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, **kwargs)
+        if isinstance(base_model, (str, os.PathLike)):  # a known Hub id resolves offline (see hf_bpd.smollm2)
+            base_model = resolve_base_model(base_model, **kwargs)
         if (folder / ADAPTER_SUBFOLDER).is_dir() and not hasattr(base_model, "peft_config"):
             from peft import PeftModel
 
             base_model = PeftModel.from_pretrained(base_model, str(folder / ADAPTER_SUBFOLDER))
         model = cls(config, base_model=base_model)
         model.load_heads(folder / HEADS_WEIGHTS_NAME)
+        if (folder / GENERATION_CONFIG_NAME).is_file():  # the checkpoint's generation config (e.g. `use_bpd`) wins
+            generation_config = _load_generation_config(folder)
+            unwrapped = base_model.get_base_model() if hasattr(base_model, "peft_config") else base_model
+            model.generation_config = unwrapped.generation_config = generation_config
         return model
 
     def load_heads(self, path: str | os.PathLike) -> None:
-        """Load a heads-only safetensors file strictly (same names, same shapes)."""
-        state = load_file(str(path))
+        """
+        Load a heads-only safetensors file strictly (same names, same shapes); tensors saved in another dtype are cast
+        to the model's (the base's) dtype and device.
+        """
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Draft heads file {path} does not exist.")
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise ValueError(
+                f"{path} is corrupt or truncated: it cannot be read as a safetensors file ({err}). Save the heads "
+                "again with `save_pretrained`, or download the checkpoint again."
+            ) from err
         expected = self.heads_state_dict()
         missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
         if missing or unexpected:
@@ -502,12 +664,66 @@ def tokenizer_source(checkpoint: str | os.PathLike, model: BPDForCausalLM, token
     return model.base.name_or_path
 
 
-def _resolve_folder(name_or_path: str | os.PathLike) -> Path:
-    path = Path(name_or_path)
+def _load_generation_config(folder: Path) -> GenerationConfig:
+    """
+    `generation_config.json` with its custom entries (`use_bpd`): transformers drops entries it does not know when
+    the file is marked `_from_model_config` (as a base model's default generation config is), so they are set back.
+    """
+    generation_config = GenerationConfig.from_pretrained(folder)
+    saved = json.loads((folder / GENERATION_CONFIG_NAME).read_text())
+    for key, value in saved.items():
+        if not key.startswith("_") and key != "transformers_version" and not hasattr(generation_config, key):
+            setattr(generation_config, key, value)
+    return generation_config
+
+
+def _is_repo_id(name: str) -> bool:
+    """Whether `name` could name a Hub repo (`name` or `namespace/name`); paths such as `../x` or `/a/b/c` cannot."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return not name.startswith((".", "~"))
+
+
+def _locate_base(ref: str, checkpoint: Path) -> str:
+    """
+    The base model a checkpoint names: a relative path is read next to the checkpoint folder first, then from the
+    working directory; an absolute path must exist; anything else is a Hub id.
+    """
+    path = Path(ref).expanduser()
+    candidates = [path] if path.is_absolute() else [checkpoint / path, path]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return str(candidate.resolve())
+    if path.is_absolute() or not _is_repo_id(ref):
+        looked = " nor ".join(str(c.resolve()) for c in candidates)
+        raise FileNotFoundError(
+            f"The base model of {checkpoint} ({ref!r}) is not there: neither {looked} exists. Pass "
+            "`base_model=` (a model or its folder / Hub id), or fix `base_model_name_or_path` in its config.json."
+        )
+    return ref
+
+
+def _resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = None, **hub_kwargs: Any) -> Path:
+    """A local checkpoint folder, or the Hub snapshot of a repo id (downloaded with `huggingface_hub`)."""
+    path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if not (path / HEADS_WEIGHTS_NAME).is_file():
-            raise ValueError(f"{path} has no {HEADS_WEIGHTS_NAME}: not a BPDForCausalLM checkpoint.")
-        return path
+        folder = path / subfolder if subfolder else path
+        if not (folder / HEADS_WEIGHTS_NAME).is_file():
+            raise ValueError(f"{folder} has no {HEADS_WEIGHTS_NAME}: not a BPDForCausalLM checkpoint.")
+        return folder
+    name = str(name_or_path)
+    if path.exists():
+        raise ValueError(f"{name} is a file: pass the folder `save_pretrained` wrote (with {HEADS_WEIGHTS_NAME}).")
+    if not _is_repo_id(name):
+        raise FileNotFoundError(f"{name} does not exist (no such folder, and it is not a Hub repo id).")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(str(name_or_path)))
+    try:
+        snapshot = Path(snapshot_download(name, **hub_kwargs))
+    except Exception as err:  # offline, unknown repo, gated, ...: say that the local folder was tried first
+        raise OSError(f"{name!r} is not a local folder, and getting it from the Hub failed: {err}") from err
+    return _resolve_folder(snapshot, subfolder=subfolder)

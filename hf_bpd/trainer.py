@@ -24,9 +24,19 @@ from transformers import Trainer, TrainingArguments
 from transformers.pytorch_utils import Conv1D
 from transformers.trainer_utils import get_last_checkpoint
 
+from ._compat import check_peft, check_trainer_private_api
 from .configuration_bpd import BPDConfig
 from .data import BlockCollator, drop_short_sequences
-from .losses import DISTILLATION_MODES, WEIGHTING_SCHEMES, bpd_training_loss, head_accuracy_counts, head_weights
+from .features import CachedFeatures, collate_features
+from .losses import (
+    DISTILLATION_MODES,
+    WEIGHTING_SCHEMES,
+    bpd_training_loss,
+    causal_lm_loss,
+    greedy_targets,
+    head_accuracy_counts,
+    head_weights,
+)
 from .model_card import MODEL_CARD_NAME, TRAINING_INFO_NAME, adapter_config_of, write_model_card
 from .modeling_bpd import ADAPTER_SUBFOLDER, HEADS_WEIGHTS_NAME, BPDForCausalLM
 
@@ -221,6 +231,11 @@ def _datasets_filtered(dataset: Any, min_length: int) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- trainer
+# BPDTrainer overrides four private Trainer methods (heads-only checkpoints): fail at import if they moved.
+check_trainer_private_api(Trainer)
+check_peft()
+
+
 class BPDTrainer(Trainer):
     """
     [`~transformers.Trainer`] for the draft heads of a [`BPDForCausalLM`].
@@ -267,6 +282,21 @@ class BPDTrainer(Trainer):
         min_length = model.config.num_draft_heads + 2
         train_dataset = _datasets_filtered(train_dataset, min_length)
         eval_dataset = _datasets_filtered(eval_dataset, min_length)
+        self.cached_features = isinstance(train_dataset, CachedFeatures)
+        if self.cached_features:
+            if args.distillation == "soft":
+                raise ValueError(
+                    "Cached features hold the base model's greedy tokens, not its distribution: use "
+                    "distillation='hard' (or 'none') with CachedFeatures."
+                )
+            if self.base_trainable:
+                raise ValueError("Cached features need a frozen base (no LoRA, freeze_base=True): the base is not run.")
+            if train_dataset.hidden_size != model.config.base_hidden_size:
+                raise ValueError(
+                    f"The cached features are {train_dataset.hidden_size}-wide but the base model's hidden size is "
+                    f"{model.config.base_hidden_size}: they were extracted from another model."
+                )
+            data_collator = data_collator or collate_features
         if data_collator is None:
             pad = getattr(processing_class, "pad_token_id", None)
             pad = model.generation_config.pad_token_id if pad is None else pad
@@ -296,16 +326,31 @@ class BPDTrainer(Trainer):
             mask = inputs.get("attention_mask")
             labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**model_inputs, return_draft_logits=True)
-        teacher = self.teacher_logits(model, model_inputs, outputs) if args.distillation != "none" else None
+        unwrapped = self.accelerator.unwrap_model(model)
+        compact = unwrapped.draft_token_map is not None  # heads score a draft vocabulary: loss in that space
+        outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
+        # Cached features carry the teacher's greedy tokens as labels already: nothing to distil on the fly.
+        distillation = "none" if "base_hidden_states" in inputs else args.distillation
+        teacher = self.teacher_logits(model, model_inputs, outputs) if distillation != "none" else None
+        base_loss_weight = args.base_loss_weight if self.base_trainable else 0.0
+        head_labels = labels
+        if compact:
+            if distillation == "hard":  # the teacher's argmax over the *full* vocabulary, then mapped
+                head_labels, teacher, distillation = greedy_targets(teacher, labels), None, "none"
+            if distillation == "soft":  # KL over the draft vocabulary (the teacher renormalised on it)
+                teacher = teacher.index_select(-1, unwrapped.draft_token_map)
+            else:
+                head_labels = unwrapped.to_draft_ids(head_labels)
         num_heads = outputs.draft_logits.shape[2]
         scheme = args.head_loss_weighting if model.training or args.head_loss_weighting != "random" else "uniform"
         weights = head_weights(num_heads, scheme, args.head_loss_decay, self.head_generator)
         result = bpd_training_loss(
-            outputs.draft_logits, labels, base_logits=outputs.logits, teacher_logits=teacher, head_weights=weights,
-            distillation=args.distillation, temperature=args.distillation_temperature,
-            base_loss_weight=args.base_loss_weight if self.base_trainable else 0.0,
+            outputs.draft_logits, head_labels, teacher_logits=teacher, head_weights=weights,
+            distillation=distillation, temperature=args.distillation_temperature,
         )  # fmt: skip
+        if base_loss_weight > 0:  # the base LM loss always reads the full-vocabulary labels
+            base_loss = causal_lm_loss(outputs.logits, labels)
+            result = result._replace(loss=result.loss + base_loss_weight * base_loss, base_loss=base_loss)
         split = "train" if model.training else "eval"
         self._accumulate(split, outputs.draft_logits, result.head_losses, result.targets)
         return (result.loss, outputs) if return_outputs else result.loss

@@ -493,3 +493,83 @@ def test_two_process_accelerate_launch_trains_and_saves_loadable_heads(base_dir,
     ids = torch.tensor([arithmetic_ids(3, 2, 8)])
     ref = loaded.base.generate(ids, max_new_tokens=12, do_sample=False)
     assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False, use_bpd=True), ref)
+
+
+# --------------------------------------------------------------------------------------------- cached features
+@pytest.fixture(scope="module")
+def cached(base_dir, blocks, tmp_path_factory):
+    """Features of the frozen base over the training / eval blocks (extracted once, as for SmolLM2)."""
+    from hf_bpd.features import CachedFeatures, extract_features
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    root = tmp_path_factory.mktemp("features")
+    train = extract_features(base, blocks.train["input_ids"], root / "train", seq_len=SEQ, shard_size=64)
+    evaluation = extract_features(base, blocks.eval["input_ids"], root / "eval", seq_len=SEQ, shard_size=64)
+    return SimpleNamespace(base=base, train=CachedFeatures(train), eval=CachedFeatures(evaluation), root=root)
+
+
+def test_feature_targets_are_the_base_greedy_tokens(cached, blocks):
+    row = blocks.train[3]["input_ids"]
+    with torch.no_grad():
+        logits = cached.base(torch.tensor([row])).logits[0]
+    item = cached.train[3]
+    n = len(row)
+    assert torch.equal(item["labels"][1:n], logits[:-1].argmax(-1))
+    assert int(item["labels"][0]) == -100 and bool((item["labels"][n:] == -100).all())
+    # resumable: a second call finds every shard and writes nothing
+    from hf_bpd.features import extract_features
+
+    stamp = {p: p.stat().st_mtime_ns for p in cached.train.files}
+    again = extract_features(cached.base, blocks.train["input_ids"], cached.root / "train", seq_len=SEQ, shard_size=64)
+    assert again == cached.train.files and all(p.stat().st_mtime_ns == stamp[p] for p in again)
+
+
+def test_cached_features_with_a_draft_vocab_train_heads_that_bpd_accepts(cached, base_dir, prompts, tmp_path):
+    from hf_bpd.features import coverage, draft_vocab_from_counts
+
+    counts = cached.train.target_counts(VOCAB)
+    token_map = draft_vocab_from_counts(counts, 80, always=[1])
+    assert 1 in token_map.tolist() and coverage(counts, token_map) > 0.8
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H, draft_vocab_size=80, share_lm_head=False)
+    model.set_draft_vocab(token_map)  # own (K x d) projections, as frozen_run has (V x d) ones
+    args = training_args(tmp_path, max_steps=150, distillation="hard")
+    trainer = BPDTrainer(model, args, train_dataset=cached.train, eval_dataset=cached.eval)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    for i in range(1, H + 1):
+        assert after[f"eval_head{i}_loss"] < 0.6 * before[f"eval_head{i}_loss"], (i, before, after)
+    model.eval()
+    ref = model.base.generate(prompts, max_new_tokens=40, do_sample=False)
+    out = model.generate(prompts, max_new_tokens=40, do_sample=False, use_bpd=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    assert out.block_efficiency > 2.0
+    model.save_pretrained(tmp_path / "heads")
+    loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads")
+    assert torch.equal(loaded.draft_token_map, token_map)
+
+
+def test_draft_vocab_with_on_the_fly_hard_distillation(base_dir, blocks, tmp_path):
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2, draft_vocab_size=90)
+    model.set_draft_vocab(torch.arange(3, 93))
+    trainer = BPDTrainer(model, training_args(tmp_path, max_steps=30, distillation="hard"), train_dataset=blocks.train,
+                         eval_dataset=blocks.eval.select(range(16)))  # fmt: skip
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_head1_loss"] < 0.8 * before["eval_head1_loss"]
+
+
+def test_cached_features_bad_input(cached, base_dir, tmp_path):
+    from hf_bpd.features import CachedFeatures, draft_vocab_from_counts
+
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
+    with pytest.raises(ValueError, match="distribution"):
+        BPDTrainer(model, training_args(tmp_path, distillation="soft"), train_dataset=cached.train)
+    wide = BPDForCausalLM.from_base(tiny_base("llama", hidden_size=64, intermediate_size=64), num_draft_heads=2)
+    with pytest.raises(ValueError, match="hidden size"):
+        BPDTrainer(wide, training_args(tmp_path), train_dataset=cached.train)
+    with pytest.raises(ValueError, match="No feature shards"):
+        CachedFeatures(tmp_path)
+    with pytest.raises(ValueError, match="size must be"):
+        draft_vocab_from_counts(torch.ones(10), 11)

@@ -1,0 +1,452 @@
+"""Build the SmolLM2-135M-Instruct stack: chat prompts, self-distilled answers, cached features, draft heads.
+
+Everything is made from the *training split* of ../shared/corpora (the same deterministic split as the 10M
+reference stack) and from SmolLM2's own outputs; the validation split only gives the benchmark's chat prompts.
+Each stage is resumable: rerun the same command after an interruption and it continues where it stopped.
+
+    python examples/build_smollm2.py --stages prompts,answers --answers-max-minutes 40
+    python examples/build_smollm2.py --stages features,heads --heads-max-minutes 60
+
+Stages:
+  prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
+            chat prompts from validation texts -> reference/prompts/smollm2_{validation,tune}.jsonl
+  answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable)
+  features  the frozen base's last hidden states + greedy next tokens over prompt+answer and raw training text,
+            cached once (hf_bpd.features) -> WORK/features/*.safetensors
+  heads     draft heads trained with BPDTrainer on the cached features (no base forward per step) -> reference/smollm2-heads
+  ngram     KenLM 4-gram over SmolLM2 token ids (training split + answers) -> reference/smollm2-ngram
+  small     a small Llama with SmolLM2's tokenizer (neural rescorer / assisted-decoding draft) -> reference/smollm2-small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+logger = logging.getLogger("build_smollm2")
+
+TASK_KINDS = ("continue", "code", "modernize", "summarize", "qa")
+# (task kind, corpus domains it draws passages from, instruction templates)
+TEMPLATES = {
+    "continue": (("austen", "shakespeare"), (
+        "Continue this passage in the same style for a few sentences:\n\n{passage}",
+        "Here is the start of a text. Write what comes next:\n\n{passage}",
+    )),
+    "code": (("python",), (
+        "Explain what this Python code does:\n\n```python\n{passage}\n```",
+        "Complete this Python code:\n\n```python\n{passage}\n```",
+        "Write a short docstring-style summary of this Python code:\n\n```python\n{passage}\n```",
+    )),
+    "modernize": (("kjv", "shakespeare"), (
+        "Rewrite this passage in plain modern English:\n\n{passage}",
+        "Translate this old English text into modern English:\n\n{passage}",
+    )),
+    "summarize": (("austen", "shakespeare", "kjv"), (
+        "Summarize this passage in two or three sentences:\n\n{passage}",
+        "What is the main point of this passage? Answer briefly.\n\n{passage}",
+    )),
+    "qa": (("austen", "shakespeare", "kjv", "python"), (
+        "Read the passage and answer: who or what is it about, and what happens?\n\n{passage}",
+        "{passage}\n\nQuestion: which names appear in the passage above, and what is said about them?",
+    )),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="prompts,answers", help="comma-separated stages, run in order")
+    p.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
+    p.add_argument("--out", type=Path, default=REPO / "reference", help="reference folder (prompts, heads)")
+    p.add_argument("--work-dir", type=Path, default=Path(os.environ.get("HF_BPD_WORK", "/tmp/hf_bpd_smollm2")))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-prompts-per-kind", type=int, default=600)
+    p.add_argument("--val-prompts-per-kind", type=int, default=10)
+    p.add_argument("--tune-prompts-per-kind", type=int, default=3)
+    p.add_argument("--passage-chars", type=int, default=500)
+    p.add_argument("--answer-tokens", type=int, default=160, help="max new tokens of a self-distilled answer")
+    p.add_argument("--answer-batch", type=int, default=16)
+    p.add_argument("--answers-max-minutes", type=float, default=30.0)
+    p.add_argument("--dtype", default="bfloat16", help="dtype for answers/features (bfloat16 or float32)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    # features / heads (see those stages)
+    p.add_argument("--raw-sequences", type=int, default=400, help="raw training-text windows for features")
+    p.add_argument("--seq-len", type=int, default=384)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--heads-max-minutes", type=float, default=60.0)
+    p.add_argument("--heads-epochs", type=float, default=4.0)
+    p.add_argument("--heads-batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--small-hidden", type=int, default=128)
+    p.add_argument("--small-layers", type=int, default=4)
+    p.add_argument("--small-sequences", type=int, default=4000, help="raw 256-token windows for the small LM")
+    p.add_argument("--small-epochs", type=float, default=2.0)
+    p.add_argument("--small-max-minutes", type=float, default=25.0)
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- prompts
+def _passage(text: str, chars: int, rng: random.Random) -> str | None:
+    """A window of about `chars` characters starting and ending at line boundaries."""
+    if len(text) < chars // 2:
+        return None
+    start = rng.randrange(0, max(1, len(text) - chars))
+    line = text.find("\n", start)
+    start = line + 1 if 0 <= line < start + chars // 2 else start
+    end = text.rfind("\n", start, start + chars)
+    end = end if end > start + chars // 3 else start + chars
+    passage = text[start:end].strip()
+    return passage if len(passage) > chars // 4 else None
+
+
+def make_prompts(texts: dict[str, list[str]], per_kind: int, chars: int, rng: random.Random, split: str) -> list[dict]:
+    rows = []
+    for kind in TASK_KINDS:
+        domains, templates = TEMPLATES[kind]
+        made = 0
+        while made < per_kind:
+            domain = domains[made % len(domains)]
+            text = rng.choice(texts[domain])
+            passage = _passage(text, chars, rng)
+            if passage is None:
+                continue
+            template = templates[rng.randrange(len(templates))]
+            rows.append({"messages": [{"role": "user", "content": template.format(passage=passage)}],
+                         "domain": kind, "source": domain, "split": split})  # fmt: skip
+            made += 1
+    return rows
+
+
+def stage_prompts(args: argparse.Namespace) -> None:
+    from hf_bpd.tools.reference import split_reference_corpora
+
+    splits = split_reference_corpora(args.corpora)
+    rng = random.Random(args.seed)
+    train = make_prompts({d: s["train"] for d, s in splits.items()}, args.train_prompts_per_kind,
+                         args.passage_chars, rng, "train")  # fmt: skip
+    rng.shuffle(train)
+    held = make_prompts({d: s["validation"] for d, s in splits.items()},
+                        args.val_prompts_per_kind + args.tune_prompts_per_kind, args.passage_chars, rng, "validation")
+    val, tune = [], []
+    for kind in TASK_KINDS:
+        rows = [r for r in held if r["domain"] == kind]
+        val += rows[: args.val_prompts_per_kind]
+        tune += rows[args.val_prompts_per_kind :]
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(args.work_dir / "train_prompts.jsonl", train)
+    prompts_dir = args.out / "prompts"
+    prompts_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("smollm2_validation.jsonl", val), ("smollm2_tune.jsonl", tune)):
+        _write_jsonl(prompts_dir / name, [{k: r[k] for k in ("messages", "domain", "source")} for r in rows])
+    logger.info("prompts: %d train, %d validation, %d tune", len(train), len(val), len(tune))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+# --------------------------------------------------------------------------------------------- answers
+def _dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def stage_answers(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from hf_bpd.smollm2 import load_smollm2
+
+    prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
+    out_path = args.work_dir / "answers.jsonl"
+    done = len(_read_jsonl(out_path))
+    model, tok = load_smollm2(dtype=_dtype(args.dtype))
+    model.eval()
+    tok.padding_side = "left"
+    deadline = time.monotonic() + args.answers_max_minutes * 60
+    produced = 0
+    start = time.monotonic()
+    with out_path.open("a") as handle, torch.inference_mode():
+        for i in tqdm(range(done, len(prompts), args.answer_batch), desc="answers"):
+            if time.monotonic() > deadline:
+                logger.info("answers: time budget reached after %d prompts (rerun to continue)", i)
+                break
+            rows = prompts[i : i + args.answer_batch]
+            texts = [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in rows]
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
+            for row, seq in zip(rows, gen[:, enc["input_ids"].shape[1] :]):
+                answer = tok.decode(seq, skip_special_tokens=True)
+                produced += int((seq != tok.pad_token_id).sum())
+                handle.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
+            handle.flush()
+    logger.info("answers: %d tokens in %.0f s (%.1f tok/s)", produced, time.monotonic() - start,
+                produced / max(1e-9, time.monotonic() - start))  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- features
+def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt + self-distilled answer rendered with the chat template; the system block gets no targets."""
+    ids, masks = [], []
+    for row in rows:
+        text = tok.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["answer"]}], tokenize=False)
+        start = text.find("<|im_start|>user")
+        head = len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
+        seq = tok(text, add_special_tokens=False)["input_ids"]
+        ids.append(seq)
+        masks.append([0] * head + [1] * (len(seq) - head))
+    return ids, masks
+
+
+def _raw_windows(tok, corpora: Path, count: int, seq_len: int, rng: random.Random) -> list[list[int]]:
+    """`count` windows of `seq_len` tokens of raw training text, spread over the four domains."""
+    from hf_bpd.tools.reference import REFERENCE_DOMAINS, split_reference_corpora
+
+    splits = split_reference_corpora(corpora)
+    rows = []
+    for i in range(count):
+        text = rng.choice(splits[REFERENCE_DOMAINS[i % len(REFERENCE_DOMAINS)]]["train"])
+        start = rng.randrange(0, max(1, len(text) - seq_len * 6))
+        rows.append(tok(text[start : start + seq_len * 6], add_special_tokens=False)["input_ids"][:seq_len])
+    return rows
+
+
+def stage_features(args: argparse.Namespace) -> None:
+    from hf_bpd.features import extract_features
+    from hf_bpd.smollm2 import load_smollm2
+
+    model, tok = load_smollm2(dtype=_dtype(args.dtype))
+    model.eval()
+    answers = _read_jsonl(args.work_dir / "answers.jsonl")
+    if not answers:
+        raise SystemExit("No answers yet: run the `answers` stage first.")
+    n_eval = max(8, len(answers) // 20)  # the last 5% of answers: held out for the per-head accuracy
+    ids, masks = _chat_sequences(tok, answers)
+    start = time.monotonic()
+    feats = args.work_dir / "features"
+    extract_features(model, ids[n_eval:], feats / "chat", seq_len=args.seq_len, train_mask=masks[n_eval:], name="chat")
+    extract_features(model, ids[:n_eval], feats / "eval", seq_len=args.seq_len, train_mask=masks[:n_eval], name="eval")
+    raw = _raw_windows(tok, args.corpora, args.raw_sequences, args.seq_len, random.Random(args.seed + 1))
+    extract_features(model, raw, feats / "raw", seq_len=args.seq_len, name="raw")
+    logger.info("features: %d chat + %d eval + %d raw sequences in %.0f s", len(ids) - n_eval, n_eval, len(raw),
+                time.monotonic() - start)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- heads
+def stage_heads(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import TrainerCallback
+
+    from hf_bpd import BPDForCausalLM
+    from hf_bpd.features import CachedFeatures, coverage, draft_vocab_from_counts
+    from hf_bpd.smollm2 import SMOLLM2_HUB_ID, load_smollm2
+    from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
+
+    feats = args.work_dir / "features"
+    train = CachedFeatures([feats / "chat", feats / "raw"])
+    evaluation = CachedFeatures(feats / "eval")
+    base, tok = load_smollm2(dtype=torch.float32)
+    vocab = base.config.vocab_size
+    counts = train.target_counts(vocab)
+    cover = {k: round(coverage(counts, draft_vocab_from_counts(counts, k, [tok.eos_token_id])), 4)
+             for k in (1024, 2048, 4096, 8192, 16384)}  # fmt: skip
+    logger.info("draft vocabulary coverage of the training targets: %s", cover)
+    token_map = draft_vocab_from_counts(counts, args.draft_vocab_size, always=[tok.eos_token_id])
+    model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads, draft_vocab_size=args.draft_vocab_size,
+                                     base_model_name_or_path=SMOLLM2_HUB_ID)  # fmt: skip
+    model.set_draft_vocab(token_map)
+    steps_per_epoch = max(1, len(train) // args.heads_batch)
+    ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}"
+    targs = BPDTrainingArguments(
+        output_dir=str(ckpt_dir), use_cpu=True, report_to="none", bf16=args.dtype == "bfloat16",
+        per_device_train_batch_size=args.heads_batch, per_device_eval_batch_size=args.heads_batch,
+        max_steps=int(args.heads_epochs * steps_per_epoch), learning_rate=args.lr, warmup_steps=50,
+        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_strategy="steps", save_steps=100,
+        save_total_limit=2, distillation="hard", head_loss_weighting="geometric", seed=args.seed,
+        dataloader_num_workers=0, disable_tqdm=False,
+    )  # fmt: skip
+
+    class Deadline(TrainerCallback):
+        def __init__(self, minutes: float):
+            self.end = time.monotonic() + minutes * 60
+
+        def on_step_end(self, targs, state, control, **kwargs):
+            if time.monotonic() > self.end:
+                logger.info("heads: time budget reached at step %d (rerun to resume)", state.global_step)
+                control.should_save = True
+                control.should_training_stop = True
+
+    trainer = BPDTrainer(model, targs, train_dataset=train, eval_dataset=evaluation, processing_class=tok,
+                         training_data=["SmolLM2 self-distilled chat answers (training split prompts)",
+                                        "raw training-split text of ../shared/corpora (hard distillation)"],
+                         callbacks=[Deadline(args.heads_max_minutes)])  # fmt: skip
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    start = time.monotonic()
+    trainer.train(resume_from_checkpoint=last)
+    seconds = time.monotonic() - start
+    metrics = trainer.evaluate()
+    logger.info("heads eval: %s", {k: v for k, v in metrics.items() if "top1" in k})
+    out = args.out / "smollm2-heads"
+    info = trainer.training_info()
+    info.update({
+        "train_sequences": len(train), "train_target_tokens": train.num_target_tokens(),
+        "eval_target_tokens": evaluation.num_target_tokens(), "draft_vocab_coverage": cover,
+        "seconds_this_session": round(seconds), "machine": _cpu_name(), "dtype": args.dtype,
+        "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads",
+    })  # fmt: skip
+    model.save_pretrained(out, training_info=info)
+    tok.save_pretrained(out)
+    logger.info("heads saved to %s", out)
+
+
+# --------------------------------------------------------------------------------------------- ngram
+def _corpus_file(args: argparse.Namespace) -> Path:
+    """Training-split texts of the four domains plus the self-distilled answers, one JSON document a line."""
+    from hf_bpd.tools.reference import split_reference_corpora
+
+    path = args.work_dir / "ngram_corpus.jsonl"
+    splits = split_reference_corpora(args.corpora)
+    rows = [{"text": t} for s in splits.values() for t in s["train"]]
+    rows += [{"text": r["answer"]} for r in _read_jsonl(args.work_dir / "answers.jsonl")]
+    _write_jsonl(path, rows)
+    return path
+
+
+def stage_ngram(args: argparse.Namespace) -> None:
+    """A pruned, 8-bit KenLM 4-gram over SmolLM2 token ids (training split + self-distilled answers)."""
+    from hf_bpd.smollm2 import convert_smollm2
+    from hf_bpd.tools.build_ngram import build_ngram
+
+    out = args.out / "smollm2-ngram" / "ngram4.binary"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    corpus = _corpus_file(args)
+    build_ngram([corpus], str(convert_smollm2()), out, order=4, prune=[0, 1, 1, 1], quantize_bits=8)
+    info = {"order": 4, "prune": [0, 1, 1, 1], "quantize_bits": 8, "binary_type": "trie",
+            "tokenizer": "SmolLM2-135M-Instruct", "training_data": ["training split of ../shared/corpora (4 domains)",
+            f"{len(_read_jsonl(args.work_dir / 'answers.jsonl'))} self-distilled SmolLM2 answers"],
+            "size_bytes": out.stat().st_size, "build_time_s": round(time.time() - start, 1)}  # fmt: skip
+    (out.parent / "ngram_info.json").write_text(json.dumps(info, indent=2))
+    logger.info("ngram: %s (%.1f MB)", out, out.stat().st_size / 1e6)
+
+
+# --------------------------------------------------------------------------------------------- small LM
+def stage_small(args: argparse.Namespace) -> None:
+    """
+    A small Llama sharing SmolLM2's tokenizer: the neural rescorer and transformers' assisted-decoding draft model.
+    Its embedding starts as the top principal directions of SmolLM2's (tied) embedding, which makes a few minutes of
+    CPU training go much further than a random start; then causal-LM training (`Trainer`) on the training-split
+    text and the self-distilled answers.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer,
+                              TrainerCallback, TrainingArguments)  # fmt: skip
+
+    from hf_bpd.smollm2 import load_smollm2
+
+    base, tok = load_smollm2(dtype=torch.float32)
+    d = args.small_hidden
+    config = LlamaConfig(
+        vocab_size=base.config.vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=args.small_layers,
+        num_attention_heads=d // 32, num_key_value_heads=d // 32, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, rope_theta=10000.0,
+    )  # fmt: skip
+    ckpt_dir = args.work_dir / "small"
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    torch.manual_seed(args.seed)
+    model = LlamaForCausalLM(config)
+    if last is None:
+        emb = base.get_input_embeddings().weight.detach()
+        centred = emb - emb.mean(0)
+        _, _, v = torch.linalg.svd(centred[torch.randperm(emb.shape[0])[:16384]], full_matrices=False)
+        projected = centred @ v[:d].T
+        model.get_input_embeddings().weight.data.copy_(projected * (0.05 / projected.std()))
+    del base
+    rng = random.Random(args.seed + 2)
+    windows = _raw_windows(tok, args.corpora, args.small_sequences, 256, rng)
+    answers = [tok(r["answer"], add_special_tokens=False)["input_ids"][:256] + [tok.eos_token_id]
+               for r in _read_jsonl(args.work_dir / "answers.jsonl")]  # fmt: skip
+    data = Dataset.from_dict({"input_ids": windows + answers}).shuffle(seed=args.seed)
+    targs = TrainingArguments(
+        output_dir=str(ckpt_dir), use_cpu=True, report_to="none", bf16=True, per_device_train_batch_size=16,
+        learning_rate=2e-3, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=25,
+        max_steps=int(args.small_epochs * len(data) / 16), save_strategy="steps", save_steps=100, save_total_limit=1,
+        seed=args.seed, disable_tqdm=False,
+    )  # fmt: skip
+
+    class Deadline(TrainerCallback):
+        end = time.monotonic() + args.small_max_minutes * 60
+
+        def on_step_end(self, a, state, control, **kw):
+            if time.monotonic() > self.end:
+                control.should_save = control.should_training_stop = True
+
+    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Deadline()],
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))  # fmt: skip
+    start = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=last)
+    out = args.out / "smollm2-small"
+    model.to(torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    log = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.state.global_step,
+           "train_loss": result.training_loss, "seconds_this_session": round(time.monotonic() - start),
+           "sequences": len(data), "machine": _cpu_name(), "init": "embedding = top principal directions of SmolLM2's",
+           "log_history": trainer.state.log_history[-5:]}  # fmt: skip
+    (out / "training_log.json").write_text(json.dumps(log, indent=1))
+    logger.info("small LM saved to %s (%d params, loss %.3f)", out, log["params"], result.training_loss)
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+STAGES = {"prompts": stage_prompts, "answers": stage_answers, "features": stage_features, "heads": stage_heads,
+          "ngram": stage_ngram, "small": stage_small}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    for stage in args.stages.split(","):
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+        STAGES[stage](args)
+
+
+if __name__ == "__main__":
+    main()

