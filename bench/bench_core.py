@@ -4,6 +4,7 @@ How much of BPD's theoretical `h + 1` tokens per serial call the decode loop tur
     python bench/bench_core.py                      # 10M-parameter Llama shape, h = 4, batch 1 and 4
     python bench/bench_core.py --model reference/heads --batch-sizes 1 --threads 1   # the shipped reference model
     python bench/bench_core.py --num-draft-heads 8 --new-tokens 256 --json bench_core.json
+    python bench/bench_core.py --model reference/smollm2-heads --dtype bfloat16 --batch-sizes 1   # SmolLM2-135M
 
 Plain greedy (`base.generate`) against `generate(use_bpd=True)` with *oracle* heads (`OracleDrafter`: every draft
 is the base model's own greedy continuation, so each verify call accepts all `h` drafts) on a randomly initialised
@@ -52,7 +53,7 @@ class ForwardTimer:
 def run(args: argparse.Namespace, batch: int) -> dict:
     torch.manual_seed(0)
     if args.model:  # a trained checkpoint (e.g. reference/heads): the same measurement on the real model
-        model = BPDForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
         base = model.base
         base.generation_config.eos_token_id = None
         return measure(args, batch, model, base, base.config.vocab_size)
@@ -135,6 +136,8 @@ def measure(args: argparse.Namespace, batch: int, model: BPDForCausalLM, base, v
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a BPD checkpoint (e.g. reference/heads) instead of a random model")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="dtype of a --model checkpoint (e.g. bfloat16 for SmolLM2 on a CPU with native bf16)")
     parser.add_argument("--hidden", type=int, default=288)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)

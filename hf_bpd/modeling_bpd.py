@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_bpd import BPDConfig
 from .losses import draft_head_loss
-from .smollm2 import resolve_base_model
+from .smollm2 import OFFLINE_HUB_IDS, resolve_base_model
 from .model_card import adapter_config_of, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -257,6 +257,21 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         best = self.draft_logits(hidden, full_vocab=False).argmax(dim=-1)
         return best if self.draft_token_map is None else self.draft_token_map[best]
 
+    def first_heads(self, num_heads: int) -> "BPDForCausalLM":
+        """
+        A model on the same base (shared, not copied) that keeps the first `num_heads` heads of this one, with the
+        same weights and draft vocabulary: choose `h` by measurement after training more heads than needed.
+        """
+        if not 1 <= num_heads <= self.config.num_draft_heads:
+            raise ValueError(f"num_heads must be in [1, {self.config.num_draft_heads}], got {num_heads}.")
+        config = BPDConfig.from_dict({**self.config.to_dict(), "num_draft_heads": num_heads})
+        smaller = type(self)(config, base_model=self.base)
+        keep = {k: v for k, v in self.heads_state_dict().items()
+                if k.split(".")[0] not in ("heads", "draft_lm_heads") or int(k.split(".")[1]) < num_heads}  # fmt: skip
+        smaller.load_state_dict(keep, strict=False)
+        smaller.generation_config = self.generation_config
+        return smaller.train(self.training)
+
     def _draft_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         The shared projection for the heads: the base `lm_head`'s weight (and bias), restricted to the draft
@@ -398,6 +413,11 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             draft_rescorer ([`~hf_bpd.logits.DraftRescorer`], *optional*): changes the drafts (never the output).
             compare_unrefined (`bool`, *optional*): with a `draft_rescorer`, also verify the heads' own argmax draft
                 in the same call and report its accepted lengths (`unrefined_accepted_lengths`) beside the refined.
+            bpd_sampling (`str`, *optional*, defaults to `"speculative"`): with `do_sample=True`, how drafts are
+                verified (both exact): `"speculative"` samples the drafts from the drafter's proposal and accepts
+                each with probability `min(1, p/q)` (Leviathan et al. 2023; multi-draft recursive rejection sampling
+                for several drafts); `"match"` samples the model's token at every verified position and accepts
+                while the draft equals it.
             kwargs: every usual `generate` argument (`max_new_tokens`, `attention_mask`, `do_sample`,
                 `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
         Returns:
@@ -412,7 +432,7 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             use_bpd = bool(getattr(generation_config or self.generation_config, "use_bpd", False))
         check_prompt(inputs, kwargs)
         if not use_bpd:
-            for key in ("draft_rescorer", "compare_unrefined"):
+            for key in ("draft_rescorer", "compare_unrefined", "bpd_sampling"):
                 if kwargs.pop(key, None) not in (None, False):
                     raise ValueError(f"`{key}` only applies with `use_bpd=True`.")
             return self.base.generate(inputs, generation_config=generation_config, **kwargs)
@@ -497,6 +517,8 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         absolute path when the reference already was one. A Hub id (or a base of unknown origin) is kept unchanged.
         """
         ref = self.config.base_model_name_or_path
+        if ref in OFFLINE_HUB_IDS:  # a Hub id that loaded from its offline copy (hf_bpd.smollm2): keep the id
+            return ref
         base = self.base.get_base_model() if hasattr(self.base, "peft_config") else self.base
         loaded_from = getattr(base, "name_or_path", None) or ""
         if not loaded_from or not Path(loaded_from).expanduser().is_dir():

