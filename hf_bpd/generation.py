@@ -39,9 +39,10 @@ from transformers.generation import (
 
 from ._compat import pad_token_tensor, supports_logits_to_keep
 from .acceptance import accepted_lengths, cap_accepted, select_best_draft, truncate_at_eos
-from .logits.base import Drafter, DraftState, HeadsDrafter
+from .logits.base import Drafter, Drafts, DraftState, HeadsDrafter
 from .metrics import block_efficiency
-from .tree import TreeLayout, canonical_nodes, compact_block, tree_attention_mask, tree_layout
+from .sampling import chain_rejection_sample, check_sampling_mode, tree_rejection_sample
+from .tree import DraftTree, TreeLayout, canonical_nodes, compact_block, tree_attention_mask
 
 if TYPE_CHECKING:
     from .modeling_bpd import BPDForCausalLM
@@ -90,9 +91,11 @@ def bpd_generate(
     generation_config: Any = None,
     draft_rescorer: Drafter | None = None,
     compare_unrefined: bool = False,
+    bpd_sampling: str = "speculative",
     **kwargs: Any,
 ) -> Any:
     """`BPDForCausalLM.generate(..., use_bpd=True)`; see there."""
+    check_sampling_mode(bpd_sampling)
     for key, what in (
         ("assistant_model", "assisted decoding"),
         ("prompt_lookup_num_tokens", "prompt lookup decoding"),
@@ -112,7 +115,7 @@ def bpd_generate(
     if compare_unrefined and draft_rescorer is None:
         raise ValueError("`compare_unrefined=True` compares a `draft_rescorer`'s drafts with the heads' own: pass one.")
     decode = functools.partial(_bpd_decode, bpd=bpd, draft_rescorer=draft_rescorer, bpd_streamer=streamer,
-                               compare_unrefined=compare_unrefined)  # fmt: skip
+                               compare_unrefined=compare_unrefined, bpd_sampling=bpd_sampling)  # fmt: skip
     return bpd.base.generate(
         inputs, generation_config=generation_config, custom_generate=decode, streamer=streamer, **kwargs
     )
@@ -280,14 +283,15 @@ class DecodeState:
 @dataclass
 class VerifiedBlock:
     """
-    One verify call over `p` drafts of `h'` tokens sharing the root (the last committed token), `W = 1 + p * h'`.
+    One verify call over a tree of `W` nodes under the root (the last committed token): `p` chains of `h'` tokens
+    (`W = 1 + p * h'`) or a prefix tree with `P` root-to-leaf paths of at most `D` tokens.
 
     Args:
-        drafts (`(B, p, h')`), layout ([`~hf_bpd.tree.TreeLayout`]).
+        drafts (`(B, P, D)`): the tokens along each path (`-1` past its leaf), layout ([`~hf_bpd.tree.TreeLayout`]).
         logits, scores (`(B, W, V)`): the base model's logits at the block's nodes, and after the logits processors.
         hidden (`(B, W, d)`): last hidden states at the nodes.
-        canon (`(B, p, h' + 1)`): node of each draft prefix whose target counts (one per distinct prefix).
-        targets (`(B, p, h' + 1)`): the base model's token (argmax or sample) after each draft prefix.
+        canon (`(B, P, D + 1)`): node of each path prefix whose target counts (one per distinct prefix).
+        targets (`(B, P, D + 1)`): the base model's token (argmax or sample) after each path prefix.
     """
 
     drafts: torch.LongTensor
@@ -337,6 +341,7 @@ class _BlockDecoder:
         drafter: "Drafter",
         streamer: Any,
         compare_unrefined: bool,
+        sampling: str = "speculative",
     ):
         self.model, self.bpd, self.cache, self.drafter = model, bpd, cache, drafter
         self.num_heads = bpd.config.num_draft_heads
@@ -350,6 +355,12 @@ class _BlockDecoder:
         self.stopper = _Stopper(stopping_criteria)
         self.streamer = streamer
         self.compare_unrefined = compare_unrefined
+        # speculative sampling: drafters that sample return their proposals, warped like `p` where that is sound
+        # (the position-free warpers only: the proposal of a draft never sees the draft prefix's input_ids)
+        self.proposal_warper = None
+        if generation_config.do_sample and check_sampling_mode(sampling) == "speculative":
+            warpers = LogitsProcessorList(p for p in logits_processor if isinstance(p, _POSITION_FREE_PROCESSORS))
+            self.proposal_warper = functools.partial(_warp, warpers)
         self.accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.keeps_logits = supports_logits_to_keep(model)
         # argmax of the raw logits equals argmax of a float copy: copy only for processors, sampling or outputs
@@ -376,13 +387,13 @@ class _BlockDecoder:
         """One serial call of the base model: commits between 1 and `h + 1` tokens per live row."""
         remaining = state.row_limit - state.lengths  # tokens each row may still commit
         num_tokens = min(self.num_heads, int(remaining[state.live].max()) - 1)
-        drafts = self.draft(state, num_tokens)  # (B, p, h')
-        block = self.verify(state, drafts)  # one forward over all drafts
-        best, n = self.accept(state, block, remaining)  # longest verified prefix of each row
+        tree = self.draft(state, num_tokens)  # chains (B, p, h') or a prefix tree, as one tree-shaped block
+        block = self.verify(state, tree)  # one forward over all drafts
+        best, n, targets = self.accept(state, block, remaining, tree)  # each row's kept path, length, tokens
         rows = torch.arange(best.shape[0], device=best.device)
-        path = block.canon[rows, best]  # (B, h' + 1): the nodes of each row's kept draft
+        path = block.canon[rows, best]  # (B, D + 1): the nodes of each row's kept path
         was_live = state.live  # `commit` rebinds `state.live`
-        n = self.commit(state, block.targets[rows, best], n, block, path)  # write tokens, stopping criteria
+        n = self.commit(state, targets, n, block, path)  # write tokens, stopping criteria
         accepted = torch.where(was_live, n, -1)
         self.accepted.append(accepted)
         self.drafter.update(accepted, best)
@@ -419,47 +430,114 @@ class _BlockDecoder:
         state.hidden = hidden[:, -1]  # (B, d)
         return state
 
-    def draft(self, state: DecodeState, num_tokens: int) -> torch.LongTensor:
-        """The drafter's `(B, p, h')` drafts (plus, with `compare_unrefined`, the heads' own as a last draft)."""
+    def draft(self, state: DecodeState, num_tokens: int) -> DraftTree:
+        """
+        The drafter's drafts as one block: `(B, p, h')` chains sharing the root (plus, with `compare_unrefined`, the
+        heads' own as a last chain), or a tree drafter's [`~hf_bpd.tree.DraftTree`] cut to depth `h'`.
+        """
         start = time.perf_counter()
-        view = DraftState(self.bpd, state.tokens, state.lengths, state.live, state.hidden, num_tokens)
+        view = DraftState(self.bpd, state.tokens, state.lengths, state.live, state.hidden, num_tokens,
+                          proposal_warper=self.proposal_warper)  # fmt: skip
         drafts = self.drafter.get_drafts(view)
         batch = state.tokens.shape[0]
+        proposals = None
+        if isinstance(drafts, Drafts):
+            drafts, proposals = drafts.tokens, (drafts.proposals if view.sampling else None)
+        if isinstance(drafts, DraftTree):
+            if self.compare_unrefined:
+                raise ValueError("`compare_unrefined=True` compares chain drafts; it does not support tree drafters.")
+            if drafts.tokens.dim() != 2 or drafts.tokens.shape != (batch, drafts.layout.width - 1):
+                raise ValueError(
+                    f"A DraftTree of {drafts.layout.width} nodes needs tokens of shape ({batch}, "
+                    f"{drafts.layout.width - 1}) (every node but the root), got {tuple(drafts.tokens.shape)}."
+                )
+            if drafts.layout.max_depth > self.num_heads:
+                raise ValueError(
+                    f"The draft tree is {drafts.layout.max_depth} tokens deep but the model has {self.num_heads} "
+                    f"draft heads: a tree may be at most h = {self.num_heads} deep."
+                )
+            tree = drafts.truncate(num_tokens)
+            self.draft_time_s += time.perf_counter() - start
+            proposals = tree.proposals if view.sampling and tree.proposals is not None else None
+            return DraftTree(tree.tokens.to(state.tokens.device), tree.layout,
+                             None if proposals is None else proposals.to(state.tokens.device))  # fmt: skip
         if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != self.num_heads or drafts.shape[1] < 1:
             raise ValueError(
                 f"draft_rescorer must return (batch, p, {self.num_heads}) drafts, got {tuple(drafts.shape)}."
             )
         if self.compare_unrefined:  # verified in the same call, never chosen
             drafts = torch.cat([drafts.to(state.tokens.device), view.head_argmax()[:, None].to(drafts.device)], dim=1)
+            if proposals is not None:  # the heads' argmax chain is never a candidate: any proposal will do
+                proposals = torch.cat([proposals, proposals[:, :1]], dim=1)
         self.draft_time_s += time.perf_counter() - start
-        return drafts[:, :, :num_tokens].to(state.tokens.device)
+        if proposals is not None:
+            proposals = proposals[:, :, :num_tokens].to(state.tokens.device)
+        return DraftTree.from_chains(drafts[:, :, :num_tokens].to(state.tokens.device), proposals)
 
-    def verify(self, state: DecodeState, drafts: torch.LongTensor) -> VerifiedBlock:
-        """One forward of the base model over `[last token, drafts...]`: every draft in one tree-shaped block."""
-        batch, p, num_tokens = drafts.shape
-        layout = tree_layout(p, num_tokens, drafts.device)
+    def verify(self, state: DecodeState, tree: DraftTree) -> VerifiedBlock:
+        """
+        One forward of the base model over `[last token, node tokens...]`: every draft in one tree-shaped block
+        (a tree attention mask, position ids by depth); the targets are read along each root-to-leaf path.
+        """
+        layout = tree.layout
+        drafts = tree.path_drafts()  # (B, P, D): one chain per path, -1 past its leaf
+        batch = drafts.shape[0]
         last = state.tokens.gather(1, state.lengths[:, None] - 1)
-        ids = torch.cat([last, drafts.flatten(1)], dim=1)  # (B, W)
+        ids = torch.cat([last, tree.tokens], dim=1)  # (B, W)
         positions = state.next_position[:, None] + layout.depth
-        mask = None if p == 1 else tree_attention_mask(state.attention_mask, layout, state.live, self.model.dtype)
+        chain = layout.is_chain
+        mask = None if chain else tree_attention_mask(state.attention_mask, layout, state.live, self.model.dtype)
         state.attention_mask = torch.cat([state.attention_mask, state.live[:, None].long().expand(-1, layout.width)], 1)
-        state.dense = state.dense and p == 1 and bool(state.live.all())
+        state.dense = state.dense and chain and bool(state.live.all())
         logits, hidden = self.forward(state, ids, positions, mask=mask)  # (B, W, V), (B, W, d)
         scores = self.scorer.scores(logits, state.tokens, state.lengths, state.live, drafts, layout)
-        canon = layout.node_index.expand(batch, -1, -1) if p == 1 else canonical_nodes(drafts, layout)
+        canon = layout.node_index.expand(batch, -1, -1) if chain else canonical_nodes(drafts, layout)
         targets = self.scorer.select(scores).gather(1, canon.flatten(1)).view(canon.shape)  # (B, p, h' + 1)
         return VerifiedBlock(drafts, layout, logits, scores, hidden, canon, targets)
 
     def accept(
-        self, state: DecodeState, block: VerifiedBlock, remaining: torch.LongTensor
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """The draft with the longest verified prefix of each row and that length, capped at what a row may commit."""
+        self, state: DecodeState, block: VerifiedBlock, remaining: torch.LongTensor, tree: DraftTree
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+        """
+        Each row's kept path, its accepted length (capped at what a row may commit) and the `(B, D + 1)` tokens it
+        commits along it (`[:n + 1]`: the accepted drafts, then the model's own token). Greedy and "sample, then
+        match": the path with the longest prefix equal to the model's targets. Sampled drafts with proposals:
+        speculative sampling (`hf_bpd.sampling`).
+        """
         drafts, targets = block.drafts, block.targets
         if self.compare_unrefined:  # the last draft is the heads' own: reported, never chosen
             self.unrefined.append(torch.where(state.live, accepted_lengths(drafts[:, -1], targets[:, -1]), -1))
             drafts, targets = drafts[:, :-1], targets[:, :-1]
+        if tree.proposals is not None:
+            best, n, targets = self._speculative(block, tree)
+            return best, cap_accepted(n, remaining), targets
         best, n = select_best_draft(drafts, targets)
-        return best, cap_accepted(n, remaining)
+        rows = torch.arange(best.shape[0], device=best.device)
+        return best, cap_accepted(n, remaining), targets[rows, best]
+
+    def _speculative(self, block: VerifiedBlock, tree: DraftTree) -> tuple[torch.LongTensor, ...]:
+        """
+        Speculative sampling over the block's tree: `p` is the processed scores' softmax at every node (the logits
+        processors that read `input_ids` saw each node's own prefix, see `_Scorer`), `q` the drafter's proposals.
+        """
+        layout = block.layout
+        probs = torch.softmax(block.scores.float(), dim=-1)  # (B, W, V)
+        batch, width, vocab = probs.shape
+        rows = torch.arange(batch, device=probs.device)
+        if layout.is_chain:  # one draft: the vectorised chain
+            n, token = chain_rejection_sample(probs, tree.tokens, tree.proposals)
+            best = torch.zeros_like(n)
+        else:
+            tokens = torch.cat([tree.tokens.new_zeros(batch, 1), tree.tokens], dim=1)  # (B, W), the root's unused
+            proposals = torch.cat([tree.proposals.new_zeros(batch, 1, vocab), tree.proposals], dim=1)
+            candidate = None
+            if self.compare_unrefined:  # the heads' own chain (the last path) is verified, never chosen
+                candidate = layout.draft_of_node != layout.num_paths - 1
+            last, n, token = tree_rejection_sample(probs, layout.parent, tokens, proposals, candidate)
+            best = layout.draft_of_node[last]  # a path through the accepted node (its prefix is the accepted one)
+        kept = torch.cat([block.drafts[rows, best].clamp(min=0), token[:, None]], dim=1)  # (B, D + 1)
+        targets = kept.scatter(1, n[:, None], token[:, None])  # the accepted drafts, then the drawn token
+        return best, n, targets
 
     def commit(
         self, state: DecodeState, targets: torch.LongTensor, n: torch.LongTensor, block: Any, path: torch.LongTensor
@@ -493,10 +571,11 @@ class _BlockDecoder:
         state.hidden = block.hidden[rows, path[rows, n]]  # (B, d) where the base model predicted the bonus token
         keep = torch.where(was_live, n + 1, 0)  # the root and the accepted drafts of each row
         kept = int(keep.max())
-        if block.drafts.shape[1] > 1:  # several drafts: move each row's kept nodes to the front of the block
-            chosen = block.layout.node_index[best]  # (B, h' + 1)
-            rank = torch.full((batch, width), width, dtype=torch.long, device=n.device)
-            rank.scatter_(1, chosen, torch.arange(chosen.shape[1], device=n.device).expand(batch, -1).contiguous())
+        if not block.layout.is_chain:  # a tree: move each row's kept nodes (its path's first `keep`) to the front
+            depth = torch.arange(path.shape[1], device=n.device).expand(batch, -1)
+            slot = torch.where(depth < keep[:, None], path, width)  # a path's padding goes to a spare column
+            rank = torch.full((batch, width + 1), width, dtype=torch.long, device=n.device)
+            rank = rank.scatter(1, slot, depth.contiguous())[:, :width]
             rank = torch.where(rank < keep[:, None], rank, width + torch.arange(width, device=n.device))
             compact_block(self.cache, width, rank.argsort(dim=1))
         if kept < width:  # no row kept these trailing nodes
@@ -594,6 +673,7 @@ def _bpd_decode(
     draft_rescorer: "Drafter | None" = None,
     bpd_streamer: Any = None,
     compare_unrefined: bool = False,
+    bpd_sampling: str = "speculative",
     **model_kwargs: Any,
 ) -> Any:
     """The `custom_generate` callable: transformers has prepared everything, BPD decodes."""
@@ -601,9 +681,14 @@ def _bpd_decode(
     drafter = draft_rescorer if draft_rescorer is not None else HeadsDrafter()
     drafter.reset()
     decoder = _BlockDecoder(model, bpd, cache, generation_config, logits_processor, stopping_criteria, drafter,
-                            bpd_streamer, compare_unrefined)  # fmt: skip
+                            bpd_streamer, compare_unrefined, bpd_sampling)  # fmt: skip
     state = decoder.run(input_ids, model_kwargs.get("attention_mask"))
     return decoder.output(state, input_ids.shape[1], generation_config.return_dict_in_generate)
+
+
+def _warp(warpers: LogitsProcessorList, scores: torch.Tensor) -> torch.Tensor:
+    """Position-free warpers over `(N, V)` scores (they never read `input_ids`)."""
+    return warpers(scores.new_zeros(scores.shape[0], 1, dtype=torch.long), scores) if len(warpers) else scores
 
 
 def _expand(index: torch.LongTensor, like: torch.Tensor) -> torch.LongTensor:

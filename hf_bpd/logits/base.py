@@ -12,7 +12,8 @@ Implementations: [`HeadsDrafter`] (the heads' own argmax, the default), the latt
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
@@ -33,6 +34,11 @@ class DraftState:
             predicted the last committed token: the heads' input.
         num_tokens (`int`): draft tokens the loop will verify, `<= h` (fewer near `max_length`); drafters return
             `h` tokens anyway and the loop keeps the first `num_tokens`.
+        proposal_warper (`Callable`, *optional*): set when the loop verifies by speculative sampling
+            (`do_sample=True`, `bpd_sampling="speculative"`): turns scores `(..., vocab)` into the scores a proposal
+            is sampled from (the generation's position-free warpers: temperature, top-k, top-p, ...). A drafter
+            that *samples* its drafts returns them in a [`Drafts`] with the probabilities it sampled from; see
+            `sampling` and `proposal_probs`.
     """
 
     def __init__(
@@ -43,6 +49,7 @@ class DraftState:
         live: torch.BoolTensor,
         hidden: torch.Tensor,
         num_tokens: int,
+        proposal_warper: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         self.model = model
         self.input_ids = input_ids
@@ -50,8 +57,10 @@ class DraftState:
         self.live = live
         self.hidden = hidden
         self.num_tokens = num_tokens
+        self.proposal_warper = proposal_warper
         self._logits: torch.Tensor | None = None
         self._argmax: torch.LongTensor | None = None
+        self._head_probs: torch.Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -73,6 +82,31 @@ class DraftState:
             self._logits = self.model.draft_logits(self.hidden)
         return self._logits
 
+    @property
+    def sampling(self) -> bool:
+        """Whether drafts sampled from a proposal (returned as [`Drafts`] with it) are verified by speculative
+        sampling this step; otherwise a drafter proposes its best guess (and a [`Drafts`] without `proposals`
+        or a plain tensor is verified by "sample, then match")."""
+        return self.proposal_warper is not None
+
+    def proposal_probs(self, scores: torch.Tensor) -> torch.FloatTensor:
+        """
+        The proposal distribution of scores `(..., vocab)`: the generation's position-free warpers, then softmax,
+        in float32. Any proposal is exact as long as the drafts are really drawn from it; warping `q` like `p` only
+        makes them closer (fewer drafts wasted on tokens that top-k / top-p remove from `p`).
+        """
+        scores = scores.float()
+        if self.proposal_warper is not None:
+            shape = scores.shape
+            scores = self.proposal_warper(scores.reshape(-1, shape[-1])).view(shape)
+        return torch.softmax(scores, dim=-1)
+
+    def head_probs(self) -> torch.FloatTensor:
+        """The heads' proposal distributions `(batch, h, vocab)` (`proposal_probs` of their logits, computed once)."""
+        if self._head_probs is None:
+            self._head_probs = self.proposal_probs(self.draft_logits())
+        return self._head_probs
+
     def head_argmax(self) -> torch.LongTensor:
         """The heads' own draft `(batch, h)`: each head's most likely token (computed once)."""
         if self._argmax is None:
@@ -81,6 +115,40 @@ class DraftState:
             else:
                 self._argmax = self.draft_logits().argmax(dim=-1)
         return self._argmax
+
+
+@dataclass
+class Drafts:
+    """
+    Drafts with the distributions they were sampled from, what speculative sampling needs to verify them.
+
+    Args:
+        tokens (`torch.LongTensor` of shape `(batch, p, h)`): the drafts.
+        proposals (`torch.FloatTensor` of shape `(batch, p, h, vocab)`, *optional*): `proposals[b, k, j]` is the
+            distribution `tokens[b, k, j]` was drawn from, given the committed tokens and `tokens[b, k, :j]` (and,
+            for drafts sampled one after another at the same prefix, given the earlier ones). The draws must use
+            fresh randomness: nothing about the verifier's tests. None: deterministic drafts, verified by "sample,
+            then match".
+    """
+
+    tokens: torch.LongTensor
+    proposals: torch.FloatTensor | None = None
+
+
+def sample_chains(probs: torch.FloatTensor, num_drafts: int) -> Drafts:
+    """
+    `num_drafts` independent chains per row, token `j` drawn from `probs[:, j]` (which depends on the committed
+    prefix only, as the heads' distributions do: they read the hidden state of the last committed token).
+
+    Args:
+        probs (`torch.FloatTensor` of shape `(batch, h, vocab)`).
+    Returns:
+        [`Drafts`] with `(batch, num_drafts, h)` tokens and `(batch, num_drafts, h, vocab)` proposals.
+    """
+    batch, h, vocab = probs.shape
+    flat = probs.reshape(batch * h, vocab)
+    tokens = torch.multinomial(flat, num_drafts, replacement=True).view(batch, h, num_drafts).transpose(1, 2)
+    return Drafts(tokens=tokens, proposals=probs[:, None].expand(batch, num_drafts, h, vocab))
 
 
 class Drafter:
@@ -100,12 +168,14 @@ class Drafter:
     def reset(self) -> None:
         """Called once at the start of every `generate` call: drop all per-call state. The default keeps none."""
 
-    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
         """
         Args:
             state ([`DraftState`]): committed tokens, live rows, and the heads' input of the current step.
         Returns:
-            `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first (ties go to the first).
+            `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first (ties go to the first); or,
+            when `state.sampling`, [`Drafts`] whose `proposals` are the distributions the drafts were sampled from
+            (verified by speculative sampling, which accepts far more than "sample, then match").
         """
         raise NotImplementedError
 
@@ -124,7 +194,14 @@ class Drafter:
 class HeadsDrafter(Drafter):
     """The heads' own drafts: each head's argmax (plain blockwise parallel decoding, the default)."""
 
-    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
+        if state.sampling:
+            # Head i's distribution q_i reads only the hidden state of the last committed token, so it is a fixed
+            # distribution given the committed prefix. Drafts of heads i > 1 are not conditioned on the earlier
+            # draft tokens, and need not be: speculative sampling only needs draft i to be distributed as a known
+            # q_i given the prefix it continues, and d_i, drawn independently of d_1..d_{i-1}, still is after
+            # conditioning on them having been accepted (the tests of d_1..d_{i-1} never look at d_i).
+            return sample_chains(state.head_probs(), 1)
         return state.head_argmax()[:, None]  # (B, 1, h)
 
 

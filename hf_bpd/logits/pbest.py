@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from .base import Drafts, DraftState, sample_chains
 from .lattice import LatticeRescorer, TopKLattice, pbest_paths
 
 
@@ -28,6 +31,24 @@ class PBestRescorer(LatticeRescorer):
 
     def __init__(self, top_k: int, num_drafts: int = 1):
         super().__init__(top_k=top_k, alpha=0.0, num_drafts=num_drafts)
+
+    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
+        """
+        Greedy decoding: the `p` best paths. Speculative sampling (`state.sampling`): `p` independent chains, token
+        `j` drawn from head `j`'s proposal restricted to its top-k (renormalised): the lattice's own distribution,
+        which depends on the committed prefix only; the loop verifies them with multi-draft rejection sampling.
+        """
+        if not state.sampling:
+            return super().get_drafts(state)
+        start = time.perf_counter()
+        try:
+            probs = state.head_probs()  # (B, h, V)
+            top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1).indices
+            kept = torch.zeros_like(probs).scatter_(-1, top, probs.gather(-1, top))
+            return sample_chains(kept / kept.sum(-1, keepdim=True), self.num_drafts)
+        finally:
+            self.time_s += time.perf_counter() - start
+            self.calls += 1
 
     def _rescore(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
