@@ -53,6 +53,12 @@ class BPDConfig(PretrainedConfig):
             cost `h x d x K` instead of `h x d x V` per position (training and every decode step). vLLM's Medusa
             format calls this `truncated_vocab_size` + `token_map`. `None` (default): the full vocabulary. Lossless
             either way: only the verifier decides what is output.
+        draft_tree (`list[list[int]]`, *optional*):
+            A static draft tree saved with the heads (Medusa's `medusa_choices`): index paths like
+            `[[0], [1], [0, 0]]`, where path `(r_1, .., r_d)` is the node whose token at depth `j` is head `j`'s
+            rank-`r_j` token. Every prefix of a path must be a path too; depth at most `num_draft_heads`.
+            `hf_bpd.logits.StaticTreeDrafter()` verifies it; `hf-bpd tune --tree` calibrates it from the heads'
+            measured top-k accuracies. `None` (default): no static tree.
     """
 
     model_type = "bpd"
@@ -71,6 +77,7 @@ class BPDConfig(PretrainedConfig):
         base_model_type: str | None = None,
         freeze_base: bool = True,
         draft_vocab_size: int | None = None,
+        draft_tree: list[list[int]] | None = None,
         **kwargs: Any,
     ):
         self.num_draft_heads = num_draft_heads
@@ -85,6 +92,7 @@ class BPDConfig(PretrainedConfig):
         self.base_model_type = base_model_type
         self.freeze_base = freeze_base
         self.draft_vocab_size = draft_vocab_size
+        self.draft_tree = [list(path) for path in draft_tree] if draft_tree is not None else None
         super().__init__(**kwargs)
         self.validate_bpd()
 
@@ -109,6 +117,13 @@ class BPDConfig(PretrainedConfig):
                 f"BPDConfig.draft_vocab_size ({self.draft_vocab_size}) cannot exceed the base vocabulary "
                 f"({self.base_vocab_size})."
             )
+        if self.draft_tree is not None:
+            from .tree import check_tree_choices
+
+            try:
+                check_tree_choices(self.draft_tree, self.num_draft_heads, self.draft_vocab_size or self.base_vocab_size)
+            except ValueError as err:
+                raise ValueError(f"BPDConfig.draft_tree: {err}") from None
         if self.head_type not in HEAD_TYPES:
             raise ValueError(f"BPDConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
         for name in ("share_lm_head", "freeze_base"):

@@ -5,18 +5,21 @@
 
 from typing import Any
 
-from .base import Drafter, DraftRescorer, DraftState, HeadsDrafter
+from .base import Drafter, DraftRescorer, Drafts, DraftState, HeadsDrafter, sample_chains
 from .defaults import RESCORER_DEFAULTS, RescorerDefaults
 from .lattice import LatticeRescorer, TopKLattice, pbest_paths
 from .neural import NeuralRescorer
 from .ngram import NgramRescorer, is_kenlm_available, ngram_pbest
 from .oracle import OracleDrafter
 from .pbest import PBestRescorer
+from .tree import DynamicTreeDrafter, StaticTreeDrafter, build_static_tree
 
 __all__ = [
     "DraftRescorer",
     "DraftState",
     "Drafter",
+    "DynamicTreeDrafter",
+    "Drafts",
     "HeadsDrafter",
     "LatticeRescorer",
     "NeuralRescorer",
@@ -25,11 +28,14 @@ __all__ = [
     "PBestRescorer",
     "RESCORER_DEFAULTS",
     "RescorerDefaults",
+    "StaticTreeDrafter",
     "TopKLattice",
     "TuningResult",
+    "build_static_tree",
     "is_kenlm_available",
     "ngram_pbest",
     "pbest_paths",
+    "sample_chains",
     "tune_rescorer",
 ]
 

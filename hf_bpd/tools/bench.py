@@ -34,6 +34,9 @@ METHOD_HELP = {
     "bpd-neural": "local rescoring with the small LM (needs --small-lm)",
     "bpd-pbest": "the p best n-gram paths verified together (needs --ngram)",
     "bpd-pbest0": "the p best lattice paths by head scores alone",
+    "bpd-tree": "a dynamic draft tree: the --tree-nodes lattice paths of highest head confidence, verified as one trie",
+    "bpd-tree-ngram": "a dynamic draft tree ranked by heads and n-gram together (needs --ngram)",
+    "bpd-tree-static": "the static draft tree saved with the heads (BPDConfig.draft_tree; `hf-bpd tune --tree`)",
     "pld": "transformers' prompt lookup decoding (batch size 1)",
     "assisted": "transformers' assisted decoding with the small LM as draft model (batch size 1; needs --small-lm)",
     "oracle": "oracle top-k: the heads' top-k lattice with a perfect chooser (headroom; no wall clock)",
@@ -68,6 +71,8 @@ class BenchConfig:
         batch_size (`int`): prompts per `generate` call (left-padded).
         repeats (`int`): interleaved timed repeats per method; the median is reported.
         top_k (`int`): lattice width for the rescorers; `num_drafts` (`int`): p for the p-best methods.
+        tree_nodes (`int`): node budget of the dynamic trees (`bpd-tree*`); 16 = the width of 4 chains of h = 4.
+        tree_min_confidence (`float`): adaptive draft length of the dynamic trees (0: always fill the budget).
         alpha_ngram, alpha_neural (`float`): rescorer interpolation weights.
         oracle_top_k (`int`): k of the `oracle` method.
         pld_tokens (`int`): `prompt_lookup_num_tokens` for `pld`.
@@ -82,6 +87,8 @@ class BenchConfig:
     alpha_neural: float = RESCORER_DEFAULTS.alpha_neural
     oracle_top_k: int = RESCORER_DEFAULTS.oracle_top_k
     pld_tokens: int = 4
+    tree_nodes: int = 16
+    tree_min_confidence: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,6 +157,13 @@ def make_rescorer(method: str, res: Resources, cfg: BenchConfig) -> Drafter:
         return L.NeuralRescorer(lm, top_k=cfg.top_k, alpha=cfg.alpha_neural, pad_token_id=pad)
     if method == "bpd-pbest0":
         return L.PBestRescorer(top_k=cfg.top_k, num_drafts=cfg.num_drafts)
+    if method in ("bpd-tree", "bpd-tree-ngram"):
+        ngram = _need(res.ngram_path, method, "an n-gram model (--ngram)") if method == "bpd-tree-ngram" else None
+        return L.DynamicTreeDrafter(cfg.tree_nodes, top_k=cfg.top_k, min_confidence=cfg.tree_min_confidence,
+                                    ngram=ngram, alpha=cfg.alpha_ngram, pad_token_id=pad)  # fmt: skip
+    if method == "bpd-tree-static":
+        _need(res.model.config.draft_tree, method, "heads with a static tree (`hf-bpd tune --tree --save-model`)")
+        return L.StaticTreeDrafter()
     raise ValueError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
 
 
@@ -225,6 +239,9 @@ def benchmark(
     if "greedy" not in methods:
         methods = ["greedy", *methods]  # the reference for identity and speedup
     unsupported = {m: BATCH1_ONLY[m] for m in methods if m in BATCH1_ONLY and cfg.batch_size > 1}
+    if "bpd-tree-static" in methods and getattr(res.model.config, "draft_tree", None) is None:
+        unsupported["bpd-tree-static"] = ("the heads carry no static tree (BPDConfig.draft_tree): calibrate one with "
+                                          "`hf-bpd tune --tree --save-model DIR`")  # fmt: skip
     if unsupported:
         logger.warning("Batch size %d: skipping %s (%s).", cfg.batch_size, ", ".join(unsupported),
                        "; ".join(unsupported.values()))  # fmt: skip
@@ -270,6 +287,7 @@ def _figures(method: str, runs: list[dict], greedy_runs: list[dict], greedy_ref:
         "generated_tokens": first["generated"],
         "row_calls": first["row_calls"],
         "steps": int((first["accepted"] >= 0).sum()),
+        "accepted_histogram": torch.bincount(first["accepted"][first["accepted"] >= 0]).tolist(),
     }
     if method == "oracle":  # headroom measure: no wall clock
         fig["tokens_per_s"] = fig["speedup_vs_greedy"] = None

@@ -235,7 +235,14 @@ def run_from_args(args: argparse.Namespace) -> TuningResult:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`hf-bpd tune` / `python -m hf_bpd.tools.tune`."""
+    """`hf-bpd tune` / `python -m hf_bpd.tools.tune` (`--tree`: calibrate a static draft tree, see `tree_tune`)."""
+    import sys
+
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if "--tree" in args_list:
+        from .tree_tune import main as tree_main
+
+        return tree_main([a for a in args_list if a != "--tree"])
     parser = argparse.ArgumentParser(description="Tune a draft rescorer by block efficiency.", prog="tune")
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
