@@ -94,6 +94,15 @@ def reference_table() -> list[str]:
     return lines
 
 
+def kept_blocks(path: Path) -> str:
+    """Sections other scripts own (`<!-- NAME:START -->` ... `<!-- NAME:END -->`, e.g. SmolLM2's), kept verbatim."""
+    import re
+
+    text = path.read_text() if path.exists() else ""
+    found = [m.group(0) for m in re.finditer(r"<!-- (\w+):START -->.*?<!-- \1:END -->", text, flags=re.S)]
+    return "".join("\n\n" + block for block in found) + ("\n" if found else "")
+
+
 def replace_between(text: str, tag: str, body: list[str]) -> str:
     start, end = text.index(f"<!-- {tag}:START -->"), text.index(f"<!-- {tag}:END -->")
     return text[: start + len(f"<!-- {tag}:START -->")] + "\n" + "\n".join(body) + "\n" + text[end:]
@@ -265,7 +274,7 @@ def main() -> None:
         "tokens costs noticeably more than over 1 token, so speedups are smaller than block efficiencies.",
         "",
     ]
-    (REPO / "BENCHMARKS.md").write_text("\n".join(lines))
+    (REPO / "BENCHMARKS.md").write_text("\n".join(lines) + kept_blocks(REPO / "BENCHMARKS.md"))
     first = next(iter(bench["by_batch_size"].values()))
     summary = [f"Measured by `python bench/make_benchmarks.py {' '.join(sys.argv[1:])}` (all domains, batch size "
                f"{next(iter(bench['by_batch_size']))}; per-domain and batch-4 tables in BENCHMARKS.md):", "",
