@@ -102,17 +102,27 @@ def _check_right_padding(prompt: Any, mask: Any, pad: Any, eos: Any) -> None:
     """Refuse prompts whose last position is padding (the mask plain `generate` would use, inferred the same way)."""
     if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2:
         return
-    if mask is None:  # transformers infers a mask from the pad token, unless the pad token is also EOS
-        eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
-        if pad is None or pad in eos_ids or not bool((prompt == pad).any()):
+    if mask is None:
+        mask = _inferred_attention_mask(prompt, pad, eos)
+        if mask is None:
             return
-        mask = prompt.ne(pad)
     if bool((mask[:, -1] == 0).any()):
         raise ValueError(
             "Right padding detected (the attention mask ends in 0 for some rows): `use_bpd=True` appends drafts after "
             "the last position, so right-padded rows would not decode as plain `generate` does. Pad on the left: "
             "`tokenizer.padding_side = 'left'`."
         )
+
+
+def _inferred_attention_mask(prompt: torch.Tensor, pad: Any, eos: Any) -> torch.Tensor | None:
+    """
+    The attention mask transformers infers when none is given: from the pad token, unless there is none, it is also
+    EOS, or the prompt holds no pad at all (then `None`: no mask is inferred).
+    """
+    eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
+    if pad is None or pad in eos_ids or not bool((prompt == pad).any()):
+        return None
+    return prompt.ne(pad).long()
 
 
 def _tokenizer_arguments(bpd: "BPDForCausalLM", inputs: Any, kwargs: dict[str, Any], get: Any) -> tuple[Any, dict]:
@@ -133,10 +143,9 @@ def _tokenizer_arguments(bpd: "BPDForCausalLM", inputs: Any, kwargs: dict[str, A
         prompt = prompt_of(inputs, kwargs)
         # plain `generate` infers the attention mask from the prompt *before* healing it: keep that mask
         if kwargs.get("attention_mask") is None:
-            pad, eos = get("pad_token_id"), get("eos_token_id")
-            eos_ids = eos if isinstance(eos, (list, tuple)) else [eos]
-            if pad is not None and pad not in eos_ids and bool((prompt == pad).any()):
-                kwargs["attention_mask"] = prompt.ne(pad).long()
+            mask = _inferred_attention_mask(prompt, get("pad_token_id"), get("eos_token_id"))
+            if mask is not None:
+                kwargs["attention_mask"] = mask
         healed = bpd.base.heal_tokens(prompt, tokenizer)
         if key is None:
             inputs = healed

@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = run_from_args(parser.parse_args(argv))
-    except (FileNotFoundError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
         parser.exit(1, f"hf-bpd export: error: {err}\n")
     print(f"wrote {out} (serve: vllm serve BASE --speculative-config "
           f"'{{\"method\": \"medusa\", \"model\": \"{out}\", \"num_speculative_tokens\": N}}')")  # fmt: skip

@@ -8,8 +8,9 @@ base at all (`BPDForCausalLM.forward(base_hidden_states=...)`), and with a draft
 (`draft_vocab_from_counts`) the heads' projections shrink from `V` to `K` columns.
 
 Storage: safetensors shards of `hidden` `(n, T, d)` (bf16 by default: 1.1 KiB per token for d = 576) and `targets`
-`(n, T)` int32, `-100` on padding. A torch `Dataset` over memory-mapped tensors, not a `datasets` table: Arrow stores
-2D float arrays as nested lists, which decode through Python per row, far slower than slicing a tensor.
+`(n, T)` int32, `-100` on padding. A torch `Dataset` over the shards' tensors, loaded into memory once, not a
+`datasets` table: Arrow stores 2D float arrays as nested lists, which decode through Python per row, far slower than
+slicing a tensor.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -243,7 +243,7 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             logits = nn.functional.linear(states, weight, bias)  # (..., h, K or V)
         else:
             logits = torch.stack([proj(states[..., i, :]) for i, proj in enumerate(self.draft_lm_heads)], dim=-2)
-        return logits if (self.draft_token_map is None or not full_vocab) else self._to_full_vocab(logits)
+        return self._to_full_vocab(logits) if full_vocab else logits
 
     def _to_full_vocab(self, compact: torch.Tensor) -> torch.Tensor:
         """Compact `(..., K)` draft logits -> `(..., V)`; tokens outside the draft vocabulary get the lowest value."""
@@ -322,14 +322,12 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
         if self.draft_token_map is None:
             return token_ids
         token_map = self.draft_token_map
-        key = (token_map.data_ptr(), token_map._version, token_ids.device)
+        key = (token_map.data_ptr(), token_map._version, token_ids.device, ignore_index)
         if self._inverse_cache is None or self._inverse_cache[0] != key:
             inverse = torch.full((self.config.base_vocab_size,), ignore_index, dtype=torch.long, device=token_ids.device)
             inverse[token_map.to(token_ids.device)] = torch.arange(token_map.numel(), device=token_ids.device)
-            self._inverse_cache = (key, inverse, ignore_index)
+            self._inverse_cache = (key, inverse)
         inverse = self._inverse_cache[1]
-        if self._inverse_cache[2] != ignore_index:
-            inverse = inverse.masked_fill(inverse == self._inverse_cache[2], ignore_index)
         valid = (token_ids >= 0) & (token_ids < inverse.numel())
         return torch.where(valid, inverse[token_ids.clamp(0, inverse.numel() - 1)], ignore_index)
 

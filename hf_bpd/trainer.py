@@ -373,9 +373,9 @@ class BPDTrainer(Trainer):
         self, split: str, draft_logits: torch.Tensor, head_losses: torch.Tensor, targets: torch.Tensor
     ) -> None:
         top1, top5, total = head_accuracy_counts(draft_logits.detach(), targets, top_k=5)
-        stats = torch.stack([head_losses.detach().float(), top1.float(), top5.float(), total.float()])
-        steps = torch.ones_like(stats[:1])
-        stats = torch.cat([stats, steps])  # (5, h): loss sum, top-1 hits, top-5 hits, targets, batches
+        losses = head_losses.detach().float()
+        # (5, h): loss sum, top-1 hits, top-5 hits, targets, batches
+        stats = torch.stack([losses, top1.float(), top5.float(), total.float(), torch.ones_like(losses)])
         self.head_stats[split] = stats if split not in self.head_stats else self.head_stats[split] + stats
 
     # ------------------------------------------------------------------ optimizer

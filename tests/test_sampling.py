@@ -17,15 +17,21 @@ VOCAB, NEW, ROWS = 8, 3, 4000
 WARPERS = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(5)])
 
 
-def exact_distribution(base, prompt):
-    """P(t1, t2, t3 | prompt) under the warped base model, by enumeration."""
+def sampling_model() -> BPDForCausalLM:
+    """The tiny `VOCAB`-token llama (no EOS) with two random heads that the sampling tests draw from."""
+    base = tiny_base("llama", vocab_size=VOCAB, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    base.generation_config.eos_token_id = None
+    return randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=2), std=0.3)
+
+
+def exact_distribution(base, prompt, processors=WARPERS):
+    """P(t1, t2, t3 | prompt) under the processed base model, by enumeration (processors see the full prefix)."""
     probs = {}
     with torch.no_grad():
         for prefix_len in range(NEW):
             for prefix in itertools.product(range(VOCAB), repeat=prefix_len):
                 ids = torch.tensor([prompt + list(prefix)])
-                scores = WARPERS(ids, base(ids).logits[:, -1].float())
-                probs[prefix] = torch.softmax(scores, -1)[0]
+                probs[prefix] = torch.softmax(processors(ids, base(ids).logits[:, -1].float()), -1)[0]
     dist = {}
     for seq in itertools.product(range(VOCAB), repeat=NEW):
         p = 1.0
@@ -60,11 +66,9 @@ def chi_square_pvalue(samples: torch.Tensor, dist: dict, key) -> float:
 
 @pytest.mark.parametrize("drafts", ["heads", "pbest"])
 def test_sampling_matches_base_distribution(drafts):
-    base = tiny_base("llama", vocab_size=VOCAB, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    base.generation_config.eos_token_id = None
-    model = randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=2), std=0.3)
+    model = sampling_model()
     prompt = [3, 5, 7]
-    dist = exact_distribution(base, prompt)
+    dist = exact_distribution(model.base, prompt)
     ids = torch.tensor([prompt] * ROWS)
     rescorer = MixedDrafter(ids, num_drafts=3) if drafts == "pbest" else None  # random drafts: many match by chance
     torch.manual_seed(0)

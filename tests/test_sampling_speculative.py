@@ -6,13 +6,10 @@ over the joint distribution of the first tokens), and tests that show those test
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-from conftest import randomize_heads, tiny_base
 from scipy.stats import chisquare
-from test_sampling import chi_square_pvalue
+from test_sampling import NEW, ROWS, chi_square_pvalue, exact_distribution, sampling_model
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -22,7 +19,6 @@ from transformers import (
 )
 
 import hf_bpd.sampling as sampling
-from hf_bpd import BPDForCausalLM
 from hf_bpd.logits import Drafter, Drafts, DraftState, PBestRescorer
 from hf_bpd.sampling import chain_rejection_sample, tree_rejection_sample
 
@@ -146,26 +142,7 @@ def test_multi_draft_tree_rejection_sampling_is_exact(seed):
 
 
 # ------------------------------------------------------------------------------------------ generate, end to end
-VOCAB, NEW, ROWS = 8, 3, 4000
 PROMPT = [3, 5, 7]
-
-
-def exact_distribution(base, processors, prompt=PROMPT):
-    """P(t1, t2, t3 | prompt) under the processed base model, by enumeration (processors see the full prefix)."""
-    probs = {}
-    with torch.no_grad():
-        for prefix_len in range(NEW):
-            for prefix in itertools.product(range(VOCAB), repeat=prefix_len):
-                ids = torch.tensor([prompt + list(prefix)])
-                probs[prefix] = torch.softmax(processors(ids, base(ids).logits[:, -1].float()), -1)[0]
-    dist = {}
-    for seq in itertools.product(range(VOCAB), repeat=NEW):
-        p = 1.0
-        for i in range(NEW):
-            p *= float(probs[seq[:i]][seq[i]])
-        if p > 0:
-            dist[seq] = p
-    return dist
 
 
 # generate's own processor order: repetition penalty first, then temperature, top-k, top-p
@@ -182,15 +159,9 @@ SETTINGS = {
 }
 
 
-def _model():
-    base = tiny_base("llama", vocab_size=VOCAB, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    base.generation_config.eos_token_id = None
-    return randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=2), std=0.3)
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _model()
+    return sampling_model()
 
 
 def _generate(model, setting, drafter, rows=ROWS, seed=0, mode="speculative", new=NEW):
@@ -213,7 +184,7 @@ def _generate(model, setting, drafter, rows=ROWS, seed=0, mode="speculative", ne
 )  # fmt: skip
 def test_speculative_sampling_matches_base_distribution(model, setting, drafts, rows):
     """A batch of many rows (rows accept different lengths: holes in the cache), chains and 3 sampled drafts."""
-    dist = exact_distribution(model.base, SETTINGS[setting][1])
+    dist = exact_distribution(model.base, PROMPT, SETTINGS[setting][1])
     drafter = PBestRescorer(top_k=4, num_drafts=3) if drafts == "pbest" else None
     out = _generate(model, setting, drafter, rows=rows)
     samples = out.sequences[:, len(PROMPT) :]
@@ -225,14 +196,14 @@ def test_speculative_sampling_matches_base_distribution(model, setting, drafts, 
 
 def test_speculative_sampling_batch_one(model):
     """Batch size 1 (a dense cache, no holes): 300 calls, the first two tokens."""
-    dist = exact_distribution(model.base, SETTINGS["temperature-topk"][1])
+    dist = exact_distribution(model.base, PROMPT, SETTINGS["temperature-topk"][1])
     samples = torch.cat([_generate(model, "temperature-topk", None, rows=1, seed=s).sequences for s in range(300)])
     assert chi_square_pvalue(samples[:, len(PROMPT) :], dist, key=lambda s: s[:2]) > 1e-3
 
 
 def test_generate_test_rejects_an_always_accepting_sampler(model, monkeypatch):
     """The end-to-end test can fail: accepting every draft whose p > 0 is caught."""
-    dist = exact_distribution(model.base, SETTINGS["plain"][1])
+    dist = exact_distribution(model.base, PROMPT, SETTINGS["plain"][1])
     monkeypatch.setattr(sampling, "_uniform", lambda shape, device: torch.zeros(shape, device=device))
     for drafter in (None, PBestRescorer(top_k=4, num_drafts=3)):
         samples = _generate(model, "plain", drafter).sequences[:, len(PROMPT) :]

@@ -19,8 +19,9 @@ from typing import Any
 import torch
 
 from .. import metrics
+from ..data import tokenize_prompts
 from ..logits import Drafter, DraftState, OracleDrafter
-from .bench import Resources, batches
+from .bench import Resources
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def analyze(
     model = res.model
     report: dict[str, Any] = {"domains": {}, "_raw": {}}
     for domain in sorted({p.get("domain", "all") for p in prompts}):
-        inputs = batches([p for p in prompts if p.get("domain", "all") == domain], res.tokenizer, batch_size)
+        inputs = tokenize_prompts([p for p in prompts if p.get("domain", "all") == domain], res.tokenizer, batch_size)
         recorder = DraftRecorder(compare)
         pad = res.tokenizer.pad_token_id if res.tokenizer.pad_token_id is not None else 0
         accepted, entropies, drafts, compared = [], [], [], []

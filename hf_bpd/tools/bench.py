@@ -173,11 +173,6 @@ def _need(value: Any, method: str, what: str) -> Any:
     return value
 
 
-def batches(prompts: list[dict], tokenizer: Any, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """Left-padded tokenised batches of [`~hf_bpd.data.load_prompts`] rows."""
-    return tokenize_prompts(prompts, tokenizer, batch_size)
-
-
 def run_method(
     method: str, res: Resources, cfg: BenchConfig, inputs: list[dict[str, torch.Tensor]], references: list[torch.Tensor] | None
 ) -> dict[str, Any]:
@@ -251,7 +246,7 @@ def benchmark(
     bar = tqdm(total=len(domains) * cfg.repeats * len(methods), desc="bench", disable=not progress)
     for domain in domains:
         subset = [p for p in prompts if p.get("domain", "all") == domain]
-        inputs = batches(subset, res.tokenizer, cfg.batch_size)
+        inputs = tokenize_prompts(subset, res.tokenizer, cfg.batch_size)
         greedy_ref = run_method("greedy", res, cfg, inputs, None)["outputs"]  # warm-up and reference
         timed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
         for _ in range(cfg.repeats):

@@ -215,7 +215,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def run_from_args(args: argparse.Namespace) -> TuningResult:
+def load_model_and_prompts(args: argparse.Namespace) -> tuple[Any, Any, list[torch.LongTensor]]:
+    """
+    The fp32 model of `--model` (on `--base`, moved to `--device`), its tokenizer, and the non-empty ones of the
+    first `--max-prompts` prompts of `--prompts`, each a `(1, T)` tensor of at most `--max-prompt-tokens` tokens
+    (what both `tune` and `tune --tree` load).
+    """
     from transformers import AutoTokenizer
 
     from ..modeling_bpd import BPDForCausalLM, tokenizer_source
@@ -224,7 +229,11 @@ def run_from_args(args: argparse.Namespace) -> TuningResult:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, args.base))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
-    prompts = [batch["input_ids"][0] for batch in batches if batch["input_ids"].numel()]
+    return model, tokenizer, [batch["input_ids"] for batch in batches if batch["input_ids"].numel()]
+
+
+def run_from_args(args: argparse.Namespace) -> TuningResult:
+    model, tokenizer, prompts = load_model_and_prompts(args)
     result = tune_rescorer(
         model, _make_factory(args, model, tokenizer), prompts, alphas=args.alphas, top_ks=args.top_ks,
         num_drafts_list=args.num_drafts, max_new_tokens=args.max_new_tokens,
