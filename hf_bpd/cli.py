@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     methods = args.methods  # parsed and checked before anything is loaded
     need_small = any(m in methods for m in ("assisted", "bpd-neural"))
-    need_ngram = any(m in methods for m in ("bpd-ngram", "bpd-pbest"))
+    need_ngram = any(m in methods for m in ("bpd-ngram", "bpd-pbest", "bpd-tree-ngram"))
     _resolve_defaults(args, need_small, need_ngram)
     res = _load_resources(args, need_small=need_small, need_ngram=need_ngram)
     prompts = load_prompts(args.prompts, res.tokenizer, args.max_prompts)
@@ -120,7 +121,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for batch_size in args.batch_size:
         cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size, repeats=args.repeats,
                           top_k=args.top_k, num_drafts=args.num_drafts, alpha_ngram=args.alpha_ngram,
-                          alpha_neural=args.alpha_neural, oracle_top_k=args.oracle_top_k)  # fmt: skip
+                          alpha_neural=args.alpha_neural, oracle_top_k=args.oracle_top_k,
+                          tree_nodes=args.tree_nodes, tree_min_confidence=args.tree_min_confidence)  # fmt: skip
         report = benchmark(res, prompts, methods, cfg, progress=not args.no_progress)
         print(f"\n== batch size {batch_size} ==" + format_table(report))
         results[str(batch_size)] = report
@@ -164,6 +166,31 @@ def _methods_arg(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _tree_nodes_arg(text: str) -> int:
+    """`--tree-nodes`: a node budget, an integer >= 1 (the verify block has N + 1 tokens)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 (draft tokens per verify call), got {text!r}")
+    return value
+
+
+def _min_confidence_arg(text: str) -> float:
+    """`--tree-min-confidence`: a path probability in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(
+            f"must be a number in [0, 1) (0: always fill the node budget; 0.05: no node below 5% path confidence), "
+            f"got {text!r}"
+        )
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -183,6 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--oracle-top-k", type=int, default=8, help="k of the oracle method")
+    bench.add_argument("--tree-nodes", type=_tree_nodes_arg, default=16,
+                       help="node budget of the dynamic trees (bpd-tree, bpd-tree-ngram); verify width N + 1 "
+                            "(default 16, the width of 4 chains of h = 4)")  # fmt: skip
+    bench.add_argument("--tree-min-confidence", type=_min_confidence_arg, default=0.0,
+                       help="adaptive draft length of the dynamic trees: no node below this path confidence, in "
+                            "[0, 1) (default 0: always fill the budget)")  # fmt: skip
     bench.add_argument("--json", default=None, help="write the figures to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=cmd_bench)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from conftest import ARCHS, PAD, batch_prompts, randomize_heads, tiny_base
-from test_sampling import NEW, ROWS, VOCAB, chi_square_pvalue, exact_distribution
+from test_sampling import NEW, ROWS, chi_square_pvalue, exact_distribution, sampling_model
 
 from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.logits import DynamicTreeDrafter, OracleDrafter, StaticTreeDrafter, build_static_tree
@@ -167,22 +167,65 @@ def test_tree_with_input_dependent_processors():
     assert torch.equal(model.generate(ids, use_bpd=True, draft_rescorer=drafter("dynamic"), **kwargs), ref)
 
 
-def test_tree_sampling_matches_base_distribution():
-    """Sample, then match at every node: a node's sample follows at most one child; exact (chi-square)."""
-    base = tiny_base("llama", vocab_size=VOCAB, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    base.generation_config.eos_token_id = None
-    model = randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=2), std=0.3)
+@pytest.mark.parametrize("mode, drafter", [
+    ("match", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
+    ("speculative", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
+    ("speculative", lambda: DynamicTreeDrafter(6, top_k=3)),
+])  # fmt: skip
+def test_tree_sampling_matches_base_distribution(mode, drafter):
+    """
+    "match": sample, then match at every node (a node's sample follows at most one child). "speculative": the tree
+    filled with tokens sampled from the heads (siblings without replacement), multi-draft rejection sampling. Both
+    exact (chi-square over the first 3 tokens, a batch of rows with different accepted lengths).
+    """
+    model = sampling_model()
     prompt = [3, 5, 7]
-    dist = exact_distribution(base, prompt)
+    dist = exact_distribution(model.base, prompt)
     ids = torch.tensor([prompt] * ROWS)
     torch.manual_seed(0)
     out = model.generate(ids, max_new_tokens=NEW, do_sample=True, temperature=0.8, top_k=5, top_p=1.0, use_bpd=True,
-                         draft_rescorer=StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]]),
-                         return_dict_in_generate=True)  # fmt: skip
+                         bpd_sampling=mode, draft_rescorer=drafter(), return_dict_in_generate=True)  # fmt: skip
     samples = out.sequences[:, len(prompt) :]
     assert int((out.accepted_lengths > 0).sum()) > 500  # drafts really accepted, on several branches
     assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
     assert chi_square_pvalue(samples, dist, key=lambda s: s[2]) > 1e-3
+
+
+def test_sampled_tree_drafts_carry_their_proposals():
+    """Siblings are drawn without replacement: distinct tokens, each proposal the head's without earlier siblings."""
+    from hf_bpd.logits.tree import sample_tree
+
+    torch.manual_seed(1)
+    probs = torch.softmax(torch.randn(3, 2, 8), dim=-1)
+    probs[0, 0, 4:] = 0  # row 0, depth 1: 4 tokens in the support, 5 children: the last one is a one-hot
+    probs[0, 0] /= probs[0, 0].sum()
+    layout = tree_from_parents((-1, 0, 0, 0, 0, 0, 1, 1))
+    tree = sample_tree(probs, layout)
+    assert tree.tokens.shape == (3, 7) and tree.proposals.shape == (3, 7, 8)
+    assert torch.allclose(tree.proposals.sum(-1), torch.ones(3, 7))
+    for b in range(3):
+        first = tree.tokens[b, :4].tolist()
+        assert len(set(first)) == 4  # without replacement
+        q = probs[b, 0].clone()
+        for w in range(4):
+            assert torch.allclose(tree.proposals[b, w], q / q.sum())
+            q[tree.tokens[b, w]] = 0
+        assert torch.allclose(tree.proposals[b, 5], probs[b, 1]) and tree.tokens[b, 5] != tree.tokens[b, 6]
+    assert tree.proposals[0, 4].max() == 1 and tree.tokens[0, 4] == probs[0, 0].argmax()
+
+
+def test_tree_sampling_test_rejects_an_always_accepting_sampler(monkeypatch):
+    """The chi-square test above can fail: accepting every sampled tree draft whose p > 0 is caught."""
+    import hf_bpd.sampling as sampling
+
+    monkeypatch.setattr(sampling, "_uniform", lambda shape, device: torch.zeros(shape, device=device))
+    model = sampling_model()
+    prompt = [3, 5, 7]
+    dist = exact_distribution(model.base, prompt)
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt] * ROWS), max_new_tokens=NEW, do_sample=True, temperature=0.8, top_k=5,
+                         top_p=1.0, use_bpd=True, draft_rescorer=DynamicTreeDrafter(6, top_k=3))  # fmt: skip
+    assert chi_square_pvalue(out[:, len(prompt) :], dist, key=lambda s: s) < 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ tree construction
@@ -204,6 +247,59 @@ def test_grow_tree_batch_shares_a_shape_by_mean_confidence():
     live = torch.tensor([True, True, False])  # the finished row does not count
     parents, node_tokens = grow_tree(logprobs, tokens, live, num_nodes=1)
     assert parents == (-1, 0) and node_tokens.tolist() == [[5], [7], [9]]  # mean .55 vs .45: rank 0
+
+
+def test_grow_tree_full_path_reserves_the_deepest_best_path():
+    # depth 1 probs (0.5, 0.45, 0.05), depths 2-3 (0.3, 0.3, 0.3): best-first 3 nodes = two roots + one child
+    logprobs = torch.tensor([[[0.5, 0.45, 0.05], [0.3, 0.3, 0.3], [0.3, 0.3, 0.3]]]).log()
+    tokens = torch.arange(9).view(1, 3, 3)
+    parents, _ = grow_tree(logprobs, tokens, torch.tensor([True]), num_nodes=3)
+    assert parents == (-1, 0, 0, 1)
+    parents, node_tokens = grow_tree(logprobs, tokens, torch.tensor([True]), num_nodes=4, full_path=True)
+    assert parents == (-1, 0, 0, 1, 3) and node_tokens.tolist() == [[0, 1, 3, 6]]  # (0, 0, 0) + the next best (1)
+    parents, _ = grow_tree(logprobs, tokens, torch.tensor([True]), num_nodes=2, full_path=True)
+    assert parents == (-1, 0, 1)  # a budget below the depth keeps the path's top
+
+
+def test_confidence_calibration_fit_and_use():
+    from hf_bpd.logits.tree import CALIBRATION_EDGES, ConfidenceCalibration
+
+    torch.manual_seed(0)
+    score = -torch.rand(4000) * 7
+    hits = torch.rand(4000) < score.exp() * 0.8  # a calibrated rate 0.8 * p
+    calib = ConfidenceCalibration.fit([score, score], [hits, torch.zeros(4000, dtype=torch.bool)])
+    assert calib.rates.shape == (2, len(CALIBRATION_EDGES) + 1)
+    assert bool((calib.rates.diff(dim=1) >= 0).all()) and bool((calib.rates > 0).all())  # monotone, never 0
+    assert float(calib.rates[0, -1]) > 0.5 and float(calib.rates[1].max()) < 0.01
+    out = calib.log_confidence(0, torch.tensor([-0.1, -3.5, -9.0]))
+    assert bool((out <= 0).all()) and out[0] > out[1] > out[2]
+    assert ConfidenceCalibration.from_dict(calib.to_dict()).rates.equal(calib.rates)
+    with pytest.raises(ValueError, match="one rate per depth and score bin"):
+        ConfidenceCalibration([[0.5, 0.6]])
+    with pytest.raises(ValueError, match="rates must lie in"):
+        ConfidenceCalibration([[0.0] * (len(CALIBRATION_EDGES) + 1)])
+    with pytest.raises(ValueError, match="calibration must be a ConfidenceCalibration"):
+        DynamicTreeDrafter(4, calibration=[[0.5]])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_calibrated_dynamic_tree_stays_lossless(batch):
+    from hf_bpd.tools.tree_tune import calibrate_confidence
+
+    model = make("llama")
+    ids, mask = batch_prompts(batch, seed=2)
+    calib = calibrate_confidence(model, [row[None] for row in batch_prompts(2, seed=1)[0][:, 5:]], top_k=3,
+                                 max_new_tokens=12)  # fmt: skip
+    assert calib.num_heads == H
+    drafter = DynamicTreeDrafter(8, top_k=3, calibration=calib.to_dict(), full_path=True)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True,
+                         draft_rescorer=drafter)  # fmt: skip
+    assert torch.equal(out, ref)
+    short = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=H + 1)
+    with pytest.raises(ValueError, match="calibration covers 3 depths but the model has 4"):
+        short.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_bpd=True,
+                       draft_rescorer=DynamicTreeDrafter(8, top_k=3, calibration=calib))  # fmt: skip
 
 
 def test_build_static_tree_is_medusas_greedy_construction():
@@ -321,3 +417,51 @@ def test_ngram_tree_is_lossless_and_follows_the_ngram(tmp_path, batch):
     out = model.generate(ids, draft_rescorer=tree, **kwargs)
     assert torch.equal(heads.sequences, ref) and torch.equal(out.sequences, ref)
     assert out.block_efficiency > heads.block_efficiency
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize("flag, value, message", [
+    ("--tree-nodes", "0", "integer >= 1"), ("--tree-nodes", "-3", "integer >= 1"), ("--tree-nodes", "2.5", "integer"),
+    ("--tree-min-confidence", "1", "[0, 1)"), ("--tree-min-confidence", "-0.1", "[0, 1)"),
+    ("--tree-min-confidence", "nan", "[0, 1)"), ("--tree-min-confidence", "high", "[0, 1)"),
+])  # fmt: skip
+def test_cli_bench_tree_flags_reject_nonsense_before_loading(flag, value, message, capsys, monkeypatch):
+    import hf_bpd.cli as cli
+
+    monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["bench", "--model", "/nonexistent", "--methods", "bpd-tree", flag, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert flag in err and message in err
+
+
+def test_cli_bench_tree_flags_reach_the_bench_config(monkeypatch):
+    import types
+
+    import hf_bpd.cli as cli
+    import hf_bpd.data
+    import hf_bpd.tools.bench as bench
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_benchmark(res, prompts, methods, cfg, progress=True):
+        seen["cfg"], seen["methods"] = cfg, methods
+        raise Stop
+
+    monkeypatch.setattr(cli, "_resolve_defaults", lambda args, need_small, need_ngram: seen.update(ngram=need_ngram))
+    monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: types.SimpleNamespace(tokenizer=None, model=None))
+    monkeypatch.setattr(hf_bpd.data, "load_prompts", lambda *a, **k: [])
+    monkeypatch.setattr(bench, "benchmark", fake_benchmark)
+    argv = ["bench", "--model", "m", "--prompts", "p", "--methods", "bpd-tree-ngram", "--top-k", "8", "--num-drafts",
+            "4", "--alpha-ngram", "0.5", "--alpha-neural", "0.5"]  # fmt: skip
+    with pytest.raises(Stop):
+        cli.main(argv + ["--tree-nodes", "32", "--tree-min-confidence", "0.05"])
+    assert (seen["cfg"].tree_nodes, seen["cfg"].tree_min_confidence) == (32, 0.05)
+    assert seen["ngram"]  # bpd-tree-ngram resolves the stack's n-gram
+    with pytest.raises(Stop):
+        cli.main(argv)
+    assert (seen["cfg"].tree_nodes, seen["cfg"].tree_min_confidence) == (16, 0.0)

@@ -12,9 +12,10 @@ from .neural import NeuralRescorer
 from .ngram import NgramRescorer, is_kenlm_available, ngram_pbest
 from .oracle import OracleDrafter
 from .pbest import PBestRescorer
-from .tree import DynamicTreeDrafter, StaticTreeDrafter, build_static_tree
+from .tree import ConfidenceCalibration, DynamicTreeDrafter, StaticTreeDrafter, build_static_tree, sample_tree
 
 __all__ = [
+    "ConfidenceCalibration",
     "DraftRescorer",
     "DraftState",
     "Drafter",
@@ -36,6 +37,7 @@ __all__ = [
     "ngram_pbest",
     "pbest_paths",
     "sample_chains",
+    "sample_tree",
     "tune_rescorer",
 ]
 

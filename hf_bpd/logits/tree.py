@@ -5,8 +5,11 @@ EAGLE-2-style dynamic trees), instead of `p` separate chains that repeat their s
 A node is an index path `(r_1, .., r_d)` into the top-k lattice: its token at depth `j` is head `j`'s rank-`r_j`
 token of the row. All rows of a batch share one tree *shape* per step, each with its own tokens; the decode loop
 verifies it with a tree attention mask and per-node positions and compacts the accepted path's cache entries
-(`hf_bpd.tree`). Greedy output stays identical to plain decoding, sampling stays exact ("sample, then match" at
-every node: siblings carry distinct tokens, so a node's sample follows at most one child).
+(`hf_bpd.tree`). Greedy output stays identical to plain decoding. With `do_sample=True` (speculative sampling, the
+default `bpd_sampling`), both drafters keep their shape but fill it with tokens sampled from the heads' proposals,
+siblings without replacement ([`sample_tree`]), and return the proposals: the loop verifies them by multi-draft
+recursive rejection sampling (`hf_bpd.sampling`); with `bpd_sampling="match"` they draft top-k tokens, verified by
+"sample, then match" (siblings carry distinct tokens, so a node's sample follows at most one child).
 
 - [`StaticTreeDrafter`]: a fixed tree (e.g. `BPDConfig.draft_tree`, calibrated by [`build_static_tree`] from the
   heads' measured top-k accuracies with Medusa's greedy node-by-node construction).
@@ -80,6 +83,47 @@ class _Timed(Drafter):
         raise NotImplementedError
 
 
+def sample_tree(probs: torch.Tensor, layout: Any) -> DraftTree:
+    """
+    Fill a tree shape with sampled tokens, for speculative sampling (`hf_bpd.sampling.tree_rejection_sample`).
+
+    The heads' distributions depend on the committed prefix only (each head reads the last committed hidden state),
+    so every node at depth `d` draws from head `d`'s proposal `probs[:, d - 1]`. The children of a node are drawn
+    one after another *without replacement* (in node order, the order the verifier tries them): a child's proposal
+    is the head's distribution without its earlier siblings' tokens, renormalised, which is exactly "the
+    distribution it was drawn from, given its parent's path and the candidates before it". When no probability is
+    left (more children than tokens in the proposal's support, e.g. under top-k), the child is the head's most
+    likely token drawn from a one-hot proposal (a wasted node, still exact). The shape itself must not depend on
+    the draws (here: a fixed or top-k-derived shape, chosen before sampling).
+
+    Args:
+        probs (`torch.FloatTensor` of shape `(batch, D, vocab)`): the proposal of each depth.
+        layout ([`~hf_bpd.tree.TreeLayout`]): the shape, at most `D` deep.
+    Returns:
+        [`~hf_bpd.tree.DraftTree`] with `tokens` `(batch, W - 1)` and `proposals` `(batch, W - 1, vocab)`.
+    """
+    batch, _, vocab = probs.shape
+    parents = layout.parent.tolist()
+    depth = layout.depth.tolist()
+    tokens = torch.zeros(batch, len(parents) - 1, dtype=torch.long, device=probs.device)
+    proposals = torch.zeros(batch, len(parents) - 1, vocab, dtype=torch.float32, device=probs.device)
+    left: dict[int, torch.Tensor] = {}  # per parent: the head's mass not yet drawn by its earlier children
+    for w in range(1, len(parents)):
+        parent = parents[w]
+        q = left.get(parent)
+        if q is None:
+            q = probs[:, depth[w] - 1].float()
+        total = q.sum(-1, keepdim=True)
+        spent = total[:, 0] <= 1e-12
+        one_hot = torch.nn.functional.one_hot(probs[:, depth[w] - 1].argmax(-1), vocab).float()
+        q = torch.where(spent[:, None], one_hot, q / total.clamp(min=1e-30))
+        token = torch.multinomial(q, num_samples=1)[:, 0]
+        tokens[:, w - 1] = token
+        proposals[:, w - 1] = q
+        left[parent] = q.scatter(1, token[:, None], 0.0)
+    return DraftTree(tokens=tokens, layout=layout, proposals=proposals)
+
+
 class StaticTreeDrafter(_Timed):
     """
     Verifies the same tree shape every step, filled with each row's top-k tokens (Medusa's `medusa_choices`).
@@ -119,9 +163,97 @@ class StaticTreeDrafter(_Timed):
             check_num_nodes(len(choices), position_limit(state.model))
             self._built = {key: choices_layout(choices, device)}
         layout, head, rank = self._built[key]
+        if state.sampling:  # the fixed shape, filled with sampled tokens (ranks are not used)
+            return sample_tree(state.head_probs()[:, : layout.max_depth], layout)
         top_k = int(rank.max()) + 1
         top = state.draft_logits().topk(top_k, dim=-1).indices  # (B, h, k)
         return DraftTree(tokens=top[:, head, rank], layout=layout)
+
+
+# Score bins of a confidence calibration: a node's own log-score (head log-probability, or the head / n-gram mix).
+CALIBRATION_EDGES = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3)
+
+
+class ConfidenceCalibration:
+    """
+    Per-depth calibration of the dynamic tree's node confidence: `rate[j][b]` is how often a node at depth `j + 1`
+    whose own log-score (head log-probability, or `(1 - alpha) * head + alpha * n-gram`) falls in bin `b` carried
+    the base model's token, *given that its parent's path did* (measured on calibration prompts by
+    `hf_bpd.tools.tree_tune.calibrate_confidence`). A node's calibrated confidence is the product of these
+    conditional rates along its path: an estimate of the chance that verification accepts it.
+
+    Raw head probabilities are a poor estimate with weak heads: deeper heads are uncertain everywhere, but where the
+    first tokens were right the next ones often are too (easy passages), so the raw product falls much faster with
+    depth than acceptance does and a fixed budget ends wide and shallow.
+
+    Args:
+        rates (`list[list[float]]`): `(h, len(edges) + 1)` conditional acceptance rates in `(0, 1]`, non-decreasing
+            along each row (bins by score, low to high).
+        edges (`Sequence[float]`): ascending bin edges over the node log-score (bin `b` holds scores in
+            `[edges[b - 1], edges[b])`).
+    """
+
+    def __init__(self, rates: Sequence[Sequence[float]], edges: Sequence[float] = CALIBRATION_EDGES):
+        table = torch.as_tensor(rates, dtype=torch.float32)
+        edge = torch.as_tensor(edges, dtype=torch.float32)
+        if table.dim() != 2 or table.shape[0] < 1 or table.shape[1] != edge.numel() + 1:
+            raise ValueError(
+                f"rates must be an (h, {edge.numel() + 1}) table (one rate per depth and score bin), got shape "
+                f"{tuple(table.shape)}."
+            )
+        if not bool(((table > 0) & (table <= 1)).all()) or (edge.numel() > 1 and not bool((edge.diff() > 0).all())):
+            raise ValueError("rates must lie in (0, 1] and edges must ascend.")
+        self.rates, self.edges = table, edge
+        self.log_rates = table.log()
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.rates.shape[0])
+
+    def log_confidence(self, depth: int, scores: torch.Tensor) -> torch.Tensor:
+        """
+        The calibrated log conditional confidence of nodes at 0-based `depth` with raw log-`scores` (`<= 0`). Within
+        a bin the raw score breaks ties (`1e-3 * score`, which keeps the result `<= 0`, so confidence still only
+        falls along a path).
+        """
+        row = self.log_rates[min(depth, self.num_heads - 1)]
+        scores = scores.float().cpu()
+        return row[torch.bucketize(scores, self.edges, right=True)] + 1e-3 * scores.clamp(max=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rates": self.rates.tolist(), "edges": self.edges.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ConfidenceCalibration":
+        return cls(data["rates"], data.get("edges", CALIBRATION_EDGES))
+
+    @staticmethod
+    def fit(scores: Sequence[torch.Tensor], hits: Sequence[torch.Tensor], edges: Sequence[float] = CALIBRATION_EDGES,
+            prior: float = 4.0) -> "ConfidenceCalibration":
+        """
+        Rates from observations: per depth, node log-scores and whether the node was the model's token (nodes whose
+        parent path was right only). Each bin is smoothed toward the depth's overall rate (`prior` pseudo-counts)
+        and made non-decreasing in the score (pool-adjacent-violators).
+        """
+        edge = torch.as_tensor(edges, dtype=torch.float32)
+        bins = edge.numel() + 1
+        rows = []
+        for score, hit in zip(scores, hits):
+            score, hit = torch.as_tensor(score, dtype=torch.float32), torch.as_tensor(hit, dtype=torch.float64)
+            base = (float(hit.sum()) + 0.5) / (hit.numel() + 1.0)
+            index = torch.bucketize(score, edge, right=True)
+            n = torch.bincount(index, minlength=bins).double()
+            k = torch.zeros(bins, dtype=torch.float64).index_add_(0, index, hit)
+            blocks = []  # pool adjacent violators, weighted by counts + prior
+            for b in range(bins):
+                blocks.append([float(k[b]) + prior * base, float(n[b]) + prior, 1])
+                while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+                    hits_, total, width = blocks.pop()
+                    blocks[-1][0] += hits_
+                    blocks[-1][1] += total
+                    blocks[-1][2] += width
+            rows.append([min(max(h_ / t, 1e-4), 1.0) for h_, t, w in blocks for _ in range(w)])
+        return ConfidenceCalibration(rows, edges)
 
 
 class DynamicTreeDrafter(_Timed):
@@ -145,6 +277,12 @@ class DynamicTreeDrafter(_Timed):
         alpha (`float`, defaults to 0.5): weight of the n-gram (only with `ngram`).
         pad_token_id (`int`, *optional*): left padding kept out of the n-gram's context.
         max_depth (`int`, *optional*): deepest node (default: `h`).
+        calibration ([`ConfidenceCalibration`] or its `to_dict()`, *optional*): rank nodes by calibrated
+            confidence (per-depth conditional acceptance rates of the node's own score, measured on calibration
+            prompts by `hf_bpd.tools.tree_tune.calibrate_confidence`) instead of the raw product; calibrate with the
+            same `ngram` and `alpha`. `min_confidence` then applies to the calibrated confidence.
+        full_path (`bool`, defaults to False): always include the path to the most confident deepest node (the
+            chain a p-best rescorer would rank first), the rest of the budget best first.
     """
 
     def __init__(
@@ -156,8 +294,19 @@ class DynamicTreeDrafter(_Timed):
         alpha: float = 0.5,
         pad_token_id: int | None = None,
         max_depth: int | None = None,
+        calibration: "ConfidenceCalibration | dict[str, Any] | None" = None,
+        full_path: bool = False,
     ):
         super().__init__()
+        if isinstance(calibration, dict):
+            calibration = ConfidenceCalibration.from_dict(calibration)
+        if calibration is not None and not isinstance(calibration, ConfidenceCalibration):
+            raise ValueError(
+                f"calibration must be a ConfidenceCalibration (hf_bpd.tools.tree_tune.calibrate_confidence) or its "
+                f"to_dict(), got {type(calibration).__name__}."
+            )
+        self.calibration = calibration
+        self.full_path = bool(full_path)
         self.num_nodes = check_num_nodes(num_nodes)
         self.top_k = check_top_k(top_k)
         number = isinstance(min_confidence, (int, float)) and not isinstance(min_confidence, bool)
@@ -183,6 +332,11 @@ class DynamicTreeDrafter(_Timed):
         if not self._checked:
             check_num_nodes(self.num_nodes, position_limit(state.model))
             check_top_k(self.top_k, state.vocab_size)
+            if self.calibration is not None and self.calibration.num_heads < state.num_heads:
+                raise ValueError(
+                    f"The confidence calibration covers {self.calibration.num_heads} depths but the model has "
+                    f"{state.num_heads} draft heads: calibrate it for these heads (calibrate_confidence)."
+                )
             self._checked = True
         depth = min(state.num_heads, state.num_tokens, self.max_depth or state.num_heads)
         if depth == 0:  # the loop verifies no draft token this step
@@ -195,9 +349,12 @@ class DynamicTreeDrafter(_Timed):
         contexts = self._contexts(state) if self.ngram is not None else None
         parents, tokens_of_node = grow_tree(
             logprobs, tokens, live, self.num_nodes, self.log_min, self._ngram_scorer(contexts) if contexts else None,
-            self.alpha,
+            self.alpha, self.calibration, self.full_path,
         )  # fmt: skip
-        return DraftTree(tokens=tokens_of_node, layout=tree_from_parents(parents, state.hidden.device))
+        layout = tree_from_parents(parents, state.hidden.device)
+        if state.sampling:  # the shape chosen from the top-k lattice, filled with sampled tokens
+            return sample_tree(state.head_probs()[:, :depth], layout)
+        return DraftTree(tokens=tokens_of_node, layout=layout)
 
     # ------------------------------------------------------------------ n-gram
     def _contexts(self, state: DraftState) -> list[Any]:
@@ -232,6 +389,8 @@ def grow_tree(
     log_min: float = -math.inf,
     ngram_score: Any = None,
     alpha: float = 0.0,
+    calibration: ConfidenceCalibration | None = None,
+    full_path: bool = False,
 ) -> tuple[tuple[int, ...], torch.LongTensor]:
     """
     The best `num_nodes` nodes of the top-k lattice by mean path confidence over the live rows, as a tree.
@@ -242,6 +401,10 @@ def grow_tree(
         num_nodes (`int`): node budget; `log_min`: drop nodes whose log mean confidence is below it.
         ngram_score (`Callable`, *optional*): `(row, parent_state or None, token) -> (log10 prob, state)`.
         alpha (`float`): n-gram weight (with `ngram_score`).
+        calibration ([`ConfidenceCalibration`], *optional*): maps each node's own log-score at its depth to a
+            calibrated log conditional confidence (the path confidence is their sum).
+        full_path (`bool`): reserve part of the budget for the path to the most confident node of the deepest
+            level (so the tree reaches the depth a chain would), the rest best first.
     Returns:
         `(parents, node_tokens)`: parent pointers (the root first, `-1`; nodes by depth, best first) and each
         non-root node's token per row `(batch, W - 1)`.
@@ -258,7 +421,7 @@ def grow_tree(
         m = kept.numel()
         parent = kept.repeat_interleave(k)  # (m*k,) index into the level above
         rank = torch.arange(k).repeat(m)
-        scores = prev_scores[:, parent] + head_weight * logprobs[:, d, rank].cpu()  # (B, m*k)
+        own = head_weight * logprobs[:, d, rank].cpu()  # (B, m*k): each candidate's own log-score
         states = None
         if ngram_score is not None:
             toks = tokens[:, d, rank].tolist()
@@ -270,7 +433,10 @@ def grow_tree(
                     log10, out = ngram_score(b, prev_states[b][par[c]], toks[b][c])
                     extra[b, c] = alpha * LN10 * log10
                     states[b][c] = out
-            scores = scores + extra
+            own = own + extra
+        if calibration is not None:
+            own = calibration.log_confidence(d, own)
+        scores = prev_scores[:, parent] + own  # (B, m*k)
         key = torch.logsumexp(scores[rows], dim=0) - log_rows  # (m*k,) log mean confidence
         levels.append((parent, rank, key))
         order = torch.argsort(key, descending=True, stable=True)[:num_nodes]
@@ -283,9 +449,19 @@ def grow_tree(
     keys = torch.cat([key for _, _, key in levels])
     level_of = torch.cat([torch.full((len(key),), d, dtype=torch.long) for d, (_, _, key) in enumerate(levels)])
     offset = torch.tensor([0] + [len(key) for _, _, key in levels]).cumsum(0)
-    order = torch.argsort(keys, descending=True, stable=True)[:num_nodes]
+    order = torch.argsort(keys, descending=True, stable=True)
     order = order[keys[order] >= log_min]
-    chosen = sorted(order.tolist(), key=lambda c: (int(level_of[c]), -float(keys[c]), c))
+    reserved: list[int] = []
+    if full_path and len(order):  # the path to the most confident node of the deepest level that passes log_min
+        deepest = max(int(level_of[c]) for c in order.tolist())
+        local = int(torch.argmax(levels[deepest][2]))
+        for d in range(deepest, -1, -1):
+            reserved.append(int(offset[d]) + local)
+            local = int(levels[d][0][local])
+        reserved = reserved[-num_nodes:]  # a budget below the depth keeps the path's top
+    taken = set(reserved)
+    order = reserved + [c for c in order.tolist() if c not in taken][: num_nodes - len(reserved)]
+    chosen = sorted(order, key=lambda c: (int(level_of[c]), -float(keys[c]), c))
     node_of = {c: w + 1 for w, c in enumerate(chosen)}
     parents, heads, ranks, paths = [-1], [], [], []
     for c in chosen:

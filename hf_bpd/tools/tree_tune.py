@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import torch
 
-from ..logits.tree import StaticTreeDrafter, build_static_tree, expected_accepted_length
+from ..logits.lattice import LN10
+from ..logits.tree import ConfidenceCalibration, StaticTreeDrafter, build_static_tree, expected_accepted_length
 from ..tree import check_tree_choices
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,64 @@ def measure_topk_accuracy(
     if counts.min() == 0:
         raise ValueError("No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts.")
     return (hits / counts[:, None]).float(), int(counts[0])
+
+
+def calibrate_confidence(
+    model: Any,
+    prompts_ids: Sequence[torch.LongTensor],
+    top_k: int = 8,
+    max_new_tokens: int = 64,
+    ngram: Any = None,
+    alpha: float = 0.5,
+) -> ConfidenceCalibration:
+    """
+    Per-depth conditional acceptance rates for [`~hf_bpd.logits.DynamicTreeDrafter`]'s `calibration`: on the
+    model's own greedy continuations of the prompts, every top-k candidate of head `j + 1` whose parent path is the
+    model's continuation (heads `1..j` each had the right token in their top-k) is one observation: its own
+    log-score (head log-probability, or `(1 - alpha) * head + alpha * n-gram` with `ngram`) and whether it is the
+    model's token. Binned and made monotone by [`ConfidenceCalibration.fit`].
+
+    Args:
+        model ([`~hf_bpd.BPDForCausalLM`]), prompts_ids: prompts, each `(T,)` or `(1, T)` (unpadded).
+        top_k (`int`): candidates per head, as the drafter's `top_k`.
+        ngram (`str`, `os.PathLike` or `kenlm.Model`, *optional*), alpha (`float`): the drafter's n-gram mix.
+    """
+    h = int(model.config.num_draft_heads)
+    head_weight, lm = 1.0, None
+    if ngram is not None:
+        import kenlm
+
+        from ..logits.lattice import check_alpha
+        from ..logits.ngram import NgramRescorer
+
+        head_weight = 1.0 - check_alpha(alpha)
+        lm = NgramRescorer(ngram, top_k=1, alpha=alpha)
+    scores: list[list[torch.Tensor]] = [[] for _ in range(h)]
+    hits: list[list[torch.Tensor]] = [[] for _ in range(h)]
+    for ids in prompts_ids:
+        ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
+        with torch.no_grad():
+            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, use_bpd=True)  # fmt: skip
+            draft = model(input_ids=seq).draft_logits[0].float()  # (T, h, V): head j at t predicts token t + 2 + j
+        values, top = torch.log_softmax(draft, dim=-1).topk(top_k, dim=-1)  # (T, h, k)
+        values, top, tokens = values.cpu(), top.cpu(), seq[0].tolist()
+        for t in range(ids.shape[1] - 1, len(tokens) - 2):
+            for j in range(min(h, len(tokens) - 2 - t)):
+                truth = tokens[t + 2 + j]
+                own = head_weight * values[t, j].clone()
+                if lm is not None:
+                    context, out = lm.context_state(tokens[: t + 2 + j]), kenlm.State()
+                    own += torch.tensor([alpha * LN10 * lm.model.BaseScore(context, str(c), out)
+                                         for c in top[t, j].tolist()])  # fmt: skip
+                hit = top[t, j] == truth
+                scores[j].append(own)
+                hits[j].append(hit)
+                if not bool(hit.any()):  # deeper nodes under this position have a wrong parent path
+                    break
+    if any(not rows for rows in scores):
+        raise ValueError("No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts.")
+    return ConfidenceCalibration.fit([torch.cat(r) for r in scores], [torch.cat(r) for r in hits])
 
 
 def calibrate_draft_tree(
