@@ -3,11 +3,16 @@ Accepted drafts per step when sampling: speculative sampling (the default) again
 greedy, per validation domain of the reference model.
 
     python bench/bench_sampling.py --max-prompts 4 --max-new-tokens 64 --json bench/results/bench_sampling.json
+    python bench/bench_sampling.py --max-prompts 3 --seeds 1 --drafters ngram --ngram reference/ngram/ngram4.binary \
+        --json bench/results/bench_sampling_ngram.json
 
 For each domain: the first `--max-prompts` validation prompts, batch 1, `--seeds` sampling seeds per prompt. Methods:
 greedy BPD (the heads' argmax drafts), then for each temperature `do_sample=True` with `bpd_sampling="speculative"`
 and `"match"`, with the heads (one chain) and with `PBestRescorer(top_k, num_drafts)` (several sampled chains,
-multi-draft rejection sampling). Figure: mean accepted drafts per verify step (`accepted_lengths >= 0`), and its
+multi-draft rejection sampling), and with `--ngram PATH` an `NgramRescorer(PATH, top_k=--ngram-top-k,
+alpha=--ngram-alpha, num_drafts=--ngram-num-drafts)` (greedy: its p best lattice paths; speculative: p independent
+chains sampled from its reweighted lattice distribution, returned as `q`; match: its p best paths). `--drafters`
+picks which of them run. Figure: mean accepted drafts per verify step (`accepted_lengths >= 0`), and its
 ratio to greedy's. The generation config is the checkpoint's (e.g. transformers' default `top_k=50` applies).
 """
 
@@ -22,7 +27,7 @@ from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
 from hf_bpd.data import load_prompts, tokenize_prompts
-from hf_bpd.logits import PBestRescorer
+from hf_bpd.logits import NgramRescorer, PBestRescorer
 
 
 def accepted_per_step(model, ids, mask, new_tokens, drafter, seed, **kwargs):
@@ -43,6 +48,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="sampling seeds per prompt")
     parser.add_argument("--top-k", type=int, default=8, help="lattice top-k of the p-best drafter")
     parser.add_argument("--num-drafts", type=int, default=4, help="chains of the p-best drafter (0: skip it)")
+    parser.add_argument("--ngram", default=None, help="KenLM model: also run an NgramRescorer (e.g. ngram4.binary)")
+    parser.add_argument("--ngram-top-k", type=int, default=8)
+    parser.add_argument("--ngram-alpha", type=float, default=0.5)
+    parser.add_argument("--ngram-num-drafts", type=int, default=4)
+    parser.add_argument("--drafters", default="heads,pbest,ngram", help="which drafters run (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -53,9 +63,18 @@ def main() -> None:
     prompts = load_prompts(args.prompts)
     domains = sorted({p.get("domain", "all") for p in prompts})
     temps = [float(t) for t in args.temperatures.split(",")]
-    drafters = {"heads": lambda: None}
-    if args.num_drafts:
+    wanted = set(args.drafters.split(","))
+    drafters = {}
+    if "heads" in wanted:
+        drafters["heads"] = lambda: None
+    if args.num_drafts and "pbest" in wanted:
         drafters[f"pbest{args.num_drafts}"] = lambda: PBestRescorer(top_k=args.top_k, num_drafts=args.num_drafts)
+    if args.ngram and "ngram" in wanted:
+        ngram = NgramRescorer(args.ngram, top_k=args.ngram_top_k, alpha=args.ngram_alpha,
+                              num_drafts=args.ngram_num_drafts, pad_token_id=tok.pad_token_id)  # fmt: skip
+        drafters[f"ngram{args.ngram_num_drafts}"] = lambda: ngram  # loaded once; `generate` resets it per call
+    if not drafters:
+        raise SystemExit(f"--drafters {args.drafters!r} selects nothing (heads, pbest, ngram; ngram needs --ngram).")
     report = {"config": vars(args), "domains": {}}
     start = time.perf_counter()
     for domain in domains:

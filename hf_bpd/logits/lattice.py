@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import DraftRescorer
+from .base import DraftRescorer, Drafts, DraftState
 
 LN10 = math.log(10.0)
 
@@ -205,6 +205,67 @@ class LatticeRescorer(DraftRescorer):
     ) -> torch.LongTensor:
         """Return lattice indices `(batch, num_drafts, h)`, best first."""
         raise NotImplementedError
+
+    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
+        """
+        Greedy decoding: `__call__` (the `p` best paths). Speculative sampling (`state.sampling`): `_sample`, drafts
+        drawn token by token from the rescorer's own reweighted distribution over the lattice, returned with it
+        (see [`lattice_proposal`]); a subclass without `_sample` proposes its best paths (verified by "sample,
+        then match").
+        """
+        if not state.sampling:
+            return super().get_drafts(state)
+        start = time.perf_counter()
+        try:
+            draft_logits = state.draft_logits().float()
+            lattice = TopKLattice.from_logits(draft_logits, self.top_k)
+            check_num_drafts(self.num_drafts, self.top_k, lattice.num_heads)
+            with torch.no_grad():
+                return self._sample(state, lattice, draft_logits.shape[-1])
+        finally:
+            self.time_s += time.perf_counter() - start
+            self.calls += 1
+
+    def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> "torch.LongTensor | Drafts":
+        """Drafts sampled from the rescorer's proposal with their proposals; default: the deterministic best paths."""
+        return lattice.path_tokens(self._rescore(state.input_ids, state.lengths, lattice, vocab_size))
+
+
+def lattice_proposal(
+    state: DraftState,
+    tokens: torch.LongTensor,
+    head_logprobs: torch.FloatTensor,
+    lm_logprobs: torch.FloatTensor | None,
+    alpha: float,
+    vocab_size: int,
+) -> tuple[torch.LongTensor, torch.FloatTensor]:
+    """
+    Draw one lattice position of several chains from the rescorer's reweighted distribution, and return it as `q`.
+
+    The proposal of a chain at position `i` is the interpolated score of the rescorer's greedy search,
+    `(1 - alpha) * head_logprob_i(t) + alpha * lm_logprob(t | committed prefix, the chain's tokens 1..i-1)`, on the
+    head's top-k tokens `t` (`-inf` elsewhere), through the generation's position-free warpers (temperature, top-k,
+    top-p, ...: the same as `p`), then softmax. Tokens outside the lattice have `q = 0`, which is exact: the
+    residual `norm(max(0, p - q))` supplies them. The proposal depends on the committed prefix and the chain's own
+    earlier tokens only, the condition of `hf_bpd.sampling` for a node whose parent is the chain's previous token.
+
+    Args:
+        state ([`~hf_bpd.logits.DraftState`]): supplies the warpers (`proposal_probs`).
+        tokens (`torch.LongTensor` of shape `(N, k)`): the lattice tokens of position `i`, one row per chain.
+        head_logprobs (`torch.FloatTensor` of shape `(N, k)`): their head log-probabilities (natural log).
+        lm_logprobs (`torch.FloatTensor` of shape `(N, k)`, *optional*): their LM log-probabilities (natural log)
+            given each chain's prefix; None when `alpha == 0`.
+        alpha (`float`): LM weight.
+        vocab_size (`int`): `V`.
+    Returns:
+        `(token, q)`: the drawn tokens `(N,)` and the proposals `(N, V)` (float32, zero outside the lattice).
+    """
+    scores = (1.0 - alpha) * head_logprobs.float()
+    if lm_logprobs is not None and alpha > 0.0:
+        scores = scores + alpha * lm_logprobs.to(scores.device).float()
+    full = torch.full((tokens.shape[0], vocab_size), float("-inf"), device=scores.device)
+    q = state.proposal_probs(full.scatter_(-1, tokens.to(scores.device), scores))
+    return torch.multinomial(q, num_samples=1)[:, 0], q
 
 
 def leading_pads(input_ids: torch.LongTensor, lengths: torch.LongTensor, pad_token_id: int | None) -> torch.LongTensor:

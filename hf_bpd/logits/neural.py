@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .lattice import LatticeRescorer, TopKLattice, leading_pads
+from .base import Drafts, DraftState
+from .lattice import LatticeRescorer, TopKLattice, lattice_proposal, leading_pads
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,12 @@ class NeuralRescorer(LatticeRescorer):
     forwards of one token per row. The walk's tokens are the draft: the loop's [`update`] says how many of them each
     row accepted, and those stay in the cache; the others become holes of their row (masked out, with position ids
     counted per row) and trailing slots no row uses are cropped. Nothing is re-derived by comparing tokens.
+
+    With speculative sampling (`do_sample=True`, the default `bpd_sampling`) the walk *samples* token `i` from the
+    same interpolated score on the lattice, warped like the base model's distribution
+    ([`~hf_bpd.logits.lattice.lattice_proposal`]), and returns that distribution as the proposal `q`: the loop
+    accepts each draft with probability `min(1, p/q)`. The cache handling is the same (the walk is the draft).
+    One draft per row (`num_drafts = 1`).
 
     Args:
         lm (`PreTrainedModel`): a causal LM sharing the base model's tokenizer and vocabulary (e.g. a small model of
@@ -173,14 +180,48 @@ class NeuralRescorer(LatticeRescorer):
         if self._slot_mask is not None:
             self._settle(accepted_lengths)
 
-    def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
-    ) -> torch.LongTensor:
+    def _check_lm_vocab(self, vocab_size: int) -> None:
         if self.lm_vocab_size != vocab_size:
             raise ValueError(
                 f"NeuralRescorer's LM has {self.lm_vocab_size} output tokens but the draft heads score {vocab_size}: "
                 "the rescoring LM must share the base model's tokenizer and vocabulary."
             )
+
+    def _walk_lattice(
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        lattice: TopKLattice,
+        choose: Callable[[int, torch.FloatTensor], torch.LongTensor],
+    ) -> None:
+        """
+        Walk the lattice left to right: at position `i`, `choose(i, lm_i)` gets the LM log-probabilities `(B, k)` of
+        the lattice tokens given the committed prefix and the walk's tokens so far, and returns the walk's next
+        tokens `(B,)`, which are fed to the LM (all but the last). The fed tokens are the draft: `update` keeps the
+        accepted ones in the cache.
+        """
+        batch, h, k = lattice.tokens.shape
+        device = self.lm.device
+        tokens = lattice.tokens.to(device)
+        logprobs = self._feed_committed(input_ids, lengths)  # (B, V)
+        real = self._held  # (B,): position id of the next token of each row
+        lm_scores = []
+        for i in range(h):
+            lm_i = logprobs.gather(-1, tokens[:, i])  # (B, k)
+            lm_scores.append(lm_i)
+            step = choose(i, lm_i).to(device)[:, None]  # (B, 1)
+            if i == h - 1:
+                break
+            self._slot_mask = torch.cat([self._slot_mask, torch.ones((batch, 1), dtype=torch.long, device=device)], 1)
+            logits = self._forward(step, self._slot_mask, (real + i)[:, None], torch.zeros_like(real))
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+        self._walk = h - 1  # the walk's tokens are drafts: `update` keeps the accepted ones, the rest become holes
+        self.last_lm_logprobs = torch.stack(lm_scores, dim=1)  # (B, h, k)
+
+    def _rescore(
+        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
+    ) -> torch.LongTensor:
+        self._check_lm_vocab(vocab_size)
         batch, h, k = lattice.tokens.shape
         if self.alpha == 0.0:  # no LM term: the argmax draft
             self.last_lm_logprobs = None
@@ -188,20 +229,43 @@ class NeuralRescorer(LatticeRescorer):
         device = self.lm.device
         tokens = lattice.tokens.to(device)
         head = lattice.logprobs.to(device)
-        logprobs = self._feed_committed(input_ids, lengths)  # (B, V)
-        real = self._held  # (B,): position id of the next token of each row
-        chosen, lm_scores = [], []
-        for i in range(h):
-            lm_i = logprobs.gather(-1, tokens[:, i])  # (B, k)
-            pick = ((1.0 - self.alpha) * head[:, i] + self.alpha * lm_i).argmax(-1)  # (B,)
-            chosen.append(pick)
-            lm_scores.append(lm_i)
-            if i == h - 1:
-                break
-            step = tokens[:, i].gather(1, pick[:, None])  # (B, 1)
-            self._slot_mask = torch.cat([self._slot_mask, torch.ones((batch, 1), dtype=torch.long, device=device)], 1)
-            logits = self._forward(step, self._slot_mask, (real + i)[:, None], torch.zeros_like(real))
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-        self._walk = h - 1  # the walk's tokens are drafts: `update` keeps the accepted ones, the rest become holes
-        self.last_lm_logprobs = torch.stack(lm_scores, dim=1)  # (B, h, k)
+        chosen = []
+
+        def pick(i: int, lm_i: torch.FloatTensor) -> torch.LongTensor:
+            best = ((1.0 - self.alpha) * head[:, i] + self.alpha * lm_i).argmax(-1)  # (B,)
+            chosen.append(best)
+            return tokens[:, i].gather(1, best[:, None])[:, 0]
+
+        self._walk_lattice(input_ids, lengths, lattice, pick)
         return torch.stack(chosen, dim=1)[:, None].to(lattice.tokens.device)  # (B, 1, h)
+
+    def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> Drafts:
+        """
+        Speculative sampling: the walk *draws* token `i` from
+        [`~hf_bpd.logits.lattice.lattice_proposal`] (the interpolated score on the lattice, warped like `p`) with
+        the LM given the committed prefix and the walk's own sampled tokens, and feeds the drawn token; the drafts
+        are the walk, so `update` keeps the accepted part of it in the cache exactly as in greedy decoding.
+        """
+        self._check_lm_vocab(vocab_size)
+        batch, h, k = lattice.tokens.shape
+        device = lattice.tokens.device
+        drafted, proposals = [], []
+        if self.alpha == 0.0:  # no LM term: the heads' lattice distribution, the LM is not run
+            self.last_lm_logprobs = None
+            for i in range(h):
+                token, q = lattice_proposal(state, lattice.tokens[:, i], lattice.logprobs[:, i], None, 0.0, vocab_size)
+                drafted.append(token)
+                proposals.append(q)
+        else:
+            tokens = lattice.tokens.to(self.lm.device)
+            head = lattice.logprobs.to(self.lm.device)
+
+            def draw(i: int, lm_i: torch.FloatTensor) -> torch.LongTensor:
+                token, q = lattice_proposal(state, tokens[:, i], head[:, i], lm_i, self.alpha, vocab_size)
+                drafted.append(token)
+                proposals.append(q)
+                return token
+
+            self._walk_lattice(state.input_ids, state.lengths, lattice, draw)
+        drafts = torch.stack(drafted, dim=1).to(device)[:, None]  # (B, 1, h)
+        return Drafts(tokens=drafts, proposals=torch.stack(proposals, dim=1)[:, None].to(device))

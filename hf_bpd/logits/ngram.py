@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .lattice import LN10, LatticeRescorer, TopKLattice, leading_pads, pbest_paths
+from .base import Drafts, DraftState
+from .lattice import LN10, LatticeRescorer, TopKLattice, lattice_proposal, leading_pads, pbest_paths
 
 logger = logging.getLogger(__name__)
 
@@ -220,6 +221,11 @@ class NgramRescorer(LatticeRescorer):
     with the n-gram's state (see [`ngram_pbest`]). The n-gram's context is the last `n - 1` committed tokens of each
     row.
 
+    With speculative sampling (`do_sample=True`, the default `bpd_sampling`) it draws `p` independent chains token
+    by token from the same interpolated score on the lattice, warped like the base model's distribution, with the
+    n-gram following each chain's own sampled tokens, and returns those distributions as the proposals `q`
+    ([`_sample`]); the loop verifies them by multi-draft rejection sampling.
+
     The n-gram is a KenLM model (ARPA or binary) whose words are the base model's token ids written in decimal
     (`"17"`): build one with `hf-bpd build-ngram` ([`~hf_bpd.tools.build_ngram.build_ngram`]).
 
@@ -280,6 +286,71 @@ class NgramRescorer(LatticeRescorer):
             self.model.BaseScore(state, str(token), out)
             state, out = out, state
         return state
+
+    def _contexts(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> list[list[int]]:
+        """The last `n - 1` committed tokens of each row (leading pads left out)."""
+        starts = leading_pads(input_ids, lengths, self.pad_token_id).tolist()
+        ends = lengths.tolist()
+        width = self.order - 1
+        if width <= 0:
+            return [[] for _ in ends]
+        return [input_ids[b, max(starts[b], ends[b] - width) : ends[b]].tolist() for b in range(len(ends))]
+
+    def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> Drafts:
+        """
+        Speculative sampling: `p` *independent* chains per row, each drawn token by token from
+        [`~hf_bpd.logits.lattice.lattice_proposal`] with the n-gram scored after the row's committed context and the
+        chain's own sampled tokens (its KenLM state). A chain never looks at another chain, so each token is
+        distributed as its `q` given its own path, which is what multi-draft rejection sampling needs
+        (`hf_bpd.sampling`). Queries are shared between chains of a row that reach the same KenLM state.
+        """
+        import kenlm  # a model is loaded, so kenlm is there
+
+        if self._checked_vocab is None:
+            self._check_vocab(vocab_size)
+        batch, h, k = lattice.tokens.shape
+        p = self.num_drafts
+        device = lattice.tokens.device
+        rows = torch.arange(batch, device=device).repeat_interleave(p)  # chain n belongs to row n // p
+        tokens = lattice.tokens[rows]  # (B * p, h, k)
+        head = lattice.logprobs[rows]
+        use_lm = self.alpha > 0.0
+        if use_lm:
+            starts = [self.context_state(context) for context in self._contexts(state.input_ids, state.lengths)]
+            chain_states = [starts[n // p] for n in range(batch * p)]
+            words = [[[str(t) for t in position] for position in row] for row in lattice.tokens.cpu().tolist()]
+            base_score = self.model.BaseScore
+        drafted, proposals = [], []
+        for i in range(h):
+            lm = None
+            if use_lm:
+                lm_rows, nexts, seen = [], [], {}
+                for n, chain_state in enumerate(chain_states):
+                    key = (n // p, chain_state)
+                    if key not in seen:  # chains of a row at the same state share the k queries
+                        outs = [kenlm.State() for _ in range(k)]
+                        scores = [base_score(chain_state, word, out) for word, out in zip(words[n // p][i], outs)]
+                        seen[key] = (scores, outs)
+                    lm_rows.append(seen[key][0])
+                    nexts.append(seen[key][1])
+                lm = torch.tensor(lm_rows, dtype=torch.float64).mul_(LN10).float()
+            token, q = lattice_proposal(state, tokens[:, i], head[:, i], lm, self.alpha, vocab_size)
+            drafted.append(token)
+            proposals.append(q)
+            if use_lm and i < h - 1:
+                where = (tokens[:, i] == token.to(device)[:, None]).long()
+                found = where.any(-1).tolist()
+                index = where.argmax(-1).tolist()
+                sampled = token.tolist()
+                for n in range(batch * p):
+                    if found[n]:
+                        chain_states[n] = nexts[n][index[n]]
+                    else:  # only a warper that adds tokens could draw outside the lattice
+                        out = kenlm.State()
+                        base_score(chain_states[n], str(sampled[n]), out)
+                        chain_states[n] = out
+        drafts = torch.stack(drafted, dim=1).view(batch, p, h).to(device)
+        return Drafts(tokens=drafts, proposals=torch.stack(proposals, dim=1).view(batch, p, h, vocab_size))
 
     def _rescore(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
