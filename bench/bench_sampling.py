@@ -54,13 +54,14 @@ def main() -> None:
     parser.add_argument("--ngram-num-drafts", type=int, default=4)
     parser.add_argument("--drafters", default="heads,pbest,ngram", help="which drafters run (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    model = BPDForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
-    prompts = load_prompts(args.prompts)
+    prompts = load_prompts(args.prompts, tok)  # the tokenizer renders chat ("messages") prompts
     domains = sorted({p.get("domain", "all") for p in prompts})
     temps = [float(t) for t in args.temperatures.split(",")]
     wanted = set(args.drafters.split(","))
