@@ -80,7 +80,9 @@ def render_model_card(
         + (f", rank {config.head_rank}" if config.head_type == "lora" else "")
         + (f", inner size {config.head_hidden_size}" if config.head_type == "ffn" and config.head_hidden_size else "")
         + " |",
-        f"| vocabulary projection | {'shared with the base `lm_head`' if config.share_lm_head else 'one per head'} |",
+        f"| vocabulary projection | {'shared with the base `lm_head`' if config.share_lm_head else 'one per head'}"
+        + (f", restricted to a draft vocabulary of {config.draft_vocab_size} tokens (`draft_token_map`)"
+           if getattr(config, "draft_vocab_size", None) else "") + " |",
     ]
     if adapter_config is not None:
         targets = adapter_config.get("target_modules")
@@ -96,6 +98,9 @@ def render_model_card(
         ("base_loss_weight", "base LM loss weight"),
         ("global_step", "optimizer steps"),
         ("num_input_tokens_seen", "training tokens"),
+        ("train_target_tokens", "cached target tokens (one epoch)"),
+        ("seconds_this_session", "training wall time (s)"),
+        ("machine", "machine"),
     ):
         if info.get(key) not in (None, ""):
             lines.append(f"| {label} | {info[key]} |")
