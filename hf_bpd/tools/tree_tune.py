@@ -84,11 +84,7 @@ def measure_topk_accuracy(
     hits = torch.zeros(h, top_k, dtype=torch.float64)
     counts = torch.zeros(h, dtype=torch.float64)
     for ids in prompts_ids:
-        ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
-        with torch.no_grad():
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_bpd=True)  # fmt: skip
-            draft = model(input_ids=seq).draft_logits[0].float()  # (T, h, V): head j at t predicts token t + 2 + j
+        ids, seq, draft = _continuation_and_drafts(model, ids, max_new_tokens)
         start = ids.shape[1] - 1  # from the last prompt token on: what decoding drafts from
         top = draft.topk(top_k, dim=-1).indices  # (T, h, k)
         for j in range(h):
@@ -101,6 +97,17 @@ def measure_topk_accuracy(
     if counts.min() == 0:
         raise ValueError("No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts.")
     return (hits / counts[:, None]).float(), int(counts[0])
+
+
+def _continuation_and_drafts(model: Any, ids: torch.LongTensor, max_new_tokens: int) -> tuple[torch.Tensor, ...]:
+    """`(ids (1, T), seq (1, T + n), draft (T + n, h, V))`: the model's greedy continuation and the heads' logits
+    along it (head `j` at position `t` predicts token `t + 2 + j`)."""
+    ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
+    with torch.no_grad():
+        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, use_bpd=True)  # fmt: skip
+        draft = model(input_ids=seq).draft_logits[0].float()
+    return ids, seq, draft
 
 
 def calibrate_confidence(
@@ -136,11 +143,7 @@ def calibrate_confidence(
     scores: list[list[torch.Tensor]] = [[] for _ in range(h)]
     hits: list[list[torch.Tensor]] = [[] for _ in range(h)]
     for ids in prompts_ids:
-        ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
-        with torch.no_grad():
-            seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                 do_sample=False, use_bpd=True)  # fmt: skip
-            draft = model(input_ids=seq).draft_logits[0].float()  # (T, h, V): head j at t predicts token t + 2 + j
+        ids, seq, draft = _continuation_and_drafts(model, ids, max_new_tokens)
         values, top = torch.log_softmax(draft, dim=-1).topk(top_k, dim=-1)  # (T, h, k)
         values, top, tokens = values.cpu(), top.cpu(), seq[0].tolist()
         for t in range(ids.shape[1] - 1, len(tokens) - 2):
