@@ -115,6 +115,10 @@ def main() -> None:
     if args.push_to_hub:
         trainer.push_to_hub()
     logger.info("Draft heads saved to %s.", args.output_dir)
+    # Tear the process group down before exit (torch asks for it): left to interpreter shutdown, gloo's threads can
+    # abort a rank ("terminate called without an active exception") after the work is done.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
