@@ -25,14 +25,6 @@ LN10 = math.log(10.0)
 TEMPERATURE = 0.8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     return sampling_model()

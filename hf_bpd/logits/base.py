@@ -12,8 +12,10 @@ Implementations: [`HeadsDrafter`] (the heads' own argmax, the default), the latt
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -233,3 +235,30 @@ class DraftRescorer(Drafter):
             "`__call__(input_ids, lengths, draft_logits)`, or derive from `hf_bpd.logits.Drafter` and implement "
             "`get_drafts(state)`."
         )
+
+
+class TimingStats:
+    """
+    Drafting-time statistics of a drafter since its last `reset()`: `time_s`, `calls` and `ms_per_call` (reported
+    by `hf-bpd tune` and the benchmarks). Wrap each drafting call in `with self.timed():`.
+    """
+
+    time_s: float = 0.0
+    calls: int = 0
+
+    def reset_timing(self) -> None:
+        self.time_s, self.calls = 0.0, 0
+
+    @property
+    def ms_per_call(self) -> float:
+        """Mean drafting time per call (milliseconds) since the last `reset()`."""
+        return 1000.0 * self.time_s / max(self.calls, 1)
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.time_s += time.perf_counter() - start
+            self.calls += 1

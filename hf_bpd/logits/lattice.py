@@ -9,12 +9,11 @@ sum of the picked log-probabilities. Rescorers choose paths; they never touch th
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .base import DraftRescorer, Drafts, DraftState
+from .base import DraftRescorer, Drafts, DraftState, TimingStats
 
 LN10 = math.log(10.0)
 
@@ -145,7 +144,7 @@ def check_num_drafts(num_drafts: int, top_k: int | None = None, num_heads: int |
 
 
 # ------------------------------------------------------------------------------------------------ shared base
-class LatticeRescorer(DraftRescorer):
+class LatticeRescorer(TimingStats, DraftRescorer):
     """
     Base of the lattice rescorers: validates the shared hyper-parameters, builds the [`TopKLattice`] at each call,
     and keeps timing statistics. Subclasses implement `_rescore`.
@@ -164,18 +163,11 @@ class LatticeRescorer(DraftRescorer):
         self.top_k = check_top_k(top_k)
         self.alpha = check_alpha(alpha)
         self.num_drafts = check_num_drafts(num_drafts)
-        self.time_s = 0.0
-        self.calls = 0
+        self.reset_timing()
 
     def reset(self) -> None:
         """Start a new `generate` call: clear the statistics (subclasses also drop their per-call state)."""
-        self.time_s = 0.0
-        self.calls = 0
-
-    @property
-    def ms_per_call(self) -> float:
-        """Mean rescoring time per call (milliseconds) since the last `reset()`."""
-        return 1000.0 * self.time_s / max(self.calls, 1)
+        self.reset_timing()
 
     def __call__(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, draft_logits: torch.FloatTensor
@@ -189,16 +181,12 @@ class LatticeRescorer(DraftRescorer):
         Returns:
             `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first, on `draft_logits`' device.
         """
-        start = time.perf_counter()
-        try:
+        with self.timed():
             lattice = TopKLattice.from_logits(draft_logits, self.top_k)
             check_num_drafts(self.num_drafts, self.top_k, lattice.num_heads)
             with torch.no_grad():
                 paths = self._rescore(input_ids, lengths, lattice, draft_logits.shape[-1])  # (B, p, h)
             return lattice.path_tokens(paths)
-        finally:
-            self.time_s += time.perf_counter() - start
-            self.calls += 1
 
     def _rescore(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
@@ -215,16 +203,12 @@ class LatticeRescorer(DraftRescorer):
         """
         if not state.sampling:
             return super().get_drafts(state)
-        start = time.perf_counter()
-        try:
+        with self.timed():
             draft_logits = state.draft_logits().float()
             lattice = TopKLattice.from_logits(draft_logits, self.top_k)
             check_num_drafts(self.num_drafts, self.top_k, lattice.num_heads)
             with torch.no_grad():
                 return self._sample(state, lattice, draft_logits.shape[-1])
-        finally:
-            self.time_s += time.perf_counter() - start
-            self.calls += 1
 
     def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> "torch.LongTensor | Drafts":
         """Drafts sampled from the rescorer's proposal with their proposals; default: the deterministic best paths."""

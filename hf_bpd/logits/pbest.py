@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from .base import Drafts, DraftState, sample_chains
@@ -40,15 +38,11 @@ class PBestRescorer(LatticeRescorer):
         """
         if not state.sampling:
             return super().get_drafts(state)
-        start = time.perf_counter()
-        try:
+        with self.timed():
             probs = state.head_probs()  # (B, h, V)
             top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1).indices
             kept = torch.zeros_like(probs).scatter_(-1, top, probs.gather(-1, top))
             return sample_chains(kept / kept.sum(-1, keepdim=True), self.num_drafts)
-        finally:
-            self.time_s += time.perf_counter() - start
-            self.calls += 1
 
     def _rescore(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int

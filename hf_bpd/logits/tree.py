@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from typing import Any, Sequence
 
 import torch
 
 from ..tree import DraftTree, check_tree_choices, choices_layout, tree_from_parents
-from .base import Drafter, DraftState
+from .base import Drafter, DraftState, TimingStats
 from .lattice import LN10, check_alpha, check_top_k, leading_pads
 
 
@@ -55,29 +54,18 @@ def check_num_nodes(num_nodes: Any, limit: int | None = None) -> int:
     return num_nodes
 
 
-class _Timed(Drafter):
-    """Timing statistics like the lattice rescorers' (`time_s`, `calls`, `ms_per_call`)."""
+class _Timed(TimingStats, Drafter):
+    """A tree drafter with the lattice rescorers' timing statistics (`time_s`, `calls`, `ms_per_call`)."""
 
     def __init__(self) -> None:
-        self.time_s = 0.0
-        self.calls = 0
+        self.reset_timing()
 
     def reset(self) -> None:
-        self.time_s = 0.0
-        self.calls = 0
-
-    @property
-    def ms_per_call(self) -> float:
-        return 1000.0 * self.time_s / max(self.calls, 1)
+        self.reset_timing()
 
     def get_drafts(self, state: DraftState) -> DraftTree:
-        start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                return self._tree(state)
-        finally:
-            self.time_s += time.perf_counter() - start
-            self.calls += 1
+        with self.timed(), torch.no_grad():
+            return self._tree(state)
 
     def _tree(self, state: DraftState) -> DraftTree:
         raise NotImplementedError
