@@ -66,14 +66,27 @@ TEMPLATES = {
 }
 
 
+def default_work_dir() -> Path:
+    """`$HF_BPD_WORK`, else `<user cache>/hf_bpd/smollm2_work` (`hf_bpd.smollm2.cache_root`, without importing it)."""
+    if os.environ.get("HF_BPD_WORK"):
+        return Path(os.environ["HF_BPD_WORK"])
+    root = os.environ.get("HF_BPD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_bpd"
+    return Path(root) / "smollm2_work"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default="prompts,answers", help="comma-separated stages, run in order")
     p.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
     p.add_argument("--out", type=Path, default=REPO / "reference", help="reference folder (prompts, heads)")
-    p.add_argument("--work-dir", type=Path, default=Path(os.environ.get("HF_BPD_WORK", "/tmp/hf_bpd_smollm2")))
+    p.add_argument("--work-dir", type=Path, default=default_work_dir(),
+                   help="work files (prompts, answers, features, checkpoints): $HF_BPD_WORK, else the user cache "
+                   "folder's smollm2_work (kept across sessions, unlike /tmp)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-prompts-per-kind", type=int, default=600)
+    p.add_argument("--extra-prompts-per-kind", type=int, default=3000,
+                   help="more training prompts per task kind (other templates, passage lengths 150-1200 chars), "
+                   "drawn with their own random stream so the first prompts and the validation prompts never change")
     p.add_argument("--val-prompts-per-kind", type=int, default=10)
     p.add_argument("--tune-prompts-per-kind", type=int, default=3)
     p.add_argument("--passage-chars", type=int, default=500)
@@ -116,10 +129,13 @@ def _passage(text: str, chars: int, rng: random.Random) -> str | None:
     return passage if len(passage) > chars // 4 else None
 
 
-def make_prompts(texts: dict[str, list[str]], per_kind: int, chars: int, rng: random.Random, split: str) -> list[dict]:
+def make_prompts(
+    texts: dict[str, list[str]], per_kind: int, chars: int, rng: random.Random, split: str, templates: dict | None = None
+) -> list[dict]:
     rows = []
     for kind in TASK_KINDS:
-        domains, templates = TEMPLATES[kind]
+        domains, kind_templates = TEMPLATES[kind]
+        kind_templates = templates[kind] if templates else kind_templates
         made = 0
         while made < per_kind:
             domain = domains[made % len(domains)]
@@ -127,11 +143,39 @@ def make_prompts(texts: dict[str, list[str]], per_kind: int, chars: int, rng: ra
             passage = _passage(text, chars, rng)
             if passage is None:
                 continue
-            template = templates[rng.randrange(len(templates))]
+            template = kind_templates[rng.randrange(len(kind_templates))]
             rows.append({"messages": [{"role": "user", "content": template.format(passage=passage)}],
                          "domain": kind, "source": domain, "split": split})  # fmt: skip
             made += 1
     return rows
+
+
+# Extra training prompts: other instructions for the same task kinds, so the heads see more varied chat answers.
+EXTRA_TEMPLATES = {
+    "continue": (
+        "Write the next paragraph of this text:\n\n{passage}",
+        "{passage}\n\nGo on with the story from here.",
+    ),
+    "code": (
+        "What does this function return, and when could it fail?\n\n```python\n{passage}\n```",
+        "Suggest one improvement to this code and show the changed lines:\n\n```python\n{passage}\n```",
+        "List the names defined in this code and what each is for:\n\n```python\n{passage}\n```",
+    ),
+    "modernize": (
+        "Put this into simple words a child could follow:\n\n{passage}",
+        "Paraphrase the following passage in today's English, keeping its meaning:\n\n{passage}",
+    ),
+    "summarize": (
+        "Give a one-sentence summary of this text:\n\n{passage}",
+        "Summarize the following as three bullet points:\n\n{passage}",
+        "TL;DR:\n\n{passage}",
+    ),
+    "qa": (
+        "{passage}\n\nWhat is the mood of this passage? Explain with one quotation.",
+        "Ask two questions about this passage and answer them:\n\n{passage}",
+        "{passage}\n\nWho is speaking here, and to whom?",
+    ),
+}
 
 
 def stage_prompts(args: argparse.Namespace) -> None:
@@ -139,8 +183,8 @@ def stage_prompts(args: argparse.Namespace) -> None:
 
     splits = split_reference_corpora(args.corpora)
     rng = random.Random(args.seed)
-    train = make_prompts({d: s["train"] for d, s in splits.items()}, args.train_prompts_per_kind,
-                         args.passage_chars, rng, "train")  # fmt: skip
+    train_texts = {d: s["train"] for d, s in splits.items()}
+    train = make_prompts(train_texts, args.train_prompts_per_kind, args.passage_chars, rng, "train")
     rng.shuffle(train)
     held = make_prompts({d: s["validation"] for d, s in splits.items()},
                         args.val_prompts_per_kind + args.tune_prompts_per_kind, args.passage_chars, rng, "validation")
@@ -149,21 +193,58 @@ def stage_prompts(args: argparse.Namespace) -> None:
         rows = [r for r in held if r["domain"] == kind]
         val += rows[: args.val_prompts_per_kind]
         tune += rows[args.val_prompts_per_kind :]
+    # the extra prompts draw from their own stream: the first prompts and the held-out ones stay as they were
+    extra_rng = random.Random(args.seed + 7919)
+    extra = []
+    for i in range(args.extra_prompts_per_kind):
+        chars = extra_rng.choice((150, 300, 500, 800, 1200))
+        for row in make_prompts(train_texts, 1, chars, extra_rng, "train", templates=EXTRA_TEMPLATES):
+            extra.append(row)
+    extra_rng.shuffle(extra)
+    for prefix, rows in (("p", train), ("x", extra)):
+        for i, row in enumerate(rows):
+            row["id"] = f"{prefix}{i}"
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    _write_jsonl(args.work_dir / "train_prompts.jsonl", train)
+    _write_jsonl(args.work_dir / "train_prompts.jsonl", train + extra)
     prompts_dir = args.out / "prompts"
     prompts_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("smollm2_validation.jsonl", val), ("smollm2_tune.jsonl", tune)):
         _write_jsonl(prompts_dir / name, [{k: r[k] for k in ("messages", "domain", "source")} for r in rows])
-    logger.info("prompts: %d train, %d validation, %d tune", len(train), len(val), len(tune))
+    logger.info("prompts: %d train (%d extra), %d validation, %d tune", len(train) + len(extra), len(extra), len(val),
+                len(tune))  # fmt: skip
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)  # never a half-written file under the real name
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+def _read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """
+    The complete records of a JSON-lines file. A torn last line (a run killed mid-write) is skipped and logged; with
+    `repair=True` it is also cut off the file, so appending continues on a clean line.
+    """
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    rows, good = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.strip():
+            good += len(line)
+            continue
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline")
+            rows.append(json.loads(line))
+        except ValueError:
+            logger.warning("%s: skipping a partly written record at byte %d (%d bytes)", path, good, len(line))
+            break
+        good += len(line)
+    if repair and good < len(raw):
+        with path.open("r+b") as handle:
+            handle.truncate(good)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------- answers
@@ -174,6 +255,10 @@ def _dtype(name: str):
 
 
 def stage_answers(args: argparse.Namespace) -> None:
+    """
+    SmolLM2's greedy answers, appended to WORK/answers.jsonl keyed by prompt id (resumable, any order). Prompts are
+    batched by length (left padding) to waste little on padding; over-long prompts and empty answers are counted.
+    """
     import torch
     from tqdm.auto import tqdm
 
@@ -181,29 +266,47 @@ def stage_answers(args: argparse.Namespace) -> None:
 
     prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
     out_path = args.work_dir / "answers.jsonl"
-    done = len(_read_jsonl(out_path))
+    done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
+    todo = [r for r in prompts if r.get("id") not in done]
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
     model.eval()
     tok.padding_side = "left"
+    limit = model.config.max_position_embeddings - args.answer_tokens
     deadline = time.monotonic() + args.answers_max_minutes * 60
-    produced = 0
+    counts = {"answers": 0, "tokens": 0, "empty": 0, "too_long": 0}
     start = time.monotonic()
-    with out_path.open("a") as handle, torch.inference_mode():
-        for i in tqdm(range(done, len(prompts), args.answer_batch), desc="answers"):
-            if time.monotonic() > deadline:
-                logger.info("answers: time budget reached after %d prompts (rerun to continue)", i)
-                break
-            rows = prompts[i : i + args.answer_batch]
+    chunk = args.answer_batch * 16  # sort each chunk of prompts by length: batches of similar length
+    logger.info("answers: %d of %d prompts done, %d to go", len(done), len(prompts), len(todo))
+    with out_path.open("a") as handle, torch.inference_mode(), tqdm(total=len(todo), desc="answers") as bar:
+        for c in range(0, len(todo), chunk):
+            rows = todo[c : c + chunk]
             texts = [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False) for r in rows]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
-            for row, seq in zip(rows, gen[:, enc["input_ids"].shape[1] :]):
-                answer = tok.decode(seq, skip_special_tokens=True)
-                produced += int((seq != tok.pad_token_id).sum())
-                handle.write(json.dumps({**row, "answer": answer}, ensure_ascii=False) + "\n")
-            handle.flush()
-    logger.info("answers: %d tokens in %.0f s (%.1f tok/s)", produced, time.monotonic() - start,
-                produced / max(1e-9, time.monotonic() - start))  # fmt: skip
+            lengths = [len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
+            order = sorted(range(len(rows)), key=lengths.__getitem__)
+            for i in range(0, len(order), args.answer_batch):
+                if time.monotonic() > deadline:
+                    logger.info("answers: time budget reached (rerun to continue)")
+                    break
+                batch = [j for j in order[i : i + args.answer_batch] if lengths[j] <= limit]
+                counts["too_long"] += len(order[i : i + args.answer_batch]) - len(batch)
+                if batch:
+                    enc = tok([texts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
+                    gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
+                    for j, seq in zip(batch, gen[:, enc["input_ids"].shape[1] :]):
+                        answer = tok.decode(seq, skip_special_tokens=True)
+                        n = int((seq != tok.pad_token_id).sum())
+                        counts["tokens"] += n
+                        counts["answers"] += 1
+                        counts["empty"] += int(not answer.strip())
+                        handle.write(json.dumps({**rows[j], "answer": answer, "answer_tokens": n},
+                                                ensure_ascii=False) + "\n")  # fmt: skip
+                    handle.flush()
+                bar.update(len(order[i : i + args.answer_batch]))
+            else:
+                continue
+            break
+    elapsed = time.monotonic() - start
+    logger.info("answers: %s in %.0f s (%.1f answer tok/s)", counts, elapsed, counts["tokens"] / max(1e-9, elapsed))
 
 
 # --------------------------------------------------------------------------------------------- features
