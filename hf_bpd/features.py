@@ -189,6 +189,32 @@ class CachedFeatures(Dataset):
         """Whether the shards carry the base's top-k distribution (`extract_features(top_k=...)`)."""
         return self.topk_ids is not None
 
+    def keep_least_certain(self, fraction: float) -> "CachedFeatures":
+        """
+        Keep the targets of the `fraction` of positions where the base model was least certain (lowest top-1
+        probability, i.e. the flattest next-token distribution) and mask the rest (`-100`), in place. Data selection
+        by target flatness ("train where the target is least certain", arXiv 2601.18902, reported to keep ~96% of
+        the speedup at half the data). Needs soft targets (`extract_features(top_k=...)`).
+
+        Args:
+            fraction (`float`): share of the valid target positions kept, in `(0, 1]`.
+        Returns:
+            `self`, for chaining.
+        Raises:
+            `ValueError` without soft targets or for a fraction outside `(0, 1]`.
+        """
+        if self.topk_logprobs is None:
+            raise ValueError("keep_least_certain needs the base's top-k distribution: extract with `top_k > 0`.")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+        valid = self.targets != IGNORE
+        certainty = self.topk_logprobs[..., 0].float().exp().masked_fill(~valid, float("inf"))  # top-1 probability
+        keep = int(round(fraction * int(valid.sum())))
+        if keep < int(valid.sum()):
+            threshold = certainty[valid].kthvalue(max(keep, 1)).values
+            self.targets = self.targets.masked_fill(certainty > threshold, IGNORE)
+        return self
+
     @property
     def hidden_size(self) -> int:
         return self.hidden.shape[-1]

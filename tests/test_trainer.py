@@ -599,3 +599,16 @@ def test_soft_targets_from_cached_top_k(cached, base_dir, blocks, tmp_path):
     trainer.train()
     after = trainer.evaluate()
     assert after["eval_head1_loss"] < 0.8 * before["eval_head1_loss"], (before, after)
+
+
+def test_keep_least_certain_masks_the_most_certain_targets(cached, blocks, tmp_path):
+    from hf_bpd.features import CachedFeatures, extract_features
+
+    paths = extract_features(cached.base, blocks.train["input_ids"][:16], tmp_path / "f", seq_len=SEQ, top_k=2)
+    full, half = CachedFeatures(paths), CachedFeatures(paths).keep_least_certain(0.5)
+    valid, kept = full.targets != -100, half.targets != -100
+    assert bool((kept <= valid).all()) and abs(int(kept.sum()) - int(valid.sum()) / 2) <= 2
+    top1 = full.topk_logprobs[..., 0].float()
+    assert float(top1[kept].max()) <= float(top1[valid & ~kept].min())  # every kept target is less certain
+    with pytest.raises(ValueError, match="top-k"):
+        CachedFeatures(paths, soft_targets=False).keep_least_certain(0.5)
