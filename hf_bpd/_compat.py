@@ -87,10 +87,12 @@ def reorder_cache_tail(cache: Any, width: int, order: torch.LongTensor) -> None:
     Raises:
         ValueError: for a layer that is not a full-attention `DynamicLayer`.
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or getattr(layer, "sliding_window", None):
+        # a sliding-window layer that never filled its window holds every token, laid out as a full layer's
+        inside_window = type(layer) is DynamicSlidingWindowLayer and layer.get_seq_length() < layer.sliding_window
+        if type(layer) is not DynamicLayer and not inside_window:
             raise ValueError(
                 f"Verifying several drafts at once needs a dynamic full-attention cache; got {type(layer).__name__}."
             )

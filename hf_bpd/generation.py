@@ -143,7 +143,6 @@ class BPDGenerationMixin(GenerationMixin):
 def bpd_generate(bpd: Any, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
     """`generate(..., use_bpd=True)` of a [`BPDGenerationMixin`] model; see there."""
     inputs, kwargs, options = prepare_arguments(bpd, inputs, generation_config, kwargs)
-    align_heads_to_base(bpd)
     drafter = options.drafter if options.drafter is not None else default_drafter(bpd)
     decode = functools.partial(_bpd_decode, bpd=bpd, bpd_options=options, bpd_drafter=drafter)
     return bpd.base.generate(
@@ -196,6 +195,7 @@ class _Scorer:
         self.position_free = all(type(p) in _POSITION_FREE_PROCESSORS for p in logits_processor)
         self.do_sample = do_sample
         self.sequential = not all(is_pure_processor(p) for p in logits_processor)
+        self.stops: Any = None  # `(row, ids) -> bool`: the stopping criteria, so the walk stops where plain decoding does
 
     def scores(
         self,
@@ -265,6 +265,8 @@ class _Scorer:
                         target[node] = int(scores[b, node].argmax())
                     if j == depth or int(drafts[b, p, j]) != target[node]:
                         break
+                    if self.stops is not None and self.stops(b, torch.cat([committed, drafts[b, p, : j + 1]])):
+                        break  # plain decoding would stop after this token: no further call
         return scores
 
     def select(self, scores: torch.Tensor) -> torch.LongTensor:
@@ -290,6 +292,18 @@ class _Stopper:
         self.max_length = min(lengths) if lengths else None  # the tightest MaxLengthCriteria, user's or generate's
         self.has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         self.may_cut = not self.fast or self.eos is not None  # whether a row's tokens can be cut inside a block
+        self.batch = 1
+        self._seen: dict[tuple[int, int], bool] = {}  # (row, length) -> stopped, asked ahead by the scorer's walk
+
+    def stops(self, row: int, ids: torch.LongTensor) -> bool:
+        """Whether row `row` stops once it holds `ids` (each criterion called once per row and length)."""
+        key = (row, int(ids.shape[0]))
+        if key not in self._seen:
+            if self.fast:
+                self._seen[key] = self.eos is not None and bool(torch.isin(ids[-1], self.eos.to(ids.device)))
+            else:
+                self._seen[key] = bool(self.criteria(ids[None].expand(self.batch, -1), None)[row])
+        return self._seen[key]
 
     def __call__(
         self,
@@ -298,25 +312,24 @@ class _Stopper:
         committed: torch.LongTensor,
         n: torch.LongTensor,
         live: torch.BoolTensor,
-        scores: torch.Tensor | None = None,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
         """
-        Cut `n` at the first token that meets a criterion; `out` already holds the committed tokens, `scores`
-        `(B, n_max + 1, V)` the processed scores each was chosen from.
+        Cut `n` at the first token that meets a criterion; `out` already holds the committed tokens. The criteria get
+        `scores=None`, as in plain `generate` without `output_scores`.
         """
         if self.fast:  # max length is enforced by the caller through `row_limit`
+            self._seen.clear()
             n, stopped = truncate_at_eos(committed, n, self.eos)
             return n, stopped & live
         stopped = torch.zeros_like(live)
-        batch = out.shape[0]
+        self.batch = out.shape[0]
         for b in torch.nonzero(live).flatten().tolist():
             start = int(lengths[b])
             for j in range(int(n[b]) + 1):
-                ids = out[b, : start + j + 1][None].expand(batch, -1)
-                row_scores = scores[b, j][None].expand(batch, -1) if scores is not None else None
-                if bool(self.criteria(ids, row_scores)[b]):
+                if self.stops(b, out[b, : start + j + 1]):
                     n[b], stopped[b] = j, True
                     break
+        self._seen.clear()
         return n, stopped
 
 
@@ -629,8 +642,7 @@ class _BlockDecoder:
         valid = (offsets[None] <= n[:, None]) & state.live[:, None]
         index = (state.lengths[:, None] + offsets).clamp(max=state.tokens.shape[1] - 1)
         state.tokens.scatter_(1, index, torch.where(valid, targets, state.tokens.gather(1, index)))
-        path_scores = None if self.stopper.fast else block.scores.gather(1, _expand(path, block.scores))
-        n, stopped = self.stopper(state.tokens, state.lengths, targets, n.clone(), state.live, path_scores)
+        n, stopped = self.stopper(state.tokens, state.lengths, targets, n.clone(), state.live)
         cut = (offsets[None] > n[:, None]) & valid  # written, then cut by a stopping criterion
         if self.stopper.may_cut:
             state.tokens.scatter_(1, index, torch.where(cut, self.pad_id, state.tokens.gather(1, index)))
@@ -780,11 +792,13 @@ def _bpd_decode(
     """The `custom_generate` callable: transformers has prepared everything, BPD checks it, then decodes."""
     plan = validate_prepared(model, input_ids, generation_config, logits_processor, stopping_criteria, model_kwargs,
                              bpd_drafter, bpd_options, bpd.config.num_draft_heads)  # fmt: skip
+    align_heads_to_base(bpd)  # after every check: a refused call leaves the model as it was
     bpd_drafter.reset()
     decoder = _BlockDecoder(model, bpd, plan.cache, generation_config, logits_processor, stopping_criteria,
                             bpd_drafter, bpd_options.streamer, bpd_options.compare_unrefined,
                             bpd_options.sampling)  # fmt: skip
     decoder.scorer.sequential = plan.sequential_scoring
+    decoder.scorer.stops = decoder.stopper.stops
     state = decoder.run(input_ids, model_kwargs.get("attention_mask"))
     return decoder.output(state, input_ids.shape[1], generation_config.return_dict_in_generate)
 
