@@ -144,8 +144,8 @@ def prepare_arguments(
             raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
     if drafter is not None and not isinstance(drafter, Drafter):
         raise ValueError(
-            f"`drafter` must be a hf_bpd Drafter (e.g. HeadsDrafter, a lattice rescorer, a tree drafter or an "
-            f"OracleDrafter), got {type(drafter).__name__}."
+            f"`drafter` must be a hf_bpd Drafter (e.g. HeadsDrafter, a lattice rescorer, a tree drafter, an "
+            f"OracleDrafter, or a DraftRescorer subclass wrapping a function), got {type(drafter).__name__}."
         )
     if options.compare_unrefined and drafter is None:
         raise ValueError("`compare_unrefined=True` compares a drafter's drafts with the heads' own: pass `drafter=`.")
@@ -365,11 +365,12 @@ def check_cache(
         if cls is DynamicSlidingWindowLayer:
             _check_sliding(cache, input_ids, max_length, width)
             continue
+        croppable = getattr(cls, "is_croppable", False) is True
+        why = "a fixed capacity and layout that per-row holes and tree blocks overflow" if croppable else (
+            "state that cannot be cropped, so rejected drafts cannot be rolled back")  # fmt: skip
         raise ValueError(
-            f"`use_bpd=True` does not support a {type(cache).__name__} with {cls.__name__} layers: the loop verifies "
-            "blocks of drafts, rolls rejected ones back per row and reorders tree blocks, which static (fixed "
-            "capacity), quantized (lossy, not croppable) and recurrent / linear-attention caches cannot do exactly. "
-            + use_instead
+            f"`use_bpd=True` does not support a {type(cache).__name__} with {cls.__name__} layers: they have {why} "
+            "(static, quantized and recurrent / linear-attention caches). " + use_instead
         )
     _check_prefilled(cache, input_ids, mask)
 
