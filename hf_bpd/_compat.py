@@ -1,17 +1,20 @@
 """
 Every use of a private or version-sensitive transformers API, in one place, behind a version check.
 
-hf_bpd is tested against exactly the versions in `TESTED`; on any other version importing hf_bpd raises an
-`ImportError` naming the tested and the installed versions (set `HF_BPD_SKIP_VERSION_CHECK=1` to try anyway, at
-your own risk: the lossless tests are the way to find out). When a new transformers release is tested, update
-`TESTED` here and the pins in `setup.cfg` together.
+hf_bpd is tested against the versions in `TESTED` (a version range per package); on any other version importing
+hf_bpd warns once, naming the tested and the installed versions (set `HF_BPD_SKIP_VERSION_CHECK=1` to silence it):
+hf_bpd may then decode wrongly, and the lossless tests are the way to find out. `tests/test_compat.py` checks the
+private signatures listed below against the installed transformers. When a new transformers release is tested,
+update `TESTED` here and the pins in `setup.cfg` together.
 
 What is private, and why:
 - `GenerationConfig._pad_token_tensor`: the pad id as `generate` prepared it (from the model's config, the
   generation config or the EOS id), which plain decoding pads finished rows with.
-- `PreTrainedModel._supports_logits_to_keep()`: whether `forward` takes `logits_to_keep` (skip the vocabulary
+- `GenerationMixin._supports_logits_to_keep()`: whether `forward` takes `logits_to_keep` (skip the vocabulary
   projection of the prompt in the prefill).
-- In-place writes to `DynamicLayer.keys` / `.values`: reorder the verified block's cache slots (p-best verification).
+- In-place writes to `DynamicLayer.keys` / `.values` (and a `DynamicSlidingWindowLayer` inside its window): reorder
+  the verified block's cache slots (tree and p-best verification, closing batch holes before returning a cache).
+- `GenerationMixin._prefill`'s slicing of a prefilled cache (`hf_bpd._validation.uncached_start` does the same).
 - `Trainer._save`, `_load_from_checkpoint`, `_load_best_model`, `_push_from_checkpoint`: overridden by
   [`~hf_bpd.trainer.BPDTrainer`] for heads-only checkpoints ([`check_trainer_private_api`]).
 """
@@ -20,46 +23,55 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from typing import Any
 
 import torch
 
-TESTED = {"transformers": ("5.24.0",), "peft": ("0.21.2",)}
+TESTED = {"transformers": ">=5.24.0,<5.25", "peft": ">=0.21.2,<0.22"}
+_warned: set[str] = set()
 
 
-def _release(version: str) -> tuple[int, ...]:
-    from packaging.version import Version
+def is_tested(package: str, installed: str) -> bool:
+    """Whether `installed` lies in the tested range of `package`."""
+    from packaging.specifiers import SpecifierSet
 
-    return Version(version).release
+    return SpecifierSet(TESTED[package]).contains(installed, prereleases=True)
 
 
-def check_version(package: str, installed: str) -> None:
+def check_version(package: str, installed: str) -> bool:
     """
-    Raise an `ImportError` unless `installed` is a tested version of `package` (or the check is switched off).
+    Warn once per package (a `UserWarning`) unless `installed` is in the tested range or the check is switched off.
+
+    Returns:
+        `bool`: whether the version is a tested one.
     """
-    if os.environ.get("HF_BPD_SKIP_VERSION_CHECK"):
-        return
-    tested = TESTED[package]
-    if any(_release(installed) == _release(v) for v in tested):
-        return
-    raise ImportError(
-        f"hf_bpd is tested with {package} {' / '.join(tested)}, but {package} {installed} is installed. Its "
-        f"generation, cache and Trainer internals change between releases, so hf_bpd could decode wrongly. "
-        f"Install the tested version (`pip install {package}=={tested[-1]}`), or set HF_BPD_SKIP_VERSION_CHECK=1 "
-        "to try anyway (then run hf_bpd's tests)."
+    if is_tested(package, installed):
+        return True
+    if os.environ.get("HF_BPD_SKIP_VERSION_CHECK") or package in _warned:
+        return False
+    _warned.add(package)
+    warnings.warn(
+        f"hf_bpd is tested with {package} {TESTED[package]}, but {package} {installed} is installed. Its generation, "
+        f"cache and Trainer internals change between releases, so hf_bpd could decode wrongly: run hf_bpd's tests "
+        f"(tests/test_compat.py checks the private APIs it uses), or install a tested version (`pip install "
+        f"'{package}{TESTED[package]}'`). Set HF_BPD_SKIP_VERSION_CHECK=1 to silence this warning.",
+        UserWarning,
+        stacklevel=2,
     )
+    return False
 
 
-def check_transformers() -> None:
+def check_transformers() -> bool:
     import transformers
 
-    check_version("transformers", transformers.__version__)
+    return check_version("transformers", transformers.__version__)
 
 
-def check_peft() -> None:
+def check_peft() -> bool:
     import peft
 
-    check_version("peft", peft.__version__)
+    return check_version("peft", peft.__version__)
 
 
 check_transformers()
@@ -87,10 +99,12 @@ def reorder_cache_tail(cache: Any, width: int, order: torch.LongTensor) -> None:
     Raises:
         ValueError: for a layer that is not a full-attention `DynamicLayer`.
     """
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
     for layer in cache.layers:
-        if not isinstance(layer, DynamicLayer) or getattr(layer, "sliding_window", None):
+        # a sliding-window layer that never filled its window holds every token, laid out as a full layer's
+        inside_window = type(layer) is DynamicSlidingWindowLayer and layer.get_seq_length() < layer.sliding_window
+        if type(layer) is not DynamicLayer and not inside_window:
             raise ValueError(
                 f"Verifying several drafts at once needs a dynamic full-attention cache; got {type(layer).__name__}."
             )
@@ -128,5 +142,5 @@ def check_trainer_private_api(trainer_class: type) -> None:
             raise ImportError(
                 f"transformers {transformers.__version__}: Trainer.{name} is "
                 f"{'missing' if found is None else f'{name}{found}'}, expected {name}{params}. hf_bpd's BPDTrainer "
-                f"overrides it; install transformers {' / '.join(TESTED['transformers'])}."
+                f"overrides it; install transformers {TESTED['transformers']}."
             )

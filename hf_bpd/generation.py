@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from transformers import GenerationMixin
 from transformers.generation import (
     EosTokenCriteria,
     EpsilonLogitsWarper,
@@ -37,15 +39,23 @@ from transformers.generation import (
     TypicalLogitsWarper,
 )
 
-from ._compat import pad_token_tensor, supports_logits_to_keep
+from ._compat import pad_token_tensor, reorder_cache_tail, supports_logits_to_keep
+from ._validation import (
+    BPDOptions,
+    check_prompt,
+    is_pure_processor,
+    prepare_arguments,
+    refuse_bpd_only_arguments,
+    uncached_start,
+    validate_prepared,
+)
 from .acceptance import accepted_lengths, cap_accepted, select_best_draft, truncate_at_eos
 from .logits.base import Drafter, Drafts, DraftState, HeadsDrafter
 from .metrics import block_efficiency
 from .sampling import chain_rejection_sample, check_sampling_mode, tree_rejection_sample
 from .tree import DraftTree, TreeLayout, canonical_nodes, compact_block, tree_attention_mask
 
-if TYPE_CHECKING:
-    from .modeling_bpd import BPDForCausalLM
+logger = logging.getLogger(__name__)
 
 # Processors that read only the scores (never `input_ids`): applied to all verified positions in one call.
 _POSITION_FREE_PROCESSORS = (
@@ -85,88 +95,107 @@ class BPDGenerateOutput(GenerateDecoderOnlyOutput):
     draft_time_s: float | None = None
 
 
-def bpd_generate(
-    bpd: "BPDForCausalLM",
-    inputs: torch.Tensor | None = None,
-    generation_config: Any = None,
-    draft_rescorer: Drafter | None = None,
-    compare_unrefined: bool = False,
-    bpd_sampling: str = "speculative",
-    **kwargs: Any,
-) -> Any:
-    """`BPDForCausalLM.generate(..., use_bpd=True)`; see there."""
-    check_sampling_mode(bpd_sampling)
-    for key, what in (
-        ("assistant_model", "assisted decoding"),
-        ("prompt_lookup_num_tokens", "prompt lookup decoding"),
-        ("custom_generate", "a custom generation loop"),
-    ):
-        if kwargs.get(key) is not None:
-            raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
-    if draft_rescorer is not None and not isinstance(draft_rescorer, Drafter):
-        raise ValueError(
-            f"`draft_rescorer` must be a hf_bpd.logits.Drafter (e.g. a DraftRescorer, a lattice rescorer or an "
-            f"OracleDrafter), got {type(draft_rescorer).__name__}. Wrap a function in a `DraftRescorer` subclass."
-        )
-    streamer = kwargs.pop("streamer", None)
-    prompt = inputs if inputs is not None else kwargs.get("input_ids")
-    if streamer is not None and prompt is not None and prompt.dim() == 2 and prompt.shape[0] > 1:
-        raise ValueError("A `streamer` with `use_bpd=True` supports batch size 1 (rows advance at different speeds).")
-    if compare_unrefined and draft_rescorer is None:
-        raise ValueError("`compare_unrefined=True` compares a `draft_rescorer`'s drafts with the heads' own: pass one.")
-    decode = functools.partial(_bpd_decode, bpd=bpd, draft_rescorer=draft_rescorer, bpd_streamer=streamer,
-                               compare_unrefined=compare_unrefined, bpd_sampling=bpd_sampling)  # fmt: skip
+class BPDGenerationMixin(GenerationMixin):
+    """
+    `generate` with `use_bpd=True`: blockwise parallel decoding. Mixed into [`~hf_bpd.BPDForCausalLM`], which provides
+    `base` (the wrapped causal LM), `heads` and `config.num_draft_heads`.
+    """
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
+        """
+        `generate` of the base model; with `use_bpd=True`, blockwise parallel decoding with the same output.
+
+        Args:
+            inputs (`torch.LongTensor` of shape `(batch, prompt_len)`, *optional*): the prompt, left-padded.
+            use_bpd (`bool`, *optional*): decode blockwise (draft -> verify -> accept). Defaults to
+                `generation_config.use_bpd` if set there, else `False` (the base model's own `generate`).
+            drafter ([`~hf_bpd.logits.Drafter`], *optional*): proposes the drafts (never changes the output).
+                Defaults to the checkpoint's recommended drafter (`config.drafter`), else the heads' own argmax.
+                `draft_rescorer=` is its older name.
+            compare_unrefined (`bool`, *optional*): with a `drafter`, also verify the heads' own argmax draft in the
+                same call and report its accepted lengths (`unrefined_accepted_lengths`) beside the drafter's.
+            bpd_sampling (`str`, *optional*, defaults to `"speculative"`): with `do_sample=True`, how drafts are
+                verified (both exact): `"speculative"` accepts each draft with probability `min(1, p/q)` (Leviathan
+                et al. 2023; recursive rejection sampling for several drafts); `"match"` samples the model's token at
+                every verified position and accepts while the draft equals it.
+            bpd_pure_processors (`bool`, *optional*, defaults to `False`): declare that the custom logits processors
+                passed are pure functions of `(input_ids, scores)` (see docs/usage.md, "Logits processors").
+            kwargs: every usual `generate` argument (`max_new_tokens`, `attention_mask`, `do_sample`, `cache`,
+                `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
+        Returns:
+            What the base model's `generate` returns; with `return_dict_in_generate=True` and `use_bpd=True` a
+            [`BPDGenerateOutput`] with BPD statistics.
+        """
+        use_bpd = kwargs.pop("use_bpd", None)
+        if use_bpd is None:
+            use_bpd = bool(getattr(generation_config or self.generation_config, "use_bpd", False))
+        if not use_bpd:
+            check_prompt(inputs, kwargs)
+            refuse_bpd_only_arguments(kwargs)
+            return self.base.generate(inputs, generation_config=generation_config, **kwargs)
+        return bpd_generate(self, inputs, generation_config=generation_config, **kwargs)
+
+    def compute_transition_scores(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base model's `compute_transition_scores` (the scores of a BPD output are the base model's)."""
+        return self.base.compute_transition_scores(*args, **kwargs)
+
+
+def bpd_generate(bpd: Any, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
+    """`generate(..., use_bpd=True)` of a [`BPDGenerationMixin`] model; see there."""
+    inputs, kwargs, options = prepare_arguments(bpd, inputs, generation_config, kwargs)
+    drafter = options.drafter if options.drafter is not None else default_drafter(bpd)
+    decode = functools.partial(_bpd_decode, bpd=bpd, bpd_options=options, bpd_drafter=drafter)
     return bpd.base.generate(
-        inputs, generation_config=generation_config, custom_generate=decode, streamer=streamer, **kwargs
+        inputs, generation_config=generation_config, custom_generate=decode, streamer=options.streamer, **kwargs
     )
 
 
-def _validate(model: Any, generation_config: Any, model_kwargs: dict[str, Any]) -> Any:
-    """Check everything BPD cannot honour and return the cache."""
-    if generation_config.num_beams > 1:
-        raise ValueError("`use_bpd=True` decodes greedily or by sampling; `num_beams > 1` is not supported.")
-    if getattr(generation_config, "prompt_lookup_num_tokens", None):
-        raise ValueError("`use_bpd=True` cannot be combined with prompt lookup decoding (`prompt_lookup_num_tokens`).")
-    if model.config.is_encoder_decoder:
-        raise ValueError("`use_bpd=True` supports decoder-only models.")
-    if generation_config.output_attentions or generation_config.output_hidden_states:
-        raise ValueError(
-            "`output_attentions` / `output_hidden_states` are not available with `use_bpd=True` (verification runs "
-            "over blocks of tokens); call the base model's forward on the output to get them."
-        )
-    if not generation_config.use_cache:
-        raise ValueError("`use_bpd=True` needs the KV cache: do not pass `use_cache=False`.")
-    cache = model_kwargs.get("cache")
-    if cache is None:
-        raise ValueError("`use_bpd=True` needs a KV cache; none was prepared by `generate`.")
-    if not getattr(cache, "is_croppable", False):
-        raise ValueError(
-            f"`use_bpd=True` rolls back rejected drafts with `cache.crop`, but a {type(cache).__name__} cannot be "
-            "cropped. Use the default dynamic cache (do not set `cache_implementation`)."
-        )
-    windows = [getattr(layer, "sliding_window", None) for layer in getattr(cache, "layers", [])]
-    windows = [w for w in windows if w]
-    if windows and generation_config.max_length >= min(windows):
-        raise ValueError(
-            f"`use_bpd=True` supports sliding-window caches only while the sequence fits in the window "
-            f"({min(windows)} tokens); max_length is {generation_config.max_length}."
-        )
-    unknown = {k: v for k, v in model_kwargs.items() if v is not None and k not in _HANDLED_MODEL_KWARGS}
-    if unknown:
-        raise ValueError(f"`use_bpd=True` does not support these model inputs: {sorted(unknown)}.")
-    return cache
+def default_drafter(bpd: Any) -> Drafter:
+    """The checkpoint's recommended drafter (`config.drafter`, built by `hf_bpd.drafters`), else the heads' argmax."""
+    try:
+        from .drafters import build_drafter
+    except ImportError:
+        return HeadsDrafter()
+    return build_drafter(bpd, getattr(bpd.config, "drafter", None))
 
 
-_HANDLED_MODEL_KWARGS = {"cache", "attention_mask", "position_ids", "use_cache", "logits_to_keep"}
+def align_heads_to_base(bpd: Any) -> None:
+    """
+    Move the heads (and their own projections / buffers) to the base's dtype and device if they drifted apart (e.g.
+    only `model.base` was moved). A preparation step, not a check: it runs only when they differ, and says so.
+    """
+    target = bpd.get_output_embeddings().weight
+    prefix = f"{bpd.base_model_prefix}."
+    own = [p for name, p in bpd.named_parameters() if not name.startswith(prefix)]
+    if all(p.dtype == target.dtype and p.device == target.device for p in own):
+        return
+    logger.warning(
+        "The draft heads are %s on %s but the base model is %s on %s (was only `model.base` moved?): casting the heads "
+        "to match. Move the whole model with `model.to(...)` to avoid this.",
+        own[0].dtype, own[0].device, target.dtype, target.device,
+    )  # fmt: skip
+    for name, module in bpd.named_children():
+        if name != bpd.base_model_prefix:
+            module.to(device=target.device, dtype=target.dtype)
+    for name, buffer in list(bpd.named_buffers(recurse=False)):
+        setattr(bpd, name, buffer.to(device=target.device))
 
 
 class _Scorer:
-    """Applies the logits processors to the verified positions, each with its own row's true prefix."""
+    """
+    Applies the logits processors to the verified positions, each with its own row's true prefix.
+
+    Known-pure processors (`hf_bpd._validation.PURE_PROCESSORS`) are applied at every node. With `sequential` (set
+    for processors that may keep state, at batch size 1 with greedy decoding) only the nodes on the accepted path are
+    scored, in order, one call per generated token: exactly the calls plain `generate` makes.
+    """
 
     def __init__(self, logits_processor: LogitsProcessorList, do_sample: bool):
         self.processors = logits_processor
-        self.position_free = all(isinstance(p, _POSITION_FREE_PROCESSORS) for p in logits_processor)
+        self.position_free = all(type(p) in _POSITION_FREE_PROCESSORS for p in logits_processor)
         self.do_sample = do_sample
+        self.sequential = not all(is_pure_processor(p) for p in logits_processor)
+        self.stops: Any = None  # `(row, ids) -> bool`: the stopping criteria, so the walk stops where plain decoding does
 
     def scores(
         self,
@@ -183,8 +212,8 @@ class _Scorer:
         Args:
             logits (`(B, W, V)`): base logits at the block's nodes.
             tokens, lengths: committed tokens of each row.
-            drafts (`(B, p, h')`), layout: the block's drafts; node `w` continues the row's committed tokens with
-                the first `layout.depth[w]` tokens of draft `layout.draft_of_node[w]` (None: the root only).
+            drafts (`(B, P, D)`), layout: the block's paths; node `w` continues the row's committed tokens with
+                the first `layout.depth[w]` tokens of path `layout.draft_of_node[w]` (None: the root only).
         """
         if len(self.processors) == 0:
             return logits
@@ -192,6 +221,8 @@ class _Scorer:
         if self.position_free:
             flat = logits.reshape(batch * width, vocab)
             return self.processors(tokens[:, :1].repeat_interleave(width, 0), flat).view(batch, width, vocab)
+        if self.sequential and layout is not None:
+            return self._along_accepted_path(logits, tokens, lengths, live, drafts, layout)
         # Processors that read `input_ids` see, for every node, exactly what plain decoding would show there:
         # the row's committed tokens followed by the draft tokens on the path to that node. Rows differ in
         # length, so each row is scored on its own, in row `b` of a full-batch call: processors that keep
@@ -202,8 +233,40 @@ class _Scorer:
         for b in torch.nonzero(live).flatten().tolist():
             committed = tokens[b, : int(lengths[b])]
             for w in range(width):
-                prefix = torch.cat([committed, node_tokens[b, w, : depths[w]]])[None].expand(batch, -1)
-                scores[b, w] = self.processors(prefix, logits[b, w][None].expand(batch, -1).clone())[b]
+                prefix = torch.cat([committed, node_tokens[b, w, : depths[w]]])
+                scores[b, w] = self._row_call(prefix, logits[b, w], b, batch)
+        return scores
+
+    def _row_call(self, prefix: torch.LongTensor, logits: torch.Tensor, row: int, batch: int) -> torch.Tensor:
+        """The processors on one node of row `row`, in that row's position of a batch-sized call."""
+        return self.processors(prefix[None].expand(batch, -1), logits[None].expand(batch, -1).clone())[row]
+
+    def _along_accepted_path(
+        self, logits: torch.Tensor, tokens: torch.LongTensor, lengths: torch.LongTensor, live: torch.BoolTensor,
+        drafts: torch.LongTensor, layout: TreeLayout,
+    ) -> torch.Tensor:  # fmt: skip
+        """
+        Greedy only: score the root, follow the draft that equals its argmax, score that node, ... until no draft
+        continues. Nodes off that path keep their raw logits: no accepted prefix reaches them, so their targets are
+        never read (a path's accepted length stops at its first mismatch, and the bonus token is the mismatch node's).
+        """
+        scores = logits.clone()
+        batch, paths, depth = drafts.shape
+        canon = layout.node_index.expand(batch, -1, -1) if layout.is_chain else canonical_nodes(drafts, layout)
+        for b in torch.nonzero(live).flatten().tolist():
+            committed = tokens[b, : int(lengths[b])]
+            target: dict[int, int] = {}
+            for p in range(paths):
+                for j in range(depth + 1):
+                    node = int(canon[b, p, j])
+                    if node not in target:
+                        prefix = torch.cat([committed, drafts[b, p, :j]])
+                        scores[b, node] = self._row_call(prefix, logits[b, node], b, batch)
+                        target[node] = int(scores[b, node].argmax())
+                    if j == depth or int(drafts[b, p, j]) != target[node]:
+                        break
+                    if self.stops is not None and self.stops(b, torch.cat([committed, drafts[b, p, : j + 1]])):
+                        break  # plain decoding would stop after this token: no further call
         return scores
 
     def select(self, scores: torch.Tensor) -> torch.LongTensor:
@@ -214,15 +277,33 @@ class _Scorer:
 
 
 class _Stopper:
-    """Applies the stopping criteria to each committed token of each row (vectorised for EOS / max length)."""
+    """
+    Applies the stopping criteria to each committed token of each row. Only criteria of exactly transformers'
+    `MaxLengthCriteria` / `EosTokenCriteria` types take the vectorised path (their own `max_length` and EOS ids, which
+    may be the user's, not the generation config's); any other is called per token with that row's tokens and scores.
+    """
 
     def __init__(self, stopping_criteria: StoppingCriteriaList):
         self.criteria = stopping_criteria
-        self.fast = all(isinstance(c, (MaxLengthCriteria, EosTokenCriteria)) for c in stopping_criteria)
-        eos = [c.eos_token_id for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+        self.fast = all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
+        eos = [c.eos_token_id for c in stopping_criteria if type(c) is EosTokenCriteria]
         self.eos = torch.cat([e.flatten() for e in eos]) if eos else None
+        lengths = [c.max_length for c in stopping_criteria if type(c) is MaxLengthCriteria]
+        self.max_length = min(lengths) if lengths else None  # the tightest MaxLengthCriteria, user's or generate's
         self.has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         self.may_cut = not self.fast or self.eos is not None  # whether a row's tokens can be cut inside a block
+        self.batch = 1
+        self._seen: dict[tuple[int, int], bool] = {}  # (row, length) -> stopped, asked ahead by the scorer's walk
+
+    def stops(self, row: int, ids: torch.LongTensor) -> bool:
+        """Whether row `row` stops once it holds `ids` (each criterion called once per row and length)."""
+        key = (row, int(ids.shape[0]))
+        if key not in self._seen:
+            if self.fast:
+                self._seen[key] = self.eos is not None and bool(torch.isin(ids[-1], self.eos.to(ids.device)))
+            else:
+                self._seen[key] = bool(self.criteria(ids[None].expand(self.batch, -1), None)[row])
+        return self._seen[key]
 
     def __call__(
         self,
@@ -232,17 +313,23 @@ class _Stopper:
         n: torch.LongTensor,
         live: torch.BoolTensor,
     ) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """Cut `n` at the first token that meets a criterion; `out` already holds the committed tokens."""
+        """
+        Cut `n` at the first token that meets a criterion; `out` already holds the committed tokens. The criteria get
+        `scores=None`, as in plain `generate` without `output_scores`.
+        """
         if self.fast:  # max length is enforced by the caller through `row_limit`
+            self._seen.clear()
             n, stopped = truncate_at_eos(committed, n, self.eos)
             return n, stopped & live
         stopped = torch.zeros_like(live)
+        self.batch = out.shape[0]
         for b in torch.nonzero(live).flatten().tolist():
             start = int(lengths[b])
             for j in range(int(n[b]) + 1):
-                if bool(self.criteria(out[b : b + 1, : start + j + 1], None)[0]):
+                if self.stops(b, out[b, : start + j + 1]):
                     n[b], stopped[b] = j, True
                     break
+        self._seen.clear()
         return n, stopped
 
 
@@ -333,7 +420,7 @@ class _BlockDecoder:
     def __init__(
         self,
         model: Any,
-        bpd: "BPDForCausalLM",
+        bpd: Any,
         cache: Any,
         generation_config: Any,
         logits_processor: LogitsProcessorList,
@@ -359,7 +446,7 @@ class _BlockDecoder:
         # (the position-free warpers only: the proposal of a draft never sees the draft prefix's input_ids)
         self.proposal_warper = None
         if generation_config.do_sample and check_sampling_mode(sampling) == "speculative":
-            warpers = LogitsProcessorList(p for p in logits_processor if isinstance(p, _POSITION_FREE_PROCESSORS))
+            warpers = LogitsProcessorList(p for p in logits_processor if type(p) in _POSITION_FREE_PROCESSORS)
             self.proposal_warper = functools.partial(_warp, warpers)
         self.accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.keeps_logits = supports_logits_to_keep(model)
@@ -401,7 +488,11 @@ class _BlockDecoder:
 
     # ---------------------------------------------------------------------------------------------- the steps
     def prefill(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None) -> DecodeState:
-        """One serial call over the prompt gives the first token and the heads' first input."""
+        """
+        One serial call over the prompt gives the first token and the heads' first input. A cache that already holds
+        the prompt's first tokens (passed as `cache=`) is continued: only the others are fed, as plain `generate`
+        does; the attention mask then covers every cache slot.
+        """
         batch, prompt_len = input_ids.shape
         device = input_ids.device
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
@@ -410,18 +501,21 @@ class _BlockDecoder:
             raise ValueError(
                 f"{type(self.model).__name__} takes no `position_ids`: `use_bpd=True` needs them with padding."
             )
-        tokens = torch.full((batch, self.max_length + self.num_heads + 1), self.pad_id, dtype=torch.long, device=device)
+        limit = self.stopper.max_length if self.stopper.max_length is not None else self.max_length
+        tokens = torch.full((batch, limit + self.num_heads + 1), self.pad_id, dtype=torch.long, device=device)
         tokens[:, :prompt_len] = input_ids
         lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
         state = DecodeState(
             tokens=tokens, lengths=lengths, live=torch.ones(batch, dtype=torch.bool, device=device),
-            row_limit=torch.full_like(lengths, self.max_length), stop_len=torch.full_like(lengths, -1),
+            row_limit=torch.full_like(lengths, limit), stop_len=torch.full_like(lengths, -1),
             attention_mask=mask, dense=dense, next_position=mask.sum(-1), row_calls=torch.zeros_like(lengths),
         )  # fmt: skip
         self.row_scores = [[] for _ in range(batch)]
         self.row_logits = [[] for _ in range(batch)]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits, hidden = self.forward(state, input_ids, positions, logits_to_keep=1)
+        self.prompt_slots = mask.shape[1]
+        feed = input_ids[:, uncached_start(self.cache, input_ids, attention_mask) :]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -feed.shape[1] :]
+        logits, hidden = self.forward(state, feed, positions, logits_to_keep=1)
         logits = logits[:, -1:]  # (B, 1, V)
         scores = self.scorer.scores(logits, tokens, lengths, state.live)
         root = torch.zeros(batch, 1, dtype=torch.long, device=device)
@@ -636,6 +730,8 @@ class _BlockDecoder:
         if self.streamer is not None:
             self.streamer.end()
         sequences = state.tokens[:, : int(state.lengths.max())]
+        if return_dict or getattr(self.cache, "_is_user_defined", False):  # the cache outlives `generate`
+            self._close_holes(state)
         if not return_dict:
             return sequences
         batch = sequences.shape[0]
@@ -651,7 +747,26 @@ class _BlockDecoder:
             accepted_lengths=torch.stack(self.accepted) if self.accepted else torch.zeros((0, batch), dtype=torch.long),
             unrefined_accepted_lengths=torch.stack(self.unrefined) if self.unrefined else None,
             draft_time_s=self.draft_time_s,
+            cache=self.cache,
         )
+
+    def _close_holes(self, state: DecodeState) -> None:
+        """
+        Move each row's generated cache slots before its holes (batch > 1) and crop the slots no row needs, so that,
+        as after plain `generate`, slot `j` holds the row's token `j` for every committed token but the last. A row
+        that finished before the longest one is followed by slots of other data (plain `generate` holds its padding
+        there): mask them out if the cache is reused.
+        """
+        region = state.attention_mask[:, self.prompt_slots :]
+        width = region.shape[1]
+        if width == 0 or bool(region.all()):
+            return
+        order = torch.sort((region == 0).long(), dim=1, stable=True).indices
+        reorder_cache_tail(self.cache, width, order)
+        keep = int(region.sum(1).max())
+        if keep < width:
+            self.cache.crop(-(width - keep))
+        state.attention_mask = torch.cat([state.attention_mask[:, : self.prompt_slots], region.gather(1, order)[:, :keep]], 1)
 
 
 @dataclass
@@ -669,19 +784,21 @@ def _bpd_decode(
     stopping_criteria: StoppingCriteriaList,
     generation_config: Any,
     *,
-    bpd: "BPDForCausalLM",
-    draft_rescorer: "Drafter | None" = None,
-    bpd_streamer: Any = None,
-    compare_unrefined: bool = False,
-    bpd_sampling: str = "speculative",
+    bpd: Any,
+    bpd_options: BPDOptions,
+    bpd_drafter: Drafter,
     **model_kwargs: Any,
 ) -> Any:
-    """The `custom_generate` callable: transformers has prepared everything, BPD decodes."""
-    cache = _validate(model, generation_config, model_kwargs)
-    drafter = draft_rescorer if draft_rescorer is not None else HeadsDrafter()
-    drafter.reset()
-    decoder = _BlockDecoder(model, bpd, cache, generation_config, logits_processor, stopping_criteria, drafter,
-                            bpd_streamer, compare_unrefined, bpd_sampling)  # fmt: skip
+    """The `custom_generate` callable: transformers has prepared everything, BPD checks it, then decodes."""
+    plan = validate_prepared(model, input_ids, generation_config, logits_processor, stopping_criteria, model_kwargs,
+                             bpd_drafter, bpd_options, bpd.config.num_draft_heads)  # fmt: skip
+    align_heads_to_base(bpd)  # after every check: a refused call leaves the model as it was
+    bpd_drafter.reset()
+    decoder = _BlockDecoder(model, bpd, plan.cache, generation_config, logits_processor, stopping_criteria,
+                            bpd_drafter, bpd_options.streamer, bpd_options.compare_unrefined,
+                            bpd_options.sampling)  # fmt: skip
+    decoder.scorer.sequential = plan.sequential_scoring
+    decoder.scorer.stops = decoder.stopper.stops
     state = decoder.run(input_ids, model_kwargs.get("attention_mask"))
     return decoder.output(state, input_ids.shape[1], generation_config.return_dict_in_generate)
 

@@ -14,11 +14,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_bpd import BPDConfig
+from .generation import BPDGenerationMixin
 from .losses import draft_head_loss
 from .smollm2 import OFFLINE_HUB_IDS, resolve_base_model
 from .model_card import adapter_config_of, write_model_card
@@ -114,7 +115,7 @@ class BPDCausalLMOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------- model
-class BPDForCausalLM(PreTrainedModel, GenerationMixin):
+class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
     """
     Wraps any `AutoModelForCausalLM` (kept unchanged, no copied modeling code) and adds `h` draft heads.
 
@@ -399,48 +400,6 @@ class BPDForCausalLM(PreTrainedModel, GenerationMixin):
             loss=loss, head_losses=head_losses, draft_logits=draft if return_draft_logits else None,
             hidden_states=hidden,
         )  # fmt: skip
-
-    # ------------------------------------------------------------------ generation
-    def generate(self, inputs: torch.Tensor | None = None, generation_config: Any = None, **kwargs: Any) -> Any:
-        """
-        `generate` of the base model; with `use_bpd=True`, blockwise parallel decoding with the same output.
-
-        Args:
-            use_bpd (`bool`, *optional*): decode blockwise (draft -> verify -> accept). Defaults to
-                `generation_config.use_bpd` if set there, else `False` (the base model's own `generate`).
-            draft_rescorer ([`~hf_bpd.logits.DraftRescorer`], *optional*): changes the drafts (never the output).
-            compare_unrefined (`bool`, *optional*): with a `draft_rescorer`, also verify the heads' own argmax draft
-                in the same call and report its accepted lengths (`unrefined_accepted_lengths`) beside the refined.
-            bpd_sampling (`str`, *optional*, defaults to `"speculative"`): with `do_sample=True`, how drafts are
-                verified (both exact): `"speculative"` samples the drafts from the drafter's proposal and accepts
-                each with probability `min(1, p/q)` (Leviathan et al. 2023; multi-draft recursive rejection sampling
-                for several drafts); `"match"` samples the model's token at every verified position and accepts
-                while the draft equals it.
-            kwargs: every usual `generate` argument (`max_new_tokens`, `attention_mask`, `do_sample`,
-                `logits_processor`, `stopping_criteria`, `streamer`, `return_dict_in_generate`, ...).
-        Returns:
-            What the base model's `generate` returns; with `return_dict_in_generate=True` and `use_bpd=True` a
-            [`~hf_bpd.generation.BPDGenerateOutput`] with BPD statistics.
-        """
-        from .checks import check_prompt, prepare_bpd_arguments
-        from .generation import bpd_generate  # local import: generation imports this module
-
-        use_bpd = kwargs.pop("use_bpd", None)
-        if use_bpd is None:
-            use_bpd = bool(getattr(generation_config or self.generation_config, "use_bpd", False))
-        check_prompt(inputs, kwargs)
-        if not use_bpd:
-            for key in ("draft_rescorer", "compare_unrefined", "bpd_sampling"):
-                if kwargs.pop(key, None) not in (None, False):
-                    raise ValueError(f"`{key}` only applies with `use_bpd=True`.")
-            return self.base.generate(inputs, generation_config=generation_config, **kwargs)
-        # everything BPD cannot honour exactly is refused here, before any model call (see hf_bpd/checks.py)
-        inputs, kwargs = prepare_bpd_arguments(self, inputs, generation_config, kwargs)
-        return bpd_generate(self, inputs, generation_config=generation_config, **kwargs)
-
-    def compute_transition_scores(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The base model's `compute_transition_scores` (the scores of a BPD output are the base model's)."""
-        return self.base.compute_transition_scores(*args, **kwargs)
 
     # ------------------------------------------------------------------ save / load
     def heads_state_dict(self) -> dict[str, torch.Tensor]:

@@ -2,15 +2,24 @@
 `hf-bpd export --format medusa`: the export, loaded by a plain-torch re-implementation of vLLM's Medusa module,
 gives our draft logits.
 
-`VLLMMedusa` below is written from vLLM's `vllm/model_executor/models/medusa.py` and
-`vllm/transformers_utils/configs/medusa.py` (config key renaming, `ResidualBlock`, `lm_heads` / `original_lm_head`,
-`token_map` with `truncated_vocab_size`, `load_weights`), with `ParallelLMHead` as a bias-free linear layer and one
-stricter rule: every parameter must come from the file (an unloaded vLLM parameter would hold garbage).
+`VLLMMedusa` below follows vLLM's current `vllm/model_executor/models/medusa.py` and
+`vllm/transformers_utils/configs/medusa.py` *shapes*, not ours: `MedusaConfig.from_pretrained`'s key renaming and
+defaults; `ResidualBlock` with `medusa_fc_bias`; with `original_lm_head` ONE `ParallelLMHead(truncated_vocab_size)`
+shared by all heads, else one `ParallelLMHead(vocab_size)` per head (the full vocabulary, whatever
+`truncated_vocab_size` says); `ParallelLMHead` pads its rows to a multiple of 64 and its weight loader asserts that
+the file holds exactly the layer's vocabulary rows; `load_weights` as vLLM's (`token_map` becomes a parameter only
+while loading, `lm_heads.0.weight` feeds `lm_head` under `original_lm_head`); and the model loader's final check:
+every parameter must be in what `load_weights` reports as loaded ("Following weights were not initialized from
+checkpoint"). The old export (draft-vocabulary projections and `token_map`) fails this loader.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +31,9 @@ from hf_bpd.cli import main as cli_main
 from hf_bpd.export import export_medusa
 
 from conftest import randomize_heads, tiny_base
+
+PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def medusa_config_from_file(path) -> dict:
@@ -54,6 +66,27 @@ class ResidualBlock(nn.Module):
         return x
 
 
+class ParallelLMHead(nn.Module):
+    """vLLM's `ParallelLMHead` on one device: rows padded to a multiple of 64, a loader that checks the row count."""
+
+    def __init__(self, num_embeddings: int, hidden_size: int):
+        super().__init__()
+        self.org_vocab_size = num_embeddings
+        padded = -(-num_embeddings // PADDING) * PADDING
+        self.weight = nn.Parameter(torch.empty(padded, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded_weight):
+        assert loaded_weight.shape[0] == self.org_vocab_size, (loaded_weight.shape, self.org_vocab_size)
+        param.data[: loaded_weight.shape[0]].copy_(loaded_weight)
+        param.data[loaded_weight.shape[0] :].fill_(0)
+
+
+def default_weight_loader(param, loaded_weight):
+    assert param.shape == loaded_weight.shape, (param.shape, loaded_weight.shape)
+    param.data.copy_(loaded_weight)
+
+
 class VLLMMedusa(nn.Module):
     def __init__(self, config: dict):
         super().__init__()
@@ -64,11 +97,11 @@ class VLLMMedusa(nn.Module):
         self.orig_vocab_size = config["vocab_size"]
         self.truncated_vocab_size = config["truncated_vocab_size"]
         if config.get("original_lm_head", False):
-            self.lm_head = nn.Linear(config["hidden_size"], self.truncated_vocab_size, bias=False)
+            self.lm_head = ParallelLMHead(self.truncated_vocab_size, config["hidden_size"])
             self.lm_heads = [self.lm_head for _ in range(config["num_heads"])]
         else:
             self.lm_heads = nn.ModuleList(
-                [nn.Linear(config["hidden_size"], self.truncated_vocab_size, bias=False) for _ in range(config["num_heads"])]
+                [ParallelLMHead(config["vocab_size"], config["hidden_size"]) for _ in range(config["num_heads"])]
             )
         self.token_map = None
 
@@ -78,7 +111,7 @@ class VLLMMedusa(nn.Module):
     def compute_logits(self, hidden_states):
         logits_lst = []
         for hs, lm_head in zip(hidden_states, self.lm_heads):
-            logits = lm_head(hs)
+            logits = (hs @ lm_head.weight.T)[..., : self.truncated_vocab_size]  # LogitsProcessor drops the padding
             if self.token_map is None:
                 logits_lst.append(logits)
             else:
@@ -87,14 +120,14 @@ class VLLMMedusa(nn.Module):
                 logits_lst.append(full)
         return logits_lst
 
-    def load_weights(self, weights):
+    def load_weights(self, weights) -> set[str]:
         params = dict(self.named_parameters())
-        weights_map = {}
+        loaded, weights_map = set(), {}
         for name, tensor in weights:
             name = name.replace("medusa_heads.", "")
             if name == "token_map":
                 if self.truncated_vocab_size < self.orig_vocab_size:
-                    self.token_map = tensor
+                    self.token_map = nn.Parameter(tensor, requires_grad=False)
             elif name in params:
                 weights_map[name] = tensor
             elif self.config.get("original_lm_head", False) and name == "lm_heads.0.weight":
@@ -102,16 +135,20 @@ class VLLMMedusa(nn.Module):
         for name, tensor in weights_map.items():
             if "lm_head" in name and self.token_map is not None and tensor.shape[0] > self.token_map.shape[0]:
                 tensor = tensor[self.token_map]
-            assert params[name].shape == tensor.shape, (name, params[name].shape, tensor.shape)
-            with torch.no_grad():
-                params[name].copy_(tensor)
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded.add(name)
         assert self.truncated_vocab_size == self.orig_vocab_size or self.token_map is not None
-        assert set(weights_map) == set(params), f"not in the file: {sorted(set(params) - set(weights_map))}"
+        return loaded
 
 
 def load_vllm_medusa(path) -> VLLMMedusa:
+    """vLLM's model loader: build, `load_weights`, then refuse any parameter the checkpoint did not initialise."""
     medusa = VLLMMedusa(medusa_config_from_file(path))
-    medusa.load_weights(load_file(path / "model.safetensors").items())
+    loaded = medusa.load_weights(load_file(path / "model.safetensors").items())
+    missing = {name for name, _ in medusa.named_parameters()} - loaded
+    if missing:
+        raise ValueError(f"Following weights were not initialized from checkpoint: {missing}")
     return medusa.eval()
 
 
@@ -143,24 +180,75 @@ def test_vllm_medusa_reproduces_our_draft_logits(tmp_path, share, layers, origin
     torch.testing.assert_close(vllm_draft_logits(medusa, hidden), ours, rtol=1e-5, atol=1e-5)
 
 
+def test_default_layout_is_one_full_shared_projection(tmp_path):
+    model = randomize_heads(BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=3), std=0.2)
+    export_medusa(model, tmp_path)
+    config = medusa_config_from_file(tmp_path)
+    assert config["original_lm_head"] is True and config["truncated_vocab_size"] == config["vocab_size"] == 97
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert [k for k in tensors if k.startswith("lm_heads.")] == ["lm_heads.0.weight"] and "token_map" not in tensors
+    assert torch.equal(tensors["lm_heads.0.weight"], model.get_output_embeddings().weight.detach())
+
+
 def test_vllm_medusa_with_a_draft_vocabulary(tmp_path):
+    """Shared-projection heads with a draft vocabulary: exported with the full projection (vLLM drafts over the whole
+    vocabulary); inside the draft vocabulary the logits are ours."""
     model = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2, draft_vocab_size=40)
     model.set_draft_vocab(torch.randperm(97, generator=torch.Generator().manual_seed(0))[:40])
     randomize_heads(model, std=0.2)
     export_medusa(model, tmp_path)
     config = medusa_config_from_file(tmp_path)
-    assert (config["vocab_size"], config["truncated_vocab_size"]) == (97, 40)
+    assert (config["vocab_size"], config["truncated_vocab_size"]) == (97, 97)
     medusa = load_vllm_medusa(tmp_path)
-    assert torch.equal(medusa.token_map, model.draft_token_map)
+    assert medusa.token_map is None
     hidden = torch.randn(4, 32)
     with torch.no_grad():
         ours, theirs = model.draft_logits(hidden), vllm_draft_logits(medusa, hidden)
+        full = model.get_output_embeddings()(torch.stack([head(hidden) for head in model.heads], dim=-2))
     inside = model.draft_token_map
     torch.testing.assert_close(theirs[..., inside], ours[..., inside], rtol=1e-5, atol=1e-5)
-    outside = torch.ones(97, dtype=torch.bool)
-    outside[inside] = False
-    assert bool((theirs[..., outside] == -torch.inf).all()) and bool((ours[..., outside] < -1e30).all())
-    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
+    torch.testing.assert_close(theirs, full, rtol=1e-5, atol=1e-5)
+
+
+def test_own_projections_over_a_draft_vocabulary_are_refused(tmp_path):
+    model = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2, draft_vocab_size=40, share_lm_head=False)
+    with pytest.raises(ValueError, match="draft vocabulary"):
+        export_medusa(model, tmp_path / "out")
+
+
+@pytest.mark.parametrize("original_lm_head", [False, True])
+def test_the_old_truncated_layouts_fail_vllms_loader(tmp_path, original_lm_head):
+    """What the export used to write for a draft vocabulary: per-head (or one) 40-row projections and `token_map`.
+    vLLM 0.32 refuses both (a shape assertion; `token_map` never reported as loaded); so must the re-implementation."""
+    from safetensors.torch import save_file
+
+    model = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=2, draft_vocab_size=40)
+    export_medusa(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    rows = tensors.pop("lm_heads.0.weight")[model.draft_token_map]
+    for i in range(1 if original_lm_head else 2):
+        tensors[f"lm_heads.{i}.weight"] = rows.clone()
+    tensors["token_map"] = model.draft_token_map.clone()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.update(truncated_vocab_size=40, original_lm_head=original_lm_head)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises((AssertionError, ValueError), match="40|token_map"):
+        load_vllm_medusa(tmp_path)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+@pytest.mark.skipif(not (ROOT / "reference" / "heads").is_dir(), reason="reference checkpoint not available")
+def test_real_vllm_loads_the_export_and_keeps_its_greedy_output(tmp_path):
+    """Opt-in: runs the real engine (bench/vllm_medusa_acceptance.py) when vLLM is importable."""
+    script = ROOT / "bench" / "vllm_medusa_acceptance.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model", str(ROOT / "reference" / "heads"), "--out", str(tmp_path / "medusa"),
+         "--num-prompts", "4", "--max-tokens", "32", "--check-identical"],
+        capture_output=True, text=True, timeout=1800,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "identical: True" in result.stdout
 
 
 def test_heads_read_the_hidden_state_vllm_passes():

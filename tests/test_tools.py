@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from hf_bpd import _compat, metrics
+from hf_bpd import metrics
 from hf_bpd.cli import main
 from hf_bpd.data import load_prompts, tokenize_prompts
 from hf_bpd.tools.bench import METHODS, parse_methods
@@ -136,21 +136,3 @@ def test_metrics_one_definition():
     assert stats["mean"] == pytest.approx(5 / 3) and stats["histogram"] == [1, 0, 1, 1]
     assert metrics.mean_accepted_length(torch.tensor([-1])) is None
     assert metrics.share_of_ideal(2.0, 4.0) == 0.5 and metrics.draft_ms_per_step(0.01, 5) == pytest.approx(2.0)
-
-
-# ------------------------------------------------------------------------------------------------ compat
-def test_version_check_names_tested_and_installed(monkeypatch):
-    monkeypatch.delenv("HF_BPD_SKIP_VERSION_CHECK", raising=False)
-    _compat.check_version("transformers", _compat.TESTED["transformers"][0])  # the tested one passes
-    with pytest.raises(ImportError, match=r"tested with transformers 5\.24\.0, but transformers 9\.9\.0 is installed"):
-        _compat.check_version("transformers", "9.9.0")
-    monkeypatch.setenv("HF_BPD_SKIP_VERSION_CHECK", "1")
-    _compat.check_version("transformers", "9.9.0")
-
-
-def test_trainer_private_api_check_names_the_method():
-    class Moved:
-        def _save(self, output_dir=None, state_dict=None): ...
-
-    with pytest.raises(ImportError, match="Trainer._load_from_checkpoint is missing"):
-        _compat.check_trainer_private_api(Moved)
