@@ -33,7 +33,7 @@ from transformers import GenerationConfig, StoppingCriteriaList, StopStringCrite
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from transformers.generation import logits_process, stopping_criteria
 
-from .logits.base import Drafter, HeadsDrafter
+from .drafters import Drafter, HeadsDrafter
 from .sampling import check_sampling_mode
 
 UNTRAINED_HEADS_WARNING = (

@@ -6,7 +6,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-HEAD_TYPES = ("resblock", "ffn", "lora")
+import json
 
 
 class BPDConfig(PretrainedConfig):
@@ -57,8 +57,13 @@ class BPDConfig(PretrainedConfig):
             A static draft tree saved with the heads (Medusa's `medusa_choices`): index paths like
             `[[0], [1], [0, 0]]`, where path `(r_1, .., r_d)` is the node whose token at depth `j` is head `j`'s
             rank-`r_j` token. Every prefix of a path must be a path too; depth at most `num_draft_heads`.
-            `hf_bpd.logits.StaticTreeDrafter()` verifies it; `hf-bpd tune --tree` calibrates it from the heads'
+            `hf_bpd.drafters.StaticTreeDrafter()` verifies it; `hf-bpd tune --tree` calibrates it from the heads'
             measured top-k accuracies. `None` (default): no static tree.
+        drafter (`dict`, *optional*):
+            The checkpoint's recommended drafter, a small JSON spec `{"type": name, **options}` naming an entry of
+            `hf_bpd.drafters.DRAFTERS` (e.g. `{"type": "tree", "num_nodes": 16, "top_k": 8}`); paths inside it
+            (a KenLM file, a small LM folder) are relative to the checkpoint folder. `generate(use_bpd=True)` builds
+            it unless `drafter=` is passed. `None` (default): the heads' own chain (`"heads"`).
     """
 
     model_type = "bpd"
@@ -78,6 +83,7 @@ class BPDConfig(PretrainedConfig):
         freeze_base: bool = True,
         draft_vocab_size: int | None = None,
         draft_tree: list[list[int]] | None = None,
+        drafter: dict[str, Any] | None = None,
         **kwargs: Any,
     ):
         self.num_draft_heads = num_draft_heads
@@ -93,6 +99,7 @@ class BPDConfig(PretrainedConfig):
         self.freeze_base = freeze_base
         self.draft_vocab_size = draft_vocab_size
         self.draft_tree = [list(path) for path in draft_tree] if draft_tree is not None else None
+        self.drafter = dict(drafter) if isinstance(drafter, dict) else drafter
         super().__init__(**kwargs)
         self.validate_bpd()
 
@@ -124,8 +131,25 @@ class BPDConfig(PretrainedConfig):
                 check_tree_choices(self.draft_tree, self.num_draft_heads, self.draft_vocab_size or self.base_vocab_size)
             except ValueError as err:
                 raise ValueError(f"BPDConfig.draft_tree: {err}") from None
+        from .heads import HEAD_TYPES  # the live registry: a head type registered later is valid too
+
         if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"BPDConfig.head_type must be one of {HEAD_TYPES}, got {self.head_type!r}.")
+            raise ValueError(f"BPDConfig.head_type must be one of {sorted(HEAD_TYPES)}, got {self.head_type!r}.")
+        self._validate_drafter()
         for name in ("share_lm_head", "freeze_base"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BPDConfig.{name} must be a bool, got {getattr(self, name)!r}.")
+
+    def _validate_drafter(self) -> None:
+        """`drafter` is None or a JSON-serialisable dict with a string `"type"` (the registry checks the name)."""
+        spec = self.drafter
+        if spec is None:
+            return
+        if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+            raise ValueError(
+                f"BPDConfig.drafter must be None or a dict like {{'type': 'tree', 'num_nodes': 16}}, got {spec!r}."
+            )
+        try:
+            json.dumps(spec)
+        except TypeError as err:
+            raise ValueError(f"BPDConfig.drafter must hold JSON values only (it is saved in config.json): {err}") from None

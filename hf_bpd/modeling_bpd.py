@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -11,81 +9,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GenerationConfig, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_bpd import BPDConfig
 from .generation import BPDGenerationMixin
+from .heads import HEAD_TYPES, DraftHeads, FFNBlock, LoRABlock, ResBlock, build_head, build_heads, teacher_tokens
 from .losses import draft_head_loss
-from .smollm2 import OFFLINE_HUB_IDS, resolve_base_model
-from .model_card import adapter_config_of, write_model_card
+from .saving import (
+    ADAPTER_SUBFOLDER,
+    BASE_SUBFOLDER,
+    GENERATION_CONFIG_NAME,
+    HEADS_WEIGHTS_NAME,
+    HeadsSavingMixin,
+    load_base_model,
+    tokenizer_source,
+)
 
 logger = logging.getLogger(__name__)
 
-HEADS_WEIGHTS_NAME = "bpd_heads.safetensors"
-BASE_SUBFOLDER = "base"
-ADAPTER_SUBFOLDER = "adapter"
-GENERATION_CONFIG_NAME = "generation_config.json"
-
-
-# --------------------------------------------------------------------------------------------- heads
-def _tagged(linear: nn.Linear, how: str) -> nn.Linear:
-    """Record how `_init_weights` initialises this layer (v5 initialises leaf modules, not their parents)."""
-    linear._bpd_init = how
-    return linear
-
-
-class ResBlock(nn.Module):
-    """Medusa's `x + SiLU(W x)`; `W` and its bias start at zero so the block starts as the identity."""
-
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = _tagged(nn.Linear(hidden_size, hidden_size), "zeros")
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.act(self.linear(x))
-
-
-class FFNBlock(nn.Module):
-    """Kim et al.'s one-hidden-layer FFN with a residual: `x + W_2 SiLU(W_1 x)`; `W_2` starts at zero."""
-
-    def __init__(self, hidden_size: int, inner_size: int):
-        super().__init__()
-        self.up = _tagged(nn.Linear(hidden_size, inner_size), "normal")
-        self.down = _tagged(nn.Linear(inner_size, hidden_size), "zeros")
-        self.act = nn.SiLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.down(self.act(self.up(x)))
-
-
-class LoRABlock(nn.Module):
-    """A low-rank residual `x + B(A x)`; `B` starts at zero. `2 * d * r` parameters."""
-
-    def __init__(self, hidden_size: int, rank: int):
-        super().__init__()
-        self.lora_A = _tagged(nn.Linear(hidden_size, rank, bias=False), "kaiming")
-        self.lora_B = _tagged(nn.Linear(rank, hidden_size, bias=False), "zeros")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.lora_B(self.lora_A(x))
-
-
-def build_head(config: BPDConfig, hidden_size: int) -> nn.Sequential:
-    """One draft head: `config.head_num_layers` fresh blocks (a comprehension, never `[block] * n`)."""
-    if config.head_type == "resblock":
-        blocks = [ResBlock(hidden_size) for _ in range(config.head_num_layers)]
-    elif config.head_type == "ffn":
-        inner = config.head_hidden_size or hidden_size
-        blocks = [FFNBlock(hidden_size, inner) for _ in range(config.head_num_layers)]
-    else:
-        blocks = [LoRABlock(hidden_size, config.head_rank) for _ in range(config.head_num_layers)]
-    return nn.Sequential(*blocks)
+__all__ = [  # the head blocks and the saving names keep importing from here
+    "ADAPTER_SUBFOLDER", "BASE_SUBFOLDER", "BPDCausalLMOutput", "BPDForCausalLM", "DraftHeads", "FFNBlock",
+    "GENERATION_CONFIG_NAME", "HEADS_WEIGHTS_NAME", "HEAD_TYPES", "LoRABlock", "ResBlock", "build_head",
+    "tokenizer_source",
+]  # fmt: skip
 
 
 @dataclass
@@ -115,7 +64,7 @@ class BPDCausalLMOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------- model
-class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
+class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
     """
     Wraps any `AutoModelForCausalLM` (kept unchanged, no copied modeling code) and adds `h` draft heads.
 
@@ -135,7 +84,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
                 raise ValueError(
                     "BPDForCausalLM needs a base model: pass `base_model=` or set `config.base_model_name_or_path`."
                 )
-            base_model = resolve_base_model(config.base_model_name_or_path)
+            base_model = load_base_model(config.base_model_name_or_path)
         base_cfg = base_model.config
         hidden_size = _base_hidden_size(base_cfg)
         vocab_size = base_model.get_output_embeddings().weight.shape[0]
@@ -148,7 +97,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
                 f"draft_vocab_size={config.draft_vocab_size} exceeds the base model's vocabulary ({vocab_size})."
             )
         out_size = config.draft_vocab_size or vocab_size
-        self.heads = nn.ModuleList([build_head(config, hidden_size) for _ in range(config.num_draft_heads)])
+        self.heads: DraftHeads = build_heads(config, hidden_size, base_model.get_input_embeddings())
         if not config.share_lm_head:
             self.draft_lm_heads = nn.ModuleList(
                 [nn.Linear(hidden_size, out_size, bias=False) for _ in range(config.num_draft_heads)]
@@ -157,15 +106,26 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         # never touch the (pretrained) base weights.
         self.post_init()
         # The draft vocabulary: head output j is base token `draft_token_map[j]` (saved with the heads; set it with
-        # `set_draft_vocab`). Without one, the heads score the full vocabulary and no map exists.
+        # `set_draft_vocab`). Without one, the heads score the full vocabulary and no map exists. Two derived,
+        # unsaved buffers follow the map (refreshed by `set_draft_vocab` and after `load_state_dict`): the inverse
+        # map and, for a frozen shared `lm_head`, its rows of the draft vocabulary.
         self.draft_token_map: torch.LongTensor | None
+        self.draft_inverse_map: torch.LongTensor | None
+        self.draft_projection_rows: torch.Tensor | None
+        self.draft_projection_bias: torch.Tensor | None
         if config.draft_vocab_size is None:
-            self.draft_token_map = None
+            self.draft_token_map = self.draft_inverse_map = None
+            self.draft_projection_rows = self.draft_projection_bias = None
         else:
-            self.register_buffer("draft_token_map", torch.arange(out_size, device=base_model.device), persistent=True)
-        self._projection_cache: tuple[Any, ...] | None = None
-        self._inverse_cache: tuple[Any, ...] | None = None
+            device = base_model.device
+            self.register_buffer("draft_token_map", torch.arange(out_size, device=device), persistent=True)
+            self.register_buffer("draft_inverse_map", torch.empty(vocab_size, dtype=torch.long, device=device),
+                                 persistent=False)  # fmt: skip
+            self.register_buffer("draft_projection_rows", None, persistent=False)
+            self.register_buffer("draft_projection_bias", None, persistent=False)
+            self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_draft_vocab())
         self.base = base_model
+        self._refresh_draft_vocab()
         if not config.share_lm_head:
             self._copy_output_rows_into_draft_projections()
         self.heads.to(device=base_model.device, dtype=base_model.dtype)
@@ -189,7 +149,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         if isinstance(base, (str, os.PathLike)):
             config_kwargs.setdefault("base_model_name_or_path", str(base))
             local = Path(base).expanduser()  # a local folder is loaded by its absolute path (see `_base_reference`)
-            base = resolve_base_model(str(local.resolve()) if local.is_dir() else str(base))
+            base = load_base_model(str(local.resolve()) if local.is_dir() else str(base))
         elif not isinstance(base, PreTrainedModel) and not hasattr(base, "get_output_embeddings"):
             raise ValueError(f"`base` must be a causal LM or a name/path, got {type(base).__name__}.")
         config_kwargs.setdefault("base_model_name_or_path", getattr(base.config, "_name_or_path", None) or None)
@@ -224,26 +184,42 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         return self.config.num_draft_heads
 
     # ------------------------------------------------------------------ forward
-    def draft_logits(self, hidden: torch.Tensor, full_vocab: bool = True) -> torch.Tensor:
+    @property
+    def independent_heads(self) -> bool:
+        """Whether head `i` reads only the hidden state (`DraftHeads.independent`), not the drafted tokens."""
+        return self.heads.independent
+
+    def draft_logits(
+        self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None, full_vocab: bool = True
+    ) -> torch.Tensor:
         """
         Draft-head logits from the base model's last hidden states.
 
         Args:
             hidden (`torch.Tensor` of shape `(..., hidden)`): last hidden states of the base model.
+            prev_tokens (`torch.LongTensor` of shape `(..., k)`, *optional*): for token-conditioned heads
+                (`independent_heads` False, required there): `x_{t+1..t+k}`, the last committed token first, then
+                the drafted path; independent heads ignore it.
             full_vocab (`bool`, defaults to `True`): with a draft vocabulary (`config.draft_vocab_size = K`), `True`
                 returns logits over the whole base vocabulary (tokens outside the draft vocabulary get the dtype's
                 lowest finite value, so softmax gives them 0 and log-probabilities stay finite); `False` returns the
                 compact `(..., h, K)` logits, column `j` scoring token `draft_token_map[j]`.
         Returns:
-            `torch.Tensor` of shape `(..., num_draft_heads, vocab)` (or `(..., num_draft_heads, K)`); index `i`
-            predicts the token `i + 2` positions after the position of `hidden`.
+            `torch.Tensor` of shape `(..., num_draft_heads, vocab)` (`(..., k, vocab)` for token-conditioned heads;
+            or `K` columns); index `i` predicts the token `i + 2` positions after the position of `hidden`.
         """
-        states = torch.stack([head(hidden) for head in self.heads], dim=-2)  # (..., h, d)
+        if prev_tokens is None and not self.heads.independent:
+            raise ValueError(
+                f"head_type={self.config.head_type!r} heads read the drafted tokens: pass `prev_tokens` (the last "
+                "committed token, then the draft path) to `draft_logits`."
+            )
+        states = self.heads(hidden, prev_tokens)  # (..., h or k, d)
         if self.config.share_lm_head:  # one matmul for all heads
             weight, bias = self._draft_projection()
             logits = nn.functional.linear(states, weight, bias)  # (..., h, K or V)
         else:
-            logits = torch.stack([proj(states[..., i, :]) for i, proj in enumerate(self.draft_lm_heads)], dim=-2)
+            logits = torch.stack([proj(states[..., i, :]) for i, proj in
+                                  zip(range(states.shape[-2]), self.draft_lm_heads)], dim=-2)  # fmt: skip
         return self._to_full_vocab(logits) if full_vocab else logits
 
     def _to_full_vocab(self, compact: torch.Tensor) -> torch.Tensor:
@@ -253,9 +229,9 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         full = compact.new_full((*compact.shape[:-1], self.config.base_vocab_size), torch.finfo(compact.dtype).min)
         return full.scatter_(-1, self.draft_token_map.expand(compact.shape), compact)
 
-    def draft_argmax(self, hidden: torch.Tensor) -> torch.LongTensor:
+    def draft_argmax(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.LongTensor:
         """The heads' greedy drafts `(..., h)` as base-vocabulary token ids (no full-vocabulary tensor is built)."""
-        best = self.draft_logits(hidden, full_vocab=False).argmax(dim=-1)
+        best = self.draft_logits(hidden, prev_tokens, full_vocab=False).argmax(dim=-1)
         return best if self.draft_token_map is None else self.draft_token_map[best]
 
     def first_heads(self, num_heads: int) -> "BPDForCausalLM":
@@ -276,21 +252,31 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
     def _draft_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """
         The shared projection for the heads: the base `lm_head`'s weight (and bias), restricted to the draft
-        vocabulary's rows when there is one. The restricted copy is cached while the weight and the map are unchanged
-        (checked through their tensor versions), unless gradients must flow into the weight.
+        vocabulary's rows when there is one: the `draft_projection_rows` buffer for a frozen `lm_head`, else
+        gathered at each call (so gradients flow and a trained `lm_head` is never read stale).
         """
         emb = self.base.get_output_embeddings()
         weight, bias = emb.weight, getattr(emb, "bias", None)
         token_map = self.draft_token_map
         if token_map is None:
             return weight, bias
-        if weight.requires_grad and torch.is_grad_enabled():
-            return weight.index_select(0, token_map), None if bias is None else bias.index_select(0, token_map)
-        key = (weight.data_ptr(), weight._version, weight.dtype, token_map.data_ptr(), token_map._version)
-        if self._projection_cache is None or self._projection_cache[0] != key:
-            rows = weight.detach().index_select(0, token_map)
-            self._projection_cache = (key, rows, None if bias is None else bias.detach().index_select(0, token_map))
-        return self._projection_cache[1], self._projection_cache[2]
+        if self.draft_projection_rows is not None and not weight.requires_grad:
+            return self.draft_projection_rows, self.draft_projection_bias
+        return weight.index_select(0, token_map), None if bias is None else bias.index_select(0, token_map)
+
+    def _refresh_draft_vocab(self) -> None:
+        """Recompute the buffers derived from `draft_token_map` (the inverse map, the frozen projection rows)."""
+        token_map = self.draft_token_map
+        if token_map is None:
+            return
+        inverse = torch.full_like(self.draft_inverse_map, -1)
+        inverse[token_map] = torch.arange(token_map.numel(), device=token_map.device)
+        self.draft_inverse_map = inverse
+        emb = self.base.get_output_embeddings()
+        bias = getattr(emb, "bias", None)
+        with torch.no_grad():
+            self.draft_projection_rows = emb.weight.index_select(0, token_map.to(emb.weight.device))
+            self.draft_projection_bias = None if bias is None else bias.index_select(0, token_map.to(bias.device))
 
     def set_draft_vocab(self, token_ids: torch.LongTensor | list[int]) -> None:
         """
@@ -307,6 +293,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"set_draft_vocab: token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}].")
         self.draft_token_map.copy_(ids.to(self.draft_token_map.device))
+        self._refresh_draft_vocab()
         if not self.config.share_lm_head:
             self._copy_output_rows_into_draft_projections()
 
@@ -322,15 +309,10 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         """Base-vocabulary ids -> draft-vocabulary indices; `ignore_index` where a token (or label) is outside it."""
         if self.draft_token_map is None:
             return token_ids
-        token_map = self.draft_token_map
-        key = (token_map.data_ptr(), token_map._version, token_ids.device, ignore_index)
-        if self._inverse_cache is None or self._inverse_cache[0] != key:
-            inverse = torch.full((self.config.base_vocab_size,), ignore_index, dtype=torch.long, device=token_ids.device)
-            inverse[token_map.to(token_ids.device)] = torch.arange(token_map.numel(), device=token_ids.device)
-            self._inverse_cache = (key, inverse)
-        inverse = self._inverse_cache[1]
+        inverse = self.draft_inverse_map.to(token_ids.device)
         valid = (token_ids >= 0) & (token_ids < inverse.numel())
-        return torch.where(valid, inverse[token_ids.clamp(0, inverse.numel() - 1)], ignore_index)
+        mapped = inverse[token_ids.clamp(0, inverse.numel() - 1)]
+        return torch.where(valid & (mapped >= 0), mapped, ignore_index)
 
     def forward(
         self,
@@ -363,7 +345,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
             [`BPDCausalLMOutput`].
         """
         if base_hidden_states is not None:
-            return self._heads_forward(base_hidden_states, labels, return_draft_logits, draft_full_vocab)
+            return self._heads_forward(base_hidden_states, labels, return_draft_logits, draft_full_vocab, input_ids)
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         out = self.base(
@@ -378,7 +360,7 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
             **kwargs,
         )
         hidden = out.hidden_states[-1]  # (B, T, d)
-        result = self._heads_forward(hidden, labels, return_draft_logits, draft_full_vocab)
+        result = self._heads_forward(hidden, labels, return_draft_logits, draft_full_vocab, input_ids)
         if labels is not None:
             result.base_loss = nn.functional.cross_entropy(
                 out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
@@ -387,12 +369,16 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
         return result
 
     def _heads_forward(
-        self, hidden: torch.Tensor, labels: torch.LongTensor | None, return_draft_logits: bool, full_vocab: bool
-    ) -> BPDCausalLMOutput:
+        self, hidden: torch.Tensor, labels: torch.LongTensor | None, return_draft_logits: bool, full_vocab: bool,
+        input_ids: torch.LongTensor | None = None,
+    ) -> BPDCausalLMOutput:  # fmt: skip
         """Draft logits (and with `labels` the heads' loss, in the compact draft space) from last hidden states."""
         hidden = hidden.to(next(self.heads.parameters()).dtype)  # cached features may be stored in another dtype
         loss = head_losses = None
-        compact = self.draft_logits(hidden, full_vocab=False) if (return_draft_logits or labels is not None) else None
+        compact = None
+        if return_draft_logits or labels is not None:
+            prev = None if self.heads.independent else self._teacher_tokens(labels, input_ids)
+            compact = self.draft_logits(hidden, prev, full_vocab=False)
         if labels is not None:
             loss, head_losses = draft_head_loss(compact, self.to_draft_ids(labels))
         draft = self._to_full_vocab(compact) if (return_draft_logits and full_vocab) else compact
@@ -401,211 +387,20 @@ class BPDForCausalLM(PreTrainedModel, BPDGenerationMixin):
             hidden_states=hidden,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------ save / load
-    def heads_state_dict(self) -> dict[str, torch.Tensor]:
-        """The draft heads' (and own projections') tensors, without any base weight."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(f"{self.base_model_prefix}.")}
-
-    def save_pretrained(
-        self,
-        save_directory: str | os.PathLike,
-        *,
-        save_base: bool = False,
-        is_main_process: bool = True,
-        push_to_hub: bool = False,
-        state_dict: dict[str, torch.Tensor] | None = None,
-        training_info: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        """
-        Write `config.json`, `generation_config.json`, heads-only `bpd_heads.safetensors`, LoRA adapters (if any) in
-        `adapter/`, and a model card `README.md`.
-
-        Args:
-            save_directory: target folder.
-            save_base (`bool`, defaults to `False`): also write the full base model to `save_directory/base`.
-                By default the base is referenced through `config.base_model_name_or_path`, not copied.
-            is_main_process (`bool`): only the main process writes (distributed training).
-            push_to_hub (`bool`): upload the folder afterwards (keyword arguments as in `push_to_hub`).
-            state_dict (`dict`, *optional*): the model's full state dict gathered by the caller (the Trainer passes
-                one under FSDP / DeepSpeed ZeRO-3, where the parameters themselves are sharded); heads and adapter
-                tensors are taken from it instead of from the parameters.
-            training_info (`dict`, *optional*): training record for the model card, also written to
-                `bpd_training.json`; by default a `bpd_training.json` already in `save_directory` is used.
-            kwargs: `max_shard_size` and `safe_serialization` are accepted for compatibility with
-                `push_to_hub`; the heads are always one safetensors file (never pickle).
-        """
-        if kwargs.pop("safe_serialization", True) is False:
-            raise ValueError("BPDForCausalLM saves safetensors only; `safe_serialization=False` is not supported.")
-        kwargs.pop("max_shard_size", None)
-        if not is_main_process:
-            return
-        save_directory = Path(save_directory)
-        save_directory.mkdir(parents=True, exist_ok=True)
-        config = copy.deepcopy(self.config)  # the base reference is rewritten for the new folder, never in place
-        config.base_model_name_or_path = self._base_reference(save_directory)
-        config.save_pretrained(save_directory)
-        if self.generation_config is not None:
-            self.generation_config.save_pretrained(save_directory)
-        prefix = f"{self.base_model_prefix}."
-        if state_dict is None:
-            heads, base_state = self.heads_state_dict(), None
-        else:
-            heads = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
-            base_state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        tensors = {k: v.detach().contiguous().cpu() for k, v in heads.items()}
-        save_file(tensors, str(save_directory / HEADS_WEIGHTS_NAME), metadata={"format": "pt"})
-        base, adapter_config = self.base, None
-        if hasattr(base, "peft_config"):  # peft adapters: saved alone, base referenced
-            base.save_pretrained(save_directory / ADAPTER_SUBFOLDER, state_dict=base_state)
-            adapter_config = adapter_config_of(base)
-            base = base.get_base_model()
-        if save_base:
-            base.save_pretrained(save_directory / BASE_SUBFOLDER)
-        write_model_card(save_directory, config, training_info, adapter_config)
-        if push_to_hub:
-            self.push_to_hub(kwargs.pop("repo_id", save_directory.name), training_info=training_info, **kwargs)
-
-    def _base_reference(self, save_directory: Path) -> str | None:
-        """
-        `base_model_name_or_path` as written into `save_directory`. When the attached base was loaded from a local
-        folder, that folder is written relative to `save_directory` (so a relative reference such as the shipped
-        `../base` survives saving elsewhere, and a heads + base pair moved together keeps working), or as an
-        absolute path when the reference already was one. A Hub id (or a base of unknown origin) is kept unchanged.
-        """
-        ref = self.config.base_model_name_or_path
-        if ref in OFFLINE_HUB_IDS:  # a Hub id that loaded from its offline copy (hf_bpd.smollm2): keep the id
-            return ref
-        base = self.base.get_base_model() if hasattr(self.base, "peft_config") else self.base
-        loaded_from = getattr(base, "name_or_path", None) or ""
-        if not loaded_from or not Path(loaded_from).expanduser().is_dir():
-            return ref
-        local = Path(loaded_from).expanduser().resolve()
-        if ref and Path(ref).expanduser().is_absolute():
-            return str(local)
-        return os.path.relpath(local, save_directory.resolve())
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        commit_message: str | None = None,
-        private: bool | None = None,
-        token: bool | str | None = None,
-        revision: str | None = None,
-        create_pr: bool = False,
-        training_info: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        """
-        Upload what [`save_pretrained`] writes (heads, adapters, config, model card; never the base weights) to a Hub
-        repo. Unlike transformers' mixin, the BPD model card is kept instead of a generic one.
-
-        Args:
-            repo_id (`str`): the Hub repo, created if missing.
-            training_info (`dict`, *optional*): training record for the model card (see [`save_pretrained`]).
-            kwargs: `max_shard_size`, `tags` and the like are accepted and ignored.
-        Returns:
-            The commit info of `huggingface_hub.HfApi.upload_folder`.
-        """
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, training_info=training_info)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload BPD draft heads",
-                revision=revision, create_pr=create_pr,
-            )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        *model_args: Any,
-        base_model: PreTrainedModel | str | None = None,
-        **kwargs: Any,
-    ) -> "BPDForCausalLM":
-        """
-        Load heads saved by [`save_pretrained`] (strictly) onto their base model.
-
-        Args:
-            pretrained_model_name_or_path: a local folder or a Hub repo id (downloaded with `huggingface_hub`;
-                `revision` / `subfolder` apply to it). `AutoModelForCausalLM.from_pretrained(folder)` ends here too.
-            base_model (`PreTrainedModel` or `str`, *optional*): the base to attach the heads to. Defaults to the
-                folder's `base/` copy, else `config.base_model_name_or_path` (a relative path is looked up next to the
-                checkpoint folder first, then from the working directory).
-            kwargs: passed to `AutoModelForCausalLM.from_pretrained` when the base is loaded (e.g. `dtype`).
-        The checkpoint's `generation_config.json` (with e.g. `use_bpd` or `max_new_tokens`) replaces the base model's
-        generation config, for both `generate` paths.
-        Raises:
-            `ValueError` when the heads were trained for a base of another hidden size or vocabulary, when the heads
-            file does not hold exactly the expected tensors, or is corrupt; `FileNotFoundError` when the folder (or a
-            local base path it names) does not exist; `OSError` when a repo id is neither a folder nor reachable.
-        """
-        if model_args:
-            raise ValueError("BPDForCausalLM.from_pretrained takes no positional model arguments.")
-        config = kwargs.pop("config", None)  # `AutoModelForCausalLM.from_pretrained` passes the BPDConfig it read
-        for key in ("_from_auto", "adapter_kwargs", "code_revision", "_commit_hash"):
-            kwargs.pop(key, None)  # AutoModel bookkeeping; the base is loaded by its own from_pretrained
-        heads_hub = {k: kwargs.pop(k) for k in ("revision", "subfolder") if k in kwargs}  # the heads repo only
-        shared_hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "force_download") if k in kwargs}
-        folder = _resolve_folder(pretrained_model_name_or_path, **heads_hub, **shared_hub)
-        if not isinstance(config, BPDConfig):
-            config = BPDConfig.from_pretrained(folder)
-        if base_model is None:
-            if (folder / BASE_SUBFOLDER).is_dir():
-                base_model = str((folder / BASE_SUBFOLDER).resolve())
-            elif config.base_model_name_or_path:
-                base_model = _locate_base(config.base_model_name_or_path, folder)
-            else:
-                raise ValueError(f"{folder} has no `base/` folder and no `base_model_name_or_path`: pass `base_model=`.")
-        if isinstance(base_model, (str, os.PathLike)):  # a known Hub id resolves offline (see hf_bpd.smollm2)
-            base_model = resolve_base_model(base_model, **kwargs)
-        if (folder / ADAPTER_SUBFOLDER).is_dir() and not hasattr(base_model, "peft_config"):
-            from peft import PeftModel
-
-            base_model = PeftModel.from_pretrained(base_model, str(folder / ADAPTER_SUBFOLDER))
-        model = cls(config, base_model=base_model)
-        model.load_heads(folder / HEADS_WEIGHTS_NAME)
-        if (folder / GENERATION_CONFIG_NAME).is_file():  # the checkpoint's generation config (e.g. `use_bpd`) wins
-            generation_config = _load_generation_config(folder)
-            unwrapped = base_model.get_base_model() if hasattr(base_model, "peft_config") else base_model
-            model.generation_config = unwrapped.generation_config = generation_config
-        return model
-
-    def load_heads(self, path: str | os.PathLike) -> None:
-        """
-        Load a heads-only safetensors file strictly (same names, same shapes); tensors saved in another dtype are cast
-        to the model's (the base's) dtype and device.
-        """
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"Draft heads file {path} does not exist.")
-        try:
-            state = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+    def _teacher_tokens(
+        self, labels: torch.LongTensor | None, input_ids: torch.LongTensor | None
+    ) -> torch.LongTensor:
+        """Teacher forcing for token-conditioned heads: `(B, T, h)` tokens after each position (see `teacher_tokens`):
+        the labels, with the input ids where a label is masked (`-100`)."""
+        if labels is None and input_ids is None:
             raise ValueError(
-                f"{path} is corrupt or truncated: it cannot be read as a safetensors file ({err}). Save the heads "
-                "again with `save_pretrained`, or download the checkpoint again."
-            ) from err
-        expected = self.heads_state_dict()
-        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing or unexpected:
-            raise ValueError(
-                f"{path} does not match this model's heads (num_draft_heads={self.config.num_draft_heads}, "
-                f"head_type={self.config.head_type!r}): missing {missing[:5]}, unexpected {unexpected[:5]}."
+                f"head_type={self.config.head_type!r} heads read the tokens after each position: pass `labels` (or "
+                "`input_ids`) with `base_hidden_states`."
             )
-        for name, tensor in state.items():
-            if tensor.shape != expected[name].shape:
-                raise ValueError(
-                    f"{path}: tensor {name} has shape {tuple(tensor.shape)}, the model expects "
-                    f"{tuple(expected[name].shape)} (heads trained for another base model?)."
-                )
-        self.load_state_dict(state, strict=False)
-
+        tokens = labels if labels is not None else input_ids
+        if labels is not None and input_ids is not None and input_ids.shape == labels.shape:
+            tokens = torch.where(labels >= 0, labels, input_ids)
+        return teacher_tokens(tokens, self.config.num_draft_heads)
 
 # --------------------------------------------------------------------------------------------- helpers
 def _base_hidden_size(config: Any) -> int:
@@ -628,81 +423,3 @@ def _check_base_matches(config: BPDConfig, hidden_size: int, vocab_size: int) ->
                 f"{value}. Load them onto the base model they were trained for (config.base_model_name_or_path="
                 f"{config.base_model_name_or_path!r})."
             )
-
-
-def tokenizer_source(checkpoint: str | os.PathLike, model: BPDForCausalLM, tokenizer: str | None = None,
-                     base: str | None = None) -> str:  # fmt: skip
-    """
-    Where to load the tokenizer of a BPD checkpoint from: `tokenizer`, else `base`, else the checkpoint folder when
-    it holds a tokenizer, else the folder/name the base model was loaded from (relative base paths resolved).
-    """
-    if tokenizer or base:
-        return str(tokenizer or base)
-    if (Path(checkpoint) / "tokenizer_config.json").exists():
-        return str(checkpoint)
-    return model.base.name_or_path
-
-
-def _load_generation_config(folder: Path) -> GenerationConfig:
-    """
-    `generation_config.json` with its custom entries (`use_bpd`): transformers drops entries it does not know when
-    the file is marked `_from_model_config` (as a base model's default generation config is), so they are set back.
-    """
-    generation_config = GenerationConfig.from_pretrained(folder)
-    saved = json.loads((folder / GENERATION_CONFIG_NAME).read_text())
-    for key, value in saved.items():
-        if not key.startswith("_") and key != "transformers_version" and not hasattr(generation_config, key):
-            setattr(generation_config, key, value)
-    return generation_config
-
-
-def _is_repo_id(name: str) -> bool:
-    """Whether `name` could name a Hub repo (`name` or `namespace/name`); paths such as `../x` or `/a/b/c` cannot."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return not name.startswith((".", "~"))
-
-
-def _locate_base(ref: str, checkpoint: Path) -> str:
-    """
-    The base model a checkpoint names: a relative path is read next to the checkpoint folder first, then from the
-    working directory; an absolute path must exist; anything else is a Hub id.
-    """
-    path = Path(ref).expanduser()
-    candidates = [path] if path.is_absolute() else [checkpoint / path, path]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return str(candidate.resolve())
-    if path.is_absolute() or not _is_repo_id(ref):
-        looked = " nor ".join(str(c.resolve()) for c in candidates)
-        raise FileNotFoundError(
-            f"The base model of {checkpoint} ({ref!r}) is not there: neither {looked} exists. Pass "
-            "`base_model=` (a model or its folder / Hub id), or fix `base_model_name_or_path` in its config.json."
-        )
-    return ref
-
-
-def _resolve_folder(name_or_path: str | os.PathLike, *, subfolder: str | None = None, **hub_kwargs: Any) -> Path:
-    """A local checkpoint folder, or the Hub snapshot of a repo id (downloaded with `huggingface_hub`)."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        folder = path / subfolder if subfolder else path
-        if not (folder / HEADS_WEIGHTS_NAME).is_file():
-            raise ValueError(f"{folder} has no {HEADS_WEIGHTS_NAME}: not a BPDForCausalLM checkpoint.")
-        return folder
-    name = str(name_or_path)
-    if path.exists():
-        raise ValueError(f"{name} is a file: pass the folder `save_pretrained` wrote (with {HEADS_WEIGHTS_NAME}).")
-    if not _is_repo_id(name):
-        raise FileNotFoundError(f"{name} does not exist (no such folder, and it is not a Hub repo id).")
-    from huggingface_hub import snapshot_download
-
-    try:
-        snapshot = Path(snapshot_download(name, **hub_kwargs))
-    except Exception as err:  # offline, unknown repo, gated, ...: say that the local folder was tried first
-        raise OSError(f"{name!r} is not a local folder, and getting it from the Hub failed: {err}") from err
-    return _resolve_folder(snapshot, subfolder=subfolder)

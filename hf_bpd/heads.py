@@ -1,0 +1,192 @@
+"""
+Draft heads: the blocks, the [`DraftHeads`] module the model holds, and the registry `HEAD_TYPES`.
+
+A head type is one [`DraftHeads`] subclass registered under its `BPDConfig.head_type` name. Its `forward(hidden,
+prev_tokens=None)` returns the pre-projection states of the draft tokens; the projection to the (draft) vocabulary
+stays on the model (`BPDForCausalLM.draft_logits`). The class flag `independent` says what the drafters may assume:
+
+- `independent = True`: head `i` reads only the base model's hidden state `h_t` (Medusa, Kim et al.): the `h`
+  draft distributions are fixed given the committed prefix, so the lattice searches are exact.
+- `independent = False` (token-conditioned, Hydra / ReDrafter style): `prev_tokens` `(..., k)` holds the tokens
+  after `h_t`, `prev_tokens[..., 0]` being `x_{t+1}` (the base model's own next token, i.e. the last committed
+  token at draft time), and output `j` of `(..., k, d)` predicts `x_{t+2+j}` given `x_{t+1..t+1+j}`. Training feeds
+  the targets (teacher forcing); drafting feeds each node's own path.
+
+Adding a head type: subclass [`DraftHeads`], register it in `HEAD_TYPES`; nothing else in the library changes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .configuration_bpd import BPDConfig
+
+
+def _tagged(linear: nn.Linear, how: str) -> nn.Linear:
+    """Record how `_init_weights` initialises this layer (v5 initialises leaf modules, not their parents)."""
+    linear._bpd_init = how
+    return linear
+
+
+class ResBlock(nn.Module):
+    """Medusa's `x + SiLU(W x)`; `W` and its bias start at zero so the block starts as the identity."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.linear = _tagged(nn.Linear(hidden_size, hidden_size), "zeros")
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.linear(x))
+
+
+class FFNBlock(nn.Module):
+    """Kim et al.'s one-hidden-layer FFN with a residual: `x + W_2 SiLU(W_1 x)`; `W_2` starts at zero."""
+
+    def __init__(self, hidden_size: int, inner_size: int):
+        super().__init__()
+        self.up = _tagged(nn.Linear(hidden_size, inner_size), "normal")
+        self.down = _tagged(nn.Linear(inner_size, hidden_size), "zeros")
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(self.act(self.up(x)))
+
+
+class LoRABlock(nn.Module):
+    """A low-rank residual `x + B(A x)`; `B` starts at zero. `2 * d * r` parameters."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.lora_A = _tagged(nn.Linear(hidden_size, rank, bias=False), "kaiming")
+        self.lora_B = _tagged(nn.Linear(rank, hidden_size, bias=False), "zeros")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.lora_B(self.lora_A(x))
+
+
+class DraftHeads(nn.Module):
+    """
+    The `h` draft heads of a model. Children are the heads themselves, named `0 .. h-1` (state-dict keys
+    `heads.{i}....`), so the module iterates and indexes like a `ModuleList`.
+
+    Args:
+        config ([`BPDConfig`]): `num_draft_heads` and the head type's own fields.
+        hidden_size (`int`): the base model's hidden size `d`.
+        input_embeddings (`nn.Module`, *optional*): the base model's (frozen) input embedding `E`, for heads that
+            read tokens. Held by reference: never saved with the heads, never a child module.
+
+    Attributes:
+        independent (`bool`, class attribute): whether head `i` reads only the hidden state (see the module doc).
+    """
+
+    independent: ClassVar[bool] = True
+
+    def __init__(self, config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None):
+        super().__init__()
+        self.num_heads = int(config.num_draft_heads)
+        self.hidden_size = hidden_size
+        self._embeddings = (input_embeddings,)  # a tuple: not registered, so neither saved nor moved by `.to()`
+
+    def embed(self, tokens: torch.LongTensor) -> torch.Tensor:
+        """`E(tokens)`: the base model's input embedding of `tokens` `(...)` -> `(..., d)` (no gradient into `E`)."""
+        embeddings = self._embeddings[0]
+        if embeddings is None:
+            raise ValueError(f"{type(self).__name__} reads tokens but was built without the base input embedding.")
+        with torch.no_grad():
+            return embeddings(tokens)
+
+    def forward(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
+        """
+        Args:
+            hidden (`torch.Tensor` of shape `(..., d)`): the base model's last hidden state `h_t`.
+            prev_tokens (`torch.LongTensor` of shape `(..., k)`, *optional*): `x_{t+1..t+k}` (token-conditioned
+                heads only; independent heads ignore it).
+        Returns:
+            `torch.Tensor` of shape `(..., h, d)` (independent) or `(..., k, d)` (token-conditioned): the states
+            whose projection scores draft token `j + 1` after `x_{t+1}`.
+        """
+        raise NotImplementedError
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return list(self._modules.values())[index]
+
+
+class BlockHeads(DraftHeads):
+    """Independent heads, each a stack of `config.head_num_layers` blocks on `h_t` (subclasses give `block`)."""
+
+    independent: ClassVar[bool] = True
+
+    def __init__(self, config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None):
+        super().__init__(config, hidden_size, input_embeddings)
+        for i in range(self.num_heads):  # a comprehension of fresh blocks, never `[block] * n`
+            self.add_module(str(i), nn.Sequential(*[self.block(config, hidden_size)
+                                                    for _ in range(config.head_num_layers)]))  # fmt: skip
+
+    @staticmethod
+    def block(config: "BPDConfig", hidden_size: int) -> nn.Module:
+        raise NotImplementedError
+
+    def forward(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
+        return torch.stack([head(hidden) for head in self], dim=-2)
+
+
+class ResBlockHeads(BlockHeads):
+    """`head_type="resblock"`: Medusa's heads."""
+
+    block = staticmethod(lambda config, d: ResBlock(d))
+
+
+class FFNHeads(BlockHeads):
+    """`head_type="ffn"`: Kim et al.'s heads (inner width `config.head_hidden_size`, default `d`)."""
+
+    block = staticmethod(lambda config, d: FFNBlock(d, config.head_hidden_size or d))
+
+
+class LoRAHeads(BlockHeads):
+    """`head_type="lora"`: low-rank residual heads of rank `config.head_rank`."""
+
+    block = staticmethod(lambda config, d: LoRABlock(d, config.head_rank))
+
+
+HEAD_TYPES: dict[str, type[DraftHeads]] = {"resblock": ResBlockHeads, "ffn": FFNHeads, "lora": LoRAHeads}
+
+
+def build_heads(config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None) -> DraftHeads:
+    """The registered [`DraftHeads`] of `config.head_type`."""
+    if config.head_type not in HEAD_TYPES:
+        raise ValueError(f"BPDConfig.head_type must be one of {sorted(HEAD_TYPES)}, got {config.head_type!r}.")
+    return HEAD_TYPES[config.head_type](config, hidden_size, input_embeddings)
+
+
+def build_head(config: "BPDConfig", hidden_size: int) -> nn.Sequential:
+    """One block head (`config.head_num_layers` fresh blocks) of a registered [`BlockHeads`] type."""
+    cls = HEAD_TYPES[config.head_type]
+    return nn.Sequential(*[cls.block(config, hidden_size) for _ in range(config.head_num_layers)])
+
+
+def teacher_tokens(tokens: torch.LongTensor, num_heads: int, fill: int = 0) -> torch.LongTensor:
+    """
+    The conditioning tokens of token-conditioned heads at training (teacher forcing): `prev[:, t, j] =
+    tokens[:, t + 1 + j]`, so output `j` at position `t` sees `x_{t+1..t+1+j}` and predicts `x_{t+2+j}` (the same
+    target as [`~hf_bpd.losses.draft_head_loss`]). Negative ids (`-100`) and positions past the end read `fill`.
+
+    Args:
+        tokens (`torch.LongTensor` of shape `(batch, seq_len)`): the sequence (labels or input ids).
+    Returns:
+        `torch.LongTensor` of shape `(batch, seq_len, num_heads)`.
+    """
+    padded = nn.functional.pad(tokens, (0, num_heads + 1), value=fill)
+    padded = torch.where(padded < 0, fill, padded)
+    positions = torch.arange(tokens.shape[1], device=tokens.device)[:, None]
+    return padded[:, positions + 1 + torch.arange(num_heads, device=tokens.device)]
