@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from hf_bpd.tools.bench import FIGURE_KEYS as COLS
-from hf_bpd.tools.bench import METHODS
+from hf_bpd_bench.bench import FIGURE_KEYS as COLS
+from hf_bpd_bench.bench import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -180,9 +180,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     common = ["--max-prompts", str(args.max_prompts), "--max-new-tokens", str(args.max_new_tokens)]
-    bench_cmd = run([sys.executable, "-m", "hf_bpd.cli", "bench", *common, "--repeats", str(args.repeats),
+    bench_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--repeats", str(args.repeats),
                      "--batch-size", *map(str, args.batch_sizes), "--json", str(OUT / "bench.json"), "--no-progress"])  # fmt: skip
-    analyze_cmd = run([sys.executable, "-m", "hf_bpd.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")])
+    analyze_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")])
     rescorers_cmd = run([sys.executable, "bench/bench_rescorers.py", "--ngram", "reference/ngram/ngram4.binary", "--lm",
                          "reference/small", "--json", str(OUT / "bench_rescorers.json")])  # fmt: skip
     core_cmd = None

@@ -20,8 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-from hf_bpd.tools.bench import FIGURE_KEYS as COLS
-from hf_bpd.tools.bench import METHODS
+from hf_bpd_bench.bench import FIGURE_KEYS as COLS
+from hf_bpd_bench.bench import METHODS
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -106,9 +106,9 @@ def main() -> None:
               str(args.max_new_tokens), "--threads", "1"]  # fmt: skip
     cmds, procs = {}, {}
     for dtype in ("bfloat16", "float32"):
-        cmd = [sys.executable, "-m", "hf_bpd.cli", "bench", *common, "--dtype", dtype, "--methods", args.methods,
+        cmd = [sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--dtype", dtype, "--methods", args.methods,
                "--repeats", str(args.repeats), "--json", str(OUT / f"smollm2_{dtype}.json"), "--no-progress"]  # fmt: skip
-        cmds[dtype] = " ".join(cmd[1:]).replace("-m hf_bpd.cli", "hf-bpd").replace(str(REPO) + "/", "")
+        cmds[dtype] = " ".join(cmd[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         print("+", cmds[dtype], flush=True)
         procs[dtype] = subprocess.Popen(cmd, cwd=REPO)
     for dtype, proc in procs.items():
@@ -117,9 +117,9 @@ def main() -> None:
     bench_minutes = (time.time() - t0) / 60
     analyze_cmd = core_cmd = None
     if not args.skip_analyze:
-        analyze = [sys.executable, "-m", "hf_bpd.cli", "analyze", *common, "--dtype", "float32",
+        analyze = [sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--dtype", "float32",
                    "--out", str(REPO / "docs" / "img" / "smollm2")]  # fmt: skip
-        analyze_cmd = " ".join(analyze[1:]).replace("-m hf_bpd.cli", "hf-bpd").replace(str(REPO) + "/", "")
+        analyze_cmd = " ".join(analyze[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         subprocess.run(analyze, cwd=REPO, check=True)
     if not args.skip_core:
         core = [sys.executable, "bench/bench_core.py", "--model", "reference/smollm2-heads", "--dtype", "bfloat16",

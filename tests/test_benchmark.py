@@ -11,10 +11,10 @@ from conftest import randomize_heads, tiny_base
 from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd.cli import main
+from hf_bpd_bench.cli import main
 from hf_bpd.data import load_prompts
-from hf_bpd.tools.analyze import h_max, repetition_stats
-from hf_bpd.tools.bench import BenchConfig, Resources, benchmark
+from hf_bpd_bench.analyze import h_max, repetition_stats
+from hf_bpd_bench.bench import BenchConfig, Resources, benchmark
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "reference" / "tokenizer"
 PROMPTS = [

@@ -6,7 +6,6 @@
 from typing import Any
 
 from .base import Drafter, DraftRescorer, Drafts, DraftState, HeadsDrafter, sample_chains
-from .defaults import RESCORER_DEFAULTS, RescorerDefaults
 from .lattice import LatticeRescorer, TopKLattice, pbest_paths
 from .neural import NeuralRescorer
 from .ngram import NgramRescorer, is_kenlm_available, ngram_pbest
@@ -27,25 +26,27 @@ __all__ = [
     "NgramRescorer",
     "OracleDrafter",
     "PBestRescorer",
-    "RESCORER_DEFAULTS",
-    "RescorerDefaults",
     "StaticTreeDrafter",
     "TopKLattice",
-    "TuningResult",
     "build_static_tree",
     "is_kenlm_available",
     "ngram_pbest",
     "pbest_paths",
     "sample_chains",
     "sample_tree",
-    "tune_rescorer",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    # The tuning tool lives in `hf_bpd.tools.tune`; its two public names stay importable from here.
-    if name in ("tune_rescorer", "TuningResult"):
-        from ..tools import tune
+# Moved out of the library (hf_bpd never imports the benchmark package): name the new place.
+_MOVED = {
+    "tune_rescorer": "hf_bpd_bench.tune",
+    "TuningResult": "hf_bpd_bench.tune",
+    "RESCORER_DEFAULTS": "hf_bpd_bench.defaults",
+    "RescorerDefaults": "hf_bpd_bench.defaults",
+}
 
-        return getattr(tune, name)
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        raise ImportError(f"hf_bpd.logits.{name} moved to the benchmark package: from {_MOVED[name]} import {name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
