@@ -33,6 +33,15 @@ class Part:
 
 
 REFERENCE_METHOD = "greedy"  # the base model's own decoding: every other method is compared with it
+DEFAULT_BPD_METHOD = "bpd"  # plain `use_bpd=True`: what a user gets without choosing a drafter
+GROUPS = {
+    "reference": "the base model's own decoding",
+    "bpd": "BPD with the checkpoint's recommended drafter",
+    "refined": "BPD with refined chains (rescored or p-best lattice paths)",
+    "tree": "BPD with draft trees",
+    "peer": "other speculative methods transformers ships",
+    "headroom": "upper bounds, not decoders",
+}
 CHECKPOINT = "checkpoint"  # `drafter=CHECKPOINT`: plain `use_bpd=True`, the checkpoint's recommended drafter
 
 # What each part is, for messages and for the CLI: (what it is, the options that give it).
@@ -57,14 +66,20 @@ class MethodSpec:
         needs (`tuple[str]`): parts it needs besides the `Part`s of its spec (e.g. `"draft_tree"`).
         batch1_only (`str`, *optional*): why it cannot run at batch size > 1 (reported as unsupported there).
         timed (`bool`): False for a headroom measure with no meaningful wall clock (the oracle).
+        group (`str`): one of `GROUPS`, how reports gather methods (e.g. the refined variants, the peers).
     """
 
     help: str
+    group: str
     drafter: str | Mapping[str, Any] | None = None
     generate: Mapping[str, Any] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
     batch1_only: str | None = None
     timed: bool = True
+
+    def __post_init__(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"group must be one of {', '.join(GROUPS)}, got {self.group!r}.")
 
     @property
     def uses_bpd(self) -> bool:
@@ -90,54 +105,96 @@ def _part_names(value: Any) -> set[str]:
 
 
 METHODS: dict[str, MethodSpec] = {
-    "greedy": MethodSpec("the base model's own generate (the reference for identity and speedup)"),
-    "bpd": MethodSpec("blockwise parallel decoding with the checkpoint's recommended drafter", drafter=CHECKPOINT),
+    REFERENCE_METHOD: MethodSpec("the base model's own generate (the reference for identity and speedup)", "reference"),
+    DEFAULT_BPD_METHOD: MethodSpec(
+        "blockwise parallel decoding with the checkpoint's recommended drafter", "bpd", drafter=CHECKPOINT
+    ),
     "bpd-ngram": MethodSpec(
         "global KenLM n-gram rescoring of the heads' top-k lattice, best path (needs --ngram)",
-        drafter={"type": "ngram", "model": Part("ngram_path"), "top_k": Cfg("top_k"), "alpha": Cfg("alpha_ngram"),
-                 "num_drafts": 1},
+        "refined",
+        drafter={
+            "type": "ngram",
+            "model": Part("ngram_path"),
+            "top_k": Cfg("top_k"),
+            "alpha": Cfg("alpha_ngram"),
+            "num_drafts": 1,
+        },
     ),
     "bpd-neural": MethodSpec(
         "local rescoring with the small LM (needs --small-lm)",
+        "refined",
         drafter={"type": "neural", "lm": Part("small_lm"), "top_k": Cfg("top_k"), "alpha": Cfg("alpha_neural")},
     ),
     "bpd-pbest": MethodSpec(
         "the p best n-gram paths verified together (needs --ngram)",
-        drafter={"type": "ngram", "model": Part("ngram_path"), "top_k": Cfg("top_k"), "alpha": Cfg("alpha_ngram"),
-                 "num_drafts": Cfg("num_drafts")},
+        "refined",
+        drafter={
+            "type": "ngram",
+            "model": Part("ngram_path"),
+            "top_k": Cfg("top_k"),
+            "alpha": Cfg("alpha_ngram"),
+            "num_drafts": Cfg("num_drafts"),
+        },
     ),
     "bpd-pbest0": MethodSpec(
         "the p best lattice paths by head scores alone",
+        "refined",
         drafter={"type": "pbest", "top_k": Cfg("top_k"), "num_drafts": Cfg("num_drafts")},
     ),
     "bpd-tree": MethodSpec(
         "a dynamic draft tree: the --tree-nodes lattice paths of highest head confidence, verified as one trie",
-        drafter={"type": "tree", "num_nodes": Cfg("tree_nodes"), "top_k": Cfg("top_k"),
-                 "min_confidence": Cfg("tree_min_confidence")},
+        "tree",
+        drafter={
+            "type": "tree",
+            "num_nodes": Cfg("tree_nodes"),
+            "top_k": Cfg("top_k"),
+            "min_confidence": Cfg("tree_min_confidence"),
+        },
     ),
     "bpd-tree-ngram": MethodSpec(
         "a dynamic draft tree ranked by heads and n-gram together (needs --ngram)",
-        drafter={"type": "tree", "num_nodes": Cfg("tree_nodes"), "top_k": Cfg("top_k"),
-                 "min_confidence": Cfg("tree_min_confidence"), "ngram": Part("ngram_path"),
-                 "alpha": Cfg("alpha_ngram")},
+        "tree",
+        drafter={
+            "type": "tree",
+            "num_nodes": Cfg("tree_nodes"),
+            "top_k": Cfg("top_k"),
+            "min_confidence": Cfg("tree_min_confidence"),
+            "ngram": Part("ngram_path"),
+            "alpha": Cfg("alpha_ngram"),
+        },
     ),
     "bpd-tree-static": MethodSpec(
         "the static draft tree saved with the heads (BPDConfig.draft_tree; `hf-bpd tune --tree`)",
-        drafter={"type": "tree-static"}, needs=("draft_tree",),
+        "tree",
+        drafter={"type": "tree-static"},
+        needs=("draft_tree",),
     ),
     "pld": MethodSpec(
         "transformers' prompt lookup decoding (batch size 1)",
-        generate={"prompt_lookup_num_tokens": Cfg("pld_tokens")}, batch1_only=_BATCH1.format("prompt lookup decoding"),
+        "peer",
+        generate={"prompt_lookup_num_tokens": Cfg("pld_tokens")},
+        batch1_only=_BATCH1.format("prompt lookup decoding"),
     ),
     "assisted": MethodSpec(
         "transformers' assisted decoding with the small LM as draft model (batch size 1; needs --small-lm)",
-        generate={"assistant_model": Part("small_lm")}, batch1_only=_BATCH1.format("assisted decoding"),
+        "peer",
+        generate={"assistant_model": Part("small_lm")},
+        batch1_only=_BATCH1.format("assisted decoding"),
     ),
     "oracle": MethodSpec(
         "oracle top-k: the heads' top-k lattice with a perfect chooser (headroom; no wall clock)",
-        drafter={"type": "oracle", "reference": Part("reference"), "top_k": Cfg("oracle_top_k")}, timed=False,
+        "headroom",
+        drafter={"type": "oracle", "reference": Part("reference"), "top_k": Cfg("oracle_top_k")},
+        timed=False,
     ),
 }
+
+
+def methods_in(group: str) -> tuple[str, ...]:
+    """The names of a group's methods, in `METHODS` order."""
+    if group not in GROUPS:
+        raise ValueError(f"Unknown group {group!r}; choose from {', '.join(GROUPS)}.")
+    return tuple(name for name, spec in METHODS.items() if spec.group == group)
 
 
 def parse_methods(methods: str | Iterable[str] | None) -> list[str]:
