@@ -7,8 +7,11 @@ import warnings
 
 
 def main(argv: list[str] | None = None) -> int:
-    warnings.warn("hf_bpd.cli moved to hf_bpd_bench.cli; run `hf-bpd` or `python -m hf_bpd_bench.cli`.",
-                  DeprecationWarning, stacklevel=2)  # fmt: skip
+    warnings.warn(
+        "hf_bpd.cli moved to hf_bpd_bench.cli; run `hf-bpd` or `python -m hf_bpd_bench.cli`.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     from hf_bpd_bench.cli import main as bench_main
 
     return bench_main(argv)

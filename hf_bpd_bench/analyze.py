@@ -21,6 +21,7 @@ import torch
 from hf_bpd import metrics
 from hf_bpd.data import tokenize_prompts
 from hf_bpd.logits import Drafter, DraftState, OracleDrafter
+
 from .bench import Resources
 
 logger = logging.getLogger(__name__)
@@ -103,16 +104,27 @@ def analyze(
         accepted, entropies, drafts, compared = [], [], [], []
         oracle = {k: [0, 0] for k in top_ks}
         for batch in inputs:
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
-                                 draft_rescorer=recorder, return_dict_in_generate=True)  # fmt: skip
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_bpd=True,
+                draft_rescorer=recorder,
+                return_dict_in_generate=True,
+            )
             accepted.append(out.accepted_lengths.flatten())
             entropies += recorder.entropies
             drafts += recorder.drafts
             compared += recorder.compared
             for k in top_ks:
-                o = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
-                                   draft_rescorer=OracleDrafter(out.sequences, pad, top_k=k),
-                                   return_dict_in_generate=True)  # fmt: skip
+                o = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_bpd=True,
+                    draft_rescorer=OracleDrafter(out.sequences, pad, top_k=k),
+                    return_dict_in_generate=True,
+                )
                 _, calls = metrics.rows_from_accepted(o.accepted_lengths)
                 oracle[k][0] += o.num_generated_tokens
                 oracle[k][1] += int(calls.sum())

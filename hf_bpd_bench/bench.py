@@ -30,6 +30,7 @@ from .methods import CHECKPOINT, METHODS, REFERENCE_METHOD, Part, parse_methods,
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class BenchConfig:
     """
@@ -86,8 +87,14 @@ class Resources:
         return getattr(self.model.config, "draft_tree", None)
 
 
-FIGURE_KEYS = ("block_efficiency", "tokens_per_s", "speedup_vs_greedy", "identical_to_greedy", "mean_accepted_length",
-               "rescoring_ms_per_step")
+FIGURE_KEYS = (
+    "block_efficiency",
+    "tokens_per_s",
+    "speedup_vs_greedy",
+    "identical_to_greedy",
+    "mean_accepted_length",
+    "rescoring_ms_per_step",
+)
 # transformers `generate` argument that takes a BPD drafter (one place: renamed here when the loop's name changes)
 DRAFTER_KWARG = "draft_rescorer"
 
@@ -141,11 +148,17 @@ def make_drafter(spec: dict[str, Any], res: Resources) -> Drafter:
         return L.OracleDrafter(pad_token_id=pad if pad is not None else 0, **options)
     if kind == "heads":
         return L.HeadsDrafter()
-    raise ValueError(f"Unknown drafter type {kind!r}; choose from ngram, neural, pbest, tree, tree-static, oracle, heads.")
+    raise ValueError(
+        f"Unknown drafter type {kind!r}; choose from ngram, neural, pbest, tree, tree-static, oracle, heads."
+    )
 
 
 def run_method(
-    method: str, res: Resources, cfg: BenchConfig, inputs: list[dict[str, torch.Tensor]], references: list[torch.Tensor] | None
+    method: str,
+    res: Resources,
+    cfg: BenchConfig,
+    inputs: list[dict[str, torch.Tensor]],
+    references: list[torch.Tensor] | None,
 ) -> dict[str, Any]:
     """One pass of a method over all batches: outputs, seconds, and the counts `hf_bpd.metrics` turns into figures."""
     model = res.model
@@ -206,8 +219,9 @@ def benchmark(
         methods = [REFERENCE_METHOD, *methods]  # the reference for identity and speedup
     unsupported = _unsupported(methods, res, cfg)
     if unsupported:
-        logger.warning("Batch size %d: skipping %s (%s).", cfg.batch_size, ", ".join(unsupported),
-                       "; ".join(unsupported.values()))
+        logger.warning(
+            "Batch size %d: skipping %s (%s).", cfg.batch_size, ", ".join(unsupported), "; ".join(unsupported.values())
+        )
         methods = [m for m in methods if m not in unsupported]
     domains = sorted({p.get("domain", "all") for p in prompts})
     report: dict[str, Any] = {"config": cfg.__dict__ | {"num_prompts": len(prompts)}, "domains": {}}
@@ -238,8 +252,10 @@ def _unsupported(methods: list[str], res: Resources, cfg: BenchConfig) -> dict[s
     unsupported = {m: METHODS[m].batch1_only for m in methods if METHODS[m].batch1_only and cfg.batch_size > 1}
     for m in methods:
         if "draft_tree" in METHODS[m].parts() and res.draft_tree is None:
-            unsupported[m] = ("the heads carry no static tree (BPDConfig.draft_tree): calibrate one with "
-                              "`hf-bpd tune --tree --save-model DIR`")
+            unsupported[m] = (
+                "the heads carry no static tree (BPDConfig.draft_tree): calibrate one with "
+                "`hf-bpd tune --tree --save-model DIR`"
+            )
     return unsupported
 
 

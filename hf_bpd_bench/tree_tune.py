@@ -17,9 +17,10 @@ import argparse
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -95,7 +96,9 @@ def measure_topk_accuracy(
             hits[j] += (top[t, j] == truth[:, None]).double().sum(0).cpu()
             counts[j] += t.numel()
     if counts.min() == 0:
-        raise ValueError("No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts.")
+        raise ValueError(
+            "No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts."
+        )
     return (hits / counts[:, None]).float(), int(counts[0])
 
 
@@ -104,8 +107,9 @@ def _continuation_and_drafts(model: Any, ids: torch.LongTensor, max_new_tokens: 
     along it (head `j` at position `t` predicts token `t + 2 + j`)."""
     ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
     with torch.no_grad():
-        seq = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, use_bpd=True)  # fmt: skip
+        seq = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True
+        )
         draft = model(input_ids=seq).draft_logits[0].float()
     return ids, seq, draft
 
@@ -152,15 +156,18 @@ def calibrate_confidence(
                 own = head_weight * values[t, j].clone()
                 if lm is not None:
                     context, out = lm.context_state(tokens[: t + 2 + j]), kenlm.State()
-                    own += torch.tensor([alpha * LN10 * lm.model.BaseScore(context, str(c), out)
-                                         for c in top[t, j].tolist()])  # fmt: skip
+                    own += torch.tensor(
+                        [alpha * LN10 * lm.model.BaseScore(context, str(c), out) for c in top[t, j].tolist()]
+                    )
                 hit = top[t, j] == truth
                 scores[j].append(own)
                 hits[j].append(hit)
                 if not bool(hit.any()):  # deeper nodes under this position have a wrong parent path
                     break
     if any(not rows for rows in scores):
-        raise ValueError("No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts.")
+        raise ValueError(
+            "No positions to measure: give longer continuations (max_new_tokens > h + 1) or more prompts."
+        )
     return ConfidenceCalibration.fit([torch.cat(r) for r in scores], [torch.cat(r) for r in hits])
 
 
@@ -188,18 +195,28 @@ def calibrate_draft_tree(
     if len(budgets) > 1:
         for n in budgets:
             row = {"num_nodes": n, "expected_accepted_length": expected_accepted_length(trees[n], accuracy)}
-            row.update(evaluate_rescorer(model, StaticTreeDrafter(trees[n]), [p if p.dim() == 2 else p[None]
-                                                                              for p in prompts_ids], max_new_tokens))
-            logger.info("num_nodes=%d: block efficiency %.3f, %.1f tokens/s", n, row["block_efficiency"],
-                        row["tokens_per_s"])  # fmt: skip
+            row.update(
+                evaluate_rescorer(
+                    model,
+                    StaticTreeDrafter(trees[n]),
+                    [p if p.dim() == 2 else p[None] for p in prompts_ids],
+                    max_new_tokens,
+                )
+            )
+            logger.info(
+                "num_nodes=%d: block efficiency %.3f, %.1f tokens/s", n, row["block_efficiency"], row["tokens_per_s"]
+            )
             table.append(row)
         best = max(table, key=lambda r: r["tokens_per_s"])["num_nodes"]
     return TreeCalibration(
-        draft_tree=trees[best], accuracy=accuracy.tolist(),
+        draft_tree=trees[best],
+        accuracy=accuracy.tolist(),
         expected_accepted_length=expected_accepted_length(trees[best], accuracy),
-        num_draft_heads=int(model.config.num_draft_heads), heads_fingerprint=heads_fingerprint(model),
-        num_positions=positions, budgets=table,
-    )  # fmt: skip
+        num_draft_heads=int(model.config.num_draft_heads),
+        heads_fingerprint=heads_fingerprint(model),
+        num_positions=positions,
+        budgets=table,
+    )
 
 
 def load_tree_file(path: str | Path, model: Any = None) -> list[list[int]]:
@@ -217,7 +234,7 @@ def load_tree_file(path: str | Path, model: Any = None) -> list[list[int]]:
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not a draft tree file (not JSON: {err}).") from None
     if not isinstance(data, dict) or data.get("format") != TREE_FILE_FORMAT:
-        raise ValueError(f"{path} is not a draft tree file (no \"format\": \"{TREE_FILE_FORMAT}\").")
+        raise ValueError(f'{path} is not a draft tree file (no "format": "{TREE_FILE_FORMAT}").')
     tree = [list(p) for p in check_tree_choices(data.get("draft_tree"))]
     if model is not None:
         h = int(model.config.num_draft_heads)
@@ -243,14 +260,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompts", required=True, help="Calibration prompts (JSONL or text lines).")
     parser.add_argument("--max-prompts", type=int, default=20, help="Use the first N prompts (default 20).")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="Keep the last N prompt tokens.")
-    parser.add_argument("--num-nodes", type=int, nargs="+", default=[16],
-                        help="Node budget(s); with several, the fastest on these prompts is kept.")  # fmt: skip
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="Node budget(s); with several, the fastest on these prompts is kept.",
+    )
     parser.add_argument("--top-k", type=int, default=10, help="Ranks measured per head (default 10).")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", default=None, help="Write the tree file (JSON) here.")
-    parser.add_argument("--save-model", default=None,
-                        help="Save the heads with the tree in their config (BPDConfig.draft_tree) to this folder.")
+    parser.add_argument(
+        "--save-model",
+        default=None,
+        help="Save the heads with the tree in their config (BPDConfig.draft_tree) to this folder.",
+    )
     return parser
 
 
@@ -263,7 +288,9 @@ def run_from_args(args: argparse.Namespace) -> TreeCalibration:
 
     for n in args.num_nodes:
         check_num_nodes(n)
-    model = BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
+    model = (
+        BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, args.base))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
@@ -289,8 +316,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for j, row in enumerate(result.accuracy):
         print(f"head {j + 1} top-k accuracy: " + " ".join(f"{a:.3f}" for a in row))
     for row in result.budgets:
-        print(f"num_nodes={row['num_nodes']}: block efficiency {row['block_efficiency']:.3f}, "
-              f"{row['tokens_per_s']:.1f} tokens/s")  # fmt: skip
+        print(
+            f"num_nodes={row['num_nodes']}: block efficiency {row['block_efficiency']:.3f}, "
+            f"{row['tokens_per_s']:.1f} tokens/s"
+        )
     print(f"tree: {len(result.draft_tree)} nodes, expected accepted length {result.expected_accepted_length:.3f}")
     print(json.dumps(result.draft_tree))
 

@@ -12,9 +12,10 @@ import argparse
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -84,9 +85,14 @@ def evaluate_rescorer(
         ids = ids.to(model.device)
         start = time.perf_counter()
         out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, use_bpd=True,
-            draft_rescorer=rescorer, return_dict_in_generate=True, **generate_kwargs,
-        )  # fmt: skip
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            use_bpd=True,
+            draft_rescorer=rescorer,
+            return_dict_in_generate=True,
+            **generate_kwargs,
+        )
         wall += time.perf_counter() - start
         tokens += int(out.num_generated_tokens)
         calls += int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
@@ -142,7 +148,7 @@ def tune_rescorer(
             for alpha in alphas:
                 row = {"alpha": alpha, "top_k": top_k, "num_drafts": num_drafts, "baseline": False, "error": None}
                 if num_drafts > top_k**num_heads:
-                    row["error"] = f"skipped: num_drafts > top_k ** h = {top_k ** num_heads}"
+                    row["error"] = f"skipped: num_drafts > top_k ** h = {top_k**num_heads}"
                     table.append(row)
                     continue
                 try:
@@ -154,8 +160,12 @@ def tune_rescorer(
                 else:
                     logger.info(
                         "alpha=%s top_k=%s num_drafts=%s: block efficiency %.3f, %.2f ms/call",
-                        alpha, top_k, num_drafts, row["block_efficiency"], row["rescore_ms_per_call"],
-                    )  # fmt: skip
+                        alpha,
+                        top_k,
+                        num_drafts,
+                        row["block_efficiency"],
+                        row["rescore_ms_per_call"],
+                    )
                 table.append(row)
     ran = [row for row in table if row["error"] is None and not row["baseline"]]
     if not ran:
@@ -202,8 +212,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--rescorer", choices=("ngram", "neural", "pbest"), required=True)
     parser.add_argument("--ngram", default=None, help="KenLM model over token ids (for --rescorer ngram).")
     parser.add_argument("--lm", default=None, help="Small causal LM folder/name (for --rescorer neural).")
-    parser.add_argument("--prompts", required=True,
-                        help='Held-out prompts: JSONL ({"prompt": text} or {"messages": chat}) or text lines.')  # fmt: skip
+    parser.add_argument(
+        "--prompts",
+        required=True,
+        help='Held-out prompts: JSONL ({"prompt": text} or {"messages": chat}) or text lines.',
+    )
     parser.add_argument("--max-prompts", type=int, default=20, help="Use the first N prompts (default 20).")
     parser.add_argument("--max-prompt-tokens", type=int, default=256, help="Keep the last N prompt tokens.")
     parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
@@ -225,7 +238,9 @@ def load_model_and_prompts(args: argparse.Namespace) -> tuple[Any, Any, list[tor
 
     from hf_bpd.modeling_bpd import BPDForCausalLM, tokenizer_source
 
-    model = BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
+    model = (
+        BPDForCausalLM.from_pretrained(args.model, base_model=args.base, dtype=torch.float32).to(args.device).eval()
+    )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, args.tokenizer, args.base))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
@@ -235,9 +250,14 @@ def load_model_and_prompts(args: argparse.Namespace) -> tuple[Any, Any, list[tor
 def run_from_args(args: argparse.Namespace) -> TuningResult:
     model, tokenizer, prompts = load_model_and_prompts(args)
     result = tune_rescorer(
-        model, _make_factory(args, model, tokenizer), prompts, alphas=args.alphas, top_ks=args.top_ks,
-        num_drafts_list=args.num_drafts, max_new_tokens=args.max_new_tokens,
-    )  # fmt: skip
+        model,
+        _make_factory(args, model, tokenizer),
+        prompts,
+        alphas=args.alphas,
+        top_ks=args.top_ks,
+        num_drafts_list=args.num_drafts,
+        max_new_tokens=args.max_new_tokens,
+    )
     if args.output:
         Path(args.output).write_text(json.dumps({"best": result.best, "table": result.table}, indent=2))
     return result
@@ -260,8 +280,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (FileNotFoundError, ValueError, RuntimeError) as err:
         parser.exit(1, f"tune: error: {err}\n")
     print(result.to_markdown())
-    print(f"best: alpha={result.best['alpha']} top_k={result.best['top_k']} num_drafts={result.best['num_drafts']} "
-          f"block_efficiency={result.best['block_efficiency']:.3f}")  # fmt: skip
+    print(
+        f"best: alpha={result.best['alpha']} top_k={result.best['top_k']} num_drafts={result.best['num_drafts']} "
+        f"block_efficiency={result.best['block_efficiency']:.3f}"
+    )
 
 
 if __name__ == "__main__":

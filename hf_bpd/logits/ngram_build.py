@@ -18,8 +18,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from ..data import iter_documents
 
@@ -57,9 +58,12 @@ def find_kenlm_binary(name: str, kenlm_bin: str | os.PathLike | None = None) -> 
 
 
 def write_token_corpus(
-    documents: Iterator[str], tokenizer: Any, output: str | os.PathLike, batch_size: int = 256,
+    documents: Iterator[str],
+    tokenizer: Any,
+    output: str | os.PathLike,
+    batch_size: int = 256,
     max_documents: int | None = None,
-) -> tuple[int, int]:  # fmt: skip
+) -> tuple[int, int]:
     """
     Tokenize documents and write one line of space-separated token ids per document.
 
@@ -155,9 +159,11 @@ def build_ngram(
     with tempfile.TemporaryDirectory(prefix="hf_bpd_ngram_") as tmp:
         ids_file = Path(tmp) / "ids.txt"
         docs, tokens = write_token_corpus(
-            iter_documents(corpus_files, text_field, line_per_document), tokenizer, ids_file,
+            iter_documents(corpus_files, text_field, line_per_document),
+            tokenizer,
+            ids_file,
             max_documents=max_documents,
-        )  # fmt: skip
+        )
         if tokens == 0:
             raise ValueError(f"The corpora {list(map(str, corpus_files))} hold no text to build an n-gram from.")
         logger.info("Tokenized %d documents, %d tokens.", docs, tokens)
@@ -200,12 +206,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> Path:
     return build_ngram(
-        args.corpus, args.tokenizer, args.output, order=args.order, prune=args.prune,
-        discount_fallback=not args.no_discount_fallback, binary_type=args.binary_type,
-        quantize_bits=args.quantize_bits or None, kenlm_bin=args.kenlm_bin, text_field=args.text_field,
-        line_per_document=args.line_per_document, max_documents=args.max_documents, memory=args.memory,
+        args.corpus,
+        args.tokenizer,
+        args.output,
+        order=args.order,
+        prune=args.prune,
+        discount_fallback=not args.no_discount_fallback,
+        binary_type=args.binary_type,
+        quantize_bits=args.quantize_bits or None,
+        kenlm_bin=args.kenlm_bin,
+        text_field=args.text_field,
+        line_per_document=args.line_per_document,
+        max_documents=args.max_documents,
+        memory=args.memory,
         keep_arpa=args.keep_arpa,
-    )  # fmt: skip
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
