@@ -287,6 +287,11 @@ def _common(p: argparse.ArgumentParser) -> None:
         + ref % "small",
     )
     p.add_argument("--ngram", default=None, help="KenLM model over token ids (.binary or .arpa) " + ref % "ngram/*")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    _rescorer_options(p)
+
+
+def _rescorer_options(p: argparse.ArgumentParser) -> None:
     # `None` = the stack's tuned value (hf_bpd_bench.defaults.STACK_RESCORER_DEFAULTS)
     p.add_argument("--top-k", type=int, default=None, help=f"lattice top-k of the rescorers (reference: {D.top_k})")
     p.add_argument(
@@ -304,7 +309,6 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--alpha-neural", type=float, default=None, help=f"small-LM weight of bpd-neural (reference: {D.alpha_neural})"
     )
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
 def _bench_parser(sub: Any) -> None:

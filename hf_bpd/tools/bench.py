@@ -2,4 +2,4 @@
 
 from . import forward
 
-forward(__name__)
+_module = forward(__spec__.name if __name__ == "__main__" else __name__)

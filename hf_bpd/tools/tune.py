@@ -2,4 +2,7 @@
 
 from . import forward
 
-forward(__name__)
+_module = forward(__spec__.name if __name__ == "__main__" else __name__)
+
+if __name__ == "__main__":  # `python -m hf_bpd.tools.tune` as before
+    _module.main()
