@@ -371,12 +371,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in DELEGATED:  # their own argparse parsers take the rest, options included
-        return _delegate(DELEGATED[argv[0]], argv[1:])
+        return _delegate(DELEGATED[argv[0]], _with_default_model(argv))
     args = build_parser().parse_args(argv)
     if args.command == "bench":  # one flat list, in the given order, without repeats
         groups = args.methods if args.methods is not None else [list(METHODS)]
         args.methods = list(dict.fromkeys(m for group in groups for m in group))
     return args.func(args)
+
+
+def _with_default_model(argv: list[str]) -> list[str]:
+    """The delegated command's arguments; `export` without `--model` gets the reference stack's heads."""
+    rest = list(argv[1:])
+    has_model = any(a == "--model" or a.startswith("--model=") for a in rest)
+    if argv[0] == "export" and not has_model and not {"-h", "--help"} & set(rest):
+        found = find_reference(STACKS[DEFAULT_STACK].heads)
+        rest += ["--model", str(found)] if found else []
+    return rest
 
 
 def _delegate(module: str, rest: list[str]) -> int:

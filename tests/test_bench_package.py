@@ -31,10 +31,15 @@ def test_the_library_never_imports_the_benchmark_package():
     for path in sorted((REPO / "hf_bpd").rglob("*.py")):
         if path in SHIMS:
             continue
+        package = ".".join(path.relative_to(REPO).with_suffix("").parts[:-1])
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            assert not any(n.split(".")[0] == "hf_bpd_bench" for n in names), f"{path} imports hf_bpd_bench"
+            if isinstance(node, ast.ImportFrom):  # relative imports made absolute
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                module = ".".join(filter(None, [base, node.module or ""]))
+                names += [module] + [f"{module}.{a.name}" for a in node.names]
+            bad = [n for n in names if n.startswith(("hf_bpd_bench", "hf_bpd.tools", "hf_bpd.cli"))]
+            assert not bad, f"{path} imports {bad} (the benchmark package or its deprecated forwards)"
     out = _run(
         "import importlib, pkgutil, sys, hf_bpd\n"
         "skip = ('hf_bpd.tools', 'hf_bpd.cli')\n"
@@ -221,3 +226,18 @@ def test_a_model_of_no_shipped_stack_needs_its_parts_named(stop_at_loading, tmp_
     with pytest.raises(_Loaded):
         cli.main([*argv, "--prompts", str(prompts), "--assistant", str(small)])
     assert stop_at_loading["stack"] is None and stop_at_loading["small_lm"] == str(small)
+
+
+def test_export_without_model_gets_the_reference_heads_from_the_cli_not_the_library(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "_delegate", lambda module, rest: seen.append((module, rest)) or 0)
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HF_BPD_REFERENCE", raising=False)
+    cli.main(["export", "out"])
+    cli.main(["export", "out", "--model", "mine"])
+    assert seen[0] == ("hf_bpd.export", ["out", "--model", str(find_reference("heads"))])
+    assert seen[1] == ("hf_bpd.export", ["out", "--model", "mine"])
+    from hf_bpd import export
+
+    with pytest.raises(SystemExit):  # the library's own command names what to pass
+        export.main([str(tmp_path / "out")])
