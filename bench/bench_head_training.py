@@ -17,14 +17,12 @@ import json
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 
 def main(argv=None) -> None:
@@ -47,7 +45,7 @@ def main(argv=None) -> None:
     from hf_bpd import BPDForCausalLM
     from hf_bpd.features import CachedFeatures, draft_vocab_from_counts, extract_features
     from hf_bpd.smollm2 import load_smollm2
-    from hf_bpd.tools.reference import split_reference_corpora
+    from hf_bpd_bench.reference import split_reference_corpora
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
 
     if args.threads:

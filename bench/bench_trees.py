@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from hf_bpd import BPDForCausalLM, metrics
 from hf_bpd.data import load_prompts, tokenize_prompts
 from hf_bpd.logits import DynamicTreeDrafter, NgramRescorer, PBestRescorer, StaticTreeDrafter
-from hf_bpd.tools.tree_tune import calibrate_confidence, calibrate_draft_tree
+from hf_bpd_bench.tree_tune import calibrate_confidence, calibrate_draft_tree
 
 
 def main() -> None:

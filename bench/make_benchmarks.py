@@ -19,8 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from hf_bpd.tools.bench import FIGURE_KEYS as COLS
-from hf_bpd.tools.bench import METHODS
+from hf_bpd_bench.bench import FIGURE_KEYS as COLS
+from hf_bpd_bench.methods import DEFAULT_BPD_METHOD as BPD
+from hf_bpd_bench.methods import METHODS, methods_in
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -109,9 +110,9 @@ def replace_between(text: str, tag: str, body: list[str]) -> str:
 
 
 def refinement_gain(methods: dict) -> str:
-    base = methods["bpd"]["block_efficiency"]
+    base = methods[BPD]["block_efficiency"]
     parts = []
-    for m in ("bpd-ngram", "bpd-neural", "bpd-pbest", "bpd-pbest0"):
+    for m in REFINED:
         if m in methods:
             parts.append(f"`{m}` {100 * (methods[m]['block_efficiency'] / base - 1):+.1f}%")
     return ", ".join(parts)
@@ -125,7 +126,8 @@ TUNE_COMMANDS = {
               "--prompts reference/prompts/tune.jsonl --max-prompts 12 --alphas 0.25 0.5 0.75 --top-ks 4 8 "
               "--num-drafts 1 --max-new-tokens 64 --output bench/results/tune_neural.json",
 }  # fmt: skip
-REFINED = ("bpd-ngram", "bpd-neural", "bpd-pbest", "bpd-pbest0")
+REFINED = methods_in("refined")
+PEERS = methods_in("peer")
 
 
 def targets(bench: dict) -> list[str]:
@@ -142,13 +144,13 @@ def targets(bench: dict) -> list[str]:
         return "**met**" if ok else "**missed**"
 
     lines = ["| target | measured (batch 1) | result |", "|---|---|---|"]
-    speed = {d: fig(d, "bpd", "speedup_vs_greedy") or 0.0 for d in domains}
+    speed = {d: fig(d, BPD, "speedup_vs_greedy") or 0.0 for d in domains}
     ok = all(v >= (2.0 if d == "python" else 1.5) for d, v in speed.items())
     lines.append("| plain `bpd` >= 1.5x greedy on every domain, >= 2x on code | "
                  + ", ".join(f"{d} {v:.2f}x" for d, v in speed.items()) + f" | {verdict(ok)} |")
     gains = {}
     for d in domains:
-        base = fig(d, "bpd", "block_efficiency")
+        base = fig(d, BPD, "block_efficiency")
         best = max(REFINED, key=lambda m: fig(d, m, "block_efficiency") or 0.0)
         gains[d] = (best, 100 * ((fig(d, best, "block_efficiency") or 0.0) / base - 1) if base else 0.0)
     ok = sum(g >= 10.0 for _, g in gains.values()) >= 2
@@ -156,8 +158,8 @@ def targets(bench: dict) -> list[str]:
                  + ", ".join(f"{d} {g:+.1f}% (`{m}`)" for d, (m, g) in gains.items()) + f" | {verdict(ok)} |")
     wins = {}
     for d in domains:
-        ours = max(("bpd", *REFINED), key=lambda m: fig(d, m, "speedup_vs_greedy") or 0.0)
-        theirs = max(fig(d, m, "speedup_vs_greedy") or 0.0 for m in ("pld", "assisted"))
+        ours = max((BPD, *REFINED), key=lambda m: fig(d, m, "speedup_vs_greedy") or 0.0)
+        theirs = max(fig(d, m, "speedup_vs_greedy") or 0.0 for m in PEERS)
         wins[d] = (ours, fig(d, ours, "speedup_vs_greedy") or 0.0, theirs)
     ok = sum(o > t for _, o, t in wins.values()) >= 3
     lines.append("| `bpd` or a refined variant faster than both `pld` and `assisted` on >= 3 of 4 domains | "
@@ -180,9 +182,9 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     common = ["--max-prompts", str(args.max_prompts), "--max-new-tokens", str(args.max_new_tokens)]
-    bench_cmd = run([sys.executable, "-m", "hf_bpd.cli", "bench", *common, "--repeats", str(args.repeats),
+    bench_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--repeats", str(args.repeats),
                      "--batch-size", *map(str, args.batch_sizes), "--json", str(OUT / "bench.json"), "--no-progress"])  # fmt: skip
-    analyze_cmd = run([sys.executable, "-m", "hf_bpd.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")])
+    analyze_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")])
     rescorers_cmd = run([sys.executable, "bench/bench_rescorers.py", "--ngram", "reference/ngram/ngram4.binary", "--lm",
                          "reference/small", "--json", str(OUT / "bench_rescorers.json")])  # fmt: skip
     core_cmd = None

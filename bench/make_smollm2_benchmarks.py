@@ -20,8 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-from hf_bpd.tools.bench import FIGURE_KEYS as COLS
-from hf_bpd.tools.bench import METHODS
+from hf_bpd_bench.bench import FIGURE_KEYS as COLS
+from hf_bpd_bench.methods import DEFAULT_BPD_METHOD as BPD
+from hf_bpd_bench.methods import METHODS, methods_in
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
@@ -62,12 +63,12 @@ def targets(bf16: dict, fp32: dict) -> list[str]:
     def verdict(ok: bool | None) -> str:
         return "–" if ok is None else ("met" if ok else "**missed**")
 
-    bpd_methods = [m for m in bf16["methods"] if m.startswith("bpd")]
+    bpd_methods = [m for m in bf16["methods"] if METHODS[m].uses_bpd and METHODS[m].timed]
     best = max(bpd_methods, key=lambda m: fig(bf16, None, m, "speedup_vs_greedy") or 0, default=None)
     rows = ["| target | measured (bf16 unless said) | result |", "|---|---|---|"]
-    eff = fig(bf16, None, "bpd", "block_efficiency")
+    eff = fig(bf16, None, BPD, "block_efficiency")
     rows.append(f"| plain `bpd` block efficiency >= 1.8 | {eff} | {verdict(eff is not None and eff >= 1.8)} |")
-    per_kind = {k: fig(bf16, k, "bpd", "speedup_vs_greedy") for k in kinds}
+    per_kind = {k: fig(bf16, k, BPD, "speedup_vs_greedy") for k in kinds}
     ok = all(v is not None and v > 1.0 for v in per_kind.values()) if per_kind else None
     rows.append(f"| plain `bpd` faster than greedy on every task kind | "
                 f"{', '.join(f'{k} {v}x' for k, v in per_kind.items())} | {verdict(ok)} |")  # fmt: skip
@@ -79,7 +80,7 @@ def targets(bf16: dict, fp32: dict) -> list[str]:
         best_eff = max((fig(bf16, None, m, "block_efficiency") or 0) for m in bpd_methods)
         rows.append(f"| best BPD variant block efficiency >= 2.5 | `{best}` {be}; highest of any BPD method "
                     f"{best_eff} | {verdict(best_eff >= 2.5)} |")  # fmt: skip
-        for peer in ("pld", "assisted"):
+        for peer in methods_in("peer"):
             if peer in bf16["methods"]:
                 cmp = {k: (fig(bf16, k, best, "speedup_vs_greedy"), fig(bf16, k, peer, "speedup_vs_greedy")) for k in kinds}
                 ok = all(a is not None and b is not None and a > b for a, b in cmp.values())
@@ -106,9 +107,9 @@ def main() -> None:
               str(args.max_new_tokens), "--threads", "1"]  # fmt: skip
     cmds, procs = {}, {}
     for dtype in ("bfloat16", "float32"):
-        cmd = [sys.executable, "-m", "hf_bpd.cli", "bench", *common, "--dtype", dtype, "--methods", args.methods,
+        cmd = [sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--dtype", dtype, "--methods", args.methods,
                "--repeats", str(args.repeats), "--json", str(OUT / f"smollm2_{dtype}.json"), "--no-progress"]  # fmt: skip
-        cmds[dtype] = " ".join(cmd[1:]).replace("-m hf_bpd.cli", "hf-bpd").replace(str(REPO) + "/", "")
+        cmds[dtype] = " ".join(cmd[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         print("+", cmds[dtype], flush=True)
         procs[dtype] = subprocess.Popen(cmd, cwd=REPO)
     for dtype, proc in procs.items():
@@ -117,9 +118,9 @@ def main() -> None:
     bench_minutes = (time.time() - t0) / 60
     analyze_cmd = core_cmd = None
     if not args.skip_analyze:
-        analyze = [sys.executable, "-m", "hf_bpd.cli", "analyze", *common, "--dtype", "float32",
+        analyze = [sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--dtype", "float32",
                    "--out", str(REPO / "docs" / "img" / "smollm2")]  # fmt: skip
-        analyze_cmd = " ".join(analyze[1:]).replace("-m hf_bpd.cli", "hf-bpd").replace(str(REPO) + "/", "")
+        analyze_cmd = " ".join(analyze[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         subprocess.run(analyze, cwd=REPO, check=True)
     if not args.skip_core:
         core = [sys.executable, "bench/bench_core.py", "--model", "reference/smollm2-heads", "--dtype", "bfloat16",

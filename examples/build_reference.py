@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -33,7 +32,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPORA = REPO.parent / "shared" / "corpora"
-sys.path.insert(0, str(REPO))
 
 logger = logging.getLogger("build_reference")
 
@@ -115,7 +113,7 @@ def make_prompts(texts, n: int, chars: int, rng: random.Random):
 
 
 def stage_split(args):
-    from hf_bpd.tools.reference import split_reference_corpora
+    from hf_bpd_bench.reference import split_reference_corpora
 
     splits = split_reference_corpora(args.corpora, val_fraction=args.val_fraction)
     (args.work_dir / "data").mkdir(parents=True, exist_ok=True)
@@ -412,7 +410,7 @@ def stage_heads(args):
 
 def stage_ngram(args):
     """A pruned, quantised KenLM 4-gram over the reference tokenizer's ids, from the training split only."""
-    from hf_bpd.tools.build_ngram import build_ngram
+    from hf_bpd.logits.ngram_build import build_ngram
 
     ensure_split(args)
     out = args.out / "ngram" / "ngram4.binary"

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 import zlib
 from pathlib import Path
@@ -36,7 +35,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 logger = logging.getLogger("build_smollm2")
 
@@ -184,7 +182,7 @@ EXTRA_TEMPLATES = {
 
 
 def stage_prompts(args: argparse.Namespace) -> None:
-    from hf_bpd.tools.reference import split_reference_corpora
+    from hf_bpd_bench.reference import split_reference_corpora
 
     splits = split_reference_corpora(args.corpora)
     rng = random.Random(args.seed)
@@ -330,7 +328,7 @@ def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[i
 
 def _raw_windows(tok, corpora: Path, count: int, seq_len: int, rng: random.Random) -> list[list[int]]:
     """`count` windows of `seq_len` tokens of raw training text, spread over the four domains."""
-    from hf_bpd.tools.reference import REFERENCE_DOMAINS, split_reference_corpora
+    from hf_bpd_bench.reference import REFERENCE_DOMAINS, split_reference_corpora
 
     splits = split_reference_corpora(corpora)
     rows = []
@@ -439,7 +437,7 @@ def stage_heads(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------------- ngram
 def _corpus_file(args: argparse.Namespace) -> Path:
     """Training-split texts of the four domains plus the self-distilled answers, one JSON document a line."""
-    from hf_bpd.tools.reference import split_reference_corpora
+    from hf_bpd_bench.reference import split_reference_corpora
 
     path = args.work_dir / "ngram_corpus.jsonl"
     splits = split_reference_corpora(args.corpora)
@@ -452,7 +450,7 @@ def _corpus_file(args: argparse.Namespace) -> Path:
 def stage_ngram(args: argparse.Namespace) -> None:
     """A pruned, 8-bit KenLM 4-gram over SmolLM2 token ids (training split + self-distilled answers)."""
     from hf_bpd.smollm2 import convert_smollm2
-    from hf_bpd.tools.build_ngram import build_ngram
+    from hf_bpd.logits.ngram_build import build_ngram
 
     out = args.out / "smollm2-ngram" / "ngram4.binary"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -549,7 +547,7 @@ def stage_select(args: argparse.Namespace) -> None:
     from hf_bpd import BPDForCausalLM
     from hf_bpd.data import load_prompts, tokenize_prompts
     from hf_bpd.metrics import block_efficiency
-    from hf_bpd.tools.machine import resolve_dtype
+    from hf_bpd_bench.machine import resolve_dtype
 
     dtype = resolve_dtype("auto")
     trained = BPDForCausalLM.from_pretrained(args.work_dir / "heads-trained", dtype=dtype).eval()
@@ -597,7 +595,7 @@ def stage_select(args: argparse.Namespace) -> None:
 
 
 def cpu_name() -> str:
-    from hf_bpd.tools.machine import cpu_name as name
+    from hf_bpd_bench.machine import cpu_name as name
 
     return name()
 

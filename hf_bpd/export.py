@@ -171,8 +171,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("out", help="Folder to write the exported heads to.")
     parser.add_argument("--format", choices=FORMATS, default="medusa", help="Checkpoint format (vLLM Medusa).")
     parser.add_argument("--model", default=None,
-                        help="BPDForCausalLM checkpoint folder (default: reference/heads in $HF_BPD_REFERENCE or "
-                             "./reference).")  # fmt: skip
+                        help="BPDForCausalLM checkpoint folder (`hf-bpd export`: default reference/heads in "
+                             "$HF_BPD_REFERENCE or ./reference).")  # fmt: skip
     parser.add_argument("--base", default=None, help="Base model folder/name (default: the checkpoint's own).")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
                         help="dtype of the written tensors (default: the base model's).")  # fmt: skip
@@ -186,9 +186,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> Path:
     from .modeling_bpd import BPDForCausalLM
-    from .tools.reference import require_reference
 
-    model_dir = args.model or require_reference("heads", "--model")
+    if not args.model:  # `hf-bpd export` fills in the reference stack's heads (hf_bpd_bench); the library does not
+        raise ValueError("no --model given: pass --model DIR (a BPDForCausalLM checkpoint folder).")
+    model_dir = args.model
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = BPDForCausalLM.from_pretrained(model_dir, base_model=args.base)
     original = False if args.per_head_lm_heads else (True if args.original_lm_head else None)

@@ -281,7 +281,7 @@ def check_tree_choices(choices: Any, num_heads: int | None = None, top_k: int | 
     Raises:
         ValueError: saying which path is wrong and why.
     """
-    fix = "calibrate a tree for these heads with `hf-bpd tune --tree` (hf_bpd.tools.tree_tune)"
+    fix = "calibrate a tree for these heads with `hf-bpd tune --tree` (hf_bpd_bench.tree_tune)"
     if not isinstance(choices, (list, tuple)) or not choices:
         raise ValueError(
             f"A draft tree must be a non-empty list of index paths like [[0], [1], [0, 0]], got {choices!r}."

@@ -11,10 +11,11 @@ from conftest import randomize_heads, tiny_base
 from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd.cli import main
+from hf_bpd_bench.cli import main
 from hf_bpd.data import load_prompts
-from hf_bpd.tools.analyze import h_max, repetition_stats
-from hf_bpd.tools.bench import BenchConfig, Resources, benchmark
+from hf_bpd_bench.analyze import h_max, repetition_stats
+from hf_bpd_bench.bench import BenchConfig, Resources, benchmark
+from hf_bpd_bench.methods import DEFAULT_BPD_METHOD, METHODS, REFERENCE_METHOD, methods_in
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "reference" / "tokenizer"
 PROMPTS = [
@@ -45,7 +46,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("batch_size", [1, 2])
 def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     res, _ = setup
-    methods = ["greedy", "bpd", "bpd-ngram", "bpd-pbest", "bpd-pbest0", "bpd-neural", "pld", "assisted", "oracle"]
+    methods = list(METHODS)  # every registered method; the heads carry no static tree: that one is unsupported
     cfg = BenchConfig(max_new_tokens=12, batch_size=batch_size, repeats=2, top_k=3, num_drafts=3, oracle_top_k=4)
     arpa = setup[1] / "tiny.arpa"
     arpa.write_text("\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
@@ -56,18 +57,24 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     report = benchmark(res, prompts, methods, cfg, progress=False)
     assert set(report["methods"]) == set(methods)
     assert set(report["domains"]) == {"austen", "python", "kjv"}
-    batch1_only = {"pld", "assisted"} if batch_size > 1 else set()
+    batch1_only = {m for m in methods if METHODS[m].batch1_only} if batch_size > 1 else set()
+    assert batch1_only or batch_size == 1
     for name in batch1_only:  # transformers raises for batch > 1: reported as unsupported, not dropped or crashed
         assert "batch size 1 only" in report["methods"][name]["unsupported"]
         assert report["domains"]["austen"]["methods"][name]["speedup_vs_greedy"] is None
+    no_tree = {m for m in methods if "draft_tree" in METHODS[m].parts()}
+    for name in no_tree:
+        assert "static tree" in report["methods"][name]["unsupported"]
     for name, fig in report["methods"].items():
-        if name in batch1_only:
+        if name in batch1_only | no_tree:
             continue
         assert fig["identical_to_greedy"] is True, name
         assert {"block_efficiency", "tokens_per_s", "speedup_vs_greedy", "mean_accepted_length",
                 "rescoring_ms_per_step"} <= set(fig)  # fmt: skip
-    assert report["methods"]["greedy"]["block_efficiency"] == pytest.approx(1.0)
-    assert report["methods"]["oracle"]["block_efficiency"] >= report["methods"]["bpd"]["block_efficiency"]
+    assert report["methods"][REFERENCE_METHOD]["block_efficiency"] == pytest.approx(1.0)
+    for oracle in methods_in("headroom"):
+        assert report["methods"][oracle]["block_efficiency"] >= report["methods"][DEFAULT_BPD_METHOD]["block_efficiency"]
+        assert report["methods"][oracle]["tokens_per_s"] is None  # not timed
 
 
 def test_unknown_method_and_bad_prompts(setup, tmp_path):
@@ -92,7 +99,11 @@ def test_cli_bench_writes_json(setup, tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data["methods"]) == {"greedy", "bpd"} and set(data["by_batch_size"]) == {"1", "2"}
-    assert "speedup_vs_greedy" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "speedup_vs_greedy" in out
+    machine = out[: out.index("== batch size")]  # above the tables: what the figures were measured on
+    for what in ("bf16 matrix units: ", "torch threads: ", "dtype: float32", data["machine"]["cpu"]):
+        assert what in machine
 
 
 def test_cli_analyze_writes_plots(setup, tmp_path):

@@ -10,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from hf_bpd.data import load_text_files, pack_dataset  # noqa: E402
-from hf_bpd.tools.reference import split_reference_corpora  # noqa: E402
+from hf_bpd_bench.reference import split_reference_corpora  # noqa: E402
 
 CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 

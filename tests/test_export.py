@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd.cli import main as cli_main
+from hf_bpd_bench.cli import main as cli_main
 from hf_bpd.export import export_medusa
 
 from conftest import randomize_heads, tiny_base

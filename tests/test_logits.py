@@ -15,6 +15,7 @@ import torch
 from conftest import PAD, VOCAB, batch_prompts, randomize_heads, tiny_base
 
 from hf_bpd import BPDForCausalLM, accepted_lengths
+from hf_bpd.data import iter_documents
 from hf_bpd.logits import (
     NeuralRescorer,
     NgramRescorer,
@@ -23,11 +24,10 @@ from hf_bpd.logits import (
     is_kenlm_available,
     ngram_pbest,
     pbest_paths,
-    tune_rescorer,
 )
-from hf_bpd.data import iter_documents
 from hf_bpd.logits import ngram as ngram_module
-from hf_bpd.tools import build_ngram as build_ngram_module
+from hf_bpd.logits import ngram_build as build_ngram_module
+from hf_bpd_bench.tune import tune_rescorer
 
 H = 3
 LN10 = math.log(10.0)
@@ -610,7 +610,7 @@ def test_tune_rescorer_skips_impossible_configs():
 
 
 def test_tune_cli_smoke(tmp_path, capsys):
-    from hf_bpd.tools import tune as tuning
+    from hf_bpd_bench import tune as tuning
 
     model = BPDForCausalLM.from_base(tiny_base(vocab_size=8192), num_draft_heads=H)
     model.save_pretrained(tmp_path / "bpd", save_base=True)

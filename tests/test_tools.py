@@ -10,10 +10,10 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_bpd import metrics
-from hf_bpd.cli import main
+from hf_bpd_bench.cli import main
 from hf_bpd.data import load_prompts, tokenize_prompts
-from hf_bpd.tools.bench import METHODS, parse_methods
-from hf_bpd.tools.reference import find_reference, require_reference
+from hf_bpd_bench.methods import METHODS, parse_methods
+from hf_bpd_bench.reference import find_reference, require_reference
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "reference" / "tokenizer"
 CHAT_TEMPLATE = (
@@ -86,7 +86,7 @@ def test_parse_methods_comma_and_space_lists():
 
 
 def test_cli_unknown_method_fails_before_loading_anything(capsys, monkeypatch):
-    import hf_bpd.cli as cli
+    import hf_bpd_bench.cli as cli
 
     monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_info:

@@ -11,8 +11,8 @@ from test_sampling import NEW, ROWS, chi_square_pvalue, exact_distribution, samp
 
 from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.logits import DynamicTreeDrafter, OracleDrafter, StaticTreeDrafter, build_static_tree
-from hf_bpd.logits.tree import expected_accepted_length, grow_tree
-from hf_bpd.tools.tree_tune import calibrate_draft_tree, heads_fingerprint, load_tree_file
+from hf_bpd.drafters.tree import expected_accepted_length, grow_tree
+from hf_bpd_bench.tree_tune import calibrate_draft_tree, heads_fingerprint, load_tree_file
 from hf_bpd.tree import DraftTree, tree_from_parents
 
 H = 3
@@ -193,7 +193,7 @@ def test_tree_sampling_matches_base_distribution(mode, drafter):
 
 def test_sampled_tree_drafts_carry_their_proposals():
     """Siblings are drawn without replacement: distinct tokens, each proposal the head's without earlier siblings."""
-    from hf_bpd.logits.tree import sample_tree
+    from hf_bpd.drafters.tree import sample_tree
 
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(3, 2, 8), dim=-1)
@@ -262,7 +262,7 @@ def test_grow_tree_full_path_reserves_the_deepest_best_path():
 
 
 def test_confidence_calibration_fit_and_use():
-    from hf_bpd.logits.tree import CALIBRATION_EDGES, ConfidenceCalibration
+    from hf_bpd.drafters.tree import CALIBRATION_EDGES, ConfidenceCalibration
 
     torch.manual_seed(0)
     score = -torch.rand(4000) * 7
@@ -284,7 +284,7 @@ def test_confidence_calibration_fit_and_use():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_calibrated_dynamic_tree_stays_lossless(batch):
-    from hf_bpd.tools.tree_tune import calibrate_confidence
+    from hf_bpd_bench.tree_tune import calibrate_confidence
 
     model = make("llama")
     ids, mask = batch_prompts(batch, seed=2)
@@ -426,7 +426,7 @@ def test_ngram_tree_is_lossless_and_follows_the_ngram(tmp_path, batch):
     ("--tree-min-confidence", "nan", "[0, 1)"), ("--tree-min-confidence", "high", "[0, 1)"),
 ])  # fmt: skip
 def test_cli_bench_tree_flags_reject_nonsense_before_loading(flag, value, message, capsys, monkeypatch):
-    import hf_bpd.cli as cli
+    import hf_bpd_bench.cli as cli
 
     monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
@@ -439,9 +439,9 @@ def test_cli_bench_tree_flags_reject_nonsense_before_loading(flag, value, messag
 def test_cli_bench_tree_flags_reach_the_bench_config(monkeypatch):
     import types
 
-    import hf_bpd.cli as cli
+    import hf_bpd_bench.cli as cli
     import hf_bpd.data
-    import hf_bpd.tools.bench as bench
+    import hf_bpd_bench.bench as bench
 
     seen = {}
 
@@ -452,8 +452,8 @@ def test_cli_bench_tree_flags_reach_the_bench_config(monkeypatch):
         seen["cfg"], seen["methods"] = cfg, methods
         raise Stop
 
-    monkeypatch.setattr(cli, "_resolve_defaults", lambda args, need_small, need_ngram: seen.update(ngram=need_ngram))
-    monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: types.SimpleNamespace(tokenizer=None, model=None))
+    monkeypatch.setattr(cli, "_resolve_defaults", lambda args, fill, required: seen.update(ngram="ngram_path" in fill))
+    monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: types.SimpleNamespace(tokenizer=None, model=types.SimpleNamespace(dtype=torch.float32)))
     monkeypatch.setattr(hf_bpd.data, "load_prompts", lambda *a, **k: [])
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
     argv = ["bench", "--model", "m", "--prompts", "p", "--methods", "bpd-tree-ngram", "--top-k", "8", "--num-drafts",

@@ -16,7 +16,7 @@ class ConfidenceCalibration:
     Per-depth calibration of the dynamic tree's node confidence: `rate[j][b]` is how often a node at depth `j + 1`
     whose own log-score (head log-probability, or `(1 - alpha) * head + alpha * n-gram`) falls in bin `b` carried
     the base model's token, *given that its parent's path did* (measured on calibration prompts by
-    `hf_bpd.tools.tree_tune.calibrate_confidence`). A node's calibrated confidence is the product of these
+    `hf_bpd_bench.tree_tune.calibrate_confidence`). A node's calibrated confidence is the product of these
     conditional rates along its path: an estimate of the chance that verification accepts it.
 
     Raw head probabilities are a poor estimate with weak heads: deeper heads are uncertain everywhere, but where the

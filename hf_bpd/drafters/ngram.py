@@ -29,7 +29,7 @@ class NgramRescorer(LatticeRescorer):
     ([`_sample`]); the loop verifies them by multi-draft rejection sampling.
 
     The n-gram is a KenLM model (ARPA or binary) whose words are the base model's token ids written in decimal
-    (`"17"`): build one with `hf-bpd build-ngram` ([`~hf_bpd.tools.build_ngram.build_ngram`]).
+    (`"17"`): build one with `hf-bpd build-ngram` ([`~hf_bpd.logits.ngram_build.build_ngram`]).
 
     Args:
         model (`str`, `os.PathLike` or `kenlm.Model`): path to the KenLM model, or a loaded model.

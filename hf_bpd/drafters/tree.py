@@ -179,7 +179,7 @@ class StaticTreeDrafter(_Timed):
             if config_tree is None:
                 raise ValueError(
                     "StaticTreeDrafter() without `choices` uses the model's `config.draft_tree`, which is not set: "
-                    "calibrate one with `hf-bpd tune --tree` (hf_bpd.tools.tree_tune) or pass choices=[[0], ...]."
+                    "calibrate one with `hf-bpd tune --tree` (hf_bpd_bench.tree_tune) or pass choices=[[0], ...]."
                 )
             choices = tuple(tuple(path) for path in config_tree)
         device = state.hidden.device
@@ -244,7 +244,7 @@ class DynamicTreeDrafter(_Timed):
         max_depth (`int`, *optional*): deepest node (default: `h`).
         calibration ([`ConfidenceCalibration`] or its `to_dict()`, *optional*): rank nodes by calibrated
             confidence (per-depth conditional acceptance rates of the node's own score, measured on calibration
-            prompts by `hf_bpd.tools.tree_tune.calibrate_confidence`) instead of the raw product; calibrate with the
+            prompts by `hf_bpd_bench.tree_tune.calibrate_confidence`) instead of the raw product; calibrate with the
             same `ngram` and `alpha`. `min_confidence` then applies to the calibrated confidence.
         full_path (`bool`, defaults to False): always include the path to the most confident deepest node (the
             chain a p-best rescorer would rank first), the rest of the budget best first.
@@ -267,7 +267,7 @@ class DynamicTreeDrafter(_Timed):
             calibration = ConfidenceCalibration.from_dict(calibration)
         if calibration is not None and not isinstance(calibration, ConfidenceCalibration):
             raise ValueError(
-                f"calibration must be a ConfidenceCalibration (hf_bpd.tools.tree_tune.calibrate_confidence) or its "
+                f"calibration must be a ConfidenceCalibration (hf_bpd_bench.tree_tune.calibrate_confidence) or its "
                 f"to_dict(), got {type(calibration).__name__}."
             )
         self.calibration = calibration

@@ -19,8 +19,16 @@ _DRAFTER_NAMES = (
 
 __all__ = [
     "NeuralHook", "NgramHook", "RefinementHook", "TopKLattice", "is_kenlm_available", "ngram_pbest", "pbest_paths",
-    *_DRAFTER_NAMES, "RESCORER_DEFAULTS", "RescorerDefaults", "TuningResult", "tune_rescorer",
+    *_DRAFTER_NAMES,
 ]  # fmt: skip
+
+# Moved out of the library (hf_bpd never imports the benchmark package): name the new place.
+_MOVED = {
+    "tune_rescorer": "hf_bpd_bench.tune",
+    "TuningResult": "hf_bpd_bench.tune",
+    "RESCORER_DEFAULTS": "hf_bpd_bench.defaults",
+    "RescorerDefaults": "hf_bpd_bench.defaults",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -28,12 +36,6 @@ def __getattr__(name: str) -> Any:
         from .. import drafters
 
         return getattr(drafters, name)
-    if name in ("RESCORER_DEFAULTS", "RescorerDefaults"):
-        from . import defaults
-
-        return getattr(defaults, name)
-    if name in ("tune_rescorer", "TuningResult"):  # the tuning tool lives in `hf_bpd.tools.tune`
-        from ..tools import tune
-
-        return getattr(tune, name)
+    if name in _MOVED:
+        raise ImportError(f"hf_bpd.logits.{name} moved to the benchmark package: from {_MOVED[name]} import {name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""The one set of rescorer defaults, shared by `hf-bpd bench`, `analyze`, `tune` and the benchmark scripts."""
+"""The tuned rescorer settings per shipped stack, shared by `hf-bpd bench`, `analyze`, `tune` and the bench scripts."""
 
 from __future__ import annotations
 

@@ -1,0 +1,206 @@
+"""
+`hf-bpd analyze`: Kim et al.'s section-6 analyses of the drafts on a set of prompts.
+
+- consecutive repetition in drafts (share of neighbouring identical draft tokens, mean longest repeated run),
+  before and after a rescorer;
+- per-head entropy distributions, their means, and `h_max` (the largest head index up to which the mean entropy
+  rises monotonically);
+- oracle top-k block efficiency for several k (the heads' top-k lattice with a perfect chooser);
+- accepted-length histograms of plain BPD.
+Plots are written as PNG files with matplotlib.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_bpd import metrics
+from hf_bpd.data import tokenize_prompts
+from hf_bpd.logits import Drafter, DraftState, OracleDrafter
+
+from .bench import Resources
+
+logger = logging.getLogger(__name__)
+
+
+class DraftRecorder(Drafter):
+    """
+    Drafts with the heads' argmax (so the decode is plain BPD) and records, at every step of one `generate` call,
+    the heads' entropies and drafts, and optionally what another drafter would propose. `reset` (the start of a
+    `generate` call) clears the records, as for every drafter: read them after each call.
+    """
+
+    def __init__(self, compare: Drafter | None = None):
+        self.compare = compare
+        self.reset()
+
+    def reset(self) -> None:
+        self.entropies: list[torch.Tensor] = []  # (B, h) per step
+        self.drafts: list[torch.Tensor] = []
+        self.compared: list[torch.Tensor] = []
+        if self.compare is not None:
+            self.compare.reset()
+
+    def get_drafts(self, state: DraftState) -> torch.LongTensor:
+        logp = torch.log_softmax(state.draft_logits().float(), dim=-1)
+        self.entropies.append(-(logp.exp() * logp).sum(-1))
+        drafts = state.head_argmax()  # (B, h)
+        self.drafts.append(drafts)
+        if self.compare is not None:
+            self.compared.append(self.compare.get_drafts(state)[:, 0])
+        return drafts[:, None]
+
+    def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
+        if self.compare is not None:  # the compared drafter sees what was really kept: the argmax draft
+            self.compare.update(accepted_lengths, torch.zeros_like(chosen))
+
+
+def repetition_stats(drafts: torch.Tensor) -> dict[str, float]:
+    """
+    Args:
+        drafts (`torch.LongTensor` of shape `(num_drafts, h)`).
+    Returns:
+        `consecutive_repetition` (share of neighbouring pairs that are equal) and `mean_longest_run` (mean over
+        drafts of the longest run of one repeated token; 1 = no repetition).
+    """
+    if drafts.shape[-1] < 2 or drafts.shape[0] == 0:
+        return {"consecutive_repetition": 0.0, "mean_longest_run": 1.0}
+    same = drafts[:, 1:] == drafts[:, :-1]  # (N, h - 1)
+    run = torch.ones(drafts.shape[0], dtype=torch.long)
+    longest = run.clone()
+    for j in range(same.shape[1]):
+        run = torch.where(same[:, j], run + 1, torch.ones_like(run))
+        longest = torch.maximum(longest, run)
+    return {"consecutive_repetition": float(same.float().mean()), "mean_longest_run": float(longest.float().mean())}
+
+
+def h_max(mean_entropy: list[float]) -> int:
+    """Largest head index (1-based) up to which the mean entropy rises monotonically."""
+    index = 1
+    while index < len(mean_entropy) and mean_entropy[index] > mean_entropy[index - 1]:
+        index += 1
+    return index
+
+
+def analyze(
+    res: Resources,
+    prompts: list[dict],
+    max_new_tokens: int,
+    top_ks: tuple[int, ...] = (1, 2, 4, 8, 16),
+    compare: Drafter | None = None,
+    batch_size: int = 1,
+) -> dict[str, Any]:
+    """Run the analyses per domain; returns JSON-ready figures plus raw arrays under `"_raw"` for plotting."""
+    model = res.model
+    report: dict[str, Any] = {"domains": {}, "_raw": {}}
+    for domain in sorted({p.get("domain", "all") for p in prompts}):
+        inputs = tokenize_prompts([p for p in prompts if p.get("domain", "all") == domain], res.tokenizer, batch_size)
+        recorder = DraftRecorder(compare)
+        pad = res.tokenizer.pad_token_id if res.tokenizer.pad_token_id is not None else 0
+        accepted, entropies, drafts, compared = [], [], [], []
+        oracle = {k: [0, 0] for k in top_ks}
+        for batch in inputs:
+            out = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_bpd=True,
+                draft_rescorer=recorder,
+                return_dict_in_generate=True,
+            )
+            accepted.append(out.accepted_lengths.flatten())
+            entropies += recorder.entropies
+            drafts += recorder.drafts
+            compared += recorder.compared
+            for k in top_ks:
+                o = model.generate(
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    use_bpd=True,
+                    draft_rescorer=OracleDrafter(out.sequences, pad, top_k=k),
+                    return_dict_in_generate=True,
+                )
+                _, calls = metrics.rows_from_accepted(o.accepted_lengths)
+                oracle[k][0] += o.num_generated_tokens
+                oracle[k][1] += int(calls.sum())
+        entropies = torch.cat(entropies)  # (steps*B, h)
+        mean_entropy = entropies.mean(0).tolist()
+        eff = {k: round(metrics.block_efficiency(t, c), 3) for k, (t, c) in oracle.items()}
+        accepted = torch.cat(accepted)
+        stats = metrics.accepted_length_stats(accepted)
+        figures = {
+            "mean_entropy_per_head": [round(e, 3) for e in mean_entropy],
+            "h_max": h_max(mean_entropy),
+            "repetition_plain": repetition_stats(torch.cat(drafts)),
+            "oracle_block_efficiency": eff,
+            "oracle_gain_vs_k1": {k: round(v / eff[top_ks[0]] - 1, 3) for k, v in eff.items()},
+            "mean_accepted_length": round(stats["mean"] or 0.0, 3),
+        }
+        if compare is not None:
+            figures["repetition_rescored"] = repetition_stats(torch.cat(compared))
+        report["domains"][domain] = figures
+        report["_raw"][domain] = {"entropies": entropies, "accepted": accepted[accepted >= 0].tolist()}
+    return report
+
+
+def plot(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """Entropy histograms per head, oracle-efficiency curves and accepted-length histograms, as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    domains = list(report["domains"])
+    paths = []
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.2), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        ent = report["_raw"][domain]["entropies"]
+        for i in range(ent.shape[1]):
+            ax.hist(ent[:, i].numpy(), bins=30, histtype="step", density=True, label=f"head {i + 1}")
+        ax.set_title(f"{domain}: h_max={report['domains'][domain]['h_max']}")
+        ax.set_xlabel("entropy (nats)")
+    axes[0][0].set_ylabel("density")
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle("Draft-head entropy per head")
+    fig.tight_layout()
+    paths.append(out_dir / "entropy_per_head.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for domain in domains:
+        eff = report["domains"][domain]["oracle_block_efficiency"]
+        ks = sorted(int(k) for k in eff)
+        ax.plot(ks, [eff[k] if k in eff else eff[str(k)] for k in ks], marker="o", label=domain)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (top-k lattice)")
+    ax.set_ylabel("oracle block efficiency")
+    ax.set_title("Oracle top-k block efficiency")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(out_dir / "oracle_topk.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(domains), figsize=(4 * len(domains), 3.2), squeeze=False)
+    for ax, domain in zip(axes[0], domains):
+        acc = report["_raw"][domain]["accepted"]
+        top = max(acc) if acc else 0
+        ax.hist(acc, bins=[x - 0.5 for x in range(top + 2)], rwidth=0.8)
+        ax.set_title(f"{domain}: mean {report['domains'][domain]['mean_accepted_length']}")
+        ax.set_xlabel("drafts accepted per step")
+    axes[0][0].set_ylabel("steps")
+    fig.suptitle("Accepted draft length per step (plain BPD)")
+    fig.tight_layout()
+    paths.append(out_dir / "accepted_lengths.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
