@@ -265,6 +265,7 @@ class DecodeState:
         hidden (`(B, d)`): the base model's last hidden state where it predicted the last committed token.
         row_calls (`(B,)`): serial calls each row took part in while generating.
         serial_calls (`int`): forward calls of the base model.
+        prompt_start (`(B,)`): index of each row's first real token (its first attended prompt position).
     """
 
     tokens: torch.LongTensor
@@ -278,6 +279,7 @@ class DecodeState:
     hidden: torch.Tensor | None = None
     row_calls: torch.LongTensor | None = None
     serial_calls: int = 0
+    prompt_start: torch.LongTensor | None = None
 
 
 @dataclass
@@ -417,6 +419,7 @@ class _BlockDecoder:
             tokens=tokens, lengths=lengths, live=torch.ones(batch, dtype=torch.bool, device=device),
             row_limit=torch.full_like(lengths, self.max_length), stop_len=torch.full_like(lengths, -1),
             attention_mask=mask, dense=dense, next_position=mask.sum(-1), row_calls=torch.zeros_like(lengths),
+            prompt_start=mask.argmax(dim=-1),  # the first attended position (argmax: the first maximum)
         )  # fmt: skip
         self.row_scores = [[] for _ in range(batch)]
         self.row_logits = [[] for _ in range(batch)]
@@ -437,7 +440,7 @@ class _BlockDecoder:
         """
         start = time.perf_counter()
         view = DraftState(self.bpd, state.tokens, state.lengths, state.live, state.hidden, num_tokens,
-                          proposal_warper=self.proposal_warper)  # fmt: skip
+                          proposal_warper=self.proposal_warper, prompt_start=state.prompt_start)  # fmt: skip
         drafts = self.drafter.get_drafts(view)
         batch = state.tokens.shape[0]
         proposals = None

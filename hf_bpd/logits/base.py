@@ -41,6 +41,8 @@ class DraftState:
             is sampled from (the generation's position-free warpers: temperature, top-k, top-p, ...). A drafter
             that *samples* its drafts returns them in a [`Drafts`] with the probabilities it sampled from; see
             `sampling` and `proposal_probs`.
+        prompt_start (`torch.LongTensor` of shape `(batch,)`, *optional*): index of each row's first real token (after
+            its left padding, from the attention mask); None: every column is a real token (no padding).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class DraftState:
         hidden: torch.Tensor,
         num_tokens: int,
         proposal_warper: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        prompt_start: torch.LongTensor | None = None,
     ):
         self.model = model
+        self.prompt_start = torch.zeros_like(lengths) if prompt_start is None else prompt_start
         self.input_ids = input_ids
         self.lengths = lengths
         self.live = live
