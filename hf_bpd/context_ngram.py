@@ -283,7 +283,7 @@ class ContextNgramDrafter(Drafter):
         return find_context_match(state.input_ids, state.lengths, state.prompt_start, state.num_tokens, state.live,
                                   self.max_ngram, self.min_ngram, self.cyclic)  # fmt: skip
 
-    def get_drafts(self, state: DraftState) -> "DraftTree | Drafts | torch.LongTensor":
+    def get_drafts(self, state: DraftState) -> DraftTree | Drafts | torch.LongTensor:
         inner = None if self.inner is None else self.inner.get_drafts(state)
         if state.sampling and isinstance(inner, (Drafts, DraftTree)) and inner.proposals is not None:
             return inner
@@ -301,7 +301,7 @@ class ContextNgramDrafter(Drafter):
         return merge_match(tree, match, state.num_tokens, self.fill_token) if self.rule != "switch" else tree
 
 
-def _as_tree(drafts: "DraftTree | Drafts | torch.LongTensor") -> DraftTree:
+def _as_tree(drafts: DraftTree | Drafts | torch.LongTensor) -> DraftTree:
     """Any drafter's drafts as a deterministic tree (proposals are only read when the loop samples)."""
     if isinstance(drafts, DraftTree):
         return DraftTree(drafts.tokens, drafts.layout) if drafts.proposals is not None else drafts

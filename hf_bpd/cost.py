@@ -23,6 +23,7 @@ is replaced atomically (write a temporary file, then `os.replace`).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -65,7 +66,9 @@ def cpu_model() -> str:
 
 def _base_model(model: Any) -> Any:
     """The model whose forward verifies: a `BPDForCausalLM`'s base model, else `model` itself."""
-    from .modeling_bpd import BPDForCausalLM  # lazy: this module stays importable without the model classes
+    from .modeling_bpd import (
+        BPDForCausalLM,  # lazy: this module stays importable without the model classes
+    )
 
     return model.base if isinstance(model, BPDForCausalLM) else model
 
@@ -146,7 +149,7 @@ class ForwardCost:
         return {"key": self.key, "widths": list(self.widths), "seconds": list(self.seconds)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ForwardCost":
+    def from_dict(cls, data: dict[str, Any]) -> ForwardCost:
         """Raises `ValueError` (or `KeyError` / `TypeError`) when `data` is not a valid curve."""
         return cls(widths=tuple(int(w) for w in data["widths"]), seconds=tuple(float(s) for s in data["seconds"]),
                    key=dict(data["key"]))  # fmt: skip
@@ -155,7 +158,7 @@ class ForwardCost:
     def measure(
         cls, model: Any, widths: tuple[int, ...] = DEFAULT_WIDTHS, context_length: int | None = None,
         repeats: int = 21, budget_s: float = 3.0,
-    ) -> "ForwardCost":  # fmt: skip
+    ) -> ForwardCost:  # fmt: skip
         """
         Time the model's cached forward at each width (see the module docstring), in its own cache.
 
@@ -180,7 +183,7 @@ class ForwardCost:
     def for_model(
         cls, model: Any, cache_dir: str | os.PathLike | None = None, widths: tuple[int, ...] = DEFAULT_WIDTHS,
         context_length: int | None = None, **measure_kwargs: Any,
-    ) -> "ForwardCost":  # fmt: skip
+    ) -> ForwardCost:  # fmt: skip
         """
         The model's cost curve on this machine: read from the cache when an entry has exactly this key, else
         measured (a few seconds) and cached.
@@ -191,7 +194,9 @@ class ForwardCost:
                 `hf_bpd.smollm2.cache_root()`.
             widths, context_length, measure_kwargs: see [`~ForwardCost.measure`].
         """
-        from .smollm2 import cache_root  # the project's one definition of the user cache folder
+        from .smollm2 import (
+            cache_root,  # the project's one definition of the user cache folder
+        )
 
         base = _base_model(model)
         widths = tuple(int(w) for w in widths)
@@ -214,7 +219,7 @@ class ForwardCost:
 def _check_curve(widths: tuple[int, ...], seconds: tuple[float, ...]) -> None:
     if not widths or len(widths) != len(seconds) or widths[0] != 1:
         raise ValueError(f"A cost curve needs as many seconds as widths, starting at width 1; got {widths}, {seconds}.")
-    if any(b <= a for a, b in zip(widths, widths[1:])):
+    if any(b <= a for a, b in itertools.pairwise(widths)):
         raise ValueError(f"The widths of a cost curve must be strictly ascending, got {widths}.")
     if any(not (s > 0 and s < float("inf")) for s in seconds):
         raise ValueError(f"The seconds of a cost curve must be positive and finite, got {seconds}.")
@@ -291,7 +296,8 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         entries = data["entries"]
-        if data.get("schema") != _SCHEMA or not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        well_formed = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
+        if data.get("schema") != _SCHEMA or not well_formed:
             raise ValueError(f"schema {data.get('schema')!r}, expected {_SCHEMA} with a list of entries")
         return entries
     except (OSError, ValueError, KeyError, TypeError) as err:
@@ -312,4 +318,4 @@ def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
     except OSError as err:
         if temporary is not None and os.path.exists(temporary):
             os.unlink(temporary)
-        logger.warning("Could not write the forward-cost cache %s (%s); it will be measured again next time.", path, err)
+        logger.warning("Could not write the forward-cost cache %s (%s); it is measured again next time.", path, err)

@@ -25,8 +25,8 @@ instead, costing a forward over `B` rows of `W` tokens as one over `B * W` token
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -36,7 +36,7 @@ from .tree import DraftTree, tree_from_parents
 BATCH_RULES = ("widest", "joint")
 
 
-def _cost_fn(cost: "ForwardCost | Callable[[float], float]") -> Callable[[float], float]:
+def _cost_fn(cost: ForwardCost | Callable[[float], float]) -> Callable[[float], float]:
     return cost.cost if isinstance(cost, ForwardCost) else cost
 
 
@@ -48,7 +48,7 @@ def sorted_node_probs(node_probs: torch.Tensor) -> torch.DoubleTensor:
 
 
 def expected_rates(
-    node_probs: torch.Tensor, cost: "ForwardCost | Callable[[float], float]", draft_cost: float = 0.0,
+    node_probs: torch.Tensor, cost: ForwardCost | Callable[[float], float], draft_cost: float = 0.0,
     batch_size: int = 1,
 ) -> torch.DoubleTensor:  # fmt: skip
     """
@@ -88,7 +88,7 @@ class WidthChoice:
 
 
 def choose_num_nodes(
-    node_probs: torch.Tensor, cost: "ForwardCost | Callable[[float], float]", draft_cost: float = 0.0,
+    node_probs: torch.Tensor, cost: ForwardCost | Callable[[float], float], draft_cost: float = 0.0,
     live: torch.BoolTensor | None = None, batch_rule: str = "widest",
 ) -> WidthChoice:  # fmt: skip
     """
@@ -183,14 +183,14 @@ class WidthFromCost:
         batch_rule (`str`): see [`choose_num_nodes`].
     """
 
-    cost: "ForwardCost | Callable[[float], float]"
+    cost: ForwardCost | Callable[[float], float]
     fallback_nodes: int = 4
     batch_rule: str = "widest"
 
     def num_nodes(
         self, node_probs: torch.Tensor | None, draft_cost: float = 0.0, live: torch.BoolTensor | None = None
     ) -> int:
-        """`N` for this step; `fallback_nodes` (at most the candidates) when `node_probs` is None (uncalibrated)."""
+        """`N` for this step; `fallback_nodes` when `node_probs` is None (uncalibrated)."""
         if node_probs is None:
             return self.fallback_nodes
         return choose_num_nodes(node_probs, self.cost, draft_cost, live, self.batch_rule).num_nodes

@@ -14,7 +14,7 @@ from hf_bpd import BPDForCausalLM
 from hf_bpd.cost import CACHE_FILE, ForwardCost, _non_decreasing
 
 WIDTHS = (1, 2, 5, 9)
-FAST = dict(widths=WIDTHS, context_length=16, repeats=3, budget_s=0.0)
+FAST = {"widths": WIDTHS, "context_length": 16, "repeats": 3, "budget_s": 0.0}
 
 
 def test_interpolation_and_relative():

@@ -75,7 +75,8 @@ def test_batch_rules():
     assert widest.row_nodes.tolist() == [3, 0, 0] and widest.num_nodes == 3  # row 0 decides; row 2 has finished
     # joint: a B-row forward of width W costs cost(B * W) = 1 + 0.5 * (3W - 1); total expected tokens of live rows
     joint = choose_num_nodes(probs, linear(0.5), live=live, batch_rule="joint")
-    totals = [(2 + sum([0.9, 0.8, 0.7][:n]) + sum([0.1, 0.05, 0.0][:n])) / (1 + 0.5 * (3 * (n + 1) - 1)) for n in range(4)]
+    rows = ([0.9, 0.8, 0.7], [0.1, 0.05, 0.0])
+    totals = [(2 + sum(rows[0][:n]) + sum(rows[1][:n])) / (1 + 0.5 * (3 * (n + 1) - 1)) for n in range(4)]
     assert joint.num_nodes == max(range(4), key=lambda n: (totals[n], -n))
     assert joint.expected_rate == pytest.approx(max(totals))
     with pytest.raises(ValueError, match="batch_rule"):
