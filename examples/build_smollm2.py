@@ -104,6 +104,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=5, help="heads to train (select keeps the first h)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--heads-max-minutes", type=float, default=60.0)
+    p.add_argument("--head-type", default="resblock",
+                   help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)")
+    p.add_argument("--heads-tag", default="",
+                   help="suffix of the work folders of this run (e.g. 'recurrent-25pct'), so runs can sit side by side")
+    p.add_argument("--train-fraction", type=float, default=1.0,
+                   help="train on this share of the cached chat sequences (data-scaling runs); raw windows in full")
     p.add_argument("--heads-epochs", type=float, default=4.0)
     p.add_argument("--heads-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -376,7 +382,9 @@ def stage_heads(args: argparse.Namespace) -> None:
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
 
     feats = args.work_dir / "features"
-    train = CachedFeatures([feats / "chat", feats / "raw"])
+    chat = sorted((feats / "chat").glob("*.safetensors"))
+    chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards: a data-scaling run's subset
+    train = CachedFeatures([*chat, feats / "raw"])
     evaluation = CachedFeatures(feats / "eval")
     base, tok = load_smollm2(dtype=torch.float32)
     vocab = base.config.vocab_size
@@ -386,10 +394,12 @@ def stage_heads(args: argparse.Namespace) -> None:
     logger.info("draft vocabulary coverage of the training targets: %s", cover)
     token_map = draft_vocab_from_counts(counts, args.draft_vocab_size, always=[tok.eos_token_id])
     model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads, draft_vocab_size=args.draft_vocab_size,
+                                     head_type=args.head_type,
                                      base_model_name_or_path=SMOLLM2_HUB_ID)  # fmt: skip
     model.set_draft_vocab(token_map)
     steps_per_epoch = max(1, len(train) // args.heads_batch)
-    ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}"
+    tag = f"-{args.heads_tag}" if args.heads_tag else ""
+    ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}{tag}"
     targs = BPDTrainingArguments(
         output_dir=str(ckpt_dir), use_cpu=True, report_to="none", bf16=args.dtype == "bfloat16",
         per_device_train_batch_size=args.heads_batch, per_device_eval_batch_size=args.heads_batch,
@@ -421,7 +431,7 @@ def stage_heads(args: argparse.Namespace) -> None:
     seconds = time.monotonic() - start
     metrics = trainer.evaluate()
     logger.info("heads eval: %s", {k: v for k, v in metrics.items() if "top1" in k})
-    out = args.work_dir / "heads-trained"  # all trained heads; `select` keeps the first h -> reference/
+    out = args.work_dir / f"heads-trained{tag}"  # all trained heads; `select` keeps the first h -> reference/
     info = trainer.training_info()
     info.update({
         "train_sequences": len(train), "train_target_tokens": train.num_target_tokens(),
