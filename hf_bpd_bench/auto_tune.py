@@ -105,9 +105,20 @@ def write_config(folder: str | Path, spec: dict[str, Any]) -> Path:
     """Set `drafter` in the checkpoint's `config.json` (the rest unchanged)."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
-    config["drafter"] = spec
+    config["drafter"] = _rounded(spec)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals (a readable config; calibration rates need no more)."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -142,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.write_config:
         print(f"wrote {write_config(args.model, spec)}")
     else:
-        print(json.dumps(spec))
+        print(json.dumps(_rounded(spec)))
 
 
 if __name__ == "__main__":

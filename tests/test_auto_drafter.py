@@ -158,3 +158,33 @@ def test_match_calibration_fit_and_errors():
         AutoDrafter(None)
     with pytest.raises(ValueError, match="max_depth must be"):
         ContextNgramDrafter(max_depth=0)
+
+
+def test_tuned_spec_round_trips_through_the_config_and_stays_lossless(tmp_path):
+    """`hf-bpd tune --auto`'s spec on a tiny model: a valid `BPDConfig.drafter`, built by plain `use_bpd=True`."""
+    from hf_bpd_bench.auto_tune import auto_spec, match_observations, write_config
+
+    seq = torch.tensor([4, 5, 6, 7, 4, 5, 6, 8, 4, 5, 6, 7])
+    lengths, accepted = match_observations(seq, prompt_len=4, max_depth=3)
+    # t=4: 7 never occurred before (no match); t=5: "4" matches at 0, drafts 5 6 7, the model wrote 5 6 8
+    assert lengths[0] == 1 and accepted[0] == 2
+    model = make("llama")
+    prompts = [torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 9]), torch.tensor([3, 4, 3, 4, 3, 4, 10])]
+    spec = auto_spec(model, prompts, num_nodes=4, top_k=97, max_depth=6, max_new_tokens=40)  # every rank: hits
+    spec["cost"] = [[1, 1.0], [9, 1.1], [17, 3.0]]  # no measurement in a unit test
+    model.save_pretrained(tmp_path, save_base=True)
+    write_config(tmp_path, spec)  # what `--write-config` does to a checkpoint
+    loaded = BPDForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.drafter["type"] == "auto"
+    ids = prompts[0][None]
+    ref = model.base.generate(ids, max_new_tokens=20, do_sample=False)
+    out = loaded.generate(ids, max_new_tokens=20, use_bpd=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref) and out.mean_verify_width is not None
+
+
+def test_bench_verdict_line():
+    from hf_bpd_bench.machine import format_verdict
+
+    record = {"cpu": "AMD EPYC", "native_bf16": True, "dtype": "float32", "torch_threads": 2, "gpu": None}
+    assert format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
+    assert "not measured" in format_verdict("bpd", None, record | {"torch_threads": 1})
