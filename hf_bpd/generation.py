@@ -60,6 +60,8 @@ class BPDGenerateOutput(GenerateDecoderOnlyOutput):
             `compare_unrefined=True`, what the heads' own argmax draft would have accepted at each step (verified in
             the same call, never chosen), `-1` where the row had finished.
         draft_time_s (`float`): seconds spent computing drafts (heads and any rescorer).
+        mean_verify_width (`float`): draft nodes verified per step (the block's width minus its root), averaged over
+            the verify steps; 0 when every step was a plain greedy step (see `hf_bpd.drafters.auto`).
     """
 
     num_serial_calls: int | None = None
@@ -68,6 +70,7 @@ class BPDGenerateOutput(GenerateDecoderOnlyOutput):
     accepted_lengths: torch.LongTensor | None = None
     unrefined_accepted_lengths: torch.LongTensor | None = None
     draft_time_s: float | None = None
+    mean_verify_width: float | None = None
 
 
 class BPDGenerationMixin(GenerationMixin):
@@ -252,6 +255,9 @@ class _BlockDecoder:
         self.wants_committed = getattr(drafter, "hidden_states", "last") == "committed"
         self.prompt_start: torch.LongTensor | None = None  # first real token of each row (from the attention mask)
         self.num_heads = bpd.config.num_draft_heads
+        # drafters deeper than the heads (prompt lookup) declare `max_depth`; the token buffer leaves room for it
+        declared = getattr(drafter, "max_depth", None)
+        self.max_depth = max(self.num_heads, declared if isinstance(declared, int) else 0)
         self.max_length = generation_config.max_length
         pad = pad_token_tensor(generation_config)
         self.pad_id = int(pad) if pad is not None else 0
@@ -278,6 +284,7 @@ class _BlockDecoder:
         self.row_scores: list[list[torch.Tensor]] = []
         self.row_logits: list[list[torch.Tensor]] = []
         self.draft_time_s = 0.0
+        self.verified_nodes: list[int] = []  # draft nodes of each verify step
 
     # ---------------------------------------------------------------------------------------------- the algorithm
     def run(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None) -> DecodeState:
@@ -292,8 +299,9 @@ class _BlockDecoder:
     def step(self, state: DecodeState) -> None:
         """One serial call of the base model: commits between 1 and `h + 1` tokens per live row."""
         remaining = state.row_limit - state.lengths  # tokens each row may still commit
-        num_tokens = min(self.num_heads, int(remaining[state.live].max()) - 1)
-        tree = self.draft(state, num_tokens)  # chains (B, p, h') or a prefix tree, as one tree-shaped block
+        room = int(remaining[state.live].max()) - 1
+        tree = self.draft(state, min(self.num_heads, room), min(self.max_depth, room))  # one tree-shaped block
+        self.verified_nodes.append(tree.layout.width - 1)
         block = self.verify(state, tree)  # one forward over all drafts
         best, n, targets = self.accept(state, block, remaining, tree)  # each row's kept path, length, tokens
         rows = torch.arange(best.shape[0], device=best.device)
@@ -321,7 +329,7 @@ class _BlockDecoder:
                 f"{type(self.model).__name__} takes no `position_ids`: `use_bpd=True` needs them with padding."
             )
         limit = self.stopper.max_length if self.stopper.max_length is not None else self.max_length
-        tokens = torch.full((batch, limit + self.num_heads + 1), self.pad_id, dtype=torch.long, device=device)
+        tokens = torch.full((batch, limit + self.max_depth + 1), self.pad_id, dtype=torch.long, device=device)
         tokens[:, :prompt_len] = input_ids
         lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
         state = DecodeState(
@@ -343,15 +351,16 @@ class _BlockDecoder:
         state.hidden = hidden[:, -1]  # (B, d)
         return state
 
-    def draft(self, state: DecodeState, num_tokens: int) -> DraftTree:
-        """The drafter's [`~hf_bpd.tree.DraftTree`] for this step, cut to depth `num_tokens`."""
+    def draft(self, state: DecodeState, num_tokens: int, max_tokens: int | None = None) -> DraftTree:
+        """The drafter's [`~hf_bpd.tree.DraftTree`] for this step, cut to depth `max_tokens` (`num_tokens <= h` for
+        the heads; deeper for a drafter declaring `max_depth`)."""
         start = time.perf_counter()
-        ctx = self.context(state, num_tokens)
+        ctx = self.context(state, num_tokens, max_tokens)
         tree = checked_tree(self.drafter.propose(ctx), ctx)
         self.draft_time_s += time.perf_counter() - start
         return tree
 
-    def context(self, state: DecodeState, num_tokens: int) -> DraftContext:
+    def context(self, state: DecodeState, num_tokens: int, max_tokens: int | None = None) -> DraftContext:
         """What the drafter sees: committed tokens, where each prompt starts, the heads and their inputs."""
         if self.prompt_start is None:  # the first real token of each row: its first attended cache slot
             self.prompt_start = state.attention_mask.ne(0).long().argmax(dim=-1)
@@ -360,7 +369,7 @@ class _BlockDecoder:
             committed, count = state.hidden[:, None], torch.ones_like(state.lengths)
         return DraftContext(
             state.tokens, state.lengths, state.live, self.heads, state.hidden, num_tokens, self.proposal_warper,
-            self.prompt_start, committed, count,
+            self.prompt_start, committed, count, max_tokens, self.max_depth,
         )  # fmt: skip
 
     def verify(self, state: DecodeState, tree: DraftTree) -> VerifiedBlock:
@@ -546,6 +555,7 @@ class _BlockDecoder:
             accepted_lengths=torch.stack(self.accepted) if self.accepted else torch.zeros((0, batch), dtype=torch.long),
             unrefined_accepted_lengths=torch.stack(self.unrefined) if self.unrefined else None,
             draft_time_s=self.draft_time_s,
+            mean_verify_width=sum(self.verified_nodes) / len(self.verified_nodes) if self.verified_nodes else 0.0,
             cache=self.cache,
         )
 

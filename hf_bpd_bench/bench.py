@@ -94,6 +94,7 @@ FIGURE_KEYS = (
     "identical_to_greedy",
     "mean_accepted_length",
     "rescoring_ms_per_step",
+    "mean_verify_width",
 )
 # transformers `generate` argument that takes a BPD drafter (one place: renamed here when the loop's name changes)
 DRAFTER_KWARG = "draft_rescorer"
@@ -164,7 +165,7 @@ def run_method(
     model = res.model
     pad = res.tokenizer.pad_token_id
     counter = ForwardCounter(model.base)
-    outputs, accepted, tokens, calls, draft_s, steps = [], [], 0, 0, 0.0, 0
+    outputs, accepted, tokens, calls, draft_s, steps, nodes = [], [], 0, 0, 0.0, 0, 0.0
     start = time.perf_counter()
     try:
         for i, batch in enumerate(inputs):
@@ -181,6 +182,7 @@ def run_method(
                 accepted.append(out.accepted_lengths.flatten())
                 draft_s += out.draft_time_s
                 steps += out.accepted_lengths.shape[0]
+                nodes += (out.mean_verify_width or 0.0) * out.accepted_lengths.shape[0]
             elif not METHODS[method].generate:  # plain decoding: one token per row per call
                 row_calls = row_tokens
             else:  # prompt lookup / assisted decoding (batch size 1): the calls the forward hook counted
@@ -196,6 +198,8 @@ def run_method(
         "row_calls": calls,
         "accepted": torch.cat(accepted) if accepted else torch.zeros(0, dtype=torch.long),
         "draft_ms_per_step": metrics.draft_ms_per_step(draft_s, steps),
+        "verify_nodes": nodes,  # draft nodes verified, summed over verify steps
+        "verify_steps": steps,
     }
 
 
@@ -276,11 +280,17 @@ def _figures(method: str, runs: list[dict], greedy_runs: list[dict], greedy_ref:
         "generated_tokens": first["generated"],
         "row_calls": first["row_calls"],
         "steps": int((first["accepted"] >= 0).sum()),
+        "mean_verify_width": _mean_width(first),
         "accepted_histogram": torch.bincount(first["accepted"][first["accepted"] >= 0]).tolist(),
     }
     if not METHODS[method].timed:  # headroom measure: no wall clock
         fig["tokens_per_s"] = fig["speedup_vs_greedy"] = None
     return fig
+
+
+def _mean_width(run: dict[str, Any]) -> float | None:
+    """Draft nodes verified per verify step (BPD methods; width from cost varies it step by step)."""
+    return round(run["verify_nodes"] / run["verify_steps"], 3) if run.get("verify_steps") else None
 
 
 def _overall(method: str, domains: dict[str, Any]) -> dict[str, Any]:
@@ -300,7 +310,13 @@ def _overall(method: str, domains: dict[str, Any]) -> dict[str, Any]:
         "identical_to_greedy": all(f["identical_to_greedy"] for f in figs),
         "mean_accepted_length": round(sum(m * n for m, n in accepted) / steps, 3) if accepted and steps else None,
         "rescoring_ms_per_step": round(rescoring / steps, 3) if steps else 0.0,
+        "mean_verify_width": _mean_of(figs, "mean_verify_width"),
     }
+
+
+def _mean_of(figs: list[dict[str, Any]], key: str) -> float | None:
+    values = [f[key] for f in figs if f.get(key) is not None]
+    return round(sum(values) / len(values), 3) if values else None
 
 
 def format_table(report: dict[str, Any]) -> str:

@@ -155,7 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from hf_bpd.data import load_prompts
 
     from .bench import BenchConfig, benchmark, format_table
-    from .machine import format_machine, machine_record
+    from .machine import format_machine, format_verdict, machine_record
 
     parts = parts_needed(args.methods)
     _resolve_defaults(args, fill=parts, required=parts - {"draft_tree"})
@@ -181,6 +181,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"\n== batch size {batch_size} ==" + format_table(report))
         results[str(batch_size)] = report
     first = results[str(args.batch_size[0])]
+    verdict_method = next((m for m in ("bpd", *first["methods"]) if m in first["methods"] and m != "greedy"), None)
+    if verdict_method is not None:  # the headline, under the tables: the machine line again, then the verdict
+        speedup = first["methods"][verdict_method].get("speedup_vs_greedy")
+        print("\n" + format_machine(machine) + "\n" + format_verdict(verdict_method, speedup, machine))
     payload = {
         "methods": first["methods"],
         "domains": first["domains"],

@@ -74,3 +74,13 @@ def format_machine(record: dict[str, Any]) -> str:
         f"dtype: {record['dtype']}"
     )
     return line + (f" | gpu: {record['gpu']}" if record.get("gpu") else "")
+
+
+def format_verdict(method: str, speedup: float | None, record: dict[str, Any]) -> str:
+    """One line for people: how fast `method` was against greedy on this machine, and what the machine was."""
+    units = "yes" if record["native_bf16"] else "no"
+    threads = record["torch_threads"]
+    where = f"({record['dtype']}, {record['cpu']}, bf16 units: {units}, {threads} thread{'s' if threads != 1 else ''})"
+    if speedup is None:
+        return f"{method}: not measured here {where}"
+    return f"{method}: {speedup:.2f}x greedy here {where}"

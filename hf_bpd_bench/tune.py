@@ -264,10 +264,15 @@ def run_from_args(args: argparse.Namespace) -> TuningResult:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`hf-bpd tune` / `python -m hf_bpd_bench.tune` (`--tree`: calibrate a static draft tree, see `tree_tune`)."""
+    """`hf-bpd tune` / `python -m hf_bpd_bench.tune` (`--tree`: calibrate a static draft tree, see `tree_tune`;
+    `--auto`: fit the checkpoint's default drafter spec, see `auto_tune`)."""
     import sys
 
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if "--auto" in args_list:  # the checkpoint's default drafter spec (hf_bpd_bench.auto_tune)
+        from .auto_tune import main as auto_main
+
+        return auto_main([a for a in args_list if a != "--auto"])
     if "--tree" in args_list:
         from .tree_tune import main as tree_main
 

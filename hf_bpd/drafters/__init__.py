@@ -6,7 +6,9 @@ How drafts are proposed: one contract, `Drafter.propose(ctx: DraftContext) -> Dr
   head type).
 - Kim et al.'s lattice drafters, exact for independent heads: [`PBestRescorer`], [`NgramRescorer`],
   [`NeuralRescorer`].
-- Trees: [`StaticTreeDrafter`], [`DynamicTreeDrafter`]. Diagnostics: [`OracleDrafter`], [`CompareUnrefined`].
+- Trees: [`StaticTreeDrafter`], [`DynamicTreeDrafter`]. Prompt lookup: [`ContextNgramDrafter`] (alone, or merged
+  into / switched with another drafter's tree). The composed default [`AutoDrafter`] (`"auto"`): heads tree + prompt
+  lookup + a verify width chosen each step from the measured forward cost (`verify_width`). Diagnostics: [`OracleDrafter`], [`CompareUnrefined`].
 
 `DRAFTERS` names them for `build_drafter(model, spec)` and `BPDConfig.drafter`. A new drafter is one file plus a
 registry entry.
@@ -27,7 +29,9 @@ from .base import (
     checked_tree,
     sample_chains,
 )
+from .auto import AutoDrafter, MatchCalibration
 from .compare import CompareUnrefined
+from .context_ngram import ContextNgramDrafter
 from .lattice import LatticeRescorer
 from .neural import NeuralRescorer
 from .ngram import NgramRescorer
@@ -39,6 +43,9 @@ from .tree import ConfidenceCalibration, DynamicTreeDrafter, StaticTreeDrafter, 
 
 __all__ = [
     "DRAFTERS",
+    "AutoDrafter",
+    "ContextNgramDrafter",
+    "MatchCalibration",
     "ChainDrafter",
     "CompareUnrefined",
     "ConfidenceCalibration",

@@ -98,6 +98,11 @@ class DraftContext:
             `hidden_states = "committed"`: the hidden states at the positions that predicted each token the last
             step committed (the last valid one is `hidden`); `committed_count[b]` of them are valid, left-aligned.
         committed_count (`torch.LongTensor` of shape `(batch,)`, *optional*): see `committed_hidden`.
+        max_tokens (`int`, *optional*): draft tokens the loop verifies along a path this step for drafters deeper
+            than the heads (a drafter's `max_depth`, e.g. prompt lookup's long matches), cut near `max_length`;
+            defaults to `num_tokens`.
+        max_depth (`int`, *optional*): the deepest tree the loop accepts from this drafter (`max(h, max_depth)`);
+            defaults to `h`.
     """
 
     def __init__(
@@ -112,8 +117,12 @@ class DraftContext:
         prompt_start: torch.LongTensor | None = None,
         committed_hidden: torch.Tensor | None = None,
         committed_count: torch.LongTensor | None = None,
+        max_tokens: int | None = None,
+        max_depth: int | None = None,
     ):
         self.tokens = tokens
+        self.max_tokens = num_tokens if max_tokens is None else max(int(max_tokens), num_tokens)
+        self._max_depth = max_depth
         self.lengths = lengths
         self.live = live
         self.heads = heads
@@ -131,6 +140,11 @@ class DraftContext:
     def input_ids(self) -> torch.LongTensor:
         """`tokens` (the name of the older [`DraftState`])."""
         return self.tokens
+
+    @property
+    def max_depth(self) -> int:
+        """The deepest draft tree the loop accepts this generation (`h` unless the drafter declares more)."""
+        return self.num_heads if self._max_depth is None else max(int(self._max_depth), self.num_heads)
 
     @property
     def batch_size(self) -> int:
@@ -300,8 +314,8 @@ def chains(ctx: DraftContext, drafts: torch.LongTensor, proposals: torch.Tensor 
 
 
 def checked_tree(tree: DraftTree, ctx: DraftContext) -> DraftTree:
-    """What the loop verifies: a well-formed tree at most `h` deep, cut to `ctx.num_tokens`, on the tokens' device
-    (proposals dropped unless sampling)."""
+    """What the loop verifies: a well-formed tree at most `ctx.max_depth` deep (`h` unless the drafter declares a
+    deeper `max_depth`), cut to `ctx.max_tokens`, on the tokens' device (proposals dropped unless sampling)."""
     if not isinstance(tree, DraftTree):
         raise ValueError(f"Drafter.propose must return a hf_bpd.tree.DraftTree, got {type(tree).__name__}.")
     width = tree.layout.width
@@ -310,12 +324,13 @@ def checked_tree(tree: DraftTree, ctx: DraftContext) -> DraftTree:
             f"A DraftTree of {width} nodes needs tokens of shape ({ctx.batch_size}, {width - 1}) (every node but the "
             f"root), got {tuple(tree.tokens.shape)}."
         )
-    if tree.layout.max_depth > ctx.num_heads:
+    if tree.layout.max_depth > ctx.max_depth:
         raise ValueError(
-            f"The draft tree is {tree.layout.max_depth} tokens deep but the model has {ctx.num_heads} draft heads: a "
-            f"tree may be at most h = {ctx.num_heads} deep."
+            f"The draft tree is {tree.layout.max_depth} tokens deep but the model has {ctx.num_heads} draft heads and "
+            f"the drafter declares max_depth={ctx.max_depth}: a tree may be at most {ctx.max_depth} deep (set the "
+            "drafter's `max_depth` attribute to draft deeper, e.g. prompt lookup)."
         )
-    tree = tree.truncate(ctx.num_tokens)
+    tree = tree.truncate(ctx.max_tokens)
     device = ctx.tokens.device
     proposals = tree.proposals.to(device) if ctx.sampling and tree.proposals is not None else None
     if tree.tokens.device == device and proposals is tree.proposals:
@@ -335,12 +350,15 @@ class Drafter:
         requires_independent_heads (`bool`): the drafter is exact only for heads that read the hidden state alone
             (the lattice searches); [`check_drafter_heads`] refuses token-conditioned heads.
         instead (`str`): what to use with token-conditioned heads (named in the refusal).
+        max_depth (`int`, *optional*): deepest draft path the drafter may propose when deeper than the heads' `h`
+            (prompt lookup); the loop then sizes its buffers for it and passes `ctx.max_tokens`. None: `h`.
     """
 
     num_drafts: int = 1
     hidden_states: ClassVar[Literal["last", "committed"]] = "last"
     requires_independent_heads: bool = False
     instead: ClassVar[str] = ""
+    max_depth: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -85,6 +85,18 @@ def _oracle(model: Any, **options: Any) -> Drafter:
     return OracleDrafter(**options)
 
 
+def _context(model: Any, inner: Any = None, **options: Any) -> Drafter:
+    from .context_ngram import ContextNgramDrafter
+
+    return ContextNgramDrafter(inner=build_drafter(model, inner) if inner is not None else None, **options)
+
+
+def _auto(model: Any, **options: Any) -> Drafter:
+    from .auto import AutoDrafter
+
+    return AutoDrafter(model, **options)
+
+
 DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "heads": lambda model, **options: HeadsDrafter(**options),
     "pbest": _pbest,
@@ -94,6 +106,8 @@ DRAFTERS: dict[str, Callable[..., Drafter]] = {
     "tree": _tree,
     "tree-static": _static,
     "oracle": _oracle,
+    "context-ngram": _context,  # prompt lookup alone, or with `inner` (a spec) by rule merge / switch / both
+    "auto": _auto,  # heads tree + prompt lookup + width from cost: the shipped checkpoints' default
 }
 
 

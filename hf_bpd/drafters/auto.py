@@ -1,0 +1,285 @@
+"""
+The default drafter of a checkpoint (`"auto"`): the heads' draft tree, prompt lookup merged in as one more branch,
+and a verify width chosen each step from the measured cost of the forward pass.
+
+Each step, [`AutoDrafter`]:
+
+1. grows the heads' dynamic tree ([`DynamicTreeDrafter`], its `num_nodes` the most it may verify) and gives every
+   node its calibrated acceptance (path) probability per row: the product of the per-depth conditional rates of the
+   node's head log-probability ([`ConfidenceCalibration`], fitted on the checkpoint's tuning prompts);
+2. looks the row's last tokens up in its own prompt and output ([`find_context_match`]) and merges the match as one
+   more branch, up to `max_depth` tokens deep (deeper than the heads: prompt lookup copies long spans); a match node's
+   probability is [`MatchCalibration`]'s rate for its depth and the row's suffix match length; a tree node on the
+   match's path takes the larger of the two;
+3. keeps the `N` most probable nodes, `N` (0 included: a plain greedy step) maximising the expected tokens per
+   second `(1 + sum of the kept nodes' probabilities) / (cost(N + 1) + draft cost + loop overhead)`
+   (`hf_bpd.drafters.verify_width`), with `cost` the base forward's measured cost curve
+   ([`~hf_bpd.cost.ForwardCost.for_model`], measured once per machine / model / dtype / thread count and cached), the
+   draft cost this drafter's own time, and the loop overhead the measured time of a step beyond its forward.
+
+Merge rather than switch: with the width chosen from cost, a long, likely match already crowds the tree's unlikely
+nodes out of the budget, and a short one still adds its branch; switching (a long match replaces the tree) only
+loses the tree's nodes on the steps where the match is wrong. `rule="both"` (switch when every live row's suffix
+match is `>= switch_length`, else merge) stays available for measurement.
+
+Batch > 1: the block has one shape, so the widest row decides (each row chooses its `N` as if alone; see
+`choose_num_nodes(batch_rule="widest")`); every row still gets its own match and its own probabilities.
+
+Uncalibrated (no `calibration` in the tree options, or no `match_calibration`): no pruning, a fixed budget: the
+tree's `num_nodes` plus the match branch. Token-conditioned heads are uncalibrated here too (their node
+probabilities would need a heads call per tree level). With `do_sample=True` (speculative sampling) the drafter
+returns the heads' sampled tree at the fixed `sampling_nodes` budget: its shape must not depend on the draws, and a
+prompt-lookup branch has no proposal distribution; both keep sampling exact.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..tree import DraftTree, tree_from_parents
+from .base import DraftContext, Drafter
+from .calibration import ConfidenceCalibration
+from .context_ngram import ContextMatch, find_context_match, merge_match, switch_to_match
+from .tree import DynamicTreeDrafter
+from .verify_width import choose_num_nodes, prune_tree
+
+MATCH_EDGES = (2, 3, 4, 6, 8, 12)  # suffix match length bins: [1], [2], [3], [4, 5], [6, 7], [8, 11], [12+]
+_COSTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # base model -> {(dtype, threads): cost}
+
+
+class MatchCalibration:
+    """
+    How likely a prompt-lookup draft token is accepted: `rates[i][d]` is the probability that the match's first
+    `d + 1` tokens are all the model's, for a suffix match length in bin `i` (`edges`: a length `L` is in bin
+    `sum(L >= e for e in edges)`), non-increasing in `d`. Fitted by [`MatchCalibration.fit`] on tuning prompts.
+
+    Args:
+        rates (`list[list[float]]`): `(len(edges) + 1, depth)` path acceptance rates in `[0, 1]`.
+        edges (`Sequence[int]`): ascending suffix match lengths opening each bin after the first.
+    """
+
+    def __init__(self, rates: Sequence[Sequence[float]], edges: Sequence[int] = MATCH_EDGES):
+        table = torch.as_tensor(rates, dtype=torch.float64)
+        if table.dim() != 2 or table.shape[0] != len(edges) + 1 or table.shape[1] < 1:
+            raise ValueError(
+                f"match calibration rates must be a ({len(edges) + 1}, depth) table (one row per suffix-match-length "
+                f"bin), got shape {tuple(table.shape)}."
+            )
+        if not bool(((table >= 0) & (table <= 1)).all()) or list(edges) != sorted(set(edges)):
+            raise ValueError("match calibration rates must lie in [0, 1] and its edges must ascend.")
+        self.rates = torch.minimum(table, table.cummin(dim=1).values)  # a path is never likelier than its prefix
+        self.edges = tuple(int(e) for e in edges)
+
+    def probs(self, length: torch.LongTensor, depth: torch.LongTensor) -> torch.DoubleTensor:
+        """`(..)` path probabilities of match nodes at 1-based `depth` for rows with suffix match `length` (0 where
+        `length == 0`)."""
+        edges = torch.tensor(self.edges, dtype=torch.long)
+        bins = torch.bucketize(length.cpu().contiguous(), edges, right=True)
+        d = (depth.cpu() - 1).clamp(0, self.rates.shape[1] - 1)
+        value = self.rates[bins, d]
+        return torch.where((length.cpu() > 0) & (depth.cpu() <= self.rates.shape[1]), value, 0.0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rates": [[round(float(v), 4) for v in row] for row in self.rates], "edges": list(self.edges)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MatchCalibration":
+        return cls(data["rates"], data.get("edges", MATCH_EDGES))
+
+    @classmethod
+    def fit(cls, lengths: Sequence[int], accepted: Sequence[int], depth: int, edges: Sequence[int] = MATCH_EDGES,
+            prior: float = 2.0) -> "MatchCalibration":  # fmt: skip
+        """
+        Rates from observations: each one a suffix match length and how many of the match's tokens equalled the
+        model's next tokens. Each bin is smoothed toward the pooled rate of its depth (`prior` pseudo-counts).
+        """
+        length = torch.as_tensor(list(lengths), dtype=torch.long)
+        acc = torch.as_tensor(list(accepted), dtype=torch.long)
+        bins = torch.bucketize(length, torch.tensor(list(edges), dtype=torch.long), right=True)
+        d = torch.arange(1, depth + 1)
+        hit = (acc[:, None] >= d[None]).double()  # (n, depth)
+        pooled = (hit.sum(0) + 0.5) / (hit.shape[0] + 1.0)
+        rows = []
+        for i in range(len(edges) + 1):
+            mine = hit[bins == i]
+            rows.append(((mine.sum(0) + prior * pooled) / (mine.shape[0] + prior)).tolist())
+        return cls(rows, edges)
+
+
+def _cost_of(model: Any, cost: Any) -> Callable[[float], float]:
+    """The forward's cost curve: given (a callable, or `[[width, seconds], ...]`), else measured once per process
+    (and cached on disk by `ForwardCost.for_model`)."""
+    from ..cost import ForwardCost
+
+    if callable(cost):
+        return cost
+    if isinstance(cost, ForwardCost):
+        return cost.cost
+    if cost is not None:
+        pairs = sorted((int(w), float(s)) for w, s in cost)
+        return ForwardCost(widths=tuple(w for w, _ in pairs), seconds=tuple(s for _, s in pairs), key={}).cost
+    base = getattr(model, "base", model)
+    key = (str(base.dtype), str(base.device), torch.get_num_threads())
+    curves = _COSTS.setdefault(base, {})
+    if key not in curves:
+        curves[key] = ForwardCost.for_model(model)
+    return curves[key].cost
+
+
+class AutoDrafter(Drafter):
+    """
+    Heads tree + prompt-lookup branch + verify width from cost (see the module docstring). Built from a checkpoint's
+    spec `{"type": "auto", ...}` (`BPDConfig.drafter`, written by `hf-bpd tune --auto`).
+
+    Args:
+        model ([`~hf_bpd.BPDForCausalLM`]): whose forward cost is measured (at first use).
+        tree (`dict`, *optional*): [`DynamicTreeDrafter`] options (`num_nodes`: the widest tree, `top_k`,
+            `calibration`); None: no heads tree (prompt lookup with width from cost).
+        context (`dict`, *optional*): prompt-lookup options (`max_ngram`, `min_ngram`, `max_depth`, `cyclic`);
+            None: no prompt lookup.
+        match_calibration ([`MatchCalibration`] or its `to_dict()`, *optional*).
+        cost (`Callable[[float], float]`, [`~hf_bpd.cost.ForwardCost`] or `[[width, seconds], ...]`, *optional*):
+            the forward cost curve; default: measured for this machine.
+        rule (`str`, defaults to `"merge"`): `"merge"` or `"both"` (switch on a long match, else merge).
+        switch_length (`int`, defaults to 4): with `rule="both"`.
+        sampling_nodes (`int`, defaults to 8): the fixed tree budget when sampling.
+        width_from_cost (`bool`, defaults to True): False verifies the fixed budget (for comparison).
+    """
+
+    def __init__(
+        self, model: Any = None, tree: dict | None = None, context: dict | None = None,
+        match_calibration: "MatchCalibration | dict | None" = None, cost: Any = None, rule: str = "merge",
+        switch_length: int = 4, sampling_nodes: int = 8, width_from_cost: bool = True,
+    ):  # fmt: skip
+        if rule not in ("merge", "both"):
+            raise ValueError(f"AutoDrafter rule must be 'merge' or 'both', got {rule!r}.")
+        if tree is None and context is None:
+            raise ValueError("AutoDrafter needs `tree` (heads tree options), `context` (prompt lookup), or both.")
+        self.model, self.rule, self.switch_length = model, rule, int(switch_length)
+        self.tree = DynamicTreeDrafter(**tree) if tree is not None else None
+        self.sampler = DynamicTreeDrafter(num_nodes=sampling_nodes, top_k=min(8, sampling_nodes))
+        context = dict(context or {}) if context is not None else None
+        self.context = context
+        self.max_depth = int(context.get("max_depth", 10)) if context is not None else None
+        if isinstance(match_calibration, dict):
+            match_calibration = MatchCalibration.from_dict(match_calibration)
+        self.match_calibration = match_calibration
+        self._cost_spec, self._cost = cost, None
+        self.width_from_cost = bool(width_from_cost)
+        nodes = max(self.tree.num_nodes if self.tree is not None else 0, sampling_nodes)
+        self.max_block_width = nodes + (self.max_depth or 0) + 1
+        self.reset()
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether node probabilities are known (else the fixed budget is verified)."""
+        tree_ok = self.tree is None or self.tree.calibration is not None
+        return self.width_from_cost and tree_ok and (self.context is None or self.match_calibration is not None)
+
+    def reset(self) -> None:
+        self.widths: list[int] = []
+        self.draft_s = self.overhead_s = 0.0
+        self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
+        for drafter in (self.tree, self.sampler):
+            if drafter is not None:
+                drafter.reset()
+
+    def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
+        if self.tree is not None:
+            self.tree.update(accepted_lengths, chosen)
+
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        if ctx.sampling:  # exact: a shape fixed before the draws, no deterministic branch
+            return self.sampler.propose(ctx)
+        start = time.perf_counter()
+        self._track_overhead(start)
+        with torch.no_grad():
+            tree, probs = self._candidates(ctx)
+            draft_s = time.perf_counter() - start
+            self.draft_s = draft_s if not self.widths else 0.8 * self.draft_s + 0.2 * draft_s
+            if probs is not None and tree.layout.width > 1:
+                spent = self.draft_s + self.overhead_s
+                choice = choose_num_nodes(probs, self._curve(), spent, ctx.live, "widest")
+                tree = prune_tree(tree, probs, choice.num_nodes, ctx.live)
+        self.widths.append(tree.layout.width - 1)
+        self._last = (start, tree.layout.width, time.perf_counter() - start)
+        return tree
+
+    # ------------------------------------------------------------------ pieces
+    def _curve(self) -> Callable[[float], float]:
+        if self._cost is None:
+            self._cost = _cost_of(self.model, self._cost_spec)
+        return self._cost
+
+    def _track_overhead(self, now: float) -> None:
+        """What a step costs beyond its forward and its drafting (scoring, acceptance, cache bookkeeping): the time
+        since the last step's start, less those two; it is paid whatever the width, like the draft cost."""
+        if self._last is None or not self.calibrated:
+            return
+        began, width, drafted = self._last
+        extra = max(now - began - drafted - self._curve()(width), 0.0)
+        self.overhead_s = extra if len(self.widths) <= 1 else 0.8 * self.overhead_s + 0.2 * extra
+
+    def _candidates(self, ctx: DraftContext) -> tuple[DraftTree, torch.Tensor | None]:
+        """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated)."""
+        calibrated = self.calibrated and ctx.independent
+        if self.tree is not None and ctx.num_tokens > 0:
+            tree = self.tree.propose(ctx)
+            probs = _tree_probs(ctx, tree, self.tree.calibration) if calibrated else None
+        else:
+            tree = DraftTree(tokens=ctx.tokens.new_zeros(ctx.batch_size, 0), layout=tree_from_parents((-1,)))
+            probs = torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
+        if self.context is None:
+            return tree, probs
+        depth = min(ctx.max_tokens, self.max_depth)
+        options = {k: v for k, v in self.context.items() if k in ("max_ngram", "min_ngram", "cyclic")}
+        match = find_context_match(ctx.tokens, ctx.lengths, ctx.prompt_start, depth, ctx.live, **options)
+        switched = None
+        if self.rule == "both":
+            switched = switch_to_match(tree, match, self.switch_length, depth, ctx.live)
+        merged = switched if switched is not None else merge_match(tree, match, depth)
+        if not calibrated:
+            return merged, None
+        if switched is not None:
+            probs = probs.new_zeros(ctx.batch_size, 0)
+        probs = torch.cat([probs, probs.new_zeros(ctx.batch_size, merged.layout.width - 1 - probs.shape[1])], 1)
+        return merged, self._with_match(merged, probs, match)
+
+    def _with_match(self, tree: DraftTree, probs: torch.Tensor, match: ContextMatch) -> torch.Tensor:
+        """Nodes on a row's match path get at least the match's calibrated probability."""
+        layout = tree.layout
+        if layout.width == 1:
+            return probs
+        paths = tree.path_drafts()[:, layout.draft_of_node[1:]].cpu()  # (B, W - 1, D): a path through each node
+        d = paths.shape[-1]
+        want = torch.full((paths.shape[0], d), -2, dtype=torch.long)
+        m = min(d, match.tokens.shape[1])
+        want[:, :m] = match.tokens[:, :m].cpu()
+        depth = layout.depth[1:].cpu()
+        inside = torch.arange(d)[None] < depth[:, None]  # (W - 1, D)
+        on_path = ((paths == want[:, None]) | ~inside[None]).all(-1) & (depth[None] <= match.num_found_tokens.cpu()[:, None])
+        rate = self.match_calibration.probs(match.length.cpu()[:, None].expand(-1, depth.numel()), depth[None])
+        return torch.where(on_path, torch.maximum(probs, rate), probs)
+
+
+def _tree_probs(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration | None) -> torch.Tensor:
+    """Calibrated path probabilities `(B, W - 1)` of an independent heads' tree: per node, the calibrated conditional
+    rate of its head's log-probability of its token, multiplied along its path."""
+    layout = tree.layout
+    width = layout.width
+    if width == 1 or calibration is None:
+        return torch.zeros(ctx.batch_size, width - 1, dtype=torch.float64)
+    depth = layout.depth[1:].to(ctx.tokens.device)
+    logp = torch.log_softmax(ctx.draft_logits()[:, : int(depth.max())].float(), dim=-1)  # (B, D, V)
+    own = logp[:, depth - 1].gather(2, tree.tokens.to(logp.device)[:, :, None])[:, :, 0]  # (B, W - 1)
+    cal = torch.stack([calibration.log_confidence(int(d) - 1, own[:, w]) for w, d in enumerate(depth.tolist())], 1)
+    parents = layout.parent.tolist()
+    path = torch.zeros(ctx.batch_size, width, dtype=torch.float64)
+    for w in range(1, width):
+        path[:, w] = path[:, parents[w]] + cal[:, w - 1].double()
+    return path[:, 1:].exp()
+

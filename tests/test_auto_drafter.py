@@ -1,0 +1,190 @@
+"""The composed default drafter (`"auto"`: heads tree + prompt lookup + width from cost) and prompt lookup through
+the registry: lossless against the base model's greedy generate on every test architecture, batch 1 and 3, a prompt
+token equal to the pad id; cost curves that force a plain greedy step and the full tree; drafts deeper than `h`;
+exact sampling through the fixed-shape fallback; calibration and spec errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ARCHS, PAD, batch_prompts, randomize_heads, tiny_base
+from test_sampling import chi_square_pvalue, exact_distribution, sampling_model
+
+from hf_bpd import BPDForCausalLM
+from hf_bpd.drafters import AutoDrafter, ConfidenceCalibration, ContextNgramDrafter, MatchCalibration, build_drafter
+from hf_bpd.drafters.calibration import CALIBRATION_EDGES
+
+H = 3
+FLAT = lambda width: 1.0  # noqa: E731  (every width costs the same: verify every node with a chance)
+STEEP = lambda width: float(width) ** 3  # noqa: E731  (any draft node costs more than it can return)
+
+
+def make(arch: str) -> BPDForCausalLM:
+    return randomize_heads(BPDForCausalLM.from_base(tiny_base(arch), num_draft_heads=H))
+
+
+def calibration() -> dict:
+    rates = [[0.2 + 0.05 * b for b in range(len(CALIBRATION_EDGES) + 1)] for _ in range(H)]
+    return ConfidenceCalibration(rates).to_dict()
+
+
+def match_calibration(depth: int = 10) -> dict:
+    return MatchCalibration([[0.9 ** (d + 1) for d in range(depth)] for _ in range(7)]).to_dict()
+
+
+def auto_spec(cost, **options) -> dict:
+    spec = {"type": "auto", "tree": {"num_nodes": 6, "top_k": 3, "calibration": calibration()},
+            "context": {"max_ngram": 3, "max_depth": 8}, "match_calibration": match_calibration(), "cost": cost}
+    return {**spec, **options}  # fmt: skip
+
+
+def repetitive_prompts(batch: int):
+    """Prompts that repeat a phrase (prompt lookup finds matches), left padded, one real token equal to PAD."""
+    ids, mask = batch_prompts(batch, length=16)
+    phrase = torch.tensor([11, 12, 13, 14, 15])
+    for b in range(batch):
+        start = int((mask[b] == 0).sum())
+        row = torch.cat([phrase, torch.tensor([PAD]), phrase, phrase])[: 16 - start]
+        ids[b, start:] = row
+    return ids, mask
+
+
+SPECS = {
+    "context-alone": lambda: {"type": "context-ngram"},
+    "context-merge-tree": lambda: {"type": "context-ngram", "rule": "merge", "inner": {"type": "tree", "num_nodes": 5,
+                                                                                      "top_k": 2}},
+    "context-switch-heads": lambda: {"type": "context-ngram", "rule": "switch", "switch_length": 2,
+                                     "inner": "heads"},
+    "auto-flat": lambda: auto_spec(FLAT),
+    "auto-steep": lambda: auto_spec(STEEP),
+    "auto-switch": lambda: auto_spec([[1, 1.0], [5, 1.2], [17, 2.0]], rule="both"),
+    "auto-uncalibrated": lambda: {"type": "auto", "tree": {"num_nodes": 4, "top_k": 2}, "context": {}},
+}  # fmt: skip
+
+
+# every drafter on llama; the other architectures with prompt lookup alone and the full auto tree (a shared CPU)
+CASES = [(name, "llama") for name in sorted(SPECS)] + [
+    (name, arch) for arch in ARCHS if arch != "llama" for name in ("auto-flat", "context-alone")
+]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("name, arch", CASES)
+def test_greedy_lossless(name, arch, batch):
+    model = make(arch)
+    ids, mask = repetitive_prompts(batch)
+    drafter = build_drafter(model, SPECS[name]())
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_bpd=True,
+                         drafter=drafter, return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    if name == "auto-steep":  # no node pays for itself: every step is a plain greedy step
+        assert out.mean_verify_width == 0.0 and int(out.accepted_lengths.max()) == 0
+    elif name == "auto-flat":  # width is free: the whole candidate tree (6 nodes and the match branch) is verified
+        assert out.mean_verify_width >= 6.0
+    else:
+        assert out.mean_verify_width > 0
+
+
+def test_prompt_lookup_drafts_deeper_than_the_heads():
+    """A periodic continuation: the match branch (up to 8 tokens) is accepted beyond h = 3 in one step."""
+    model = make("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11] * 4])
+    with torch.no_grad():  # make the base model copy: its greedy output continues the period
+        ref = model.base.generate(ids, max_new_tokens=30, do_sample=False)
+    drafter = ContextNgramDrafter(max_depth=8)
+    out = model.generate(ids, max_new_tokens=30, do_sample=False, use_bpd=True, drafter=drafter,
+                         return_dict_in_generate=True)  # fmt: skip
+    assert torch.equal(out.sequences, ref)
+    # whatever the random model continues with, a verified block may be up to 8 deep and the buffer holds it
+    assert out.mean_verify_width <= 8
+    period = ref[0, 28:].tolist() == (ids[0, :7].tolist() * 5)[: ref.shape[1] - 28]
+    if period:
+        assert int(out.accepted_lengths.max()) > H
+
+
+def test_deep_tree_is_refused_unless_declared():
+    from hf_bpd.drafters import Drafter
+    from hf_bpd.tree import DraftTree
+
+    class Deep(Drafter):
+        def propose(self, ctx):
+            return DraftTree.from_chains(ctx.tokens.new_zeros(ctx.batch_size, 1, H + 2))
+
+    model = make("llama")
+    with pytest.raises(ValueError, match="max_depth"):
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, use_bpd=True, drafter=Deep())
+    declared = Deep()
+    declared.max_depth = H + 2
+    ref = model.base.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)
+    assert torch.equal(model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, use_bpd=True, drafter=declared), ref)
+
+
+def test_sampling_falls_back_to_an_exact_fixed_shape_tree():
+    """With `do_sample=True` the auto drafter verifies the heads' sampled tree (shape fixed before the draws, no
+    deterministic branch): the samples follow the base model's distribution."""
+    from test_sampling import NEW, ROWS
+
+    model = sampling_model()
+    drafter = AutoDrafter(model, tree={"num_nodes": 4, "top_k": 2, "calibration": None}, context={},
+                          cost=FLAT, sampling_nodes=4)  # fmt: skip
+    prompt = [3, 5, 7]
+    from transformers import LogitsProcessorList
+
+    dist = exact_distribution(model.base, prompt, LogitsProcessorList())
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt] * ROWS), max_new_tokens=NEW, do_sample=True, top_k=0, top_p=1.0,
+                         use_bpd=True, drafter=drafter, return_dict_in_generate=True)  # fmt: skip
+    samples = out.sequences[:, len(prompt) :]
+    assert 0 < out.mean_verify_width <= 4.0  # the fixed sampling budget (cut near max_length), never pruned
+    assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
+
+
+def test_match_calibration_fit_and_errors():
+    lengths = [1] * 50 + [8] * 50
+    accepted = [0] * 40 + [1] * 10 + [5] * 45 + [0] * 5
+    cal = MatchCalibration.fit(lengths, accepted, depth=6)
+    short, long = cal.probs(torch.tensor([1, 8]), torch.tensor([1, 1]))
+    assert long > 0.8 > 0.3 > short
+    deep = cal.probs(torch.tensor([8] * 6), torch.arange(1, 7))
+    assert bool((deep.diff() <= 0).all())  # a path is never likelier than its prefix
+    assert float(cal.probs(torch.tensor([0]), torch.tensor([1]))) == 0.0  # no match, no probability
+    assert MatchCalibration.from_dict(cal.to_dict()).rates.shape == (7, 6)
+    with pytest.raises(ValueError, match="suffix-match-length bin"):
+        MatchCalibration([[0.5]])
+    with pytest.raises(ValueError, match="'merge' or 'both'"):
+        AutoDrafter(None, tree={"num_nodes": 2}, rule="switch")
+    with pytest.raises(ValueError, match="needs `tree`"):
+        AutoDrafter(None)
+    with pytest.raises(ValueError, match="max_depth must be"):
+        ContextNgramDrafter(max_depth=0)
+
+
+def test_tuned_spec_round_trips_through_the_config_and_stays_lossless(tmp_path):
+    """`hf-bpd tune --auto`'s spec on a tiny model: a valid `BPDConfig.drafter`, built by plain `use_bpd=True`."""
+    from hf_bpd_bench.auto_tune import auto_spec, match_observations, write_config
+
+    seq = torch.tensor([4, 5, 6, 7, 4, 5, 6, 8, 4, 5, 6, 7])
+    lengths, accepted = match_observations(seq, prompt_len=4, max_depth=3)
+    # t=4: 7 never occurred before (no match); t=5: "4" matches at 0, drafts 5 6 7, the model wrote 5 6 8
+    assert lengths[0] == 1 and accepted[0] == 2
+    model = make("llama")
+    prompts = [torch.tensor([5, 6, 7, 8, 5, 6, 7, 8, 9]), torch.tensor([3, 4, 3, 4, 3, 4, 10])]
+    spec = auto_spec(model, prompts, num_nodes=4, top_k=97, max_depth=6, max_new_tokens=40)  # every rank: hits
+    spec["cost"] = [[1, 1.0], [9, 1.1], [17, 3.0]]  # no measurement in a unit test
+    model.save_pretrained(tmp_path, save_base=True)
+    write_config(tmp_path, spec)  # what `--write-config` does to a checkpoint
+    loaded = BPDForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.drafter["type"] == "auto"
+    ids = prompts[0][None]
+    ref = model.base.generate(ids, max_new_tokens=20, do_sample=False)
+    out = loaded.generate(ids, max_new_tokens=20, use_bpd=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref) and out.mean_verify_width is not None
+
+
+def test_bench_verdict_line():
+    from hf_bpd_bench.machine import format_verdict
+
+    record = {"cpu": "AMD EPYC", "native_bf16": True, "dtype": "float32", "torch_threads": 2, "gpu": None}
+    assert format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
+    assert "not measured" in format_verdict("bpd", None, record | {"torch_threads": 1})
