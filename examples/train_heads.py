@@ -113,8 +113,11 @@ def main() -> None:
         trainer.push_to_hub()
     logger.info("Draft heads saved to %s.", args.output_dir)
     # Tear the process group down before exit (torch asks for it): left to interpreter shutdown, gloo's threads can
-    # abort a rank ("terminate called without an active exception") after the work is done.
+    # abort a rank ("terminate called without an active exception") after the work is done. All ranks meet first:
+    # rank 0 saves while the others are done, and a rank that enters the teardown after rank 0 (the store's host)
+    # has exited waits forever (seen under load: rank 1 stuck in destroy_process_group, the launcher never returns).
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
