@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -237,18 +238,50 @@ def test_the_old_truncated_layouts_fail_vllms_loader(tmp_path, original_lm_head)
         load_vllm_medusa(tmp_path)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed")
+# The real engine: vLLM in this interpreter, or in its own environment named by HF_BPD_VLLM_PYTHON (vLLM pins its own
+# torch and transformers, so it usually lives in a separate virtual environment; see docs/serving.md).
+VLLM_PYTHON = os.environ.get("HF_BPD_VLLM_PYTHON") or (sys.executable if importlib.util.find_spec("vllm") else None)
+
+
+def load_bench_script():
+    spec = importlib.util.spec_from_file_location("vllm_medusa_acceptance", ROOT / "bench" / "vllm_medusa_acceptance.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_script_reads_vllms_counters_per_run():
+    """vLLM's counters are process-wide: the script takes one run's share and derives vLLM's acceptance figures."""
+    bench = load_bench_script()
+    before = {"num_drafts": 10, "num_draft_tokens": 30, "num_accepted_tokens": 5, "num_accepted_tokens_per_pos": [4, 1]}
+    after = {"num_drafts": 30, "num_draft_tokens": 90, "num_accepted_tokens": 35, "num_accepted_tokens_per_pos": [20, 10, 0]}
+    delta = bench.counter_delta(before, after)
+    assert delta == {"num_drafts": 20, "num_draft_tokens": 60, "num_accepted_tokens": 30,
+                     "num_accepted_tokens_per_pos": [16, 9, 0]}  # fmt: skip
+    figures = bench.acceptance(delta)
+    assert figures["mean_accepted_length"] == 2.5 and figures["acceptance_rate"] == 0.5
+    assert figures["acceptance_rate_per_position"] == [0.8, 0.45, 0.0]
+    assert bench.acceptance({"num_drafts": 0}) == {}
+
+
+@pytest.mark.skipif(VLLM_PYTHON is None, reason="vLLM is not importable (set HF_BPD_VLLM_PYTHON to its python)")
 @pytest.mark.skipif(not (ROOT / "reference" / "heads").is_dir(), reason="reference checkpoint not available")
 def test_real_vllm_loads_the_export_and_keeps_its_greedy_output(tmp_path):
-    """Opt-in: runs the real engine (bench/vllm_medusa_acceptance.py) when vLLM is importable."""
-    script = ROOT / "bench" / "vllm_medusa_acceptance.py"
+    """Opt-in: the real engine (bench/vllm_medusa_acceptance.py under VLLM_PYTHON) loads our export, drafts with it,
+    and its greedy output with speculation equals its output without."""
+    model = BPDForCausalLM.from_pretrained(ROOT / "reference" / "heads")
+    export_medusa(model, tmp_path / "medusa")
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **os.environ}
     result = subprocess.run(
-        [sys.executable, str(script), "--model", str(ROOT / "reference" / "heads"), "--out", str(tmp_path / "medusa"),
-         "--num-prompts", "4", "--max-tokens", "32", "--check-identical"],
-        capture_output=True, text=True, timeout=1800,
+        [VLLM_PYTHON, str(ROOT / "bench" / "vllm_medusa_acceptance.py"), "--medusa", str(tmp_path / "medusa"),
+         "--num-prompts", "4", "--max-tokens", "32", "--json", str(tmp_path / "report.json"), "--check-identical"],
+        capture_output=True, text=True, timeout=1800, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    assert "identical: True" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    run = report[f"medusa_k{model.config.num_draft_heads}"]
+    assert report["identical"] and run["identical"]
+    assert run["num_drafts"] > 0 and run["num_draft_tokens"] == run["num_drafts"] * model.config.num_draft_heads
 
 
 def test_heads_read_the_hidden_state_vllm_passes():
