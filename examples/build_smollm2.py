@@ -29,6 +29,7 @@ import os
 import random
 import sys
 import time
+import zlib
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     # features / heads (see those stages)
     p.add_argument("--raw-sequences", type=int, default=400, help="raw training-text windows for features")
+    p.add_argument("--soft-top-k", type=int, default=16,
+                   help="cache the base's top-k next-token distribution beside the hidden states (0: greedy only)")
+    p.add_argument("--distillation", default="hard", choices=["hard", "soft"],
+                   help="head training targets: the base's greedy tokens, or its cached top-k distribution")
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--heads", type=int, default=5, help="heads to train (select keeps the first h)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
@@ -342,18 +347,23 @@ def stage_features(args: argparse.Namespace) -> None:
 
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
     model.eval()
-    answers = _read_jsonl(args.work_dir / "answers.jsonl")
+    answers = [r for r in _read_jsonl(args.work_dir / "answers.jsonl") if r.get("answer", "").strip()]
     if not answers:
         raise SystemExit("No answers yet: run the `answers` stage first.")
-    n_eval = max(8, len(answers) // 20)  # the last 5% of answers: held out for the per-head accuracy
-    ids, masks = _chat_sequences(tok, answers)
+    # 1 answer in 20, chosen by a hash of its prompt id: held out for the per-head accuracy. Stable as answers.jsonl
+    # grows across sessions, so the feature shards of earlier sessions stay valid (only the last shard grows).
+    held = [zlib.crc32(str(r.get("id")).encode()) % 20 == 0 for r in answers]
+    train_rows = [r for r, h in zip(answers, held) if not h]
+    eval_rows = [r for r, h in zip(answers, held) if h]
     start = time.monotonic()
     feats = args.work_dir / "features"
-    extract_features(model, ids[n_eval:], feats / "chat", seq_len=args.seq_len, train_mask=masks[n_eval:], name="chat")
-    extract_features(model, ids[:n_eval], feats / "eval", seq_len=args.seq_len, train_mask=masks[:n_eval], name="eval")
+    for name, rows in (("chat", train_rows), ("eval", eval_rows)):
+        ids, masks = _chat_sequences(tok, rows)
+        extract_features(model, ids, feats / name, seq_len=args.seq_len, train_mask=masks, name=name,
+                         top_k=args.soft_top_k)  # fmt: skip
     raw = _raw_windows(tok, args.corpora, args.raw_sequences, args.seq_len, random.Random(args.seed + 1))
-    extract_features(model, raw, feats / "raw", seq_len=args.seq_len, name="raw")
-    logger.info("features: %d chat + %d eval + %d raw sequences in %.0f s", len(ids) - n_eval, n_eval, len(raw),
+    extract_features(model, raw, feats / "raw", seq_len=args.seq_len, name="raw", top_k=args.soft_top_k)
+    logger.info("features: %d chat + %d eval + %d raw sequences in %.0f s", len(train_rows), len(eval_rows), len(raw),
                 time.monotonic() - start)  # fmt: skip
 
 
@@ -387,7 +397,7 @@ def stage_heads(args: argparse.Namespace) -> None:
         per_device_train_batch_size=args.heads_batch, per_device_eval_batch_size=args.heads_batch,
         max_steps=int(args.heads_epochs * steps_per_epoch), learning_rate=args.lr, warmup_steps=50,
         lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_strategy="steps", save_steps=100,
-        save_total_limit=2, distillation="hard", head_loss_weighting="geometric", seed=args.seed,
+        save_total_limit=2, distillation=args.distillation, head_loss_weighting="geometric", seed=args.seed,
         dataloader_num_workers=0, disable_tqdm=False,
     )  # fmt: skip
 

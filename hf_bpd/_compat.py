@@ -108,6 +108,7 @@ TRAINER_PRIVATE_METHODS = {
     "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     "_load_best_model": (),
     "_push_from_checkpoint": ("checkpoint_folder",),
+    "_set_signature_columns_if_needed": (),  # keeps the cached soft-target columns in the batches
 }
 
 

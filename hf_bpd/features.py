@@ -8,7 +8,9 @@ base at all (`BPDForCausalLM.forward(base_hidden_states=...)`), and with a draft
 (`draft_vocab_from_counts`) the heads' projections shrink from `V` to `K` columns.
 
 Storage: safetensors shards of `hidden` `(n, T, d)` (bf16 by default: 1.1 KiB per token for d = 576) and `targets`
-`(n, T)` int32, `-100` on padding. A torch `Dataset` over the shards' tensors, loaded into memory once, not a
+`(n, T)` int32, `-100` on padding; with `top_k > 0` also the base's `k` most likely tokens and their log-probabilities
+at every position (`topk_ids` `(n, T, k)` int32, `topk_logprobs` `(n, T, k)` float16, unshifted like `targets`), the
+soft targets of `distillation="soft"` without the base (KL to the teacher's top-k, as sparse distillation does). A torch `Dataset` over the shards' tensors, loaded into memory once, not a
 `datasets` table: Arrow stores 2D float arrays as nested lists, which decode through Python per row, far slower than
 slicing a tensor.
 """
@@ -42,11 +44,14 @@ def extract_features(
     storage_dtype: torch.dtype = torch.bfloat16,
     name: str = "features",
     train_mask: Sequence[Sequence[int]] | None = None,
+    top_k: int = 0,
 ) -> list[Path]:
     """
     Run the frozen base once over `sequences` and store its last hidden states and greedy next tokens.
 
-    Resumable: shards already on disk are skipped (a shard is written to a temporary name, then renamed).
+    Resumable and appendable: a shard already on disk with the rows, length and top-k this call would write is
+    skipped; any other (a last shard that has grown since, an unreadable file) is extracted again. A shard is
+    written to a temporary name, then renamed, so a crash never leaves half a shard under its real name.
 
     Args:
         base: a causal LM (`AutoModelForCausalLM`), in the dtype the features should come from.
@@ -65,11 +70,11 @@ def extract_features(
     for shard_index, start in enumerate(tqdm(range(0, len(sequences), shard_size), desc=f"features {name}")):
         path = out / f"{name}-{shard_index:05d}.safetensors"
         paths.append(path)
-        if path.exists():
-            continue
         rows = [list(s)[:seq_len] for s in sequences[start : start + shard_size]]
+        if path.exists() and _shard_matches(path, len(rows), seq_len, top_k):
+            continue
         masks = None if train_mask is None else [list(m)[:seq_len] for m in train_mask[start : start + shard_size]]
-        hidden_parts, target_parts = [], []
+        hidden_parts, target_parts, topk_parts = [], [], []
         for b in range(0, len(rows), batch_size):
             batch = rows[b : b + batch_size]
             ids = torch.full((len(batch), seq_len), pad, dtype=torch.long)
@@ -86,23 +91,58 @@ def extract_features(
                 for i, m in enumerate(masks[b : b + batch_size]):
                     valid[i, : len(m)] &= torch.as_tensor(m, dtype=torch.bool)
             target_parts.append(targets.masked_fill(~valid, IGNORE).to(torch.int32))
+            if top_k:
+                logp = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1).topk(top_k, dim=-1)
+                ids_k = torch.zeros(*ids.shape, top_k, dtype=torch.int32)
+                logp_k = torch.full((*ids.shape, top_k), float("-inf"), dtype=torch.float16)
+                ids_k[:, 1:], logp_k[:, 1:] = logp.indices.cpu().to(torch.int32), logp.values.cpu().to(torch.float16)
+                topk_parts.append((ids_k, logp_k))
+        tensors = {"hidden": torch.cat(hidden_parts), "targets": torch.cat(target_parts)}
+        if top_k:
+            tensors["topk_ids"] = torch.cat([t[0] for t in topk_parts])
+            tensors["topk_logprobs"] = torch.cat([t[1] for t in topk_parts])
         tmp = path.with_suffix(".tmp")
-        save_file({"hidden": torch.cat(hidden_parts), "targets": torch.cat(target_parts)}, str(tmp))
+        save_file(tensors, str(tmp))
         tmp.rename(path)
     return paths
+
+
+_REQUIRED = {"hidden", "targets"}
+_SOFT = {"topk_ids", "topk_logprobs"}
+
+
+def _shard_matches(path: Path, rows: int, seq_len: int, top_k: int) -> bool:
+    """Whether a shard on disk holds what this call would write (a last shard grows when more sequences come)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            shape = handle.get_slice("targets").get_shape()
+            soft = "topk_ids" in handle.keys()
+            k = handle.get_slice("topk_ids").get_shape()[-1] if soft else 0
+    except Exception as err:  # unreadable (torn by a crash before the rename, or foreign): rebuilt
+        logger.warning("feature shard %s is unreadable (%s): extracting it again", path, err)
+        return False
+    if list(shape) != [rows, seq_len] or k != top_k:
+        logger.info("feature shard %s holds %s rows/top-%d, expected %d/top-%d: extracting it again", path,
+                    shape, k, rows, top_k)  # fmt: skip
+        return False
+    return True
 
 
 class CachedFeatures(Dataset):
     """
     Rows of cached features: `{"base_hidden_states": (T, d), "labels": (T,)}` where `labels` are the base's greedy
     tokens (unshifted, `-100` where masked). Feed to [`BPDTrainer`] with `distillation="hard"` (or `"none"`: the
-    labels already are the teacher's tokens).
+    labels already are the teacher's tokens). Shards written with `top_k > 0` also give `"teacher_topk_ids"` and
+    `"teacher_topk_logprobs"` `(T, k)` (the base's top-k at each position), used by `distillation="soft"`.
 
     Args:
         paths: shard files (or folders, whose `*.safetensors` are taken in name order).
+        soft_targets (`bool`, defaults to `True`): load the top-k soft targets when every shard has them.
+    Raises:
+        `ValueError` when no shard is found, or a file is not a feature shard; `FileNotFoundError` for a missing file.
     """
 
-    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike]):
+    def __init__(self, paths: str | os.PathLike | Iterable[str | os.PathLike], soft_targets: bool = True):
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         files: list[Path] = []
@@ -110,25 +150,44 @@ class CachedFeatures(Dataset):
             files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
         if not files:
             raise ValueError(f"No feature shards (*.safetensors) found in {list(map(str, paths))}.")
-        hidden, targets = [], []
+        hidden, targets, topk_ids, topk_logprobs = [], [], [], []
+        soft = soft_targets
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"Feature shard {f} does not exist.")
             with safe_open(str(f), framework="pt") as handle:
                 keys = set(handle.keys())
-                if keys != {"hidden", "targets"}:
-                    raise ValueError(f"{f} is not a feature shard (tensors {sorted(keys)}, expected hidden, targets).")
+                if not _REQUIRED <= keys <= _REQUIRED | _SOFT or len(keys & _SOFT) == 1:
+                    raise ValueError(
+                        f"{f} is not a feature shard (tensors {sorted(keys)}, expected hidden, targets and optionally "
+                        "topk_ids, topk_logprobs)."
+                    )
+                soft = soft and _SOFT <= keys
                 hidden.append(handle.get_tensor("hidden"))
                 targets.append(handle.get_tensor("targets").long())
+                if soft:
+                    topk_ids.append(handle.get_tensor("topk_ids").long())
+                    topk_logprobs.append(handle.get_tensor("topk_logprobs"))
         self.hidden = torch.cat(hidden)
         self.targets = torch.cat(targets)
+        self.topk_ids = torch.cat(topk_ids) if soft else None
+        self.topk_logprobs = torch.cat(topk_logprobs) if soft else None
         self.files = files
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"base_hidden_states": self.hidden[index], "labels": self.targets[index]}
+        row = {"base_hidden_states": self.hidden[index], "labels": self.targets[index]}
+        if self.topk_ids is not None:
+            row["teacher_topk_ids"] = self.topk_ids[index]
+            row["teacher_topk_logprobs"] = self.topk_logprobs[index]
+        return row
+
+    @property
+    def has_soft_targets(self) -> bool:
+        """Whether the shards carry the base's top-k distribution (`extract_features(top_k=...)`)."""
+        return self.topk_ids is not None
 
     @property
     def hidden_size(self) -> int:

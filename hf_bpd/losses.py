@@ -203,6 +203,53 @@ def soft_distillation_loss(
     return _weighted(torch.stack(losses), head_weights)
 
 
+def topk_distillation_loss(
+    draft_logits: torch.Tensor,
+    topk_ids: torch.LongTensor,
+    topk_logprobs: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    head_weights: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Sparse soft distillation: cross-entropy of every draft head to the base model's top-`k` distribution (renormalised
+    on those `k` tokens), the `KL(p_topk || q)` of sparse knowledge distillation up to a constant. It needs only the
+    cached top-`k` of the teacher (`hf_bpd.features.extract_features(top_k=...)`), not the base model.
+
+    Head `i` (0-based) at position `t` is matched to entry `t + 2 + i` of the (unshifted) teacher tensors: the base's
+    distribution of token `t + 2 + i`, as in [`soft_distillation_loss`].
+
+    Args:
+        draft_logits (`torch.Tensor` of shape `(batch, seq_len, num_heads, vocab)`): draft-head logits.
+        topk_ids (`torch.LongTensor` of shape `(batch, seq_len, k)`): the teacher's top-`k` token ids, as columns of
+            `draft_logits` (map them into a draft vocabulary first); `ignore_index` for tokens outside it (dropped,
+            the rest renormalised).
+        topk_logprobs (`torch.Tensor` of shape `(batch, seq_len, k)`): their log-probabilities (`-inf` where none).
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): positions with `ignore_index` are masked.
+        head_weights (`torch.Tensor` of shape `(num_heads,)`, *optional*): as in [`draft_head_loss`].
+    Returns:
+        `(loss, head_losses)` as in [`draft_head_loss`].
+    """
+    valid_ids = topk_ids != ignore_index
+    teacher = torch.softmax(topk_logprobs.float().masked_fill(~valid_ids, float("-inf")), dim=-1)  # (B, T, k)
+    teacher = torch.nan_to_num(teacher, nan=0.0)  # a position with no valid token: all zero, masked below
+    position_ok = valid_ids.any(-1)
+    if labels is not None:
+        position_ok &= labels != ignore_index
+    ids = topk_ids.clamp(min=0)
+    losses = []
+    for shift, window in _head_windows(draft_logits):
+        if window is None:
+            losses.append(draft_logits.new_zeros((), dtype=torch.float32))
+            continue
+        student = F.log_softmax(window.float(), dim=-1)  # (B, T - shift, V)
+        picked = student.gather(-1, ids[:, shift:])  # (B, T - shift, k)
+        ce = -(teacher[:, shift:] * picked).sum(-1)  # (B, T - shift)
+        mask = position_ok[:, shift:]
+        losses.append((ce * mask).sum() / mask.sum() if mask.any() else ce.sum() * 0.0)
+    return _weighted(torch.stack(losses), head_weights)
+
+
 # --------------------------------------------------------------------------------------------- metrics
 def head_accuracy_counts(
     draft_logits: torch.Tensor, labels: torch.Tensor, top_k: int = 5, ignore_index: int = -100

@@ -36,6 +36,7 @@ from .losses import (
     greedy_targets,
     head_accuracy_counts,
     head_weights,
+    topk_distillation_loss,
 )
 from .model_card import MODEL_CARD_NAME, TRAINING_INFO_NAME, adapter_config_of, write_model_card
 from .modeling_bpd import ADAPTER_SUBFOLDER, HEADS_WEIGHTS_NAME, BPDForCausalLM
@@ -284,10 +285,10 @@ class BPDTrainer(Trainer):
         eval_dataset = _datasets_filtered(eval_dataset, min_length)
         self.cached_features = isinstance(train_dataset, CachedFeatures)
         if self.cached_features:
-            if args.distillation == "soft":
+            if args.distillation == "soft" and not train_dataset.has_soft_targets:
                 raise ValueError(
-                    "Cached features hold the base model's greedy tokens, not its distribution: use "
-                    "distillation='hard' (or 'none') with CachedFeatures."
+                    "These cached features hold the base model's greedy tokens, not its distribution: extract them "
+                    "with `extract_features(..., top_k=16)` for distillation='soft', or use distillation='hard'."
                 )
             if self.base_trainable:
                 raise ValueError("Cached features need a frozen base (no LoRA, freeze_base=True): the base is not run.")
@@ -325,10 +326,13 @@ class BPDTrainer(Trainer):
         if labels is None:
             mask = inputs.get("attention_mask")
             labels = inputs["input_ids"] if mask is None else inputs["input_ids"].masked_fill(mask == 0, -100)
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        teacher_topk = (inputs.get("teacher_topk_ids"), inputs.get("teacher_topk_logprobs"))
+        model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith("teacher_topk_")}
         unwrapped = self.accelerator.unwrap_model(model)
         compact = unwrapped.draft_token_map is not None  # heads score a draft vocabulary: loss in that space
         outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
+        if "base_hidden_states" in inputs and args.distillation == "soft":  # cached top-k soft targets
+            return self._cached_soft_loss(model, unwrapped, outputs, labels, teacher_topk, return_outputs)
         # Cached features carry the teacher's greedy tokens as labels already: nothing to distil on the fly.
         distillation = "none" if "base_hidden_states" in inputs else args.distillation
         teacher = self.teacher_logits(model, model_inputs, outputs) if distillation != "none" else None
@@ -354,6 +358,29 @@ class BPDTrainer(Trainer):
         split = "train" if model.training else "eval"
         self._accumulate(split, outputs.draft_logits, result.head_losses, result.targets)
         return (result.loss, outputs) if return_outputs else result.loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # the cached top-k soft targets are read by `compute_loss`, not by the model's forward: keep them in batches
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, "teacher_topk_ids", "teacher_topk_logprobs"]
+
+    def _cached_soft_loss(
+        self, model: nn.Module, unwrapped: Any, outputs: Any, labels: torch.Tensor, teacher_topk: tuple, return_outputs: bool
+    ) -> Any:
+        """`distillation="soft"` on cached features: cross-entropy to the base's cached top-k distribution."""
+        ids, logprobs = teacher_topk
+        if ids is None:
+            raise ValueError("distillation='soft' on cached features needs shards extracted with `top_k > 0`.")
+        args = self.args
+        num_heads = outputs.draft_logits.shape[2]
+        scheme = args.head_loss_weighting if model.training or args.head_loss_weighting != "random" else "uniform"
+        weights = head_weights(num_heads, scheme, args.head_loss_decay, self.head_generator)
+        loss, per_head = topk_distillation_loss(
+            outputs.draft_logits, unwrapped.to_draft_ids(ids), logprobs, labels, head_weights=weights
+        )
+        split = "train" if model.training else "eval"
+        self._accumulate(split, outputs.draft_logits, per_head, unwrapped.to_draft_ids(labels))
+        return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
     def teacher_logits(self, model: nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor:

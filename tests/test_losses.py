@@ -176,3 +176,40 @@ def test_head_accuracy_counts_top1_top5():
     draft[0, 0, 0, 2] = 100.0
     top1, _, _ = head_accuracy_counts(draft, labels)
     assert top1.tolist() == [1]
+
+
+def test_topk_distillation_with_the_whole_vocabulary_is_kl_plus_teacher_entropy():
+    from hf_bpd.losses import soft_distillation_loss, topk_distillation_loss
+
+    torch.manual_seed(0)
+    batch, seq, heads, vocab = 2, 7, 3, 11
+    draft = torch.randn(batch, seq, heads, vocab)
+    teacher = torch.randn(batch, seq, vocab)
+    labels = torch.randint(0, vocab, (batch, seq))
+    labels[1, 5:] = -100
+    # unshifted top-k tensors: entry s is the teacher's distribution at s - 1
+    logp = torch.log_softmax(teacher, -1)
+    top = logp.topk(vocab, -1)
+    ids = torch.full((batch, seq, vocab), -100, dtype=torch.long)
+    lp = torch.full((batch, seq, vocab), float("-inf"))
+    ids[:, 1:], lp[:, 1:] = top.indices[:, :-1], top.values[:, :-1]
+    sparse, sparse_heads = topk_distillation_loss(draft, ids, lp, labels)
+    kl, kl_heads = soft_distillation_loss(draft, teacher, labels)
+    entropy = -(logp.exp() * logp).sum(-1)  # (B, T): the teacher's entropy at position s - 1
+    for i in range(heads):
+        shift = i + 2
+        mask = labels[:, shift:] != -100
+        expected = kl_heads[i] + (entropy[:, shift - 1 : seq - 1] * mask).sum() / mask.sum()
+        torch.testing.assert_close(sparse_heads[i], expected)
+
+
+def test_topk_distillation_drops_tokens_outside_the_draft_vocab_and_renormalises():
+    from hf_bpd.losses import topk_distillation_loss
+
+    draft = torch.zeros(1, 3, 1, 4, requires_grad=True)  # uniform student over 4 columns
+    ids = torch.tensor([[[-100, -100], [-100, -100], [1, -100]]])  # one valid teacher token at s = 2
+    lp = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [-1.0, -0.5]]])
+    loss, heads = topk_distillation_loss(draft, ids, lp)
+    torch.testing.assert_close(loss, torch.log(torch.tensor(4.0)))  # all mass on token 1 after renormalising
+    loss.backward()
+    assert draft.grad[0, 0, 0, 1] < 0 and draft.grad[0, 1].abs().sum() == 0

@@ -573,3 +573,29 @@ def test_cached_features_bad_input(cached, base_dir, tmp_path):
         CachedFeatures(tmp_path)
     with pytest.raises(ValueError, match="size must be"):
         draft_vocab_from_counts(torch.ones(10), 11)
+
+
+def test_soft_targets_from_cached_top_k(cached, base_dir, blocks, tmp_path):
+    """Top-k soft targets: the base's own top-k log-probabilities, and soft distillation trains from them alone."""
+    from hf_bpd.features import CachedFeatures, extract_features
+
+    paths = extract_features(cached.base, blocks.train["input_ids"][:64], tmp_path / "soft", seq_len=SEQ,
+                             shard_size=64, top_k=4)  # fmt: skip
+    soft = CachedFeatures(paths)
+    assert soft.has_soft_targets and not CachedFeatures(paths, soft_targets=False).has_soft_targets
+    row = blocks.train[3]["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(cached.base(torch.tensor([row])).logits[0].float(), -1)
+    item = soft[3]
+    top = logp[:-1].topk(4, -1)
+    n = len(row)
+    assert torch.equal(item["teacher_topk_ids"][1:n], top.indices)
+    torch.testing.assert_close(item["teacher_topk_logprobs"][1:n].float(), top.values, atol=2e-3, rtol=1e-3)
+    assert torch.equal(item["teacher_topk_ids"][1:n, 0], item["labels"][1:n])  # argmax = the greedy target
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
+    trainer = BPDTrainer(model, training_args(tmp_path, max_steps=40, distillation="soft"), train_dataset=soft,
+                         eval_dataset=soft)  # fmt: skip
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_head1_loss"] < 0.8 * before["eval_head1_loss"], (before, after)
