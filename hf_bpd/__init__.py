@@ -3,7 +3,7 @@
 from .acceptance import accepted_lengths, select_best_draft, truncate_at_eos
 from .configuration_bpd import BPDConfig
 from .generation import BPDGenerateOutput
-from .logits import DraftRescorer
+from .drafters import DraftRescorer
 from .losses import draft_head_loss
 from .modeling_bpd import BPDCausalLMOutput, BPDForCausalLM
 
@@ -22,11 +22,11 @@ _AutoModelForCausalLM.register(BPDConfig, BPDForCausalLM, exist_ok=True)
 _LAZY = {
     "BPDTrainer": ".trainer",
     "BPDTrainingArguments": ".trainer",
-    "LatticeRescorer": ".logits",
-    "NeuralRescorer": ".logits",
-    "NgramRescorer": ".logits",
-    "OracleDrafter": ".logits",
-    "PBestRescorer": ".logits",
+    "LatticeRescorer": ".drafters",
+    "NeuralRescorer": ".drafters",
+    "NgramRescorer": ".drafters",
+    "OracleDrafter": ".drafters",
+    "PBestRescorer": ".drafters",
     "load_smollm2": ".smollm2",
 }
 

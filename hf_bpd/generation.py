@@ -39,7 +39,7 @@ from transformers.generation import (
 
 from ._compat import pad_token_tensor, supports_logits_to_keep
 from .acceptance import accepted_lengths, cap_accepted, select_best_draft, truncate_at_eos
-from .logits.base import Drafter, Drafts, DraftState, HeadsDrafter
+from .drafters import CompareUnrefined, DraftContext, DraftHeadsView, Drafter, build_drafter, checked_tree
 from .metrics import block_efficiency
 from .sampling import chain_rejection_sample, check_sampling_mode, tree_rejection_sample
 from .tree import DraftTree, TreeLayout, canonical_nodes, compact_block, tree_attention_mask
@@ -278,6 +278,8 @@ class DecodeState:
     hidden: torch.Tensor | None = None
     row_calls: torch.LongTensor | None = None
     serial_calls: int = 0
+    committed_hidden: torch.Tensor | None = None  # (B, n, d): for drafters asking for `hidden_states="committed"`
+    committed_count: torch.LongTensor | None = None  # (B,): valid entries of `committed_hidden`
 
 
 @dataclass
@@ -344,6 +346,9 @@ class _BlockDecoder:
         sampling: str = "speculative",
     ):
         self.model, self.bpd, self.cache, self.drafter = model, bpd, cache, drafter
+        self.heads = DraftHeadsView(bpd)  # what drafters see of the model
+        self.wants_committed = getattr(drafter, "hidden_states", "last") == "committed"
+        self.prompt_start: torch.LongTensor | None = None  # first real token of each row (from the attention mask)
         self.num_heads = bpd.config.num_draft_heads
         self.max_length = generation_config.max_length
         pad = pad_token_tensor(generation_config)
@@ -354,7 +359,6 @@ class _BlockDecoder:
         self.scorer = _Scorer(logits_processor, generation_config.do_sample)
         self.stopper = _Stopper(stopping_criteria)
         self.streamer = streamer
-        self.compare_unrefined = compare_unrefined
         # speculative sampling: drafters that sample return their proposals, warped like `p` where that is sound
         # (the position-free warpers only: the proposal of a draft never sees the draft prefix's input_ids)
         self.proposal_warper = None
@@ -431,48 +435,24 @@ class _BlockDecoder:
         return state
 
     def draft(self, state: DecodeState, num_tokens: int) -> DraftTree:
-        """
-        The drafter's drafts as one block: `(B, p, h')` chains sharing the root (plus, with `compare_unrefined`, the
-        heads' own as a last chain), or a tree drafter's [`~hf_bpd.tree.DraftTree`] cut to depth `h'`.
-        """
+        """The drafter's [`~hf_bpd.tree.DraftTree`] for this step, cut to depth `num_tokens`."""
         start = time.perf_counter()
-        view = DraftState(self.bpd, state.tokens, state.lengths, state.live, state.hidden, num_tokens,
-                          proposal_warper=self.proposal_warper)  # fmt: skip
-        drafts = self.drafter.get_drafts(view)
-        batch = state.tokens.shape[0]
-        proposals = None
-        if isinstance(drafts, Drafts):
-            drafts, proposals = drafts.tokens, (drafts.proposals if view.sampling else None)
-        if isinstance(drafts, DraftTree):
-            if self.compare_unrefined:
-                raise ValueError("`compare_unrefined=True` compares chain drafts; it does not support tree drafters.")
-            if drafts.tokens.dim() != 2 or drafts.tokens.shape != (batch, drafts.layout.width - 1):
-                raise ValueError(
-                    f"A DraftTree of {drafts.layout.width} nodes needs tokens of shape ({batch}, "
-                    f"{drafts.layout.width - 1}) (every node but the root), got {tuple(drafts.tokens.shape)}."
-                )
-            if drafts.layout.max_depth > self.num_heads:
-                raise ValueError(
-                    f"The draft tree is {drafts.layout.max_depth} tokens deep but the model has {self.num_heads} "
-                    f"draft heads: a tree may be at most h = {self.num_heads} deep."
-                )
-            tree = drafts.truncate(num_tokens)
-            self.draft_time_s += time.perf_counter() - start
-            proposals = tree.proposals if view.sampling and tree.proposals is not None else None
-            return DraftTree(tree.tokens.to(state.tokens.device), tree.layout,
-                             None if proposals is None else proposals.to(state.tokens.device))  # fmt: skip
-        if drafts.dim() != 3 or drafts.shape[0] != batch or drafts.shape[2] != self.num_heads or drafts.shape[1] < 1:
-            raise ValueError(
-                f"draft_rescorer must return (batch, p, {self.num_heads}) drafts, got {tuple(drafts.shape)}."
-            )
-        if self.compare_unrefined:  # verified in the same call, never chosen
-            drafts = torch.cat([drafts.to(state.tokens.device), view.head_argmax()[:, None].to(drafts.device)], dim=1)
-            if proposals is not None:  # the heads' argmax chain is never a candidate: any proposal will do
-                proposals = torch.cat([proposals, proposals[:, :1]], dim=1)
+        ctx = self.context(state, num_tokens)
+        tree = checked_tree(self.drafter.propose(ctx), ctx)
         self.draft_time_s += time.perf_counter() - start
-        if proposals is not None:
-            proposals = proposals[:, :, :num_tokens].to(state.tokens.device)
-        return DraftTree.from_chains(drafts[:, :, :num_tokens].to(state.tokens.device), proposals)
+        return tree
+
+    def context(self, state: DecodeState, num_tokens: int) -> DraftContext:
+        """What the drafter sees: committed tokens, where each prompt starts, the heads and their inputs."""
+        if self.prompt_start is None:  # the first real token of each row: its first attended cache slot
+            self.prompt_start = state.attention_mask.ne(0).long().argmax(dim=-1)
+        committed, count = state.committed_hidden, state.committed_count
+        if self.wants_committed and committed is None:  # after the prefill: the state that predicted its token
+            committed, count = state.hidden[:, None], torch.ones_like(state.lengths)
+        return DraftContext(
+            state.tokens, state.lengths, state.live, self.heads, state.hidden, num_tokens, self.proposal_warper,
+            self.prompt_start, committed, count,
+        )  # fmt: skip
 
     def verify(self, state: DecodeState, tree: DraftTree) -> VerifiedBlock:
         """
@@ -505,15 +485,19 @@ class _BlockDecoder:
         speculative sampling (`hf_bpd.sampling`).
         """
         drafts, targets = block.drafts, block.targets
-        if self.compare_unrefined:  # the last draft is the heads' own: reported, never chosen
-            self.unrefined.append(torch.where(state.live, accepted_lengths(drafts[:, -1], targets[:, -1]), -1))
-            drafts, targets = drafts[:, :-1], targets[:, :-1]
+        chosen = tree.candidate_paths()  # (P,) or None: paths marked never-chosen are only reported
+        if chosen is not None:
+            others = accepted_lengths(drafts[:, ~chosen], targets[:, ~chosen]).amax(dim=1)
+            self.unrefined.append(torch.where(state.live, others, -1))
+            keep = torch.nonzero(chosen).flatten()
+            drafts, targets = drafts[:, keep], targets[:, keep]
         if tree.proposals is not None:
             best, n, targets = self._speculative(block, tree)
             return best, cap_accepted(n, remaining), targets
         best, n = select_best_draft(drafts, targets)
         rows = torch.arange(best.shape[0], device=best.device)
-        return best, cap_accepted(n, remaining), targets[rows, best]
+        targets = targets[rows, best]
+        return (best if chosen is None else keep[best]), cap_accepted(n, remaining), targets
 
     def _speculative(self, block: VerifiedBlock, tree: DraftTree) -> tuple[torch.LongTensor, ...]:
         """
@@ -530,10 +514,7 @@ class _BlockDecoder:
         else:
             tokens = torch.cat([tree.tokens.new_zeros(batch, 1), tree.tokens], dim=1)  # (B, W), the root's unused
             proposals = torch.cat([tree.proposals.new_zeros(batch, 1, vocab), tree.proposals], dim=1)
-            candidate = None
-            if self.compare_unrefined:  # the heads' own chain (the last path) is verified, never chosen
-                candidate = layout.draft_of_node != layout.num_paths - 1
-            last, n, token = tree_rejection_sample(probs, layout.parent, tokens, proposals, candidate)
+            last, n, token = tree_rejection_sample(probs, layout.parent, tokens, proposals, tree.candidate)
             best = layout.draft_of_node[last]  # a path through the accepted node (its prefix is the accepted one)
         kept = torch.cat([block.drafts[rows, best].clamp(min=0), token[:, None]], dim=1)  # (B, D + 1)
         targets = kept.scatter(1, n[:, None], token[:, None])  # the accepted drafts, then the drawn token
@@ -569,6 +550,9 @@ class _BlockDecoder:
         batch, width = block.hidden.shape[0], block.layout.width
         rows = torch.arange(batch, device=n.device)
         state.hidden = block.hidden[rows, path[rows, n]]  # (B, d) where the base model predicted the bonus token
+        if self.wants_committed:  # the states that predicted each committed token: the root, then the accepted nodes
+            state.committed_hidden = block.hidden.gather(1, path[:, :, None].expand(-1, -1, block.hidden.shape[-1]))
+            state.committed_count = torch.where(was_live, n + 1, 0)
         keep = torch.where(was_live, n + 1, 0)  # the root and the accepted drafts of each row
         kept = int(keep.max())
         if not block.layout.is_chain:  # a tree: move each row's kept nodes (its path's first `keep`) to the front
@@ -678,7 +662,9 @@ def _bpd_decode(
 ) -> Any:
     """The `custom_generate` callable: transformers has prepared everything, BPD decodes."""
     cache = _validate(model, generation_config, model_kwargs)
-    drafter = draft_rescorer if draft_rescorer is not None else HeadsDrafter()
+    drafter = build_drafter(bpd, draft_rescorer if draft_rescorer is not None else bpd.config.drafter)
+    if compare_unrefined:  # a diagnostic: the heads' own chain verified beside the drafts, never chosen
+        drafter = CompareUnrefined(drafter)
     drafter.reset()
     decoder = _BlockDecoder(model, bpd, cache, generation_config, logits_processor, stopping_criteria, drafter,
                             bpd_streamer, compare_unrefined, bpd_sampling)  # fmt: skip

@@ -11,7 +11,7 @@ node `1 + q*h + (j-1)` is token `j` (1-based) of draft `q`; with `p == 1` it is 
 equal prefixes are *not* merged there, but every node is mapped to a *canonical* node (the first draft with the
 same prefix): targets are read from canonical nodes, so each distinct prefix contributes one target. That keeps
 p-best verification lossless for sampling too (one sample per distinct prefix, as in a trie). `tree_from_parents`
-builds a real trie (from `hf_bpd.logits.tree`'s drafters), where each prefix has one node.
+builds a real trie (from `hf_bpd.drafters.tree`'s drafters), where each prefix has one node.
 """
 
 from __future__ import annotations
@@ -178,11 +178,15 @@ class DraftTree:
             distribution each node's token was drawn from, given its parent's path (and the siblings before it when
             siblings are drawn one after another, e.g. without replacement): the `q` of speculative sampling
             (`hf_bpd.sampling.tree_rejection_sample`). None: deterministic drafts ("sample, then match").
+        candidate (`torch.BoolTensor` of shape `(W,)`, *optional*): nodes the loop may accept (the root is always
+            one); the other nodes are verified in the same call but never chosen, and what their paths would have
+            accepted is reported (a diagnostic such as `hf_bpd.drafters.CompareUnrefined`). None: every node.
     """
 
     tokens: torch.LongTensor
     layout: TreeLayout
     proposals: torch.FloatTensor | None = None
+    candidate: torch.BoolTensor | None = None
 
     @classmethod
     def from_chains(cls, drafts: torch.LongTensor, proposals: torch.FloatTensor | None = None) -> "DraftTree":
@@ -198,7 +202,14 @@ class DraftTree:
         if layout is self.layout:
             return self
         proposals = None if self.proposals is None else self.proposals[:, kept[1:] - 1]
-        return DraftTree(tokens=self.tokens[:, kept[1:] - 1], layout=layout, proposals=proposals)
+        candidate = None if self.candidate is None else self.candidate[kept.to(self.candidate.device)]
+        return DraftTree(tokens=self.tokens[:, kept[1:] - 1], layout=layout, proposals=proposals, candidate=candidate)
+
+    def candidate_paths(self) -> torch.BoolTensor | None:
+        """`(P,)`: the paths made only of candidate nodes (None when every node is one)."""
+        if self.candidate is None:
+            return None
+        return self.candidate.to(self.layout.node_index.device)[self.layout.node_index].all(-1)
 
     def path_drafts(self) -> torch.LongTensor:
         """`(batch, P, D)`: the tokens along each root-to-leaf path, `-1` past its leaf (`TreeLayout.path_tokens`)."""

@@ -259,7 +259,7 @@ def test_proposals_in_generate_score_the_right_prefixes(tmp_path, kind):
 @needs_kenlm
 def test_generate_test_rejects_a_rescorer_that_misreports_q(model, arpa, monkeypatch):
     """The end-to-end test can fail: drafts drawn with the n-gram term but reported with the heads' q alone."""
-    import hf_bpd.logits.ngram as ngram_module
+    import hf_bpd.drafters.ngram as ngram_module
     from hf_bpd.logits.lattice import lattice_proposal
 
     def lying(state, tokens, head, lm, alpha, vocab_size):

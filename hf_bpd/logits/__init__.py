@@ -1,50 +1,38 @@
-"""Draft refinement: drafters and rescorers that change BPD drafts (never the output).
+"""
+Draft refinement: the hooks that rescore draft scores given each node's prefix (`LogitsProcessor`-style,
+[`NgramHook`], [`NeuralHook`]) and the maths of the heads' top-k lattice (Kim et al.).
 
-`kenlm` is imported lazily: importing this package never needs it, only building an `NgramRescorer` does.
+The drafters moved to `hf_bpd.drafters`; their old names still import from here. `kenlm` is imported lazily.
 """
 
 from typing import Any
 
-from .base import Drafter, DraftRescorer, Drafts, DraftState, HeadsDrafter, sample_chains
-from .defaults import RESCORER_DEFAULTS, RescorerDefaults
-from .lattice import LatticeRescorer, TopKLattice, pbest_paths
-from .neural import NeuralRescorer
-from .ngram import NgramRescorer, is_kenlm_available, ngram_pbest
-from .oracle import OracleDrafter
-from .pbest import PBestRescorer
-from .tree import ConfidenceCalibration, DynamicTreeDrafter, StaticTreeDrafter, build_static_tree, sample_tree
+from .hooks import NeuralHook, NgramHook, RefinementHook
+from .lattice import TopKLattice, pbest_paths
+from .ngram import is_kenlm_available, ngram_pbest
+
+_DRAFTER_NAMES = (
+    "ConfidenceCalibration", "DraftContext", "DraftRescorer", "DraftState", "Drafter", "Drafts", "DynamicTreeDrafter",
+    "HeadsDrafter", "LatticeRescorer", "NeuralRescorer", "NgramRescorer", "OracleDrafter", "PBestRescorer",
+    "SearchDrafter", "StaticTreeDrafter", "build_static_tree", "sample_chains", "sample_tree",
+)  # fmt: skip
 
 __all__ = [
-    "ConfidenceCalibration",
-    "DraftRescorer",
-    "DraftState",
-    "Drafter",
-    "DynamicTreeDrafter",
-    "Drafts",
-    "HeadsDrafter",
-    "LatticeRescorer",
-    "NeuralRescorer",
-    "NgramRescorer",
-    "OracleDrafter",
-    "PBestRescorer",
-    "RESCORER_DEFAULTS",
-    "RescorerDefaults",
-    "StaticTreeDrafter",
-    "TopKLattice",
-    "TuningResult",
-    "build_static_tree",
-    "is_kenlm_available",
-    "ngram_pbest",
-    "pbest_paths",
-    "sample_chains",
-    "sample_tree",
-    "tune_rescorer",
-]
+    "NeuralHook", "NgramHook", "RefinementHook", "TopKLattice", "is_kenlm_available", "ngram_pbest", "pbest_paths",
+    *_DRAFTER_NAMES, "RESCORER_DEFAULTS", "RescorerDefaults", "TuningResult", "tune_rescorer",
+]  # fmt: skip
 
 
 def __getattr__(name: str) -> Any:
-    # The tuning tool lives in `hf_bpd.tools.tune`; its two public names stay importable from here.
-    if name in ("tune_rescorer", "TuningResult"):
+    if name in _DRAFTER_NAMES:  # moved to hf_bpd.drafters (imported on use: the drafters import this package)
+        from .. import drafters
+
+        return getattr(drafters, name)
+    if name in ("RESCORER_DEFAULTS", "RescorerDefaults"):
+        from . import defaults
+
+        return getattr(defaults, name)
+    if name in ("tune_rescorer", "TuningResult"):  # the tuning tool lives in `hf_bpd.tools.tune`
         from ..tools import tune
 
         return getattr(tune, name)

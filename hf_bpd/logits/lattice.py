@@ -1,19 +1,19 @@
 """
-The top-k lattice of the draft heads and what every rescorer shares: validation, timing, exact p-best paths.
+The top-k lattice of independent draft heads and its maths: validation, exact p-best paths, the sampling proposal.
 
 Kim et al. (section 7) start every draft refinement from a "sausage" lattice: position `i` offers the `k` tokens
 head `i` ranks highest, with their log-probabilities. A path picks one token per position; its head score is the
-sum of the picked log-probabilities. Rescorers choose paths; they never touch the verifier.
+sum of the picked log-probabilities. Rescorers choose paths; they never touch the verifier. The lattice drafters live in `hf_bpd.drafters`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import DraftRescorer, Drafts, DraftState, TimingStats
 
 LN10 = math.log(10.0)
 
@@ -143,80 +143,8 @@ def check_num_drafts(num_drafts: int, top_k: int | None = None, num_heads: int |
     return num_drafts
 
 
-# ------------------------------------------------------------------------------------------------ shared base
-class LatticeRescorer(TimingStats, DraftRescorer):
-    """
-    Base of the lattice rescorers: validates the shared hyper-parameters, builds the [`TopKLattice`] at each call,
-    and keeps timing statistics. Subclasses implement `_rescore`.
-
-    Args:
-        top_k (`int`): `k`, tokens kept per head.
-        alpha (`float`, defaults to 0.0): weight of the rescoring LM, `(1 - alpha) * head + alpha * lm`.
-        num_drafts (`int`, defaults to 1): `p`, drafts returned per row.
-
-    Attributes:
-        time_s (`float`): seconds spent in `__call__` since the last `reset()`.
-        calls (`int`): calls since the last `reset()`.
-    """
-
-    def __init__(self, top_k: int, alpha: float = 0.0, num_drafts: int = 1):
-        self.top_k = check_top_k(top_k)
-        self.alpha = check_alpha(alpha)
-        self.num_drafts = check_num_drafts(num_drafts)
-        self.reset_timing()
-
-    def reset(self) -> None:
-        """Start a new `generate` call: clear the statistics (subclasses also drop their per-call state)."""
-        self.reset_timing()
-
-    def __call__(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, draft_logits: torch.FloatTensor
-    ) -> torch.LongTensor:
-        """
-        Args:
-            input_ids (`torch.LongTensor` of shape `(batch, buffer_len)`): committed tokens; row `b` is
-                `input_ids[b, : lengths[b]]` (prompt with its left padding, then generated tokens).
-            lengths (`torch.LongTensor` of shape `(batch,)`): committed length of each row.
-            draft_logits (`torch.FloatTensor` of shape `(batch, h, vocab)`): draft-head logits.
-        Returns:
-            `torch.LongTensor` of shape `(batch, num_drafts, h)`: the drafts, best first, on `draft_logits`' device.
-        """
-        with self.timed():
-            lattice = TopKLattice.from_logits(draft_logits, self.top_k)
-            check_num_drafts(self.num_drafts, self.top_k, lattice.num_heads)
-            with torch.no_grad():
-                paths = self._rescore(input_ids, lengths, lattice, draft_logits.shape[-1])  # (B, p, h)
-            return lattice.path_tokens(paths)
-
-    def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
-    ) -> torch.LongTensor:
-        """Return lattice indices `(batch, num_drafts, h)`, best first."""
-        raise NotImplementedError
-
-    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
-        """
-        Greedy decoding: `__call__` (the `p` best paths). Speculative sampling (`state.sampling`): `_sample`, drafts
-        drawn token by token from the rescorer's own reweighted distribution over the lattice, returned with it
-        (see [`lattice_proposal`]); a subclass without `_sample` proposes its best paths (verified by "sample,
-        then match").
-        """
-        if not state.sampling:
-            return super().get_drafts(state)
-        with self.timed():
-            draft_logits = state.draft_logits().float()
-            lattice = TopKLattice.from_logits(draft_logits, self.top_k)
-            check_num_drafts(self.num_drafts, self.top_k, lattice.num_heads)
-            with torch.no_grad():
-                return self._sample(state, lattice, draft_logits.shape[-1])
-
-    def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> "torch.LongTensor | Drafts":
-        """Drafts sampled from the rescorer's proposal with their proposals; default: the deterministic best paths."""
-        return lattice.path_tokens(self._rescore(state.input_ids, state.lengths, lattice, vocab_size))
-
-
 def lattice_proposal(
-    state: DraftState,
+    state: Any,
     tokens: torch.LongTensor,
     head_logprobs: torch.FloatTensor,
     lm_logprobs: torch.FloatTensor | None,

@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from .base import Drafts, DraftState
-from .lattice import LatticeRescorer, TopKLattice, lattice_proposal, leading_pads
+from ..logits.lattice import TopKLattice, lattice_proposal
+from .base import DraftContext, Drafts
+from .lattice import LatticeRescorer
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +45,8 @@ class NeuralRescorer(LatticeRescorer):
             the same family, or the base model itself as an upper bound). Used as is (put it in eval mode).
         top_k (`int`): `k`, tokens kept per head.
         alpha (`float`, defaults to 0.5): LM weight in `[0, 1]`; 0 skips the LM (plain argmax drafts).
-        pad_token_id (`int`, *optional*): left-padding id of the prompts; leading pads of a row are masked out.
-            Without it they are fed to the LM like any token (drafts only get a little worse).
+        pad_token_id (`int`, *optional*): deprecated, only read by direct calls without `prompt_start` (in
+            `generate`, where each row's prompt starts comes from the attention mask).
 
     Attributes:
         last_lm_logprobs (`torch.FloatTensor` of shape `(batch, h, k)`): the LM log-probabilities of the lattice
@@ -54,14 +55,15 @@ class NeuralRescorer(LatticeRescorer):
     Example:
 
     ```python
-    >>> from hf_bpd.logits import NeuralRescorer
+    >>> from hf_bpd.drafters import NeuralRescorer
     >>> rescorer = NeuralRescorer(small_lm, top_k=8, alpha=0.5, pad_token_id=tokenizer.pad_token_id)
-    >>> out = model.generate(ids, attention_mask=mask, use_bpd=True, draft_rescorer=rescorer)
+    >>> out = model.generate(ids, attention_mask=mask, use_bpd=True, drafter=rescorer)
     ```
     """
 
     def __init__(self, lm: Any, top_k: int, alpha: float = 0.5, pad_token_id: int | None = None):
         super().__init__(top_k=top_k, alpha=alpha, num_drafts=1)
+        self.instead = "SearchDrafter(top_k=..., hooks=[NeuralHook(lm, alpha=...)]) (hf_bpd.drafters, hf_bpd.logits)"
         if not callable(getattr(lm, "forward", None)):
             raise ValueError(f"NeuralRescorer needs a causal LM (a `PreTrainedModel`), got {type(lm).__name__}.")
         if "position_ids" not in inspect.signature(lm.forward).parameters:
@@ -119,7 +121,9 @@ class NeuralRescorer(LatticeRescorer):
             self._cache.crop(-num_slots)
             self._slot_mask = self._slot_mask[:, :-num_slots]
 
-    def _feed_committed(self, input_ids: torch.LongTensor, lengths: torch.LongTensor) -> torch.FloatTensor:
+    def _feed_committed(
+        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, prompt_start: torch.LongTensor
+    ) -> torch.FloatTensor:
         """
         Feed each row's committed tokens that the cache does not hold yet (one batched forward) and return the LM
         log-probabilities `(B, V)` of the token after the last committed token. What the cache holds is known from
@@ -133,7 +137,7 @@ class NeuralRescorer(LatticeRescorer):
         lengths = lengths.to(device)
         if self._slot_mask is None:
             self._slot_mask = torch.zeros((batch, 0), dtype=torch.long, device=device)
-            self._start = leading_pads(input_ids, lengths, self.pad_token_id).to(device)
+            self._start = prompt_start.to(device)
             self._held = torch.zeros(batch, dtype=torch.long, device=device)
         self._settle(torch.zeros(batch, dtype=torch.long, device=device))  # a walk nobody reported on: rejected
         committed = lengths - self._start
@@ -193,6 +197,7 @@ class NeuralRescorer(LatticeRescorer):
         lengths: torch.LongTensor,
         lattice: TopKLattice,
         choose: Callable[[int, torch.FloatTensor], torch.LongTensor],
+        prompt_start: torch.LongTensor,
     ) -> None:
         """
         Walk the lattice left to right: at position `i`, `choose(i, lm_i)` gets the LM log-probabilities `(B, k)` of
@@ -203,7 +208,7 @@ class NeuralRescorer(LatticeRescorer):
         batch, h, k = lattice.tokens.shape
         device = self.lm.device
         tokens = lattice.tokens.to(device)
-        logprobs = self._feed_committed(input_ids, lengths)  # (B, V)
+        logprobs = self._feed_committed(input_ids, lengths, prompt_start)  # (B, V)
         real = self._held  # (B,): position id of the next token of each row
         lm_scores = []
         for i in range(h):
@@ -219,8 +224,9 @@ class NeuralRescorer(LatticeRescorer):
         self.last_lm_logprobs = torch.stack(lm_scores, dim=1)  # (B, h, k)
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
-    ) -> torch.LongTensor:
+        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        prompt_start: torch.LongTensor,
+    ) -> torch.LongTensor:  # fmt: skip
         self._check_lm_vocab(vocab_size)
         batch, h, k = lattice.tokens.shape
         if self.alpha == 0.0:  # no LM term: the argmax draft
@@ -236,10 +242,10 @@ class NeuralRescorer(LatticeRescorer):
             chosen.append(best)
             return tokens[:, i].gather(1, best[:, None])[:, 0]
 
-        self._walk_lattice(input_ids, lengths, lattice, pick)
+        self._walk_lattice(input_ids, lengths, lattice, pick, prompt_start)
         return torch.stack(chosen, dim=1)[:, None].to(lattice.tokens.device)  # (B, 1, h)
 
-    def _sample(self, state: DraftState, lattice: TopKLattice, vocab_size: int) -> Drafts:
+    def _sample(self, state: DraftContext, lattice: TopKLattice, vocab_size: int) -> Drafts:
         """
         Speculative sampling: the walk *draws* token `i` from
         [`~hf_bpd.logits.lattice.lattice_proposal`] (the interpolated score on the lattice, warped like `p`) with
@@ -266,6 +272,6 @@ class NeuralRescorer(LatticeRescorer):
                 proposals.append(q)
                 return token
 
-            self._walk_lattice(state.input_ids, state.lengths, lattice, draw)
+            self._walk_lattice(state.tokens, state.lengths, lattice, draw, state.prompt_start)
         drafts = torch.stack(drafted, dim=1).to(device)[:, None]  # (B, 1, h)
         return Drafts(tokens=drafts, proposals=torch.stack(proposals, dim=1)[:, None].to(device))

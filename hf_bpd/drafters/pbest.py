@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import Drafts, DraftState, sample_chains
-from .lattice import LatticeRescorer, TopKLattice, pbest_paths
+from ..logits.lattice import TopKLattice, pbest_paths
+from .base import DraftContext, Drafts, sample_chains
+from .lattice import LatticeRescorer
 
 
 class PBestRescorer(LatticeRescorer):
@@ -22,22 +23,22 @@ class PBestRescorer(LatticeRescorer):
     Example:
 
     ```python
-    >>> from hf_bpd.logits import PBestRescorer
-    >>> out = model.generate(ids, use_bpd=True, draft_rescorer=PBestRescorer(top_k=16, num_drafts=16))
+    >>> from hf_bpd.drafters import PBestRescorer
+    >>> out = model.generate(ids, use_bpd=True, drafter=PBestRescorer(top_k=16, num_drafts=16))
     ```
     """
 
     def __init__(self, top_k: int, num_drafts: int = 1):
         super().__init__(top_k=top_k, alpha=0.0, num_drafts=num_drafts)
 
-    def get_drafts(self, state: DraftState) -> "torch.LongTensor | Drafts":
+    def _chains(self, state: DraftContext) -> "torch.LongTensor | Drafts":
         """
         Greedy decoding: the `p` best paths. Speculative sampling (`state.sampling`): `p` independent chains, token
         `j` drawn from head `j`'s proposal restricted to its top-k (renormalised): the lattice's own distribution,
         which depends on the committed prefix only; the loop verifies them with multi-draft rejection sampling.
         """
         if not state.sampling:
-            return super().get_drafts(state)
+            return super()._chains(state)
         with self.timed():
             probs = state.head_probs()  # (B, h, V)
             top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1).indices
@@ -45,7 +46,8 @@ class PBestRescorer(LatticeRescorer):
             return sample_chains(kept / kept.sum(-1, keepdim=True), self.num_drafts)
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int
-    ) -> torch.LongTensor:
+        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        prompt_start: torch.LongTensor,
+    ) -> torch.LongTensor:  # fmt: skip
         paths, _ = pbest_paths(lattice.logprobs, self.num_drafts)
         return paths

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .base import DraftRescorer, DraftState
+from .base import ChainDrafter, DraftContext
 
 
-class OracleDrafter(DraftRescorer):
+class OracleDrafter(ChainDrafter):
     """
     Proposes the tokens that follow in `reference` (e.g. the base model's own greedy output).
 
@@ -27,6 +27,7 @@ class OracleDrafter(DraftRescorer):
     def __init__(self, reference: torch.LongTensor, pad_token_id: int = 0, top_k: int | None = None):
         if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"OracleDrafter top_k must be None or an integer >= 1, got {top_k!r}.")
+        self.requires_independent_heads = top_k is not None  # the top-k path reads the heads' lattice
         self.reference = reference
         self.pad_token_id = pad_token_id
         self.top_k = top_k
@@ -39,16 +40,18 @@ class OracleDrafter(DraftRescorer):
         index = lengths[:, None] + torch.arange(num_heads, device=lengths.device)  # (B, h)
         return padded.gather(1, index.clamp(max=padded.shape[1] - 1))
 
-    def get_drafts(self, state: DraftState) -> torch.LongTensor:
-        if type(self).__call__ is not OracleDrafter.__call__:  # a subclass written for the `__call__` interface
-            return super().get_drafts(state)
+    instead = "OracleDrafter(reference) without top_k"
+
+    def _chains(self, state: DraftContext) -> torch.LongTensor:
+        if type(self).__call__ is not OracleDrafter.__call__:  # a subclass written for the functional interface
+            return self(state.tokens, state.lengths, state.draft_logits().float())
         wanted = self.continuation(state.lengths, state.num_heads)  # (B, h)
         return wanted[:, None] if self.top_k is None else self._top_k_path(wanted, state.draft_logits())
 
     def __call__(
         self, input_ids: torch.LongTensor, lengths: torch.LongTensor, draft_logits: torch.FloatTensor
     ) -> torch.LongTensor:
-        """The [`DraftRescorer`] interface: `(batch, 1, h)` drafts (the heads' logits are read only with `top_k`)."""
+        """The older functional interface: `(batch, 1, h)` drafts (the heads' logits are read only with `top_k`)."""
         wanted = self.continuation(lengths, draft_logits.shape[1])
         return wanted[:, None] if self.top_k is None else self._top_k_path(wanted, draft_logits)
 
