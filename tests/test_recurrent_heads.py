@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
-from conftest import PAD, VOCAB, batch_prompts, randomize_heads, tiny_base
+from conftest import VOCAB, batch_prompts, randomize_heads, tiny_base
+from test_sampling import chi_square_pvalue
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.drafters import HeadsDrafter, SearchDrafter, StaticTreeDrafter
@@ -289,3 +293,97 @@ def test_untrained_recurrent_heads_decode_like_untrained_resblock_heads():
                                    return_dict_in_generate=True))  # fmt: skip
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert torch.equal(outs[0].accepted_lengths, outs[1].accepted_lengths)
+
+
+# --------------------------------------------------------------------------------------------- sampling
+NEW = 4  # the prompt's token, then one step verifying 2 drafts: depth 2 (whose q reads the drafted token) is tested
+WARPERS = LogitsProcessorList([TemperatureLogitsWarper(0.8), TopKLogitsWarper(5)])
+
+
+def exact_distribution(base, prompt, new):
+    """P(t1 .. t_new | prompt) under the warped base model, by enumeration."""
+    vocab = base.config.vocab_size
+    probs = {}
+    with torch.no_grad():
+        for n in range(new):
+            for prefix in itertools.product(range(vocab), repeat=n):
+                ids = torch.tensor([prompt + list(prefix)])
+                probs[prefix] = torch.softmax(WARPERS(ids, base(ids).logits[:, -1].float()), -1)[0].tolist()
+    dist = {}
+    for seq in itertools.product(range(vocab), repeat=new):
+        p = 1.0
+        for i in range(new):
+            p *= probs[seq[:i]][seq[i]]
+        if p > 0:
+            dist[seq] = p
+    return dist
+
+SAMPLED = {
+    "chain": lambda: None,
+    "three-chains": lambda: SearchDrafter(top_k=4, num_drafts=3),
+    "tree": lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [1, 0], [1, 1]]),
+}
+
+
+@pytest.mark.parametrize("drafter", sorted(SAMPLED))
+def test_speculative_sampling_with_conditioned_proposals_is_exact(drafter):
+    """The proposal of a node depends on its path: every chain / tree node is drawn from, and accepted against, its
+    own path's q. Chi-square against the base's exact distribution of 3 tokens (4000 rows in one batch)."""
+    small = 8
+    base = tiny_base("llama", vocab_size=small, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    base.generation_config.eos_token_id = None
+    model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
+    with torch.no_grad():  # heads whose drafts are often accepted, and whose q really depends on the path
+        for k in range(2):
+            model.heads[k].out_proj.weight.normal_(0, 2.0)
+            model.heads[k].blocks[0].linear.weight.normal_(0, 0.3)
+    prompt, rows = [3, 5, 7], 4000
+    dist = exact_distribution(base, prompt, NEW)
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt] * rows), max_new_tokens=NEW, do_sample=True, temperature=0.8,
+                         top_k=5, top_p=1.0, use_bpd=True, draft_rescorer=SAMPLED[drafter](),
+                         return_dict_in_generate=True)  # fmt: skip
+    samples = out.sequences[:, len(prompt) :]
+    accepted = out.accepted_lengths[out.accepted_lengths >= 0]
+    assert int((accepted > 0).sum()) > rows // 8  # drafts were really accepted
+    assert int((accepted == 2).sum()) > rows // 20  # depth-2 drafts too
+    assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
+    assert chi_square_pvalue(samples, dist, key=lambda s: s[2:]) > 1e-3
+
+
+def test_the_sampling_test_rejects_per_depth_proposals(monkeypatch):
+    """A tree sampler that draws every node of a depth from one node's q (today's `sample_tree` for independent
+    heads) while reporting each node's own q is biased: the chi-square test above would see it."""
+    import hf_bpd.drafters.base as drafter_base
+
+    small = 8
+    base = tiny_base("llama", vocab_size=small, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+    base.generation_config.eos_token_id = None
+    model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
+    with torch.no_grad():  # q depends strongly on the path: a wrong one is far from the right one
+        for k in range(2):
+            model.heads[k].out_proj.weight.normal_(0, 2.0)
+    real = drafter_base.DraftContext.path_logits
+
+    def wrong(self, paths, rows=None):  # scores as if every path were the all-`3` path of its depth
+        return real(self, torch.full_like(paths, 3), rows)
+
+    def biased_chain(ctx, length):  # draws from the wrong q, reports the right one
+        path, proposals = ctx.tokens.new_zeros(ctx.batch_size, 0), []
+        for _ in range(length):
+            proposals.append(ctx.proposal_probs(real(ctx, path)))
+            path = torch.cat([path, torch.multinomial(ctx.proposal_probs(wrong(ctx, path)), 1)], 1)
+        pad = ctx.num_heads - length
+        q = torch.stack(proposals, 1) if proposals else path.new_zeros(ctx.batch_size, 0, ctx.vocab_size).float()
+        q = torch.nn.functional.pad(q, (0, 0, 0, pad))
+        return drafter_base.Drafts(torch.nn.functional.pad(path, (0, pad))[:, None], q[:, None])
+
+    monkeypatch.setattr(drafter_base, "sample_conditioned_chain", biased_chain)
+    prompt, rows = [3, 5, 7], 4000
+    dist = exact_distribution(base, prompt, NEW)
+    torch.manual_seed(0)
+    out = model.generate(torch.tensor([prompt] * rows), max_new_tokens=NEW, do_sample=True, temperature=0.8,
+                         top_k=5, top_p=1.0, use_bpd=True)  # fmt: skip
+    samples = out[:, len(prompt) :]
+    assert min(chi_square_pvalue(samples, dist, key=lambda s: s),
+               chi_square_pvalue(samples, dist, key=lambda s: s[2:])) < 1e-3  # fmt: skip
