@@ -387,3 +387,58 @@ def test_the_sampling_test_rejects_per_depth_proposals(monkeypatch):
     samples = out[:, len(prompt) :]
     assert min(chi_square_pvalue(samples, dist, key=lambda s: s),
                chi_square_pvalue(samples, dist, key=lambda s: s[2:])) < 1e-3  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- BPDTrainer
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_trainer_on_cached_features_teacher_forces_the_greedy_labels(mode, tmp_path):
+    """Cached features (hard: greedy labels; soft: top-k) train recurrent heads; the logs and training info carry
+    top-1 given a correct prefix; the conditioning tokens are the cached greedy labels."""
+    from test_trainer import training_args
+
+    from hf_bpd.features import CachedFeatures, extract_features
+    from hf_bpd.trainer import BPDTrainer
+
+    base = tiny_base()
+    gen = torch.Generator().manual_seed(0)
+    seqs = pairs_batch(gen, batch=64, length=24).tolist()  # r, r + 1, ...: the base's greedy tokens are its own
+    features = CachedFeatures(extract_features(base, seqs, tmp_path / "f", seq_len=24, shard_size=64,
+                                               top_k=4 if mode == "soft" else 0))  # fmt: skip
+    model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
+    seen = []
+    real_forward = model.heads.forward
+    model.heads.forward = lambda hidden, prev=None: seen.append(prev) or real_forward(hidden, prev)
+    trainer = BPDTrainer(model, training_args(tmp_path / "run", max_steps=40, distillation=mode, learning_rate=1e-2,
+                                              logging_steps=20), train_dataset=features, eval_dataset=features)  # fmt: skip
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert after["eval_loss"] < before["eval_loss"], (before, after)
+    assert after["eval_head1_top1"] > 1.5 * before["eval_head1_top1"], (before, after)
+    assert "eval_head2_top1_given_prefix" in after
+    labels = torch.stack([features[i]["labels"] for i in range(len(features))])
+    rows = seen[-1].shape[0]
+    assert any(torch.equal(seen[-1], teacher_tokens(labels[i : i + rows], 2)) for i in range(0, len(labels), rows))
+    info = trainer.training_info()
+    assert len(info["head_metrics"]["top1_given_prefix"]) == 2
+
+
+def test_trainer_on_the_fly_self_distillation_conditions_on_the_greedy_tokens(tmp_path):
+    from test_trainer import training_args
+
+    from hf_bpd.trainer import BPDTrainer
+
+    base = tiny_base()
+    gen = torch.Generator().manual_seed(1)
+    data = [{"input_ids": row} for row in pairs_batch(gen, batch=32, length=16).tolist()]
+    model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
+    seen = []
+    real_forward = model.heads.forward
+    model.heads.forward = lambda hidden, prev=None: seen.append(prev) or real_forward(hidden, prev)
+    trainer = BPDTrainer(model, training_args(tmp_path, max_steps=2, distillation="hard"), train_dataset=data)
+    trainer.train()
+    batch = torch.tensor([d["input_ids"] for d in data])
+    with torch.no_grad():
+        greedy = base(batch).logits.argmax(-1)  # position s predicts token s + 1: x_{t+1} = greedy[t]
+    for row in seen[-1][:, :-1, 0]:  # batches are shuffled: each row is some sequence's greedy tokens
+        assert any(torch.equal(row, g) for g in greedy[:, :-1])
