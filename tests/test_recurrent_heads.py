@@ -421,6 +421,11 @@ def test_trainer_on_cached_features_teacher_forces_the_greedy_labels(mode, tmp_p
     assert any(torch.equal(seen[-1], teacher_tokens(labels[i : i + rows], 2)) for i in range(0, len(labels), rows))
     info = trainer.training_info()
     assert len(info["head_metrics"]["top1_given_prefix"]) == 2
+    from hf_bpd.metrics import depth_accuracy
+
+    measured = depth_accuracy(model.eval(), features.hidden, features.targets)
+    assert measured["top1"] == pytest.approx([after["eval_head1_top1"], after["eval_head2_top1"]], abs=1e-3)
+    assert measured["top1_given_prefix"][1] == pytest.approx(after["eval_head2_top1_given_prefix"], abs=1e-3)
 
 
 def test_trainer_on_the_fly_self_distillation_conditions_on_the_greedy_tokens(tmp_path):
