@@ -12,7 +12,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogit
 
 from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.drafters import HeadsDrafter, SearchDrafter, StaticTreeDrafter
-from hf_bpd.drafters.base import DraftContext, DraftHeadsView
+from hf_bpd.drafters.base import ChainDrafter, DraftContext, DraftHeadsView
 from hf_bpd.heads import HEAD_TYPES, teacher_tokens
 from hf_bpd.losses import prefix_accuracy_counts
 from hf_bpd.recurrent_heads import PathStates, RecurrentHeads
@@ -447,3 +447,25 @@ def test_trainer_on_the_fly_self_distillation_conditions_on_the_greedy_tokens(tm
         greedy = base(batch).logits.argmax(-1)  # position s predicts token s + 1: x_{t+1} = greedy[t]
     for row in seen[-1][:, :-1, 0]:  # batches are shuffled: each row is some sequence's greedy tokens
         assert any(torch.equal(row, g) for g in greedy[:, :-1])
+
+
+def test_beam_search_merges_shared_prefixes_into_one_tree():
+    from hf_bpd.drafters.search import prefix_tree
+
+    tree = prefix_tree(torch.tensor([[5, 6, 7], [5, 6, 8], [5, 9, -1], [4, 6, 7]]))
+    assert tree.layout.width == 1 + 8  # 5, 56, 567, 568, 59, 4, 46, 467: 8 distinct prefixes
+    drafts = tree.path_drafts()[0].tolist()
+    assert sorted(drafts) == sorted([[5, 6, 7], [5, 6, 8], [5, 9, -1], [4, 6, 7]])
+    model = randomize_heads(recurrent(), std=0.3)
+    ids, mask = batch_prompts(1)
+    drafter = SearchDrafter(top_k=3, num_drafts=3)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True,
+                         draft_rescorer=drafter)  # fmt: skip
+    assert torch.equal(out, model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    hidden, last = torch.randn(1, 32), torch.tensor([7])
+    ctx = ctx_for(model, hidden, last)
+    beams = ChainDrafter.propose(drafter, ctx).path_drafts()[0]  # the 3 beams as separate chains
+    tree = drafter.propose(ctx)
+    distinct = {tuple(b[: j + 1]) for b in beams.tolist() for j in range(H)}
+    assert tree.layout.width == 1 + len(distinct)
+    assert sorted(map(tuple, tree.path_drafts()[0].tolist())) == sorted(set(map(tuple, beams.tolist())))
