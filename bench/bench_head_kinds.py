@@ -1,6 +1,9 @@
 """Independent (`resblock`) vs token-conditioned (`recurrent`) draft heads on the 10M reference stack, same budget.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --minutes 9 --threads 1
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --minutes 10 --max-steps 400 \
+        --train-blocks 1600 --eval-blocks 64 --threads 1
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --smollm2-cost \
+        --out bench/results/head_kinds_smollm2_cost.json
 
 1. Data: the reference training split (`split_reference_corpora`, as examples/build_reference.py's `split` stage),
    packed into 256-token blocks round robin over the four domains; cached base features (hidden states + the base's
@@ -60,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--check-generate", type=int, default=2, help="prompts per kind cross-checked with generate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smollm2-cost", action="store_true",
+                   help="only step 5 on SmolLM2-135M (h = 5, K = 4096, fp32 and bf16), written to --out")
     return p.parse_args(argv)
 
 
@@ -235,6 +240,30 @@ def check_generate(model, tokenizer, prompts, replayed_runs):
     return rows
 
 
+def smollm2_cost(args):
+    """Draft cost of an h-token chain vs a greedy step on SmolLM2-135M (the shipped heads' shape: h = 5, K = 4096);
+    untrained heads of each kind (the cost does not depend on the weights)."""
+    import torch
+
+    from hf_bpd import BPDForCausalLM
+    from hf_bpd.smollm2 import load_smollm2
+
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        base, tokenizer = load_smollm2(dtype=dtype)
+        ids = tokenizer("Write a short poem about the sea and the wind, in four lines.", return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            seq = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+            hidden = base(seq, output_hidden_states=True).hidden_states[-1][0]
+        runs = [{"seq": seq[0], "hidden": hidden}]
+        for kind in args.kinds.split(","):
+            model = BPDForCausalLM.from_base(base, num_draft_heads=5, head_type=kind, draft_vocab_size=4096).eval()
+            model.set_draft_vocab(torch.arange(4096))
+            out[f"{kind}_{str(dtype).split('.')[-1]}"] = draft_cost(model, base, runs)
+            logger.info("SmolLM2 %s %s: %s", kind, dtype, out[f"{kind}_{str(dtype).split('.')[-1]}"])
+    return out
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -242,15 +271,23 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(args.threads)
+    if args.smollm2_cost:
+        result = smollm2_cost(args)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
     sys.path.insert(0, str(REPO))
     args.work_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(args.reference / "base")
     base = AutoModelForCausalLM.from_pretrained(args.reference / "base", dtype=torch.float32).eval()
     features = make_features(args, base, tokenizer)
     prompts = [json.loads(x) for x in (args.reference / "prompts" / "validation.jsonl").read_text().splitlines()]
-    counts: dict[str, int] = {}
-    chosen = [p for p in prompts if counts.setdefault(p["domain"], 0) < args.prompts_per_domain
-              and not counts.__setitem__(p["domain"], counts[p["domain"]] + 1)]  # fmt: skip
+    chosen, counts = [], {d: 0 for d in DOMAINS}
+    for p in prompts:  # the first --prompts-per-domain prompts of each domain
+        if counts[p["domain"]] < args.prompts_per_domain:
+            chosen.append(p)
+            counts[p["domain"]] += 1
     runs = greedy_runs(base, tokenizer, chosen, args.max_new_tokens)
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "kinds": {}}
     for kind in args.kinds.split(","):
