@@ -67,7 +67,9 @@ def render_model_card(
         f"# Draft heads for `{base or 'an unnamed base model'}`",
         "",
         f"{h} blockwise-parallel-decoding draft heads (hf_bpd). Head `i` reads the base model's last hidden state at "
-        f"position `t` and predicts token `t + 1 + i`; the base model's own head keeps predicting token `t + 1`. "
+        f"position `t`" + (" and the tokens `t + 1 .. t + i` (the base model's next token, then the drafted ones)"
+                           if config.head_type == "recurrent" else "")
+        + f" and predicts token `t + 1 + i`; the base model's own head keeps predicting token `t + 1`. "
         f"`generate(..., use_bpd=True)` returns exactly what the base model's greedy / sampled `generate` returns, "
         f"in fewer serial calls of the base model.",
         "",
