@@ -14,7 +14,6 @@ registry entry.
 
 from .base import (
     ChainDrafter,
-    CompareUnrefined,
     DraftContext,
     DraftHeadsView,
     Drafter,
@@ -28,6 +27,7 @@ from .base import (
     checked_tree,
     sample_chains,
 )
+from .compare import CompareUnrefined
 from .lattice import LatticeRescorer
 from .neural import NeuralRescorer
 from .ngram import NgramRescorer
