@@ -63,8 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--check-generate", type=int, default=2, help="prompts per kind cross-checked with generate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smollm2-cost", action="store_true",
-                   help="only step 5 on SmolLM2-135M (h = 5, K = 4096, fp32 and bf16), written to --out")
+    p.add_argument(
+        "--smollm2-cost",
+        action="store_true",
+        help="only step 5 on SmolLM2-135M (h = 5, K = 4096, fp32 and bf16), written to --out",
+    )
     return p.parse_args(argv)
 
 
@@ -91,7 +94,9 @@ def make_features(args, base, tokenizer):
         for d in DOMAINS:
             texts = list(splits[d][split])
             rng.shuffle(texts)
-            per_domain.append(blocks_of(texts, tokenizer, args.seq_len, count // len(DOMAINS) + 1, tokenizer.eos_token_id))
+            per_domain.append(
+                blocks_of(texts, tokenizer, args.seq_len, count // len(DOMAINS) + 1, tokenizer.eos_token_id)
+            )
         rows = [blk for group in zip(*per_domain) for blk in group][:count]  # round robin over domains
         extract_features(base, rows, folders[split], seq_len=args.seq_len, batch_size=8, storage_dtype=base.dtype)
         (folders[split] / "done").write_text(str(len(rows)))
@@ -99,7 +104,6 @@ def make_features(args, base, tokenizer):
 
 
 def train_kind(args, kind, base, features):
-    import torch
     from transformers import TrainerCallback, set_seed
 
     from hf_bpd import BPDForCausalLM
@@ -251,7 +255,9 @@ def smollm2_cost(args):
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         base, tokenizer = load_smollm2(dtype=dtype)
-        ids = tokenizer("Write a short poem about the sea and the wind, in four lines.", return_tensors="pt")["input_ids"]
+        ids = tokenizer("Write a short poem about the sea and the wind, in four lines.", return_tensors="pt")[
+            "input_ids"
+        ]
         with torch.no_grad():
             seq = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
             hidden = base(seq, output_hidden_states=True).hidden_states[-1][0]
@@ -298,12 +304,10 @@ def main(argv=None):
         if args.check_generate:
             picked = [i for d in DOMAINS for i in [j for j, p in enumerate(chosen) if p["domain"] == d][:1]]
             picked = picked[: args.check_generate]
-            try:
-                entry["generate_check"] = {"generate": check_generate(model, tokenizer, [chosen[i] for i in picked],
-                                                                      [runs[i] for i in picked]),
-                                           "replay": [replay_block_efficiency(model, [runs[i]]) for i in picked]}
-            except Exception as err:  # drafting support missing: reported, not fatal for the comparison
-                entry["generate_check"] = f"failed: {type(err).__name__}: {err}"
+            entry["generate_check"] = {
+                "generate": check_generate(model, tokenizer, [chosen[i] for i in picked], [runs[i] for i in picked]),
+                "replay": [replay_block_efficiency(model, [runs[i]]) for i in picked],
+            }
         model.save_pretrained(args.work_dir / f"heads_{kind}")
         result["kinds"][kind] = entry
         logger.info("%s: %s", kind, json.dumps(entry))
@@ -314,7 +318,9 @@ def main(argv=None):
         ind, con = kinds["resblock"], kinds["recurrent"]
         ratio = [c / max(i, 1e-9) for i, c in zip(ind["accuracy"]["top1_given_prefix"][1:],
                                                    con["accuracy"]["top1_given_prefix"][1:])]  # fmt: skip
-        gain = {d: round(con["block_efficiency"][d] / ind["block_efficiency"][d] - 1, 3) for d in ind["block_efficiency"]}
+        gain = {
+            d: round(con["block_efficiency"][d] / ind["block_efficiency"][d] - 1, 3) for d in ind["block_efficiency"]
+        }
         result["summary"] = {
             "depth2plus_given_prefix_ratio": [round(x, 3) for x in ratio],
             "target_ratio_1.3_met": all(x >= 1.3 for x in ratio),

@@ -102,7 +102,7 @@ def _total(value: int | Sequence[int] | torch.Tensor) -> float:
 
 @torch.no_grad()
 def depth_accuracy(
-    model: "torch.nn.Module", base_hidden_states: torch.Tensor, targets: torch.LongTensor, batch_size: int = 8
+    model: torch.nn.Module, base_hidden_states: torch.Tensor, targets: torch.LongTensor, batch_size: int = 8
 ) -> dict[str, list[float]]:
     """
     Per-depth top-1 accuracy of a model's draft heads on known targets, for either head kind: `top1` (head `i`

@@ -86,7 +86,7 @@ class RecurrentHeads(DraftHeads):
 
     independent: ClassVar[bool] = False
 
-    def __init__(self, config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None):
+    def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__(config, hidden_size, input_embeddings)
         if input_embeddings is None:
             raise ValueError(
@@ -98,7 +98,9 @@ class RecurrentHeads(DraftHeads):
         self.embedding_vocab = int(weight.shape[0]) if weight is not None else None
         state_size = config.head_hidden_size or hidden_size
         for k in range(self.num_heads):
-            self.add_module(str(k), RecurrentHead(hidden_size, embedding_size, state_size, config.head_num_layers, k == 0))
+            self.add_module(
+                str(k), RecurrentHead(hidden_size, embedding_size, state_size, config.head_num_layers, k == 0)
+            )
 
     def embed(self, tokens: torch.LongTensor) -> torch.Tensor:
         """`E(tokens)` over the base model's *whole* input vocabulary (a draft vocabulary restricts outputs only)."""

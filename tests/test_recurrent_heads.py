@@ -69,8 +69,17 @@ def test_output_j_reads_only_its_prefix_and_steps_match_forward():
 
 def test_save_load_strict_first_heads_and_model_card(tmp_path):
     model = randomize_heads(recurrent(), std=0.1)
-    model.save_pretrained(tmp_path / "heads", training_info={"head_metrics": {
-        "split": "evaluation", "top1": [0.5, 0.4, 0.3], "top5": [0.9, 0.8, 0.7], "top1_given_prefix": [0.5, 0.6, 0.7]}})
+    model.save_pretrained(
+        tmp_path / "heads",
+        training_info={
+            "head_metrics": {
+                "split": "evaluation",
+                "top1": [0.5, 0.4, 0.3],
+                "top5": [0.9, 0.8, 0.7],
+                "top1_given_prefix": [0.5, 0.6, 0.7],
+            }
+        },
+    )
     loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads", base_model=model.base)
     hidden, prev = torch.randn(2, 32), torch.randint(0, VOCAB, (2, H))
     torch.testing.assert_close(loaded.draft_logits(hidden, prev), model.draft_logits(hidden, prev))
@@ -317,6 +326,7 @@ def exact_distribution(base, prompt, new):
         if p > 0:
             dist[seq] = p
     return dist
+
 
 SAMPLED = {
     "chain": lambda: None,
