@@ -2,6 +2,9 @@
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --minutes 10 --max-steps 400 \
         --train-blocks 1600 --eval-blocks 64 --threads 1
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --kinds recurrent --distillation soft \
+        --top-k 16 --minutes 10 --max-steps 400 --train-blocks 1600 --check-generate 0 \
+        --out bench/results/head_kinds_soft.json
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/bench_head_kinds.py --smollm2-cost \
         --out bench/results/head_kinds_smollm2_cost.json
 
@@ -63,6 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--check-generate", type=int, default=2, help="prompts per kind cross-checked with generate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--distillation", default="hard", choices=["hard", "soft"],
+                   help="'soft': KL to the base's cached top-k (--top-k) instead of its greedy tokens")
+    p.add_argument("--top-k", type=int, default=16, help="top-k soft targets cached with --distillation soft")
     p.add_argument(
         "--smollm2-cost",
         action="store_true",
@@ -84,7 +90,8 @@ def make_features(args, base, tokenizer):
     from hf_bpd.features import CachedFeatures, extract_features
     from hf_bpd.tools.reference import split_reference_corpora
 
-    folders = {"train": args.work_dir / "features_train", "validation": args.work_dir / "features_validation"}
+    suffix = f"_top{args.top_k}" if args.distillation == "soft" else ""
+    folders = {s: args.work_dir / f"features_{s}{suffix}" for s in ("train", "validation")}
     if all((f / "done").exists() for f in folders.values()):
         return {k: CachedFeatures(v) for k, v in folders.items()}
     splits = split_reference_corpora(args.corpora)
@@ -98,7 +105,8 @@ def make_features(args, base, tokenizer):
                 blocks_of(texts, tokenizer, args.seq_len, count // len(DOMAINS) + 1, tokenizer.eos_token_id)
             )
         rows = [blk for group in zip(*per_domain) for blk in group][:count]  # round robin over domains
-        extract_features(base, rows, folders[split], seq_len=args.seq_len, batch_size=8, storage_dtype=base.dtype)
+        top_k = args.top_k if args.distillation == "soft" else 0
+        extract_features(base, rows, folders[split], args.seq_len, 8, storage_dtype=base.dtype, top_k=top_k)
         (folders[split] / "done").write_text(str(len(rows)))
     return {k: CachedFeatures(v) for k, v in folders.items()}
 
@@ -125,7 +133,7 @@ def train_kind(args, kind, base, features):
         output_dir=str(args.work_dir / f"trainer_{kind}"), max_steps=args.max_steps, learning_rate=args.lr,
         per_device_train_batch_size=args.batch_size, lr_scheduler_type="cosine", warmup_steps=args.max_steps // 20,
         weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none", use_cpu=True, seed=args.seed,
-        distillation="hard", head_loss_weighting="uniform", dataloader_num_workers=0,
+        distillation=args.distillation, head_loss_weighting="uniform", dataloader_num_workers=0,
     )  # fmt: skip
     trainer = BPDTrainer(model=model, args=targs, train_dataset=features["train"], callbacks=[Budget()])
     start = time.time()
