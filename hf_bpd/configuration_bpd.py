@@ -28,6 +28,11 @@ class BPDConfig(PretrainedConfig):
               `head_hidden_size` (`W_2` zero-initialised).
             - `"lora"`: a low-rank residual `x + B(A x)` of rank `head_rank` (`B` zero-initialised). A few hundred
               thousand parameters per head even on a 4096-wide model.
+            - `"recurrent"`: token-conditioned heads (ReDrafter / IBM MLP speculator): head `k` also reads the base
+              model's own next token and the `k` draft tokens before its own, through a recurrent state over the
+              base model's (frozen) input embedding (`hf_bpd.recurrent_heads`); `head_num_layers` ResBlocks each,
+              state width `head_hidden_size` (default the base hidden size). Zero-initialised like `"resblock"`.
+              Drafted token by token (chains, beams, trees); the lattice drafters refuse them.
         head_num_layers (`int`, *optional*, defaults to 1):
             How many of those blocks each head stacks.
         head_hidden_size (`int`, *optional*):
@@ -134,7 +139,11 @@ class BPDConfig(PretrainedConfig):
         from .heads import HEAD_TYPES  # the live registry: a head type registered later is valid too
 
         if self.head_type not in HEAD_TYPES:
-            raise ValueError(f"BPDConfig.head_type must be one of {sorted(HEAD_TYPES)}, got {self.head_type!r}.")
+            raise ValueError(
+                f"BPDConfig.head_type must be one of {sorted(HEAD_TYPES)}, got {self.head_type!r}: a checkpoint "
+                "written by a newer hf_bpd (or a head type registered by code not imported here); upgrade hf_bpd "
+                "or import the module that registers it in hf_bpd.heads.HEAD_TYPES."
+            )
         self._validate_drafter()
         for name in ("share_lm_head", "freeze_base"):
             if not isinstance(getattr(self, name), bool):

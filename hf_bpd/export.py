@@ -78,6 +78,9 @@ def medusa_state_dict(model: "BPDForCausalLM", original_lm_head: bool | None = N
         draft vocabulary, or `original_lm_head=True` with heads that own their projections.
     """
     config = model.config
+    if not model.independent_heads:
+        raise ValueError(f"{config.head_type!r} heads read the drafted tokens; vLLM's Medusa format holds independent "
+                         "heads only. See docs/serving.md (MLP speculator / EAGLE-3 via `speculators`).")
     if config.head_type != "resblock":
         raise ValueError(
             f"vLLM's Medusa heads compute `x + SiLU(W x + b)` per block; {config.head_type!r} heads compute "

@@ -161,6 +161,10 @@ class LoRAHeads(BlockHeads):
 
 HEAD_TYPES: dict[str, type[DraftHeads]] = {"resblock": ResBlockHeads, "ffn": FFNHeads, "lora": LoRAHeads}
 
+from .recurrent_heads import RecurrentHeads  # noqa: E402  (token-conditioned heads; the module imports this one)
+
+HEAD_TYPES["recurrent"] = RecurrentHeads
+
 
 def build_heads(config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None) -> DraftHeads:
     """The registered [`DraftHeads`] of `config.head_type`."""

@@ -281,6 +281,41 @@ def head_accuracy_counts(
     return top1, topk, total
 
 
+def prefix_accuracy_counts(
+    draft_logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    Per-depth top-1 accuracy *given a correct prefix*: at depth `i`, the positions where heads `0 .. i-1` were all
+    right, and how many of those head `i` gets right too. `hits[i] / totals[i]` is the chance that a greedy chain,
+    having been accepted up to depth `i`, is accepted at depth `i` as well: the figure acceptance depends on.
+
+    Valid for both head kinds: independent heads read `h_t` alone, so their logits are the chain's whatever the
+    prefix; token-conditioned heads must be run teacher-forced on `labels` (the trainer does), which is exactly what
+    a greedy chain feeds them when its prefix is correct.
+
+    Args:
+        draft_logits (`torch.Tensor` of shape `(batch, seq_len, num_heads, vocab)`): draft logits (teacher-forced).
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`): unshifted targets as in [`draft_head_loss`].
+    Returns:
+        `(hits, totals)`, each `torch.LongTensor` of shape `(num_heads,)` (sum over batches, then divide).
+    """
+    batch, seq_len, num_heads, _ = draft_logits.shape
+    hits = torch.zeros(num_heads, dtype=torch.long, device=draft_logits.device)
+    totals = torch.zeros_like(hits)
+    span = seq_len - 2 - (num_heads - 1)  # positions where every head has a target
+    if span <= 0:
+        return hits, totals
+    prefix_ok = torch.ones(batch, span, dtype=torch.bool, device=draft_logits.device)
+    for i in range(num_heads):
+        target = labels[:, i + 2 : i + 2 + span]
+        valid = target != ignore_index
+        right = (draft_logits[:, :span, i].argmax(-1) == target) & valid
+        totals[i] = (prefix_ok & valid).sum()
+        hits[i] = (prefix_ok & right).sum()
+        prefix_ok = prefix_ok & right
+    return hits, totals
+
+
 # --------------------------------------------------------------------------------------------- total
 DISTILLATION_MODES = ("none", "hard", "soft")
 

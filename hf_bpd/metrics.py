@@ -98,3 +98,37 @@ def _total(value: int | Sequence[int] | torch.Tensor) -> float:
     if isinstance(value, (int, float)):
         return float(value)
     return float(sum(value))
+
+
+@torch.no_grad()
+def depth_accuracy(
+    model: torch.nn.Module, base_hidden_states: torch.Tensor, targets: torch.LongTensor, batch_size: int = 8
+) -> dict[str, list[float]]:
+    """
+    Per-depth top-1 accuracy of a model's draft heads on known targets, for either head kind: `top1` (head `i`
+    against the token `i + 2` ahead; token-conditioned heads teacher-forced on `targets`) and `top1_given_prefix`
+    (among the positions where the heads before it were right: the chance a greedy chain accepted so far is accepted
+    one token further, see [`~hf_bpd.losses.prefix_accuracy_counts`]).
+
+    Args:
+        model ([`BPDForCausalLM`]): the model (its heads are run on the given hidden states; the base is not run).
+        base_hidden_states (`torch.Tensor` of shape `(n, seq_len, d)`): the base's last hidden states (e.g.
+            [`~hf_bpd.features.CachedFeatures.hidden`]).
+        targets (`torch.LongTensor` of shape `(n, seq_len)`): unshifted targets, `-100` where masked (the base's
+            greedy tokens for what greedy BPD accepts).
+    Returns:
+        `{"top1": [h floats], "top1_given_prefix": [h floats]}`.
+    """
+    from .losses import head_accuracy_counts, prefix_accuracy_counts
+
+    h = model.config.num_draft_heads
+    sums = torch.zeros(4, h)
+    for i in range(0, base_hidden_states.shape[0], batch_size):
+        hidden, labels = base_hidden_states[i : i + batch_size], targets[i : i + batch_size]
+        compact = model(base_hidden_states=hidden, draft_input_ids=labels, draft_full_vocab=False).draft_logits
+        labels = model.to_draft_ids(labels)
+        top1, _, total = head_accuracy_counts(compact, labels, top_k=1)
+        hits, given = prefix_accuracy_counts(compact, labels)
+        sums += torch.stack([top1, total, hits, given]).float().cpu()
+    return {"top1": (sums[0] / sums[1].clamp(min=1)).tolist(),
+            "top1_given_prefix": (sums[2] / sums[3].clamp(min=1)).tolist()}  # fmt: skip

@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 from .configuration_bpd import BPDConfig
 from .generation import BPDGenerationMixin
 from .heads import HEAD_TYPES, DraftHeads, FFNBlock, LoRABlock, ResBlock, build_head, build_heads, teacher_tokens
-from .losses import draft_head_loss
+from .losses import draft_head_loss, greedy_targets
 from .saving import (
     ADAPTER_SUBFOLDER,
     BASE_SUBFOLDER,
@@ -326,6 +326,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         return_draft_logits: bool = True,
         base_hidden_states: torch.Tensor | None = None,
         draft_full_vocab: bool = True,
+        draft_input_ids: torch.LongTensor | str | None = None,
         **kwargs: Any,
     ) -> BPDCausalLMOutput:
         r"""
@@ -341,11 +342,19 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
                 not run and `logits` is `None`.
             draft_full_vocab (`bool`, defaults to `True`): with a draft vocabulary, `False` returns compact
                 `(..., h, K)` draft logits (see [`draft_logits`]); the loss is always computed in the compact space.
+            draft_input_ids (`torch.LongTensor` of shape `(batch, seq_len)` or `"greedy"`, *optional*): token-
+                conditioned heads only (teacher forcing): the sequence they read, output `j` at position `t` reading
+                entries `t + 1 .. t + 1 + j`; `"greedy"` takes the base model's own greedy next tokens (self-
+                distillation, needs the base run). Default: `labels` where set, else `input_ids`.
         Returns:
             [`BPDCausalLMOutput`].
         """
         if base_hidden_states is not None:
-            return self._heads_forward(base_hidden_states, labels, return_draft_logits, draft_full_vocab, input_ids)
+            if isinstance(draft_input_ids, str):
+                raise ValueError("draft_input_ids='greedy' needs the base model run: pass the greedy tokens instead.")
+            return self._heads_forward(
+                base_hidden_states, labels, return_draft_logits, draft_full_vocab, input_ids, draft_input_ids
+            )
         kwargs.pop("output_hidden_states", None)
         kwargs.pop("return_dict", None)
         out = self.base(
@@ -360,7 +369,13 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
             **kwargs,
         )
         hidden = out.hidden_states[-1]  # (B, T, d)
-        result = self._heads_forward(hidden, labels, return_draft_logits, draft_full_vocab, input_ids)
+        if isinstance(draft_input_ids, str):
+            if draft_input_ids != "greedy":
+                raise ValueError(f"draft_input_ids must be a tensor or 'greedy', got {draft_input_ids!r}.")
+            draft_input_ids = greedy_targets(out.logits.detach(), labels)
+        result = self._heads_forward(
+            hidden, labels, return_draft_logits, draft_full_vocab, input_ids, draft_input_ids
+        )
         if labels is not None:
             result.base_loss = nn.functional.cross_entropy(
                 out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
@@ -370,14 +385,14 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
 
     def _heads_forward(
         self, hidden: torch.Tensor, labels: torch.LongTensor | None, return_draft_logits: bool, full_vocab: bool,
-        input_ids: torch.LongTensor | None = None,
+        input_ids: torch.LongTensor | None = None, draft_input_ids: torch.LongTensor | None = None,
     ) -> BPDCausalLMOutput:  # fmt: skip
         """Draft logits (and with `labels` the heads' loss, in the compact draft space) from last hidden states."""
         hidden = hidden.to(next(self.heads.parameters()).dtype)  # cached features may be stored in another dtype
         loss = head_losses = None
         compact = None
         if return_draft_logits or labels is not None:
-            prev = None if self.heads.independent else self._teacher_tokens(labels, input_ids)
+            prev = None if self.heads.independent else self._teacher_tokens(labels, input_ids, draft_input_ids)
             compact = self.draft_logits(hidden, prev, full_vocab=False)
         if labels is not None:
             loss, head_losses = draft_head_loss(compact, self.to_draft_ids(labels))
@@ -388,10 +403,15 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         )  # fmt: skip
 
     def _teacher_tokens(
-        self, labels: torch.LongTensor | None, input_ids: torch.LongTensor | None
-    ) -> torch.LongTensor:
+        self, labels: torch.LongTensor | None, input_ids: torch.LongTensor | None,
+        draft_input_ids: torch.LongTensor | None = None,
+    ) -> torch.LongTensor:  # fmt: skip
         """Teacher forcing for token-conditioned heads: `(B, T, h)` tokens after each position (see `teacher_tokens`):
-        the labels, with the input ids where a label is masked (`-100`)."""
+        `draft_input_ids`, else the labels, with the input ids where a label is masked (`-100`)."""
+        if draft_input_ids is not None:
+            if input_ids is not None and input_ids.shape == draft_input_ids.shape:
+                draft_input_ids = torch.where(draft_input_ids >= 0, draft_input_ids, input_ids)
+            return teacher_tokens(draft_input_ids, self.config.num_draft_heads)
         if labels is None and input_ids is None:
             raise ValueError(
                 f"head_type={self.config.head_type!r} heads read the tokens after each position: pass `labels` (or "

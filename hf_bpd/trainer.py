@@ -36,6 +36,7 @@ from .losses import (
     greedy_targets,
     head_accuracy_counts,
     head_weights,
+    prefix_accuracy_counts,
     topk_distillation_loss,
 )
 from .model_card import MODEL_CARD_NAME, TRAINING_INFO_NAME, adapter_config_of, write_model_card
@@ -330,12 +331,17 @@ class BPDTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k != "labels" and not k.startswith("teacher_topk_")}
         unwrapped = self.accelerator.unwrap_model(model)
         compact = unwrapped.draft_token_map is not None  # heads score a draft vocabulary: loss in that space
-        outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
-        if "base_hidden_states" in inputs and args.distillation == "soft":  # cached top-k soft targets
-            return self._cached_soft_loss(model, unwrapped, outputs, labels, teacher_topk, return_outputs)
         # Cached features carry the teacher's greedy tokens as labels already: nothing to distil on the fly.
         distillation = "none" if "base_hidden_states" in inputs else args.distillation
-        teacher = self.teacher_logits(model, model_inputs, outputs) if distillation != "none" else None
+        teacher = None
+        if not unwrapped.independent_heads:  # teacher forcing: the conditioning tokens are the targets
+            model_inputs["draft_input_ids"], teacher = self._conditioning_tokens(model, model_inputs, labels, distillation)
+        outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
+        model_inputs.pop("draft_input_ids", None)
+        if "base_hidden_states" in inputs and args.distillation == "soft":  # cached top-k soft targets
+            return self._cached_soft_loss(model, unwrapped, outputs, labels, teacher_topk, return_outputs)
+        if distillation != "none" and teacher is None:
+            teacher = self.teacher_logits(model, model_inputs, outputs)
         base_loss_weight = args.base_loss_weight if self.base_trainable else 0.0
         head_labels = labels
         if compact:
@@ -358,6 +364,22 @@ class BPDTrainer(Trainer):
         split = "train" if model.training else "eval"
         self._accumulate(split, outputs.draft_logits, result.head_losses, result.targets)
         return (result.loss, outputs) if return_outputs else result.loss
+
+    def _conditioning_tokens(
+        self, model: nn.Module, inputs: dict[str, Any], labels: torch.Tensor, distillation: str
+    ) -> tuple[Any, torch.Tensor | None]:
+        """
+        What token-conditioned heads read under teacher forcing: the sequence their targets come from. The labels
+        (cached features: the base's greedy tokens), or under self-distillation the teacher's greedy tokens: the
+        base's own (`"greedy"`, computed in the forward pass), or with LoRA adapters the adapter-free teacher's,
+        whose logits are returned to be reused as the teacher.
+        """
+        if distillation == "none":
+            return labels, None
+        if hasattr(self.accelerator.unwrap_model(model).base, "disable_adapter"):
+            teacher = self.teacher_logits(model, inputs, None)
+            return greedy_targets(teacher, labels), teacher
+        return "greedy", None
 
     def _set_signature_columns_if_needed(self) -> None:
         # the cached top-k soft targets are read by `compute_loss`, not by the model's forward: keep them in batches
@@ -400,9 +422,11 @@ class BPDTrainer(Trainer):
         self, split: str, draft_logits: torch.Tensor, head_losses: torch.Tensor, targets: torch.Tensor
     ) -> None:
         top1, top5, total = head_accuracy_counts(draft_logits.detach(), targets, top_k=5)
+        prefix_hits, prefix_total = prefix_accuracy_counts(draft_logits.detach(), targets)
         losses = head_losses.detach().float()
-        # (5, h): loss sum, top-1 hits, top-5 hits, targets, batches
-        stats = torch.stack([losses, top1.float(), top5.float(), total.float(), torch.ones_like(losses)])
+        # (7, h): loss sum, top-1 hits, top-5 hits, targets, batches, hits and targets given a correct prefix
+        stats = torch.stack([losses, top1.float(), top5.float(), total.float(), torch.ones_like(losses),
+                             prefix_hits.float(), prefix_total.float()])  # fmt: skip
         self.head_stats[split] = stats if split not in self.head_stats else self.head_stats[split] + stats
 
     # ------------------------------------------------------------------ optimizer
@@ -430,7 +454,8 @@ class BPDTrainer(Trainer):
 
     # ------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the per-head loss, top-1 and top-5 accuracy since the last log (summed over all processes)."""
+        """Add the per-head loss, top-1 and top-5 accuracy, and top-1 given a correct prefix
+        ([`~hf_bpd.losses.prefix_accuracy_counts`]) since the last log (summed over all processes)."""
         eval_losses = [k for k in logs if k.startswith("eval") and k.endswith("_loss")]
         split, prefix = ("eval", eval_losses[0][: -len("loss")]) if eval_losses else ("train", "")
         stats = self.head_stats.pop(split, None)
@@ -438,7 +463,9 @@ class BPDTrainer(Trainer):
             if self.accelerator.num_processes > 1:
                 stats = self.accelerator.reduce(stats, reduction="sum")
             loss, top1, top5 = stats[0] / stats[4], stats[1] / stats[3].clamp(min=1), stats[2] / stats[3].clamp(min=1)
-            metrics = {"loss": loss.tolist(), "top1": top1.tolist(), "top5": top5.tolist()}
+            given_prefix = stats[5] / stats[6].clamp(min=1)
+            metrics = {"loss": loss.tolist(), "top1": top1.tolist(), "top5": top5.tolist(),
+                       "top1_given_prefix": given_prefix.tolist()}  # fmt: skip
             self.head_metrics[split] = metrics
             for name, values in metrics.items():
                 logs.update({f"{prefix}head{i + 1}_{name}": round(v, 4) for i, v in enumerate(values)})

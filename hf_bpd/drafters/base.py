@@ -64,6 +64,14 @@ class DraftHeadsView:
         """The heads' greedy tokens `(..., h or k)` as base ids (no full-vocabulary tensor is built)."""
         return self._model.draft_argmax(hidden, prev_tokens)
 
+    def path_states(self, hidden: torch.Tensor, last_tokens: torch.LongTensor) -> Any:
+        """Heads with a recurrent state (`hf_bpd.recurrent_heads`): a per-step cache scoring a node in one step."""
+        if not hasattr(self._model.heads, "step"):
+            return None
+        from ..recurrent_heads import PathStates
+
+        return PathStates(self._model, hidden, last_tokens)
+
 
 def _position_limit(model: Any) -> int | None:
     base = getattr(model, "base", model)
@@ -135,6 +143,7 @@ class DraftContext:
         self._logits: torch.Tensor | None = None
         self._argmax: torch.LongTensor | None = None
         self._head_probs: torch.Tensor | None = None
+        self._path_states: Any = None
 
     @property
     def input_ids(self) -> torch.LongTensor:
@@ -204,6 +213,10 @@ class DraftContext:
         depth = paths.shape[1]
         if self.independent:
             return self.draft_logits()[rows, depth]
+        if self._path_states is None:
+            self._path_states = self.heads.path_states(self.hidden, self.last_tokens()) or False
+        if self._path_states:  # one recurrent step per node, its parent's state looked up
+            return self._path_states.logits(paths, rows)
         prev = torch.cat([self.last_tokens()[rows][:, None], paths], dim=1)  # (N, d + 1)
         return self.heads.logits(self.hidden[rows], prev)[:, depth]
 

@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..logits.lattice import check_num_drafts, check_top_k
+from ..tree import DraftTree, tree_from_parents
 from .base import ChainDrafter, DraftContext, Drafts, TimingStats
 
 
@@ -76,6 +77,13 @@ class SearchDrafter(TimingStats, ChainDrafter):
                 paths = torch.cat([paths.gather(1, parent[..., None].expand(-1, -1, depth)), token[..., None]], 2)
             return _pad(paths, ctx.num_heads)
 
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        """The beams as chains; greedy with one row, their shared prefixes merged into one prefix tree."""
+        tree = super().propose(ctx)
+        if ctx.sampling or ctx.batch_size != 1 or self.num_drafts == 1:
+            return tree
+        return prefix_tree(tree.path_drafts()[0])
+
     def _sample(self, ctx: DraftContext, prefix: tuple[Any, Any]) -> Drafts:
         """`p` independent chains per row, each token drawn from its path's own hooked proposal."""
         batch, p, device = ctx.batch_size, self.num_drafts, ctx.tokens.device
@@ -90,6 +98,28 @@ class SearchDrafter(TimingStats, ChainDrafter):
         pad = ctx.num_heads - paths.shape[1]
         tokens = torch.nn.functional.pad(paths, (0, pad)).view(batch, p, -1)
         return Drafts(tokens, torch.nn.functional.pad(q, (0, 0, 0, pad)).view(batch, p, ctx.num_heads, -1))
+
+
+def prefix_tree(paths: torch.LongTensor) -> DraftTree:
+    """
+    One row's draft paths `(p, D)` (`-1` past a leaf) as a prefix tree: paths that share a prefix share its nodes,
+    so the verify block holds each distinct prefix once (beams of a search often agree on their first tokens).
+    """
+    nodes: dict[tuple[int, ...], int] = {(): 0}
+    parents, tokens = [-1], []
+    for path in paths.tolist():
+        prefix: tuple[int, ...] = ()
+        for token in path:
+            if token < 0:
+                break
+            key = prefix + (token,)
+            if key not in nodes:
+                nodes[key] = len(parents)
+                parents.append(nodes[prefix])
+                tokens.append(token)
+            prefix = key
+    layout = tree_from_parents(tuple(parents), paths.device)
+    return DraftTree(tokens=torch.tensor([tokens], dtype=torch.long, device=paths.device), layout=layout)
 
 
 def _pad(paths: torch.LongTensor, length: int) -> torch.LongTensor:
