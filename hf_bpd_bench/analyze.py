@@ -6,7 +6,11 @@
 - per-head entropy distributions, their means, and `h_max` (the largest head index up to which the mean entropy
   rises monotonically);
 - oracle top-k block efficiency for several k (the heads' top-k lattice with a perfect chooser);
-- accepted-length histograms of plain BPD.
+- accepted-length histograms of plain BPD;
+- per-depth top-1 accuracy of the heads on the model's own greedy continuations, and the same given a correct prefix
+  (the chance a greedy chain accepted so far is accepted one token further), for either head kind.
+For token-conditioned heads the entropies are those of each depth along the heads' own greedy chain, and the oracle
+top-k lattice (exact only for independent heads) is skipped.
 Plots are written as PNG files with matplotlib.
 """
 
@@ -20,7 +24,8 @@ import torch
 
 from hf_bpd import metrics
 from hf_bpd.data import tokenize_prompts
-from hf_bpd.logits import Drafter, DraftState, OracleDrafter
+from hf_bpd.drafters import DraftContext, Drafter, OracleDrafter
+from hf_bpd.tree import DraftTree
 
 from .bench import Resources
 
@@ -45,14 +50,18 @@ class DraftRecorder(Drafter):
         if self.compare is not None:
             self.compare.reset()
 
-    def get_drafts(self, state: DraftState) -> torch.LongTensor:
-        logp = torch.log_softmax(state.draft_logits().float(), dim=-1)
+    def propose(self, ctx: DraftContext) -> DraftTree:
+        drafts = ctx.head_argmax()  # (B, h): the heads' own greedy chain (token by token for conditioned heads)
+        if ctx.independent:
+            logits = ctx.draft_logits()
+        else:  # each depth's distribution along that chain
+            logits = torch.stack([ctx.path_logits(drafts[:, :d]) for d in range(drafts.shape[1])], dim=1)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         self.entropies.append(-(logp.exp() * logp).sum(-1))
-        drafts = state.head_argmax()  # (B, h)
         self.drafts.append(drafts)
         if self.compare is not None:
-            self.compared.append(self.compare.get_drafts(state)[:, 0])
-        return drafts[:, None]
+            self.compared.append(self.compare.propose(ctx).path_drafts()[:, 0])
+        return DraftTree.from_chains(drafts[:, None])
 
     def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
         if self.compare is not None:  # the compared drafter sees what was really kept: the argmax draft
@@ -101,7 +110,7 @@ def analyze(
         inputs = tokenize_prompts([p for p in prompts if p.get("domain", "all") == domain], res.tokenizer, batch_size)
         recorder = DraftRecorder(compare)
         pad = res.tokenizer.pad_token_id if res.tokenizer.pad_token_id is not None else 0
-        accepted, entropies, drafts, compared = [], [], [], []
+        accepted, entropies, drafts, compared, depth = [], [], [], [], []
         oracle = {k: [0, 0] for k in top_ks}
         for batch in inputs:
             out = model.generate(
@@ -116,7 +125,9 @@ def analyze(
             entropies += recorder.entropies
             drafts += recorder.drafts
             compared += recorder.compared
-            for k in top_ks:
+            hidden, targets = _greedy_features(model, out.sequences, batch.get("attention_mask"), pad)
+            depth.append((hidden, targets))
+            for k in top_ks if model.independent_heads else ():
                 o = model.generate(
                     **batch,
                     max_new_tokens=max_new_tokens,
@@ -130,7 +141,7 @@ def analyze(
                 oracle[k][1] += int(calls.sum())
         entropies = torch.cat(entropies)  # (steps*B, h)
         mean_entropy = entropies.mean(0).tolist()
-        eff = {k: round(metrics.block_efficiency(t, c), 3) for k, (t, c) in oracle.items()}
+        eff = {k: round(metrics.block_efficiency(t, c), 3) for k, (t, c) in oracle.items() if c}
         accepted = torch.cat(accepted)
         stats = metrics.accepted_length_stats(accepted)
         figures = {
@@ -138,7 +149,8 @@ def analyze(
             "h_max": h_max(mean_entropy),
             "repetition_plain": repetition_stats(torch.cat(drafts)),
             "oracle_block_efficiency": eff,
-            "oracle_gain_vs_k1": {k: round(v / eff[top_ks[0]] - 1, 3) for k, v in eff.items()},
+            "oracle_gain_vs_k1": {k: round(v / eff[top_ks[0]] - 1, 3) for k, v in eff.items()} if eff else {},
+            **_depth_figures(model, depth),
             "mean_accepted_length": round(stats["mean"] or 0.0, 3),
         }
         if compare is not None:
@@ -146,6 +158,38 @@ def analyze(
         report["domains"][domain] = figures
         report["_raw"][domain] = {"entropies": entropies, "accepted": accepted[accepted >= 0].tolist()}
     return report
+
+
+def _greedy_features(
+    model: Any, sequences: torch.LongTensor, prompt_mask: torch.LongTensor | None, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The base's last hidden states over prompt + greedy output and the output tokens as unshifted targets (`-100`
+    on the prompt and after a row's end): what `metrics.depth_accuracy` scores the heads on."""
+    prompt_len = sequences.shape[1] if prompt_mask is None else prompt_mask.shape[1]
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(sequences[:, :prompt_len])
+    generated = sequences[:, prompt_len:]
+    ended = (generated == pad).long().cumsum(1) > 0  # padding after a row's end (the pad may also be its EOS)
+    mask = torch.cat([prompt_mask.long(), (~ended).long()], dim=1)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model.base(input_ids=sequences, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+    targets = sequences.masked_fill(mask == 0, -100)
+    targets[:, :prompt_len] = -100
+    return out.hidden_states[-1], targets
+
+
+def _depth_figures(model: Any, depth: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[float]]:
+    figures: dict[str, list[float]] = {}
+    for hidden, targets in depth:  # batches differ in length: score each, weight by its valid targets
+        acc = metrics.depth_accuracy(model, hidden, targets)
+        weight = int((targets != -100).sum())
+        for key, values in acc.items():
+            total = figures.setdefault(key, [0.0] * (len(values) + 1))
+            for i, v in enumerate(values):
+                total[i] += v * weight
+            total[-1] += weight
+    return {f"depth_{k}": [round(x / max(v[-1], 1), 3) for x in v[:-1]] for k, v in figures.items()}
 
 
 def plot(report: dict[str, Any], out_dir: str | Path) -> list[Path]:

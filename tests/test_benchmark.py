@@ -118,6 +118,34 @@ def test_cli_analyze_writes_plots(setup, tmp_path):
     assert eff["16"] >= eff["1"] >= 1.0
 
 
+def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
+    """Per-depth top-1 given a correct prefix, for independent and token-conditioned heads (issue 17); the oracle
+    top-k lattice (exact only for independent heads) is skipped for the conditioned kind."""
+    from hf_bpd import metrics
+    from hf_bpd_bench.analyze import analyze
+
+    res, _ = setup
+    conditioned = randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type="recurrent"),
+                                  std=0.05)  # fmt: skip
+    for model in (res.model, conditioned):
+        report = analyze(Resources(model=model, tokenizer=res.tokenizer), PROMPTS[:1], max_new_tokens=12,
+                         top_ks=(1, 4))  # fmt: skip
+        figures = report["domains"]["austen"]
+        assert len(figures["depth_top1"]) == 3 and len(figures["depth_top1_given_prefix"]) == 3
+        assert len(figures["mean_entropy_per_head"]) == 3
+        assert bool(figures["oracle_block_efficiency"]) == model.independent_heads
+        # the same figures from the library function on the same greedy continuation
+        ids = res.tokenizer([PROMPTS[0]["prompt"]], return_tensors="pt")
+        seq = model.generate(**ids, max_new_tokens=12, do_sample=False)
+        with torch.no_grad():
+            hidden = model.base(seq, output_hidden_states=True).hidden_states[-1]
+        targets = seq.clone()
+        targets[:, : ids["input_ids"].shape[1]] = -100
+        targets = targets.masked_fill(seq == res.tokenizer.pad_token_id, -100)
+        expected = metrics.depth_accuracy(model, hidden, targets)
+        assert figures["depth_top1"] == [round(x, 3) for x in expected["top1"]]
+
+
 def test_repetition_and_h_max():
     stats = repetition_stats(torch.tensor([[1, 1, 1, 2], [3, 4, 5, 6]]))
     assert stats["consecutive_repetition"] == pytest.approx(2 / 6)
