@@ -17,10 +17,13 @@ Each step, [`AutoDrafter`]:
    ([`~hf_bpd.cost.ForwardCost.for_model`], measured once per machine / model / dtype / thread count and cached), the
    draft cost this drafter's own time, and the loop overhead the measured time of a step beyond its forward.
 
-Merge rather than switch: with the width chosen from cost, a long, likely match already crowds the tree's unlikely
-nodes out of the budget, and a short one still adds its branch; switching (a long match replaces the tree) only
-loses the tree's nodes on the steps where the match is wrong. `rule="both"` (switch when every live row's suffix
-match is `>= switch_length`, else merge) stays available for measurement.
+Merge or switch (`rule`): merging lets the width chooser weigh the match against the tree's nodes; switching
+(`rule="both"`: when every live row's suffix match is `>= switch_length` the match chain replaces the tree, else
+merge) also *skips the heads* on those steps: the match is looked up first and the heads' logits and tree, most of a
+step's drafting time on a CPU, are computed only when needed. `tree=None` (`num_nodes` 0 in the tuner) never runs the
+heads: prompt lookup with width from cost. Which pays depends on the machine and the text: `hf-bpd tune --auto`
+measures the candidates (no tree, 2, 4, 8 nodes; merge or both) on the tuning prompts and keeps the fastest (on the
+10M reference, fp32, 1 thread, a shared 2-core AMD EPYC: 2 nodes with "both"; `bench/results/h8_tune_auto_10M.json`).
 
 Batch > 1: the block has one shape, so the widest row decides (each row chooses its `N` as if alone; see
 `choose_num_nodes(batch_rule="widest")`); every row still gets its own match and its own probabilities.
