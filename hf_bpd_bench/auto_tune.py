@@ -7,8 +7,11 @@ What is fitted:
 - the prompt-lookup match calibration: on the model's greedy continuations, at every generated position, the row's
   context match and how many of its tokens the model then produced, binned by suffix match length
   ([`~hf_bpd.drafters.MatchCalibration.fit`]);
-- the widest tree (`num_nodes`, from `--num-nodes` candidates): each candidate's spec decodes the tuning prompts
-  (width from cost, this machine's measured cost curve) and the fastest is kept (interleaved repeats, medians).
+- the widest tree (`num_nodes`, from `--num-nodes` candidates, 0 = no heads tree: prompt lookup alone with width from
+  cost, no heads computed) and how the match joins it (`--rules`: merge, or both = switch when the match is long, which
+  also skips the heads on those steps): each candidate decodes the tuning prompts (width from cost, this machine's
+  measured cost curve) and the fastest is kept (interleaved repeats, medians). What it was tuned with (dtype, threads,
+  CPU, medians) is written beside the spec (`drafter_tuning`): a spec tuned on one machine may not be best on another.
 
 Example:
 
@@ -86,26 +89,46 @@ def decode_seconds(model: Any, spec: Any, prompts: Sequence[torch.LongTensor], m
     return time.perf_counter() - start
 
 
-def tune_auto(model: Any, prompts: Sequence[torch.LongTensor], num_nodes: Sequence[int] = (4, 8, 16), top_k: int = 4,
-              max_depth: int = 10, max_new_tokens: int = 64, repeats: int = 2) -> tuple[dict, dict]:  # fmt: skip
-    """The fastest `"auto"` spec over the `num_nodes` candidates, and the median seconds of each."""
-    spec = auto_spec(model, prompts, max(num_nodes), top_k, max_depth, max_new_tokens)
-    specs = {n: {**spec, "tree": {**spec["tree"], "num_nodes": int(n)}} for n in num_nodes}
-    decode_seconds(model, specs[num_nodes[0]], prompts[:1], 8)  # warm up (and measure the cost curve once)
-    times: dict[int, list[float]] = {n: [] for n in num_nodes}
+def candidate_specs(spec: dict[str, Any], num_nodes: Sequence[int], rules: Sequence[str]) -> dict[str, dict]:
+    """The specs tried, by name: `n{N}-{rule}` for a heads tree of at most `N` nodes, and `n0` for none at all
+    (prompt lookup with width from cost: no heads computed, so merge and switch are the same drafter)."""
+    specs: dict[str, dict] = {}
+    for n in num_nodes:
+        if int(n) == 0:
+            specs["n0"] = {k: v for k, v in spec.items() if k != "tree"}
+            continue
+        for rule in rules:
+            specs[f"n{int(n)}-{rule}"] = {**spec, "tree": {**spec["tree"], "num_nodes": int(n)}, "rule": rule}
+    return specs
+
+
+def tune_auto(model: Any, prompts: Sequence[torch.LongTensor], num_nodes: Sequence[int] = (0, 2, 4, 8),
+              top_k: int = 4, max_depth: int = 10, max_new_tokens: int = 64, repeats: int = 2,
+              rules: Sequence[str] = ("merge", "both")) -> tuple[dict, dict, dict]:  # fmt: skip
+    """The fastest `"auto"` spec over the candidates ([`candidate_specs`]), the median seconds of each and all the
+    timings (interleaved repeats: every repeat visits every candidate, in a rotated order)."""
+    spec = auto_spec(model, prompts, max(max(num_nodes), 1), top_k, max_depth, max_new_tokens)
+    specs = candidate_specs(spec, num_nodes, rules)
+    names = list(specs)
+    for name in names:  # warm up each (and measure the cost curve once)
+        decode_seconds(model, specs[name], prompts[:1], 8)
+    times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):  # interleaved: a slow patch of a shared machine hits every candidate alike
-        for n in list(num_nodes)[r % len(num_nodes) :] + list(num_nodes)[: r % len(num_nodes)]:
-            times[n].append(decode_seconds(model, specs[n], prompts, max_new_tokens))
-    medians = {n: statistics.median(t) for n, t in times.items()}
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(decode_seconds(model, specs[name], prompts, max_new_tokens))
+    medians = {name: statistics.median(t) for name, t in times.items()}
     best = min(medians, key=medians.get)
-    return specs[best], medians
+    return specs[best], medians, times
 
 
-def write_config(folder: str | Path, spec: dict[str, Any]) -> Path:
-    """Set `drafter` in the checkpoint's `config.json` (the rest unchanged)."""
+def write_config(folder: str | Path, spec: dict[str, Any], tuning: dict[str, Any] | None = None) -> Path:
+    """Set `drafter` (and `drafter_tuning`: what it was tuned with, when given) in the checkpoint's `config.json`
+    (the rest unchanged)."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     config["drafter"] = _rounded(spec)
+    if tuning is not None:
+        config["drafter_tuning"] = _rounded(tuning)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -133,25 +156,40 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-prompts", type=int, default=12)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-nodes", type=int, nargs="+", default=[4, 8, 16], help="Widest-tree candidates.")
+    parser.add_argument("--num-nodes", type=int, nargs="+", default=[0, 2, 4, 8],
+                        help="Widest-tree candidates (0: no heads tree, prompt lookup with width from cost).")
+    parser.add_argument("--rules", nargs="+", default=["merge", "both"], choices=["merge", "both"],
+                        help="How the prompt-lookup match joins the tree: merge, or both (switch when long).")
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--max-depth", type=int, default=10, help="Deepest prompt-lookup draft.")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--json", default=None, help="Write every timing here (JSON).")
     parser.add_argument("--write-config", action="store_true", help="Write the spec into the checkpoint's config.")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, None, None))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
     prompts = [batch["input_ids"] for batch in batches if batch["input_ids"].numel()]
-    spec, medians = tune_auto(model, prompts, args.num_nodes, args.top_k, args.max_depth, args.max_new_tokens,
-                              args.repeats)  # fmt: skip
-    for n, seconds in sorted(medians.items()):
-        print(f"num_nodes={n}: {seconds:.2f} s (median of {args.repeats})")
-    print(f"best: num_nodes={spec['tree']['num_nodes']}")
+    spec, medians, times = tune_auto(model, prompts, args.num_nodes, args.top_k, args.max_depth, args.max_new_tokens,
+                                     args.repeats, args.rules)  # fmt: skip
+    best = min(medians, key=medians.get)
+    for name, seconds in medians.items():
+        print(f"{name}: {seconds:.2f} s (median of {args.repeats})")
+    print(f"best: {best}")
+    from hf_bpd.cost import cpu_model
+
+    tuning = {"prompts": str(args.prompts), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+              "dtype": args.dtype, "threads": torch.get_num_threads(), "cpu": cpu_model(), "repeats": args.repeats,
+              "best": best, "median_s": medians}  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps({**tuning, "times_s": times, "spec": _rounded(spec)}, indent=1) + "\n")
     if args.write_config:
-        print(f"wrote {write_config(args.model, spec)}")
+        print(f"wrote {write_config(args.model, spec, tuning)}")
     else:
         print(json.dumps(_rounded(spec)))
 

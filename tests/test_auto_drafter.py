@@ -59,6 +59,8 @@ SPECS = {
     "auto-steep": lambda: auto_spec(STEEP),
     "auto-switch": lambda: auto_spec([[1, 1.0], [5, 1.2], [17, 2.0]], rule="both"),
     "auto-uncalibrated": lambda: {"type": "auto", "tree": {"num_nodes": 4, "top_k": 2}, "context": {}},
+    "auto-no-tree": lambda: {k: v for k, v in auto_spec(FLAT).items() if k != "tree"},  # num_nodes 0: no heads
+    "auto-switch-flat": lambda: auto_spec(FLAT, rule="both", switch_length=1),
 }  # fmt: skip
 
 
@@ -84,6 +86,8 @@ def test_greedy_lossless(name, arch, batch):
         assert out.mean_verify_width >= 6.0
     else:
         assert out.mean_verify_width > 0
+    if name == "auto-switch-flat":  # a long match replaces the tree: the heads are not run on those steps
+        assert drafter.tree.calls < len(drafter.widths)
 
 
 def test_prompt_lookup_drafts_deeper_than_the_heads():

@@ -17,10 +17,13 @@ Each step, [`AutoDrafter`]:
    ([`~hf_bpd.cost.ForwardCost.for_model`], measured once per machine / model / dtype / thread count and cached), the
    draft cost this drafter's own time, and the loop overhead the measured time of a step beyond its forward.
 
-Merge rather than switch: with the width chosen from cost, a long, likely match already crowds the tree's unlikely
-nodes out of the budget, and a short one still adds its branch; switching (a long match replaces the tree) only
-loses the tree's nodes on the steps where the match is wrong. `rule="both"` (switch when every live row's suffix
-match is `>= switch_length`, else merge) stays available for measurement.
+Merge or switch (`rule`): merging lets the width chooser weigh the match against the tree's nodes; switching
+(`rule="both"`: when every live row's suffix match is `>= switch_length` the match chain replaces the tree, else
+merge) also *skips the heads* on those steps: the match is looked up first and the heads' logits and tree, most of a
+step's drafting time on a CPU, are computed only when needed. `tree=None` (`num_nodes` 0 in the tuner) never runs the
+heads: prompt lookup with width from cost. Which pays depends on the machine and the text: `hf-bpd tune --auto`
+measures the candidates (no tree, 2, 4, 8 nodes; merge or both) on the tuning prompts and keeps the fastest (on the
+10M reference, fp32, 1 thread, a shared 2-core AMD EPYC: 2 nodes with "both"; `bench/results/h8_tune_auto_10M.json`).
 
 Batch > 1: the block has one shape, so the widest row decides (each row chooses its `N` as if alone; see
 `choose_num_nodes(batch_rule="widest")`); every row still gets its own match and its own probabilities.
@@ -130,6 +133,18 @@ def _cost_of(model: Any, cost: Any) -> Callable[[float], float]:
     return curves[key].cost
 
 
+def _memoised(curve: Callable[[float], float]) -> Callable[[float], float]:
+    """The curve with its values kept (the width chooser asks for the same few widths every step)."""
+    seen: dict[float, float] = {}
+
+    def cost(width: float) -> float:
+        if width not in seen:
+            seen[width] = curve(width)
+        return seen[width]
+
+    return cost
+
+
 class AutoDrafter(Drafter):
     """
     Heads tree + prompt-lookup branch + verify width from cost (see the module docstring). Built from a checkpoint's
@@ -183,6 +198,7 @@ class AutoDrafter(Drafter):
     def reset(self) -> None:
         self.widths: list[int] = []
         self.draft_s = self.overhead_s = 0.0
+        self.total_propose_s = 0.0  # all of propose's own time (drafting and choosing the width), for profiling
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
         for drafter in (self.tree, self.sampler):
             if drafter is not None:
@@ -207,12 +223,13 @@ class AutoDrafter(Drafter):
                 tree = prune_tree(tree, probs, choice.num_nodes, ctx.live)
         self.widths.append(tree.layout.width - 1)
         self._last = (start, tree.layout.width, time.perf_counter() - start)
+        self.total_propose_s += self._last[2]
         return tree
 
     # ------------------------------------------------------------------ pieces
     def _curve(self) -> Callable[[float], float]:
         if self._cost is None:
-            self._cost = _cost_of(self.model, self._cost_spec)
+            self._cost = _memoised(_cost_of(self.model, self._cost_spec))
         return self._cost
 
     def _track_overhead(self, now: float) -> None:
@@ -225,27 +242,31 @@ class AutoDrafter(Drafter):
         self.overhead_s = extra if len(self.widths) <= 1 else 0.8 * self.overhead_s + 0.2 * extra
 
     def _candidates(self, ctx: DraftContext) -> tuple[DraftTree, torch.Tensor | None]:
-        """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated)."""
+        """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated). The match
+        comes first: when it replaces the tree (`rule="both"`, every live row's match long), the heads are never run
+        (their logits and the tree are most of a step's drafting time)."""
         calibrated = self.calibrated and ctx.independent
-        if self.tree is not None and ctx.num_tokens > 0:
+        match = switched = None
+        if self.context is not None:
+            depth = min(ctx.max_tokens, self.max_depth)
+            options = {k: v for k, v in self.context.items() if k in ("max_ngram", "min_ngram", "cyclic")}
+            match = find_context_match(ctx.tokens, ctx.lengths, ctx.prompt_start, depth, ctx.live, **options)
+            if self.rule == "both":
+                empty = DraftTree(tokens=ctx.tokens.new_zeros(ctx.batch_size, 0), layout=tree_from_parents((-1,)))
+                switched = switch_to_match(empty, match, self.switch_length, depth, ctx.live)
+        if switched is not None:
+            tree, probs = switched, torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
+        elif self.tree is not None and ctx.num_tokens > 0:
             tree = self.tree.propose(ctx)
             probs = _tree_probs(ctx, tree, self.tree.calibration) if calibrated else None
         else:
             tree = DraftTree(tokens=ctx.tokens.new_zeros(ctx.batch_size, 0), layout=tree_from_parents((-1,)))
             probs = torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
-        if self.context is None:
+        if match is None:
             return tree, probs
-        depth = min(ctx.max_tokens, self.max_depth)
-        options = {k: v for k, v in self.context.items() if k in ("max_ngram", "min_ngram", "cyclic")}
-        match = find_context_match(ctx.tokens, ctx.lengths, ctx.prompt_start, depth, ctx.live, **options)
-        switched = None
-        if self.rule == "both":
-            switched = switch_to_match(tree, match, self.switch_length, depth, ctx.live)
-        merged = switched if switched is not None else merge_match(tree, match, depth)
+        merged = tree if switched is not None else merge_match(tree, match, depth)
         if not calibrated:
             return merged, None
-        if switched is not None:
-            probs = probs.new_zeros(ctx.batch_size, 0)
         probs = torch.cat([probs, probs.new_zeros(ctx.batch_size, merged.layout.width - 1 - probs.shape[1])], 1)
         return merged, self._with_match(merged, probs, match)
 
@@ -273,13 +294,12 @@ def _tree_probs(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalib
     width = layout.width
     if width == 1 or calibration is None:
         return torch.zeros(ctx.batch_size, width - 1, dtype=torch.float64)
-    depth = layout.depth[1:].to(ctx.tokens.device)
+    depth = layout.depth[1:].cpu()
     logp = torch.log_softmax(ctx.draft_logits()[:, : int(depth.max())].float(), dim=-1)  # (B, D, V)
-    own = logp[:, depth - 1].gather(2, tree.tokens.to(logp.device)[:, :, None])[:, :, 0]  # (B, W - 1)
-    cal = torch.stack([calibration.log_confidence(int(d) - 1, own[:, w]) for w, d in enumerate(depth.tolist())], 1)
-    parents = layout.parent.tolist()
-    path = torch.zeros(ctx.batch_size, width, dtype=torch.float64)
-    for w in range(1, width):
-        path[:, w] = path[:, parents[w]] + cal[:, w - 1].double()
-    return path[:, 1:].exp()
-
+    own = logp[:, depth.to(logp.device) - 1].gather(2, tree.tokens.to(logp.device)[:, :, None])[:, :, 0].cpu()
+    cal = torch.empty(ctx.batch_size, width - 1, dtype=torch.float64)
+    for d in depth.unique().tolist():  # one calibration lookup per depth, not per node
+        at = depth == d
+        cal[:, at] = calibration.log_confidence(int(d) - 1, own[:, at]).double()
+    ancestors = layout.visible[1:, 1:].cpu().double()  # (W - 1, W - 1): node w's path, itself included
+    return (cal @ ancestors.T).exp()  # the path sum of each node's calibrated log conditional rates

@@ -130,10 +130,18 @@ def monotone_node_probs(node_probs: torch.Tensor, parent: torch.LongTensor) -> t
         node_probs (`torch.Tensor` of shape `(batch, W - 1)`): one value per node but the root.
         parent (`torch.LongTensor` of shape `(W,)`): the tree's parent pointers (`TreeLayout.parent`).
     """
-    probs = torch.cat([torch.full_like(node_probs[:, :1], float("inf")), node_probs], dim=1)  # the root: no bound
-    for w in range(1, probs.shape[1]):  # topological order: parents first
-        probs[:, w] = torch.minimum(probs[:, w], probs[:, int(parent[w])])
-    return probs[:, 1:]
+    width = node_probs.shape[1] + 1
+    parents = parent.tolist()
+    ancestor = torch.eye(width, dtype=torch.bool)
+    for w in range(1, width):  # topological order: a node's ancestors are its parent's and the parent
+        ancestor[w] |= ancestor[parents[w]]
+    return _min_over(node_probs, ancestor[1:, 1:])
+
+
+def _min_over(node_probs: torch.Tensor, ancestor: torch.BoolTensor) -> torch.Tensor:
+    """`(batch, W - 1)`: per node, the least probability on its path (`ancestor[w, v]`: `v` on `w`'s path)."""
+    inf = torch.tensor(float("inf"), dtype=node_probs.dtype, device=node_probs.device)
+    return torch.where(ancestor.to(node_probs.device)[None], node_probs[:, None, :], inf).amin(dim=-1)
 
 
 def prune_tree(
@@ -155,12 +163,12 @@ def prune_tree(
     width = tree.layout.width
     if num_nodes >= width - 1:
         return tree
-    probs = monotone_node_probs(torch.nan_to_num(node_probs.double().cpu(), nan=0.0), tree.layout.parent.cpu())
+    probs = _min_over(torch.nan_to_num(node_probs.double().cpu(), nan=0.0), tree.layout.visible[1:, 1:].cpu())
     if live is not None and bool(live.any()):
         probs = probs[live.cpu().bool()]
     score = probs.max(dim=0).values  # (W - 1,)
-    order = sorted(range(width - 1), key=lambda v: (-float(score[v]), v))
-    kept = sorted(order[: max(num_nodes, 0)])  # 0-based node columns (node w = column w - 1)
+    order = torch.argsort(score, descending=True, stable=True)  # ties: the earlier node first
+    kept = sorted(order[: max(num_nodes, 0)].tolist())  # 0-based node columns (node w = column w - 1)
     new_index = {old + 1: new + 1 for new, old in enumerate(kept)}
     new_index[0] = 0
     parent = tree.layout.parent.tolist()
