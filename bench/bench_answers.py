@@ -27,7 +27,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=96)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--heads", default="reference/smollm2-heads", help="heads for the use_bpd=True rows ('' skips)")
-    p.add_argument("--work-dir", type=Path, default=Path(os.environ.get("HF_BPD_WORK") or cache_root() / "smollm2_work"))
+    p.add_argument(
+        "--work-dir", type=Path, default=Path(os.environ.get("HF_BPD_WORK") or cache_root() / "smollm2_work")
+    )
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -54,8 +56,15 @@ def main(argv=None) -> None:
                     out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, **kwargs)
                     tokens += int((out[:, enc["input_ids"].shape[1] :] != tok.pad_token_id).sum())
             seconds = time.perf_counter() - start
-            results.append({"batch": batch, "method": name, "tokens": tokens, "seconds": round(seconds, 2),
-                            "tokens_per_s": round(tokens / seconds, 1)})  # fmt: skip
+            results.append(
+                {
+                    "batch": batch,
+                    "method": name,
+                    "tokens": tokens,
+                    "seconds": round(seconds, 2),
+                    "tokens_per_s": round(tokens / seconds, 1),
+                }
+            )
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"dtype": args.dtype, "threads": torch.get_num_threads(), "results": results}))

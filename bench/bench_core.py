@@ -58,10 +58,17 @@ def run(args: argparse.Namespace, batch: int) -> dict:
         base.generation_config.eos_token_id = None
         return measure(args, batch, model, base, base.config.vocab_size)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 48, num_key_value_heads=args.hidden // 48, max_position_embeddings=1024,
-        tie_word_embeddings=True, pad_token_id=0, eos_token_id=None,
-    )  # fmt: skip
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 8 // 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 48,
+        num_key_value_heads=args.hidden // 48,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
     base = LlamaForCausalLM(config).eval()
     base.generation_config.eos_token_id = None
     model = BPDForCausalLM.from_base(base, num_draft_heads=args.num_draft_heads)
@@ -135,9 +142,15 @@ def measure(args: argparse.Namespace, batch: int, model: BPDForCausalLM, base, v
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="a BPD checkpoint (e.g. reference/heads) instead of a random model")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                        help="dtype of a --model checkpoint (e.g. bfloat16 for SmolLM2 on a CPU with native bf16)")
+    parser.add_argument(
+        "--model", default=None, help="a BPD checkpoint (e.g. reference/heads) instead of a random model"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="dtype of a --model checkpoint (e.g. bfloat16 for SmolLM2 on a CPU with native bf16)",
+    )
     parser.add_argument("--hidden", type=int, default=288)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=8192)

@@ -66,8 +66,12 @@ def parse_args(argv=None):
     p.add_argument("--check-generate", type=int, default=2, help="prompts per kind cross-checked with generate")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--distillation", default="hard", choices=["hard", "soft"],
-                   help="'soft': KL to the base's cached top-k (--top-k) instead of its greedy tokens")
+    p.add_argument(
+        "--distillation",
+        default="hard",
+        choices=["hard", "soft"],
+        help="'soft': KL to the base's cached top-k (--top-k) instead of its greedy tokens",
+    )
     p.add_argument("--top-k", type=int, default=16, help="top-k soft targets cached with --distillation soft")
     p.add_argument(
         "--smollm2-cost",
@@ -118,8 +122,9 @@ def train_kind(args, kind, base, features):
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
 
     set_seed(args.seed)
-    model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads, head_type=kind,
-                                     base_model_name_or_path=str(args.reference / "base"))  # fmt: skip
+    model = BPDForCausalLM.from_base(
+        base, num_draft_heads=args.heads, head_type=kind, base_model_name_or_path=str(args.reference / "base")
+    )
     cap = args.minutes * 60
 
     class Budget(TrainerCallback):
@@ -130,18 +135,32 @@ def train_kind(args, kind, base, features):
             control.should_training_stop = time.time() - self.start > cap
 
     targs = BPDTrainingArguments(
-        output_dir=str(args.work_dir / f"trainer_{kind}"), max_steps=args.max_steps, learning_rate=args.lr,
-        per_device_train_batch_size=args.batch_size, lr_scheduler_type="cosine", warmup_steps=args.max_steps // 20,
-        weight_decay=0.0, logging_steps=50, save_strategy="no", report_to="none", use_cpu=True, seed=args.seed,
-        distillation=args.distillation, head_loss_weighting="uniform", dataloader_num_workers=0,
-    )  # fmt: skip
+        output_dir=str(args.work_dir / f"trainer_{kind}"),
+        max_steps=args.max_steps,
+        learning_rate=args.lr,
+        per_device_train_batch_size=args.batch_size,
+        lr_scheduler_type="cosine",
+        warmup_steps=args.max_steps // 20,
+        weight_decay=0.0,
+        logging_steps=50,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        distillation=args.distillation,
+        head_loss_weighting="uniform",
+        dataloader_num_workers=0,
+    )
     trainer = BPDTrainer(model=model, args=targs, train_dataset=features["train"], callbacks=[Budget()])
     start = time.time()
     trainer.train()
     wall = time.time() - start
     steps = trainer.state.global_step
-    return model.eval(), {"steps": steps, "wall_s": round(wall, 1),
-                          "train_tokens": steps * args.batch_size * args.seq_len}  # fmt: skip
+    return model.eval(), {
+        "steps": steps,
+        "wall_s": round(wall, 1),
+        "train_tokens": steps * args.batch_size * args.seq_len,
+    }
 
 
 def depth_accuracy(model, features, batch_size=8):
@@ -171,8 +190,9 @@ def greedy_runs(base, tokenizer, prompts, max_new_tokens):
     for p in prompts:
         ids = tokenizer(p["prompt"], return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            seq = base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False)  # fmt: skip
+            seq = base.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+            )
             hidden = base(seq, output_hidden_states=True).hidden_states[-1][0]
         runs.append({"domain": p["domain"], "seq": seq[0], "prompt_len": ids.shape[1], "hidden": hidden})
     return runs
@@ -234,8 +254,11 @@ def draft_cost(model, base, runs, repeats=30):
         for _ in range(repeats):
             greedy_chain(model, hidden, seq[0, -1])
         chain = (time.perf_counter() - t0) / repeats
-    return {"greedy_step_ms": round(step * 1e3, 3), "chain_ms": round(chain * 1e3, 3),
-            "chain_over_step": round(chain / step, 3)}  # fmt: skip
+    return {
+        "greedy_step_ms": round(step * 1e3, 3),
+        "chain_ms": round(chain * 1e3, 3),
+        "chain_over_step": round(chain / step, 3),
+    }
 
 
 def check_generate(model, tokenizer, prompts, replayed_runs):
@@ -245,8 +268,14 @@ def check_generate(model, tokenizer, prompts, replayed_runs):
     rows = []
     for p, r in zip(prompts, replayed_runs):
         ids = tokenizer(p["prompt"], return_tensors="pt")["input_ids"]
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r["seq"].shape[0] - ids.shape[1],
-                             do_sample=False, use_bpd=True, return_dict_in_generate=True)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=r["seq"].shape[0] - ids.shape[1],
+            do_sample=False,
+            use_bpd=True,
+            return_dict_in_generate=True,
+        )
         assert torch.equal(out.sequences[0], r["seq"]), "BPD output differs from greedy"
         rows.append(round(out.num_generated_tokens / out.num_serial_calls, 3))
     return rows
@@ -324,8 +353,10 @@ def main(argv=None):
     kinds = result["kinds"]
     if {"resblock", "recurrent"} <= set(kinds):
         ind, con = kinds["resblock"], kinds["recurrent"]
-        ratio = [c / max(i, 1e-9) for i, c in zip(ind["accuracy"]["top1_given_prefix"][1:],
-                                                   con["accuracy"]["top1_given_prefix"][1:])]  # fmt: skip
+        ratio = [
+            c / max(i, 1e-9)
+            for i, c in zip(ind["accuracy"]["top1_given_prefix"][1:], con["accuracy"]["top1_given_prefix"][1:])
+        ]
         gain = {
             d: round(con["block_efficiency"][d] / ind["block_efficiency"][d] - 1, 3) for d in ind["block_efficiency"]
         }

@@ -45,8 +45,8 @@ def main(argv=None) -> None:
     from hf_bpd import BPDForCausalLM
     from hf_bpd.features import CachedFeatures, draft_vocab_from_counts, extract_features
     from hf_bpd.smollm2 import load_smollm2
-    from hf_bpd_bench.reference import split_reference_corpora
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
+    from hf_bpd_bench.reference import split_reference_corpora
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,10 +88,19 @@ def main(argv=None) -> None:
         if variant != "plain":
             model.set_draft_vocab(draft_vocab_from_counts(features.target_counts(base.config.vocab_size), k))
         targs = BPDTrainingArguments(
-            output_dir=str(tmp / variant), use_cpu=True, report_to="none", bf16=True, disable_tqdm=True,
-            per_device_train_batch_size=args.batch, max_steps=args.steps + 1, save_strategy="no", logging_steps=1000,
-            distillation="hard", learning_rate=1e-3, seed=0,
-        )  # fmt: skip
+            output_dir=str(tmp / variant),
+            use_cpu=True,
+            report_to="none",
+            bf16=True,
+            disable_tqdm=True,
+            per_device_train_batch_size=args.batch,
+            max_steps=args.steps + 1,
+            save_strategy="no",
+            logging_steps=1000,
+            distillation="hard",
+            learning_rate=1e-3,
+            seed=0,
+        )
         timer = StepTimer()
         BPDTrainer(model, targs, train_dataset=data, callbacks=[timer]).train()
         return timer.times[1:]
@@ -103,13 +112,22 @@ def main(argv=None) -> None:
             times[v] += run(v)
     tokens = args.batch * args.seq_len
     report = {
-        "model": "SmolLM2-135M-Instruct (Q4_1 dequantised)", "batch": args.batch, "seq_len": args.seq_len,
-        "heads": args.heads, "threads": torch.get_num_threads(), "autocast": "bfloat16",
+        "model": "SmolLM2-135M-Instruct (Q4_1 dequantised)",
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "heads": args.heads,
+        "threads": torch.get_num_threads(),
+        "autocast": "bfloat16",
         "feature_extraction_tokens_per_s": round(extraction_tok_s, 1),
-        "variants": {v: {"median_step_s": round(statistics.median(t), 3),
-                         "tokens_per_s": round(tokens / statistics.median(t), 1), "steps": len(t)}
-                     for v, t in times.items()},
-    }  # fmt: skip
+        "variants": {
+            v: {
+                "median_step_s": round(statistics.median(t), 3),
+                "tokens_per_s": round(tokens / statistics.median(t), 1),
+                "steps": len(t),
+            }
+            for v, t in times.items()
+        },
+    }
     plain = report["variants"]["plain"]["tokens_per_s"]
     for v in variants:
         report["variants"][v]["speedup_vs_plain"] = round(report["variants"][v]["tokens_per_s"] / plain, 2)

@@ -23,8 +23,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from hf_bpd.logits import NeuralRescorer, NgramRescorer, PBestRescorer
 from hf_bpd.data import load_prompts
+from hf_bpd.logits import NeuralRescorer, NgramRescorer, PBestRescorer
 
 
 def synthetic_logits(stream: list[int], pos: list[int], num_heads: int, top_k: int, vocab: int, rng: random.Random):
@@ -87,11 +87,16 @@ def main() -> None:
     text = "\n\n".join(row["prompt"] for row in load_prompts(args.prompts))
     stream = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     lm_config = LlamaConfig(
-        vocab_size=vocab, hidden_size=args.lm_hidden, intermediate_size=4 * args.lm_hidden,
-        num_hidden_layers=args.lm_layers, num_attention_heads=max(1, args.lm_hidden // 64),
+        vocab_size=vocab,
+        hidden_size=args.lm_hidden,
+        intermediate_size=4 * args.lm_hidden,
+        num_hidden_layers=args.lm_layers,
+        num_attention_heads=max(1, args.lm_hidden // 64),
         max_position_embeddings=4096,
-    )  # fmt: skip
-    lm = (AutoModelForCausalLM.from_pretrained(args.lm, dtype=torch.float32) if args.lm else LlamaForCausalLM(lm_config)).eval()
+    )
+    lm = (
+        AutoModelForCausalLM.from_pretrained(args.lm, dtype=torch.float32) if args.lm else LlamaForCausalLM(lm_config)
+    ).eval()
     params = sum(p.numel() for p in lm.parameters()) / 1e6
     h, k, p = args.num_draft_heads, args.top_k, args.num_drafts
     rescorers = {

@@ -32,8 +32,15 @@ from hf_bpd.logits import NgramRescorer, PBestRescorer
 
 def accepted_per_step(model, ids, mask, new_tokens, drafter, seed, **kwargs):
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, use_bpd=True,
-                         draft_rescorer=drafter, return_dict_in_generate=True, **kwargs)  # fmt: skip
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        use_bpd=True,
+        draft_rescorer=drafter,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
     acc = out.accepted_lengths[out.accepted_lengths >= 0]
     return int(acc.sum()), int(acc.numel())
 
@@ -71,8 +78,13 @@ def main() -> None:
     if args.num_drafts and "pbest" in wanted:
         drafters[f"pbest{args.num_drafts}"] = lambda: PBestRescorer(top_k=args.top_k, num_drafts=args.num_drafts)
     if args.ngram and "ngram" in wanted:
-        ngram = NgramRescorer(args.ngram, top_k=args.ngram_top_k, alpha=args.ngram_alpha,
-                              num_drafts=args.ngram_num_drafts, pad_token_id=tok.pad_token_id)  # fmt: skip
+        ngram = NgramRescorer(
+            args.ngram,
+            top_k=args.ngram_top_k,
+            alpha=args.ngram_alpha,
+            num_drafts=args.ngram_num_drafts,
+            pad_token_id=tok.pad_token_id,
+        )
         drafters[f"ngram{args.ngram_num_drafts}"] = lambda: ngram  # loaded once; `generate` resets it per call
     if not drafters:
         raise SystemExit(f"--drafters {args.drafters!r} selects nothing (heads, pbest, ngram; ngram needs --ngram).")
@@ -82,7 +94,7 @@ def main() -> None:
         subset = [p for p in prompts if p.get("domain", "all") == domain][: args.max_prompts]
         counts: dict[str, list[int]] = {}
 
-        def add(name, pair):
+        def add(name, pair, counts=counts):
             total = counts.setdefault(name, [0, 0])
             total[0] += pair[0]
             total[1] += pair[1]
@@ -90,14 +102,27 @@ def main() -> None:
         for enc in tokenize_prompts(subset, tok, 1):  # batch 1, chat prompts rendered as `generate` expects
             ids, mask = enc["input_ids"], enc["attention_mask"]
             for dname, make in drafters.items():
-                add(f"greedy/{dname}", accepted_per_step(model, ids, mask, args.max_new_tokens, make(), 0,
-                                                         do_sample=False))  # fmt: skip
+                add(
+                    f"greedy/{dname}",
+                    accepted_per_step(model, ids, mask, args.max_new_tokens, make(), 0, do_sample=False),
+                )
                 for t in temps:
                     for mode in ("speculative", "match"):
                         for seed in range(args.seeds):
-                            add(f"T={t}/{dname}/{mode}", accepted_per_step(
-                                model, ids, mask, args.max_new_tokens, make(), seed, do_sample=True, temperature=t,
-                                bpd_sampling=mode))  # fmt: skip
+                            add(
+                                f"T={t}/{dname}/{mode}",
+                                accepted_per_step(
+                                    model,
+                                    ids,
+                                    mask,
+                                    args.max_new_tokens,
+                                    make(),
+                                    seed,
+                                    do_sample=True,
+                                    temperature=t,
+                                    bpd_sampling=mode,
+                                ),
+                            )
         figures = {name: round(a / max(s, 1), 3) for name, (a, s) in counts.items()}
         for name in list(figures):
             if name.startswith("T="):

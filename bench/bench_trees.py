@@ -61,12 +61,15 @@ def main() -> None:
     trees = {}
     for n in (16,):
         trees[n] = calibrate_draft_tree(model, calibration, n, top_k=10, max_new_tokens=args.max_new_tokens)
-    print(f"calibrated static trees on {len(calibration)} tune prompts in {time.perf_counter() - start:.0f} s; "
-          f"accuracy (h x 4): {[[round(a, 3) for a in row[:4]] for row in trees[16].accuracy]}")
+    print(
+        f"calibrated static trees on {len(calibration)} tune prompts in {time.perf_counter() - start:.0f} s; "
+        f"accuracy (h x 4): {[[round(a, 3) for a in row[:4]] for row in trees[16].accuracy]}"
+    )
     start_conf = time.perf_counter()
     conf = calibrate_confidence(model, calibration, top_k=k, max_new_tokens=args.max_new_tokens)
-    conf_ngram = calibrate_confidence(model, calibration, top_k=k, max_new_tokens=args.max_new_tokens, ngram=ngram,
-                                      alpha=args.alpha)  # fmt: skip
+    conf_ngram = calibrate_confidence(
+        model, calibration, top_k=k, max_new_tokens=args.max_new_tokens, ngram=ngram, alpha=args.alpha
+    )
     print(f"calibrated tree confidence (heads; heads + n-gram) in {time.perf_counter() - start_conf:.0f} s")
 
     methods = {  # name: (drafter factory, verify width)
@@ -74,30 +77,51 @@ def main() -> None:
         "pbest0 p=4": (lambda: PBestRescorer(top_k=k, num_drafts=4), 1 + 4 * h),
         "tree N=16": (lambda: DynamicTreeDrafter(16, top_k=k), 17),
         "tree-static N=16": (lambda: StaticTreeDrafter(trees[16].draft_tree), 17),
-        "pbest-ngram p=4": (lambda: NgramRescorer(ngram, top_k=k, alpha=args.alpha, num_drafts=4, pad_token_id=pad),
-                            1 + 4 * h),
-        "tree-ngram N=16": (lambda: DynamicTreeDrafter(16, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad),
-                            17),
+        "pbest-ngram p=4": (
+            lambda: NgramRescorer(ngram, top_k=k, alpha=args.alpha, num_drafts=4, pad_token_id=pad),
+            1 + 4 * h,
+        ),
+        "tree-ngram N=16": (
+            lambda: DynamicTreeDrafter(16, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad),
+            17,
+        ),
         "tree N=16 adaptive 0.05": (lambda: DynamicTreeDrafter(16, top_k=k, min_confidence=0.05), 17),
         "tree calibrated N=16": (lambda: DynamicTreeDrafter(16, top_k=k, calibration=conf), 17),
-        "tree-ngram calibrated N=16": (lambda: DynamicTreeDrafter(16, top_k=k, ngram=ngram, alpha=args.alpha,
-                                                                  pad_token_id=pad, calibration=conf_ngram), 17),
+        "tree-ngram calibrated N=16": (
+            lambda: DynamicTreeDrafter(
+                16, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad, calibration=conf_ngram
+            ),
+            17,
+        ),
         "pbest0 p=8": (lambda: PBestRescorer(top_k=k, num_drafts=8), 1 + 8 * h),
         "tree N=32": (lambda: DynamicTreeDrafter(32, top_k=k), 33),
         "tree calibrated N=32": (lambda: DynamicTreeDrafter(32, top_k=k, calibration=conf), 33),
-        "pbest-ngram p=8": (lambda: NgramRescorer(ngram, top_k=k, alpha=args.alpha, num_drafts=8, pad_token_id=pad),
-                            1 + 8 * h),
-        "tree-ngram N=32": (lambda: DynamicTreeDrafter(32, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad),
-                            33),
-        "tree-ngram calibrated N=32": (lambda: DynamicTreeDrafter(32, top_k=k, ngram=ngram, alpha=args.alpha,
-                                                                  pad_token_id=pad, calibration=conf_ngram), 33),
+        "pbest-ngram p=8": (
+            lambda: NgramRescorer(ngram, top_k=k, alpha=args.alpha, num_drafts=8, pad_token_id=pad),
+            1 + 8 * h,
+        ),
+        "tree-ngram N=32": (
+            lambda: DynamicTreeDrafter(32, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad),
+            33,
+        ),
+        "tree-ngram calibrated N=32": (
+            lambda: DynamicTreeDrafter(
+                32, top_k=k, ngram=ngram, alpha=args.alpha, pad_token_id=pad, calibration=conf_ngram
+            ),
+            33,
+        ),
     }
     if args.methods:
         wanted = [w.strip() for w in args.methods.split(",")]
         methods = {n: m for n, m in methods.items() if n == "bpd" or any(w == n for w in wanted)}
-    report: dict = {"config": vars(args), "static_trees": {n: t.draft_tree for n, t in trees.items()},
-                    "accuracy": trees[16].accuracy, "confidence_calibration": conf.to_dict(),
-                    "confidence_calibration_ngram": conf_ngram.to_dict(), "domains": {}}  # fmt: skip
+    report: dict = {
+        "config": vars(args),
+        "static_trees": {n: t.draft_tree for n, t in trees.items()},
+        "accuracy": trees[16].accuracy,
+        "confidence_calibration": conf.to_dict(),
+        "confidence_calibration_ngram": conf_ngram.to_dict(),
+        "domains": {},
+    }
     for domain, prompts in prompts_of(ref / "prompts" / "validation.jsonl", args.max_prompts).items():
         if args.domains and domain not in args.domains.split(","):
             continue
@@ -114,8 +138,14 @@ def main() -> None:
             seconds, identical, hist = 0.0, True, []
             for ids, want in zip(prompts, refs):
                 t0 = time.perf_counter()
-                out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, use_bpd=True,
-                                     draft_rescorer=drafter, return_dict_in_generate=True)  # fmt: skip
+                out = model.generate(
+                    ids,
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=False,
+                    use_bpd=True,
+                    draft_rescorer=drafter,
+                    return_dict_in_generate=True,
+                )
                 seconds += time.perf_counter() - t0
                 identical &= torch.equal(out.sequences, want)
                 tokens += out.num_generated_tokens
@@ -123,10 +153,12 @@ def main() -> None:
                 hist.append(out.accepted_lengths.flatten())
             acc = torch.cat(hist)
             rows[name] = {
-                "width": width, "block_efficiency": round(metrics.block_efficiency(tokens, calls), 3),
-                "speedup_vs_greedy": round(greedy_s / seconds, 3), "identical_to_greedy": identical,
+                "width": width,
+                "block_efficiency": round(metrics.block_efficiency(tokens, calls), 3),
+                "speedup_vs_greedy": round(greedy_s / seconds, 3),
+                "identical_to_greedy": identical,
                 "accepted_histogram": torch.bincount(acc[acc >= 0], minlength=h + 1).tolist(),
-            }  # fmt: skip
+            }
         report["domains"][domain] = rows
         print(f"\n[{domain}] ({len(prompts)} prompts, {args.max_new_tokens} new tokens)")
         for name, r in rows.items():

@@ -45,8 +45,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), transformers {transformers.__version__}"
+    )
 
 
 def table(methods: dict, domain_cols: tuple[str, ...] = COLS) -> list[str]:
@@ -54,7 +56,9 @@ def table(methods: dict, domain_cols: tuple[str, ...] = COLS) -> list[str]:
     for name in METHODS:
         if name in methods:
             f = methods[name]
-            lines.append(f"| `{name}` | " + " | ".join("–" if f.get(c) is None else str(f.get(c)) for c in domain_cols) + " |")
+            lines.append(
+                f"| `{name}` | " + " | ".join("–" if f.get(c) is None else str(f.get(c)) for c in domain_cols) + " |"
+            )
     return lines
 
 
@@ -72,25 +76,33 @@ def reference_table() -> list[str]:
         if log_path.exists():
             log = json.loads(log_path.read_text())
             ppl = ", ".join(f"{d} {v:.1f}" for d, v in log["validation_perplexity"].items())
-            lines.append(f"| `reference/{name}` | Llama, {log['num_parameters'] / 1e6:.2f}M parameters | {log['steps']} steps, "
-                         f"{log['tokens_seen'] / 1e6:.2f}M tokens, {log['wall_time_s'] / 60:.0f} min | perplexity: {ppl} | "
-                         f"{size(ref / name)} |")  # fmt: skip
+            lines.append(
+                f"| `reference/{name}` | Llama, {log['num_parameters'] / 1e6:.2f}M parameters | {log['steps']} steps, "
+                f"{log['tokens_seen'] / 1e6:.2f}M tokens, {log['wall_time_s'] / 60:.0f} min | perplexity: {ppl} | "
+                f"{size(ref / name)} |"
+            )
     info_path = ref / "heads" / "bpd_training.json"
     if info_path.exists():
         info = json.loads(info_path.read_text())
         metrics = info.get("validation_metrics", {})
         top1 = ", ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.endswith("_top1"))
-        sel = "; ".join(f"h={h}: eff {v['block_efficiency']}, x{v['speedup_vs_greedy']}" for h, v in info["h_selection"].items())
-        lines.append(f"| `reference/heads` | {info['chosen_h']} ResBlock heads (of {info['trained_heads']} trained), frozen "
-                     f"base, hard self-distillation | {info['global_step']} steps, {info['wall_time_s'] / 60:.0f} min | "
-                     f"top-1 per head (of {info['trained_heads']}): {top1}; h chosen by measured speed: {sel} | "
-                     f"{size(ref / 'heads')} |")  # fmt: skip
+        sel = "; ".join(
+            f"h={h}: eff {v['block_efficiency']}, x{v['speedup_vs_greedy']}" for h, v in info["h_selection"].items()
+        )
+        lines.append(
+            f"| `reference/heads` | {info['chosen_h']} ResBlock heads (of {info['trained_heads']} trained), frozen "
+            f"base, hard self-distillation | {info['global_step']} steps, {info['wall_time_s'] / 60:.0f} min | "
+            f"top-1 per head (of {info['trained_heads']}): {top1}; h chosen by measured speed: {sel} | "
+            f"{size(ref / 'heads')} |"
+        )
     ngram_path = ref / "ngram" / "ngram_info.json"
     if ngram_path.exists():
         info = json.loads(ngram_path.read_text())
-        lines.append(f"| `reference/ngram` | KenLM {info['order']}-gram over token ids, prune {info['prune']}, "
-                     f"{info['quantize_bits']}-bit {info['binary_type']} | {info['build_time_s']:.0f} s | – | "
-                     f"{info['size_bytes'] / 1e6:.1f} MB |")  # fmt: skip
+        lines.append(
+            f"| `reference/ngram` | KenLM {info['order']}-gram over token ids, prune {info['prune']}, "
+            f"{info['quantize_bits']}-bit {info['binary_type']} | {info['build_time_s']:.0f} s | – | "
+            f"{info['size_bytes'] / 1e6:.1f} MB |"
+        )
     lines.append(f"| all of `reference/` | | | | {size(ref)} |")
     return lines
 
@@ -120,12 +132,12 @@ def refinement_gain(methods: dict) -> str:
 
 TUNE_COMMANDS = {
     "ngram": "hf-bpd tune --model reference/heads --rescorer ngram --ngram reference/ngram/ngram4.binary "
-             "--prompts reference/prompts/tune.jsonl --max-prompts 12 --alphas 0.25 0.5 0.75 1 --top-ks 4 8 "
-             "--num-drafts 1 4 --max-new-tokens 64 --output bench/results/tune_ngram.json",
+    "--prompts reference/prompts/tune.jsonl --max-prompts 12 --alphas 0.25 0.5 0.75 1 --top-ks 4 8 "
+    "--num-drafts 1 4 --max-new-tokens 64 --output bench/results/tune_ngram.json",
     "neural": "hf-bpd tune --model reference/heads --rescorer neural --lm reference/small "
-              "--prompts reference/prompts/tune.jsonl --max-prompts 12 --alphas 0.25 0.5 0.75 --top-ks 4 8 "
-              "--num-drafts 1 --max-new-tokens 64 --output bench/results/tune_neural.json",
-}  # fmt: skip
+    "--prompts reference/prompts/tune.jsonl --max-prompts 12 --alphas 0.25 0.5 0.75 --top-ks 4 8 "
+    "--num-drafts 1 --max-new-tokens 64 --output bench/results/tune_neural.json",
+}
 REFINED = methods_in("refined")
 PEERS = methods_in("peer")
 
@@ -146,28 +158,46 @@ def targets(bench: dict) -> list[str]:
     lines = ["| target | measured (batch 1) | result |", "|---|---|---|"]
     speed = {d: fig(d, BPD, "speedup_vs_greedy") or 0.0 for d in domains}
     ok = all(v >= (2.0 if d == "python" else 1.5) for d, v in speed.items())
-    lines.append("| plain `bpd` >= 1.5x greedy on every domain, >= 2x on code | "
-                 + ", ".join(f"{d} {v:.2f}x" for d, v in speed.items()) + f" | {verdict(ok)} |")
+    lines.append(
+        "| plain `bpd` >= 1.5x greedy on every domain, >= 2x on code | "
+        + ", ".join(f"{d} {v:.2f}x" for d, v in speed.items())
+        + f" | {verdict(ok)} |"
+    )
     gains = {}
     for d in domains:
         base = fig(d, BPD, "block_efficiency")
         best = max(REFINED, key=lambda m: fig(d, m, "block_efficiency") or 0.0)
         gains[d] = (best, 100 * ((fig(d, best, "block_efficiency") or 0.0) / base - 1) if base else 0.0)
     ok = sum(g >= 10.0 for _, g in gains.values()) >= 2
-    lines.append("| best refinement +10% block efficiency over `bpd` on >= 2 domains | "
-                 + ", ".join(f"{d} {g:+.1f}% (`{m}`)" for d, (m, g) in gains.items()) + f" | {verdict(ok)} |")
+    lines.append(
+        "| best refinement +10% block efficiency over `bpd` on >= 2 domains | "
+        + ", ".join(f"{d} {g:+.1f}% (`{m}`)" for d, (m, g) in gains.items())
+        + f" | {verdict(ok)} |"
+    )
     wins = {}
     for d in domains:
         ours = max((BPD, *REFINED), key=lambda m: fig(d, m, "speedup_vs_greedy") or 0.0)
         theirs = max(fig(d, m, "speedup_vs_greedy") or 0.0 for m in PEERS)
         wins[d] = (ours, fig(d, ours, "speedup_vs_greedy") or 0.0, theirs)
     ok = sum(o > t for _, o, t in wins.values()) >= 3
-    lines.append("| `bpd` or a refined variant faster than both `pld` and `assisted` on >= 3 of 4 domains | "
-                 + ", ".join(f"{d} `{m}` {o:.2f}x vs {t:.2f}x" for d, (m, o, t) in wins.items()) + f" | {verdict(ok)} |")
-    bad = sorted({f"{m} (batch {bs})" for bs, rep in by_bs.items() for m, f in rep["methods"].items()
-                  if f.get("identical_to_greedy") is False})  # fmt: skip
-    lines.append("| every method `identical_to_greedy` (all batch sizes) | "
-                 + ("all true" if not bad else "false for " + ", ".join(bad)) + f" | {verdict(not bad)} |")
+    lines.append(
+        "| `bpd` or a refined variant faster than both `pld` and `assisted` on >= 3 of 4 domains | "
+        + ", ".join(f"{d} `{m}` {o:.2f}x vs {t:.2f}x" for d, (m, o, t) in wins.items())
+        + f" | {verdict(ok)} |"
+    )
+    bad = sorted(
+        {
+            f"{m} (batch {bs})"
+            for bs, rep in by_bs.items()
+            for m, f in rep["methods"].items()
+            if f.get("identical_to_greedy") is False
+        }
+    )
+    lines.append(
+        "| every method `identical_to_greedy` (all batch sizes) | "
+        + ("all true" if not bad else "false for " + ", ".join(bad))
+        + f" | {verdict(not bad)} |"
+    )
     return lines
 
 
@@ -182,11 +212,37 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     common = ["--max-prompts", str(args.max_prompts), "--max-new-tokens", str(args.max_new_tokens)]
-    bench_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--repeats", str(args.repeats),
-                     "--batch-size", *map(str, args.batch_sizes), "--json", str(OUT / "bench.json"), "--no-progress"])  # fmt: skip
-    analyze_cmd = run([sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")])
-    rescorers_cmd = run([sys.executable, "bench/bench_rescorers.py", "--ngram", "reference/ngram/ngram4.binary", "--lm",
-                         "reference/small", "--json", str(OUT / "bench_rescorers.json")])  # fmt: skip
+    bench_cmd = run(
+        [
+            sys.executable,
+            "-m",
+            "hf_bpd_bench.cli",
+            "bench",
+            *common,
+            "--repeats",
+            str(args.repeats),
+            "--batch-size",
+            *map(str, args.batch_sizes),
+            "--json",
+            str(OUT / "bench.json"),
+            "--no-progress",
+        ]
+    )
+    analyze_cmd = run(
+        [sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--out", str(REPO / "docs" / "img")]
+    )
+    rescorers_cmd = run(
+        [
+            sys.executable,
+            "bench/bench_rescorers.py",
+            "--ngram",
+            "reference/ngram/ngram4.binary",
+            "--lm",
+            "reference/small",
+            "--json",
+            str(OUT / "bench_rescorers.json"),
+        ]
+    )
     core_cmd = None
     if not args.skip_core:
         core_cmd = run([sys.executable, "bench/bench_core.py", "--json", str(OUT / "bench_core.json")])
@@ -216,54 +272,107 @@ def main() -> None:
         "",
     ]
     for bs, report in bench["by_batch_size"].items():
-        lines += [f"## Batch size {bs}", "", "### All domains", "", *table(report["methods"]), "",
-                  f"Refinement vs plain `bpd` (block efficiency): {refinement_gain(report['methods'])}.", ""]  # fmt: skip
+        lines += [
+            f"## Batch size {bs}",
+            "",
+            "### All domains",
+            "",
+            *table(report["methods"]),
+            "",
+            f"Refinement vs plain `bpd` (block efficiency): {refinement_gain(report['methods'])}.",
+            "",
+        ]
         for domain, d in report["domains"].items():
-            lines += [f"### {domain} ({d['num_prompts']} prompts)", "", *table(d["methods"]), "",
-                      f"Refinement vs plain `bpd`: {refinement_gain(d['methods'])}.", ""]  # fmt: skip
-    lines += ["## Draft analyses (Kim et al., section 6)", "",
-              "| domain | mean entropy per head (nats) | h_max | consecutive repetition (plain / n-gram) | "
-              "mean longest run (plain / n-gram) | oracle block efficiency k=1,2,4,8,16 | mean accepted length |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+            lines += [
+                f"### {domain} ({d['num_prompts']} prompts)",
+                "",
+                *table(d["methods"]),
+                "",
+                f"Refinement vs plain `bpd`: {refinement_gain(d['methods'])}.",
+                "",
+            ]
+    lines += [
+        "## Draft analyses (Kim et al., section 6)",
+        "",
+        "| domain | mean entropy per head (nats) | h_max | consecutive repetition (plain / n-gram) | "
+        "mean longest run (plain / n-gram) | oracle block efficiency k=1,2,4,8,16 | mean accepted length |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for domain, a in analysis["domains"].items():
         rp, rr = a["repetition_plain"], a.get("repetition_rescored")
-        rep = f"{rp['consecutive_repetition']:.3f} / {rr['consecutive_repetition']:.3f}" if rr else f"{rp['consecutive_repetition']:.3f}"
-        run_ = f"{rp['mean_longest_run']:.2f} / {rr['mean_longest_run']:.2f}" if rr else f"{rp['mean_longest_run']:.2f}"
+        rep = (
+            f"{rp['consecutive_repetition']:.3f} / {rr['consecutive_repetition']:.3f}"
+            if rr
+            else f"{rp['consecutive_repetition']:.3f}"
+        )
+        run_ = (
+            f"{rp['mean_longest_run']:.2f} / {rr['mean_longest_run']:.2f}" if rr else f"{rp['mean_longest_run']:.2f}"
+        )
         eff = ", ".join(str(v) for v in a["oracle_block_efficiency"].values())
-        lines.append(f"| {domain} | {', '.join(map(str, a['mean_entropy_per_head']))} | {a['h_max']} | {rep} | {run_} | "
-                     f"{eff} | {a['mean_accepted_length']} |")  # fmt: skip
-    lines += ["", "![entropy](docs/img/entropy_per_head.png)", "![oracle](docs/img/oracle_topk.png)",
-              "![accepted](docs/img/accepted_lengths.png)", ""]  # fmt: skip
+        lines.append(
+            f"| {domain} | {', '.join(map(str, a['mean_entropy_per_head']))} | {a['h_max']} | {rep} | {run_} | "
+            f"{eff} | {a['mean_accepted_length']} |"
+        )
+    lines += [
+        "",
+        "![entropy](docs/img/entropy_per_head.png)",
+        "![oracle](docs/img/oracle_topk.png)",
+        "![accepted](docs/img/accepted_lengths.png)",
+        "",
+    ]
     if core_cmd:
         core = json.loads((OUT / "bench_core.json").read_text())
         cols = list(core["results"][0])
-        lines += ["## Decode loop with oracle drafts (bench/bench_core.py)", "",
-                  "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
-                  *["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in core["results"]], ""]  # fmt: skip
+        lines += [
+            "## Decode loop with oracle drafts (bench/bench_core.py)",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|---" * len(cols) + "|",
+            *["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in core["results"]],
+            "",
+        ]
     resc = json.loads((OUT / "bench_rescorers.json").read_text())
     cfg = resc["config"]
-    lines += ["## Rescorer cost per decode step (bench/bench_rescorers.py)", "",
-              f"`{_rel(rescorers_cmd)}`: each rescorer called as the decode loop calls it on a simulated decode through "
-              f"the validation prompts (h = {cfg['num_draft_heads']}, k = {cfg['top_k']}, alpha = {cfg['alpha']}, "
-              f"{cfg['threads']} torch thread, median of {cfg['calls']} calls).", "",
-              "| rescorer | ms per call |", "|---|---|",
-              *[f"| {name} | {ms:.2f} |" for name, ms in resc["ms_per_call"].items()], ""]  # fmt: skip
-    lines += ["## Rescorer settings (hf-bpd tune)", "",
-              "The `hf-bpd bench` defaults (`--top-k 8 --num-drafts 4 --alpha-ngram 0.5 --alpha-neural 0.75`) were "
-              "chosen by block efficiency on `reference/prompts/tune.jsonl` (the last 3 validation prompts of each "
-              "domain; the benchmark uses the first ones), 64 new tokens, batch 1:", ""]  # fmt: skip
+    lines += [
+        "## Rescorer cost per decode step (bench/bench_rescorers.py)",
+        "",
+        f"`{_rel(rescorers_cmd)}`: each rescorer called as the decode loop calls it on a simulated decode through "
+        f"the validation prompts (h = {cfg['num_draft_heads']}, k = {cfg['top_k']}, alpha = {cfg['alpha']}, "
+        f"{cfg['threads']} torch thread, median of {cfg['calls']} calls).",
+        "",
+        "| rescorer | ms per call |",
+        "|---|---|",
+        *[f"| {name} | {ms:.2f} |" for name, ms in resc["ms_per_call"].items()],
+        "",
+    ]
+    lines += [
+        "## Rescorer settings (hf-bpd tune)",
+        "",
+        "The `hf-bpd bench` defaults (`--top-k 8 --num-drafts 4 --alpha-ngram 0.5 --alpha-neural 0.75`) were "
+        "chosen by block efficiency on `reference/prompts/tune.jsonl` (the last 3 validation prompts of each "
+        "domain; the benchmark uses the first ones), 64 new tokens, batch 1:",
+        "",
+    ]
     for name, cmd in TUNE_COMMANDS.items():
         path = OUT / f"tune_{name}.json"
         if path.exists():
             tune = json.loads(path.read_text())
             best = tune["best"]
-            lines += [f"`{cmd}` (tokens/s there: single runs, not medians)", "",
-                      "| alpha | top_k | num_drafts | block_efficiency | tokens_per_s | rescore_ms_per_call |",
-                      "|---|---|---|---|---|---|",
-                      *[f"| {_num(r['alpha'], 'plain bpd')} | {_num(r['top_k'])} | {r['num_drafts']} | "
-                        f"{_num(r['block_efficiency'])} | {_num(r['tokens_per_s'], '–', 1)} | "
-                        f"{_num(r['rescore_ms_per_call'], '–', 2)} |" for r in tune["table"]],
-                      "", f"Best: {best}", ""]  # fmt: skip
+            lines += [
+                f"`{cmd}` (tokens/s there: single runs, not medians)",
+                "",
+                "| alpha | top_k | num_drafts | block_efficiency | tokens_per_s | rescore_ms_per_call |",
+                "|---|---|---|---|---|---|",
+                *[
+                    f"| {_num(r['alpha'], 'plain bpd')} | {_num(r['top_k'])} | {r['num_drafts']} | "
+                    f"{_num(r['block_efficiency'])} | {_num(r['tokens_per_s'], '–', 1)} | "
+                    f"{_num(r['rescore_ms_per_call'], '–', 2)} |"
+                    for r in tune["table"]
+                ],
+                "",
+                f"Best: {best}",
+                "",
+            ]
     lines += [
         "## The papers' figures beside ours",
         "",
@@ -278,15 +387,30 @@ def main() -> None:
     ]
     (REPO / "BENCHMARKS.md").write_text("\n".join(lines) + kept_blocks(REPO / "BENCHMARKS.md"))
     first = next(iter(bench["by_batch_size"].values()))
-    summary = [f"Measured by `python bench/make_benchmarks.py {' '.join(sys.argv[1:])}` (all domains, batch size "
-               f"{next(iter(bench['by_batch_size']))}; per-domain and batch-4 tables in BENCHMARKS.md):", "",
-               *table(first["methods"]), "", "Targets, checked against the same run:", "", *targets(bench), ""]  # fmt: skip
+    summary = [
+        f"Measured by `python bench/make_benchmarks.py {' '.join(sys.argv[1:])}` (all domains, batch size "
+        f"{next(iter(bench['by_batch_size']))}; per-domain and batch-4 tables in BENCHMARKS.md):",
+        "",
+        *table(first["methods"]),
+        "",
+        "Targets, checked against the same run:",
+        "",
+        *targets(bench),
+        "",
+    ]
     if core_cmd:
-        summary += ["Decode loop with oracle drafts (`python bench/bench_core.py`):", "",
-                    *lines[lines.index("## Decode loop with oracle drafts (bench/bench_core.py)") + 2 :][:4], ""]  # fmt: skip
+        summary += [
+            "Decode loop with oracle drafts (`python bench/bench_core.py`):",
+            "",
+            *lines[lines.index("## Decode loop with oracle drafts (bench/bench_core.py)") + 2 :][:4],
+            "",
+        ]
     readme = replace_between((REPO / "README.md").read_text(), "BENCH", summary)
-    readme = replace_between(readme, "REF", ["Read from the stack's own training logs by `python bench/make_benchmarks.py`:",
-                                             "", *reference_table()])  # fmt: skip
+    readme = replace_between(
+        readme,
+        "REF",
+        ["Read from the stack's own training logs by `python bench/make_benchmarks.py`:", "", *reference_table()],
+    )
     (REPO / "README.md").write_text(readme)
     print(f"wrote BENCHMARKS.md in {(time.time() - t0) / 60:.1f} min")
 

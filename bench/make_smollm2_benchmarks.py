@@ -34,7 +34,9 @@ def table(methods: dict, cols: tuple[str, ...] = COLS) -> list[str]:
     for name in METHODS:
         if name in methods:
             f = methods[name]
-            lines.append(f"| `{name}` | " + " | ".join("–" if f.get(c) is None else str(f.get(c)) for c in cols) + " |")
+            lines.append(
+                f"| `{name}` | " + " | ".join("–" if f.get(c) is None else str(f.get(c)) for c in cols) + " |"
+            )
     return lines
 
 
@@ -70,25 +72,38 @@ def targets(bf16: dict, fp32: dict) -> list[str]:
     rows.append(f"| plain `bpd` block efficiency >= 1.8 | {eff} | {verdict(eff is not None and eff >= 1.8)} |")
     per_kind = {k: fig(bf16, k, BPD, "speedup_vs_greedy") for k in kinds}
     ok = all(v is not None and v > 1.0 for v in per_kind.values()) if per_kind else None
-    rows.append(f"| plain `bpd` faster than greedy on every task kind | "
-                f"{', '.join(f'{k} {v}x' for k, v in per_kind.items())} | {verdict(ok)} |")  # fmt: skip
+    rows.append(
+        f"| plain `bpd` faster than greedy on every task kind | "
+        f"{', '.join(f'{k} {v}x' for k, v in per_kind.items())} | {verdict(ok)} |"
+    )
     if best:
         mean = sum(fig(bf16, k, best, "speedup_vs_greedy") or 0 for k in kinds) / max(1, len(kinds))
-        rows.append(f"| best BPD variant >= 1.5x greedy averaged over task kinds | `{best}`: {mean:.3f}x | "
-                    f"{verdict(mean >= 1.5)} |")  # fmt: skip
+        rows.append(
+            f"| best BPD variant >= 1.5x greedy averaged over task kinds | `{best}`: {mean:.3f}x | "
+            f"{verdict(mean >= 1.5)} |"
+        )
         be = fig(bf16, None, best, "block_efficiency")
         best_eff = max((fig(bf16, None, m, "block_efficiency") or 0) for m in bpd_methods)
-        rows.append(f"| best BPD variant block efficiency >= 2.5 | `{best}` {be}; highest of any BPD method "
-                    f"{best_eff} | {verdict(best_eff >= 2.5)} |")  # fmt: skip
+        rows.append(
+            f"| best BPD variant block efficiency >= 2.5 | `{best}` {be}; highest of any BPD method "
+            f"{best_eff} | {verdict(best_eff >= 2.5)} |"
+        )
         for peer in methods_in("peer"):
             if peer in bf16["methods"]:
-                cmp = {k: (fig(bf16, k, best, "speedup_vs_greedy"), fig(bf16, k, peer, "speedup_vs_greedy")) for k in kinds}
+                cmp = {
+                    k: (fig(bf16, k, best, "speedup_vs_greedy"), fig(bf16, k, peer, "speedup_vs_greedy"))
+                    for k in kinds
+                }
                 ok = all(a is not None and b is not None and a > b for a, b in cmp.values())
-                rows.append(f"| `{best}` faster than `{peer}` on every kind | "
-                            f"{', '.join(f'{k} {a}x vs {b}x' for k, (a, b) in cmp.items())} | {verdict(ok)} |")  # fmt: skip
+                rows.append(
+                    f"| `{best}` faster than `{peer}` on every kind | "
+                    f"{', '.join(f'{k} {a}x vs {b}x' for k, (a, b) in cmp.items())} | {verdict(ok)} |"
+                )
     same = {m: f.get("identical_to_greedy") for m, f in fp32["methods"].items() if not f.get("unsupported")}
-    rows.append(f"| fp32: every method identical to greedy | "
-                f"{', '.join(m for m, v in same.items() if not v) or 'all identical'} | {verdict(all(same.values()))} |")
+    rows.append(
+        f"| fp32: every method identical to greedy | "
+        f"{', '.join(m for m, v in same.items() if not v) or 'all identical'} | {verdict(all(same.values()))} |"
+    )
     return rows
 
 
@@ -103,12 +118,34 @@ def main() -> None:
     args = p.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    common = ["--stack", "smollm2", "--max-prompts", str(args.max_prompts), "--max-new-tokens",
-              str(args.max_new_tokens), "--threads", "1"]  # fmt: skip
+    common = [
+        "--stack",
+        "smollm2",
+        "--max-prompts",
+        str(args.max_prompts),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+        "--threads",
+        "1",
+    ]
     cmds, procs = {}, {}
     for dtype in ("bfloat16", "float32"):
-        cmd = [sys.executable, "-m", "hf_bpd_bench.cli", "bench", *common, "--dtype", dtype, "--methods", args.methods,
-               "--repeats", str(args.repeats), "--json", str(OUT / f"smollm2_{dtype}.json"), "--no-progress"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "hf_bpd_bench.cli",
+            "bench",
+            *common,
+            "--dtype",
+            dtype,
+            "--methods",
+            args.methods,
+            "--repeats",
+            str(args.repeats),
+            "--json",
+            str(OUT / f"smollm2_{dtype}.json"),
+            "--no-progress",
+        ]
         cmds[dtype] = " ".join(cmd[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         print("+", cmds[dtype], flush=True)
         procs[dtype] = subprocess.Popen(cmd, cwd=REPO)
@@ -118,14 +155,38 @@ def main() -> None:
     bench_minutes = (time.time() - t0) / 60
     analyze_cmd = core_cmd = None
     if not args.skip_analyze:
-        analyze = [sys.executable, "-m", "hf_bpd_bench.cli", "analyze", *common, "--dtype", "float32",
-                   "--out", str(REPO / "docs" / "img" / "smollm2")]  # fmt: skip
+        analyze = [
+            sys.executable,
+            "-m",
+            "hf_bpd_bench.cli",
+            "analyze",
+            *common,
+            "--dtype",
+            "float32",
+            "--out",
+            str(REPO / "docs" / "img" / "smollm2"),
+        ]
         analyze_cmd = " ".join(analyze[1:]).replace("-m hf_bpd_bench.cli", "hf-bpd").replace(str(REPO) + "/", "")
         subprocess.run(analyze, cwd=REPO, check=True)
     if not args.skip_core:
-        core = [sys.executable, "bench/bench_core.py", "--model", "reference/smollm2-heads", "--dtype", "bfloat16",
-                "--batch-sizes", "1", "--new-tokens", "64", "--repeats", "3", "--threads", "2",
-                "--json", str(OUT / "smollm2_core.json")]  # fmt: skip
+        core = [
+            sys.executable,
+            "bench/bench_core.py",
+            "--model",
+            "reference/smollm2-heads",
+            "--dtype",
+            "bfloat16",
+            "--batch-sizes",
+            "1",
+            "--new-tokens",
+            "64",
+            "--repeats",
+            "3",
+            "--threads",
+            "2",
+            "--json",
+            str(OUT / "smollm2_core.json"),
+        ]
         core_cmd = " ".join(core[1:]).replace(str(REPO) + "/", "")
         subprocess.run(core, cwd=REPO, check=True)
     bf16 = json.loads((OUT / "smollm2_bfloat16.json").read_text())
@@ -149,7 +210,8 @@ def main() -> None:
         f"measured speed on the tuning prompts: {info.get('h_selection', {}).get('by_h')}.",
         "",
         f"Commands: `{cmds['bfloat16']}`; `{cmds['float32']}`"
-        + (f"; `{analyze_cmd}`" if analyze_cmd else "") + (f"; `{core_cmd}`" if core_cmd else ""),
+        + (f"; `{analyze_cmd}`" if analyze_cmd else "")
+        + (f"; `{core_cmd}`" if core_cmd else ""),
         "",
         "### Targets (issue #9), checked against this run",
         "",
@@ -162,8 +224,12 @@ def main() -> None:
     ]
     for kind, d in bf16["domains"].items():
         lines += [f"#### {kind} ({d['num_prompts']} prompts, bf16)", "", *table(d["methods"]), ""]
-    lines += ["### fp32, all task kinds (the lossless check: every method must be identical to greedy)", "",
-              *table(fp32["methods"]), ""]  # fmt: skip
+    lines += [
+        "### fp32, all task kinds (the lossless check: every method must be identical to greedy)",
+        "",
+        *table(fp32["methods"]),
+        "",
+    ]
     lines += [
         "**bf16 divergence.** In bf16 a forward over a block of tokens rounds differently from a one-token forward, so "
         "near-ties between the two best tokens can flip: any method that verifies blocks (BPD, prompt lookup, assisted "
@@ -174,22 +240,33 @@ def main() -> None:
     ]
     if analyze_cmd:
         analysis = json.loads((REPO / "docs" / "img" / "smollm2" / "analysis.json").read_text())
-        lines += ["### Draft analyses (Kim et al., section 6), fp32", "",
-                  "| task kind | mean entropy per head (nats) | h_max | consecutive repetition | mean longest run | "
-                  "oracle block efficiency k=1,2,4,8,16 | mean accepted length |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            "### Draft analyses (Kim et al., section 6), fp32",
+            "",
+            "| task kind | mean entropy per head (nats) | h_max | consecutive repetition | mean longest run | "
+            "oracle block efficiency k=1,2,4,8,16 | mean accepted length |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for kind, a in analysis["domains"].items():
             rp = a["repetition_plain"]
-            lines.append(f"| {kind} | {', '.join(map(str, a['mean_entropy_per_head']))} | {a['h_max']} | "
-                         f"{rp['consecutive_repetition']:.3f} | {rp['mean_longest_run']:.2f} | "
-                         f"{', '.join(str(v) for v in a['oracle_block_efficiency'].values())} | "
-                         f"{a['mean_accepted_length']} |")  # fmt: skip
+            lines.append(
+                f"| {kind} | {', '.join(map(str, a['mean_entropy_per_head']))} | {a['h_max']} | "
+                f"{rp['consecutive_repetition']:.3f} | {rp['mean_longest_run']:.2f} | "
+                f"{', '.join(str(v) for v in a['oracle_block_efficiency'].values())} | "
+                f"{a['mean_accepted_length']} |"
+            )
         lines.append("")
     if core_cmd:
         core = json.loads((OUT / "smollm2_core.json").read_text())
         cols = list(core["results"][0])
-        lines += ["### Decode loop with oracle drafts (bench/bench_core.py, bf16)", "",
-                  "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|",
-                  *["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in core["results"]], ""]  # fmt: skip
+        lines += [
+            "### Decode loop with oracle drafts (bench/bench_core.py, bf16)",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|---" * len(cols) + "|",
+            *["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in core["results"]],
+            "",
+        ]
     lines += [
         "### The papers' figures beside ours",
         "",
@@ -201,9 +278,16 @@ def main() -> None:
         "",
     ]
     replace_block(REPO / "BENCHMARKS.md", lines, where="end")
-    summary = [f"SmolLM2-135M-Instruct, batch 1, chat prompts (`python bench/make_smollm2_benchmarks.py "
-               f"{' '.join(sys.argv[1:])}`; bf16 on {machine.get('cpu')}):", "", *table(bf16["methods"]), "",
-               "Targets:", "", *targets(bf16, fp32)]  # fmt: skip
+    summary = [
+        f"SmolLM2-135M-Instruct, batch 1, chat prompts (`python bench/make_smollm2_benchmarks.py "
+        f"{' '.join(sys.argv[1:])}`; bf16 on {machine.get('cpu')}):",
+        "",
+        *table(bf16["methods"]),
+        "",
+        "Targets:",
+        "",
+        *targets(bf16, fp32),
+    ]
     replace_block(REPO / "README.md", summary, where="On the shipped 10M-parameter reference model")
     print(f"wrote the SmolLM2 section in {(time.time() - t0) / 60:.1f} min")
 

@@ -30,9 +30,15 @@ import time
 from pathlib import Path
 
 PROMPTS = [
-    "Once upon a time", "The capital of France is", "def fibonacci(n):", "In 1969, the first humans",
-    "The three primary colours are", "To make a cup of tea, first", "Photosynthesis is the process", "Dear Sir or Madam,",
-]  # fmt: skip
+    "Once upon a time",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "In 1969, the first humans",
+    "The three primary colours are",
+    "To make a cup of tea, first",
+    "Photosynthesis is the process",
+    "Dear Sir or Madam,",
+]
 COUNTERS = ("num_drafts", "num_draft_tokens", "num_accepted_tokens", "num_accepted_tokens_per_pos")
 
 
@@ -41,7 +47,11 @@ def export(model_dir: str, out: Path, base: str | None) -> tuple[Path, str | Non
     from hf_bpd import BPDForCausalLM
     from hf_bpd.export import export_medusa
 
-    model = BPDForCausalLM.from_pretrained(model_dir, base_model=base) if base else BPDForCausalLM.from_pretrained(model_dir)
+    model = (
+        BPDForCausalLM.from_pretrained(model_dir, base_model=base)
+        if base
+        else BPDForCausalLM.from_pretrained(model_dir)
+    )
     export_medusa(model, out)
     return out, base
 
@@ -75,9 +85,10 @@ def load_prompts(base_dir: str, path: str | None, count: int) -> list[dict]:
         records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()][:count]
         texts = [
             tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False)
-            if "messages" in r else r["prompt"]
+            if "messages" in r
+            else r["prompt"]
             for r in records
-        ]  # fmt: skip
+        ]
     else:
         texts = [PROMPTS[i % len(PROMPTS)] for i in range(count)]
     return [{"prompt_token_ids": tok(text, add_special_tokens=False).input_ids} for text in texts]
@@ -115,7 +126,9 @@ def generate(base_dir: str, prompts: list[dict], params, dtype: str, spec: dict 
     """One engine: its greedy token ids, the generate wall time and its speculative counters."""
     from vllm import LLM
 
-    llm = LLM(model=base_dir, dtype=dtype, seed=0, enforce_eager=True, disable_log_stats=False, speculative_config=spec)
+    llm = LLM(
+        model=base_dir, dtype=dtype, seed=0, enforce_eager=True, disable_log_stats=False, speculative_config=spec
+    )
     before = spec_counters(llm)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params)
@@ -132,9 +145,12 @@ def acceptance(counters: dict) -> dict[str, object]:
     if not drafts or not draft_tokens or accepted is None:
         return {}
     report = {
-        "num_drafts": drafts, "num_draft_tokens": draft_tokens, "num_accepted_tokens": accepted,
-        "acceptance_rate": round(accepted / draft_tokens, 4), "mean_accepted_length": round(1 + accepted / drafts, 4),
-    }  # fmt: skip
+        "num_drafts": drafts,
+        "num_draft_tokens": draft_tokens,
+        "num_accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / draft_tokens, 4),
+        "mean_accepted_length": round(1 + accepted / drafts, 4),
+    }
     per_pos = counters.get("num_accepted_tokens_per_pos")
     if per_pos:
         report["accepted_per_position"] = per_pos
@@ -153,8 +169,12 @@ def run(base_dir: str, medusa_dir: Path, ks: list[int], prompts: list[dict], max
         spec = {"method": "medusa", "model": str(medusa_dir), "num_speculative_tokens": k}
         out, seconds, counters = generate(base_dir, prompts, params, dtype, spec)
         differ = [i for i, (a, b) in enumerate(zip(plain, out)) if a != b]
-        report[f"medusa_k{k}"] = {"identical": not differ and len(out) == len(plain), "differing_prompts": differ,
-                                  "seconds": round(seconds, 2), **acceptance(counters)}  # fmt: skip
+        report[f"medusa_k{k}"] = {
+            "identical": not differ and len(out) == len(plain),
+            "differing_prompts": differ,
+            "seconds": round(seconds, 2),
+            **acceptance(counters),
+        }
     report["identical"] = all(v["identical"] for k, v in report.items() if k.startswith("medusa_"))
     return report
 
@@ -165,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="Folder for the Medusa export (with --model).")
     parser.add_argument("--medusa", help="An existing export (hf-bpd export --format medusa): skips the export.")
     parser.add_argument("--base", default=None, help="Base model folder (default: the export's own).")
-    parser.add_argument("--prompts", default=None, help="JSONL prompts (\"messages\" or \"prompt\"; default: built-in).")
+    parser.add_argument("--prompts", default=None, help='JSONL prompts ("messages" or "prompt"; default: built-in).')
     parser.add_argument("--num-prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--num-speculative-tokens", default=None, help="Comma list of k (default: h, all heads).")
@@ -184,9 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     heads = json.loads((medusa_dir / "config.json").read_text())["num_heads"]
     ks = [int(k) for k in args.num_speculative_tokens.split(",")] if args.num_speculative_tokens else [heads]
     prompts = load_prompts(base_dir, args.prompts, args.num_prompts)
-    report = {"vllm": vllm.__version__, "base": base_dir, "medusa": str(medusa_dir), "dtype": args.dtype,
-              "num_prompts": len(prompts), "max_tokens": args.max_tokens,
-              **run(base_dir, medusa_dir, ks, prompts, args.max_tokens, args.dtype)}  # fmt: skip
+    report = {
+        "vllm": vllm.__version__,
+        "base": base_dir,
+        "medusa": str(medusa_dir),
+        "dtype": args.dtype,
+        "num_prompts": len(prompts),
+        "max_tokens": args.max_tokens,
+        **run(base_dir, medusa_dir, ks, prompts, args.max_tokens, args.dtype),
+    }
     for key, value in report.items():
         print(f"{key}: {value}")
     if args.json:

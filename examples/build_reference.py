@@ -38,17 +38,25 @@ logger = logging.getLogger("build_reference")
 EOS = "<|endoftext|>"
 DOMAINS = ("austen", "shakespeare", "kjv", "python")
 MODEL_SPECS = {
-    "base": dict(hidden_size=288, intermediate_size=768, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6),
-    "small": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4),
+    "base": dict(
+        hidden_size=288, intermediate_size=768, num_hidden_layers=8, num_attention_heads=6, num_key_value_heads=6
+    ),
+    "small": dict(
+        hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4
+    ),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--stages", default="split,tokenizer,base,small", help="comma-separated stages to run, in order")
     p.add_argument("--corpora", type=Path, default=DEFAULT_CORPORA, help="folder of the training corpora")
     p.add_argument("--out", type=Path, default=REPO / "reference", help="output folder (in the repo)")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/hf_bpd_reference"), help="cache/scratch folder outside the repo")
+    p.add_argument(
+        "--work-dir", type=Path, default=Path("/tmp/hf_bpd_reference"), help="cache/scratch folder outside the repo"
+    )
     p.add_argument("--val-fraction", type=float, default=0.02)
     p.add_argument("--prompts-per-domain", type=int, default=25)
     p.add_argument("--prompt-chars", type=int, default=200)
@@ -60,17 +68,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--base-max-minutes", type=float, default=60.0)
     p.add_argument("--small-max-minutes", type=float, default=12.0)
-    p.add_argument("--base-max-steps", type=int, default=None, help="LR-schedule length; default: estimate from --base-tokens-per-s")
-    p.add_argument("--small-max-steps", type=int, default=None, help="LR-schedule length; default: estimate from --small-tokens-per-s")
-    p.add_argument("--base-tokens-per-s", type=float, default=620.0, help="throughput estimate used for --base-max-steps")
-    p.add_argument("--small-tokens-per-s", type=float, default=3100.0, help="throughput estimate used for --small-max-steps")
+    p.add_argument(
+        "--base-max-steps",
+        type=int,
+        default=None,
+        help="LR-schedule length; default: estimate from --base-tokens-per-s",
+    )
+    p.add_argument(
+        "--small-max-steps",
+        type=int,
+        default=None,
+        help="LR-schedule length; default: estimate from --small-tokens-per-s",
+    )
+    p.add_argument(
+        "--base-tokens-per-s", type=float, default=620.0, help="throughput estimate used for --base-max-steps"
+    )
+    p.add_argument(
+        "--small-tokens-per-s", type=float, default=3100.0, help="throughput estimate used for --small-max-steps"
+    )
     p.add_argument("--eval-blocks", type=int, default=64, help="validation blocks per domain")
     p.add_argument("--logging-steps", type=int, default=50)
-    p.add_argument("--heads-max-h", type=int, default=6, help="draft heads trained (the first h are kept, h chosen by measurement)")
+    p.add_argument(
+        "--heads-max-h",
+        type=int,
+        default=6,
+        help="draft heads trained (the first h are kept, h chosen by measurement)",
+    )
     p.add_argument("--heads-max-minutes", type=float, default=28.0)
     p.add_argument("--heads-tokens-per-s", type=float, default=500.0, help="throughput estimate for the LR schedule")
-    p.add_argument("--heads-batch-size", type=int, default=4,
-                   help="small batches train faster per token on CPU (h vocabulary-sized logits per position)")
+    p.add_argument(
+        "--heads-batch-size",
+        type=int,
+        default=4,
+        help="small batches train faster per token on CPU (h vocabulary-sized logits per position)",
+    )
     p.add_argument("--heads-lr", type=float, default=2e-3)
     p.add_argument("--heads-select-prompts", type=int, default=4, help="validation prompts per domain for choosing h")
     p.add_argument("--threads", type=int, default=1)
@@ -81,10 +112,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------- split
 def training_data_names() -> list[str]:
     """What the model cards record as training data (the files themselves live in the scratch --work-dir)."""
-    files = {"austen": "austen_*.txt", "shakespeare": "shakespeare/*_gut.txt", "kjv": "kjv.jsonl",
-             "python": "python_stdlib.jsonl"}  # what hf_bpd.data.split_reference_corpora reads
-    return [f"{d}: training split of ../shared/corpora/{files[d]} (see reference/prompts/split_info.json)"
-            for d in DOMAINS]  # fmt: skip
+    files = {
+        "austen": "austen_*.txt",
+        "shakespeare": "shakespeare/*_gut.txt",
+        "kjv": "kjv.jsonl",
+        "python": "python_stdlib.jsonl",
+    }  # what hf_bpd.data.split_reference_corpora reads
+    return [
+        f"{d}: training split of ../shared/corpora/{files[d]} (see reference/prompts/split_info.json)" for d in DOMAINS
+    ]
 
 
 def data_file(args, domain: str, split: str) -> Path:
@@ -159,13 +195,18 @@ def stage_tokenizer(args):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=args.vocab_size, min_frequency=2, special_tokens=[EOS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=args.vocab_size,
+        min_frequency=2,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     t0 = time.time()
     tok.train_from_iterator(texts(), trainer=trainer)
     logger.info("Trained BPE tokenizer (vocab %d) in %.1fs", tok.get_vocab_size(), time.time() - t0)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=512)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS, eos_token=EOS, pad_token=EOS, model_max_length=512
+    )
     fast.save_pretrained(args.out / "tokenizer")
     # Byte-level round trip on held-out text.
     for d in DOMAINS:
@@ -195,7 +236,9 @@ class TimeBudgetCallback:
                 if time.time() - self.start >= self.budget:
                     self.stopped_on_time = True
                     control.should_training_stop = True
-                    logger.info("Time budget of %.1f min spent at step %d; stopping.", self.budget / 60, state.global_step)
+                    logger.info(
+                        "Time budget of %.1f min spent at step %d; stopping.", self.budget / 60, state.global_step
+                    )
                 return control
 
         return _CB()
@@ -251,8 +294,12 @@ def stage_lm(args, name: str):
     logger.info("Train blocks: %s (total %d)", {d: len(v) for d, v in train_parts.items()}, len(train))
 
     config = LlamaConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
         **MODEL_SPECS[name],
     )
     model = LlamaForCausalLM(config)
@@ -262,15 +309,29 @@ def stage_lm(args, name: str):
     if max_steps is None:
         tps = getattr(args, f"{name}_tokens_per_s")
         max_steps = max(10, int(minutes * 60 * tps / (args.batch_size * args.seq_len)))
-    logger.info("%s: %d params (%.2fM), max_steps %d, budget %.1f min", name, n_params, n_params / 1e6, max_steps, minutes)
+    logger.info(
+        "%s: %d params (%.2fM), max_steps %d, budget %.1f min", name, n_params, n_params / 1e6, max_steps, minutes
+    )
 
     targs = TrainingArguments(
-        output_dir=str(args.work_dir / f"trainer_{name}"), max_steps=max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(args.warmup_ratio * max_steps)), weight_decay=args.weight_decay,
-        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=args.logging_steps, save_strategy="no",
-        report_to="none", bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0,
-        seed=args.seed, disable_tqdm=False,
+        output_dir=str(args.work_dir / f"trainer_{name}"),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(args.warmup_ratio * max_steps)),
+        weight_decay=args.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        bf16=False,
+        fp16=False,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=args.seed,
+        disable_tqdm=False,
     )
     budget = TimeBudgetCallback(minutes)
     trainer = Trainer(model=model, args=targs, train_dataset=train, data_collator=collate, callbacks=[budget])
@@ -278,31 +339,53 @@ def stage_lm(args, name: str):
     result = trainer.train()
     wall = time.time() - t0
     steps = trainer.state.global_step
-    logger.info("%s: %d steps in %.1fs (%.3f steps/s, %.0f tokens/s)", name, steps, wall, steps / wall,
-                steps * args.batch_size * args.seq_len / wall)
+    logger.info(
+        "%s: %d steps in %.1fs (%.3f steps/s, %.0f tokens/s)",
+        name,
+        steps,
+        wall,
+        steps / wall,
+        steps * args.batch_size * args.seq_len / wall,
+    )
 
     t1 = time.time()
     ppl = {d: evaluate(model, blocks, args.batch_size) for d, blocks in val.items()}
-    logger.info("%s validation perplexity: %s (%.1fs)", name, {d: round(v, 2) for d, v in ppl.items()}, time.time() - t1)
+    logger.info(
+        "%s validation perplexity: %s (%.1fs)", name, {d: round(v, 2) for d, v in ppl.items()}, time.time() - t1
+    )
 
     out_dir = args.out / name
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     log = {
-        "model": name, "config": MODEL_SPECS[name], "num_parameters": n_params,
+        "model": name,
+        "config": MODEL_SPECS[name],
+        "num_parameters": n_params,
         "data_files": {d: str(data_file(args, d, "train")) for d in DOMAINS},
-        "corpora": str(args.corpora), "val_fraction": args.val_fraction,
-        "train_blocks": {d: len(v) for d, v in train_parts.items()}, "seq_len": args.seq_len,
-        "batch_size": args.batch_size, "learning_rate": args.lr, "max_steps_planned": max_steps,
-        "steps": steps, "tokens_seen": steps * args.batch_size * args.seq_len,
-        "epochs": steps * args.batch_size / len(train), "stopped_on_time_budget": budget.stopped_on_time,
-        "max_minutes": minutes, "wall_time_s": round(wall, 1), "threads": args.threads,
+        "corpora": str(args.corpora),
+        "val_fraction": args.val_fraction,
+        "train_blocks": {d: len(v) for d, v in train_parts.items()},
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "learning_rate": args.lr,
+        "max_steps_planned": max_steps,
+        "steps": steps,
+        "tokens_seen": steps * args.batch_size * args.seq_len,
+        "epochs": steps * args.batch_size / len(train),
+        "stopped_on_time_budget": budget.stopped_on_time,
+        "max_minutes": minutes,
+        "wall_time_s": round(wall, 1),
+        "threads": args.threads,
         "final_train_loss": result.training_loss,
         "validation_blocks": {d: len(v) for d, v in val.items()},
         "validation_perplexity": ppl,
-        "loss_curve": [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
-                       for h in trainer.state.log_history if "loss" in h],
-        "saved_dtype": "bfloat16", "torch": torch.__version__,
+        "loss_curve": [
+            {"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+            for h in trainer.state.log_history
+            if "loss" in h
+        ],
+        "saved_dtype": "bfloat16",
+        "torch": torch.__version__,
     }
     with open(out_dir / "training_log.json", "w") as f:
         json.dump(log, f, indent=2)
@@ -314,8 +397,17 @@ def bpd_with_first_heads(model, h: int):
     """A BPDForCausalLM on the same base that keeps the first `h` heads of `model` (same weights)."""
     from hf_bpd import BPDConfig, BPDForCausalLM
 
-    fields = {k: getattr(model.config, k) for k in ("head_type", "head_num_layers", "head_hidden_size", "head_rank",
-                                                     "share_lm_head", "base_model_name_or_path")}
+    fields = {
+        k: getattr(model.config, k)
+        for k in (
+            "head_type",
+            "head_num_layers",
+            "head_hidden_size",
+            "head_rank",
+            "share_lm_head",
+            "base_model_name_or_path",
+        )
+    }
     small = BPDForCausalLM(BPDConfig(num_draft_heads=h, **fields), base_model=model.base)
     small.heads.load_state_dict({k: v for k, v in model.heads.state_dict().items() if int(k.split(".")[0]) < h})
     return small.eval()
@@ -332,8 +424,9 @@ def measure_heads(model, tokenizer, prompts, max_new_tokens: int):
         t0 = time.perf_counter()
         ref = model.base.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)
         t1 = time.perf_counter()
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **ids, max_new_tokens=max_new_tokens, do_sample=False, use_bpd=True, return_dict_in_generate=True
+        )
         t_bpd += time.perf_counter() - t1
         t_greedy += t1 - t0
         assert torch.equal(out.sequences, ref), "BPD output differs from greedy"
@@ -356,22 +449,46 @@ def stage_heads(args):
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     # The base is referenced relative to the heads folder (resolved by BPDForCausalLM.from_pretrained).
-    model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads_max_h, head_type="resblock",
-                                     head_num_layers=1, base_model_name_or_path="../base")
+    model = BPDForCausalLM.from_base(
+        base,
+        num_draft_heads=args.heads_max_h,
+        head_type="resblock",
+        head_num_layers=1,
+        base_model_name_or_path="../base",
+    )
     train_parts = load_packed(args, tokenizer, "train")
     train = datasets.concatenate_datasets(list(train_parts.values())).shuffle(seed=args.seed + 1)
     val_parts = load_packed(args, tokenizer, "validation")
     val = datasets.concatenate_datasets([ds.select(range(min(16, len(ds)))) for ds in val_parts.values()])
-    max_steps = max(10, int(args.heads_max_minutes * 60 * args.heads_tokens_per_s / (args.heads_batch_size * args.seq_len)))
+    max_steps = max(
+        10, int(args.heads_max_minutes * 60 * args.heads_tokens_per_s / (args.heads_batch_size * args.seq_len))
+    )
     targs = BPDTrainingArguments(
-        output_dir=str(args.work_dir / "trainer_heads"), max_steps=max_steps, per_device_train_batch_size=args.heads_batch_size,
-        per_device_eval_batch_size=args.heads_batch_size, learning_rate=args.heads_lr, lr_scheduler_type="cosine",
-        warmup_steps=max(1, max_steps // 20), weight_decay=0.0, logging_steps=args.logging_steps, save_strategy="no",
-        report_to="none", use_cpu=True, seed=args.seed, distillation="hard", head_loss_weighting="uniform",
-    )  # fmt: skip
+        output_dir=str(args.work_dir / "trainer_heads"),
+        max_steps=max_steps,
+        per_device_train_batch_size=args.heads_batch_size,
+        per_device_eval_batch_size=args.heads_batch_size,
+        learning_rate=args.heads_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 20),
+        weight_decay=0.0,
+        logging_steps=args.logging_steps,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=args.seed,
+        distillation="hard",
+        head_loss_weighting="uniform",
+    )
     budget = TimeBudgetCallback(args.heads_max_minutes)
-    trainer = BPDTrainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
-                         data_collator=BlockCollator(tokenizer.pad_token_id), callbacks=[budget])  # fmt: skip
+    trainer = BPDTrainer(
+        model=model,
+        args=targs,
+        train_dataset=train,
+        eval_dataset=val,
+        data_collator=BlockCollator(tokenizer.pad_token_id),
+        callbacks=[budget],
+    )
     t0 = time.time()
     trainer.train()
     wall = time.time() - t0
@@ -395,14 +512,20 @@ def stage_heads(args):
     best = max(selection, key=lambda h: selection[h]["speedup_vs_greedy"])
     final = bpd_with_first_heads(model, best)
     info = trainer.training_info() | {
-        "training_data": training_data_names(), "mode": "frozen base, heads only",
-        "distillation": "hard (base model's greedy tokens)", "head_loss_weighting": "uniform",
-        "global_step": trainer.state.global_step, "trained_heads": args.heads_max_h, "wall_time_s": round(wall, 1),
-        "validation_metrics": metrics, "h_selection": {str(k): v for k, v in selection.items()},
+        "training_data": training_data_names(),
+        "mode": "frozen base, heads only",
+        "distillation": "hard (base model's greedy tokens)",
+        "head_loss_weighting": "uniform",
+        "global_step": trainer.state.global_step,
+        "trained_heads": args.heads_max_h,
+        "wall_time_s": round(wall, 1),
+        "validation_metrics": metrics,
+        "h_selection": {str(k): v for k, v in selection.items()},
         "h_selection_rule": f"largest measured greedy/BPD wall-clock ratio on {len(chosen)} validation prompts, "
-                            "48 new tokens, batch 1",
-        "chosen_h": best, "threads": args.threads,
-    }  # fmt: skip
+        "48 new tokens, batch 1",
+        "chosen_h": best,
+        "threads": args.threads,
+    }
     final.save_pretrained(args.out / "heads", training_info=info)
     tokenizer.save_pretrained(args.out / "heads")
     logger.info("Saved heads (h=%d) to %s", best, args.out / "heads")
@@ -416,11 +539,23 @@ def stage_ngram(args):
     out = args.out / "ngram" / "ngram4.binary"
     out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    build_ngram([data_file(args, d, "train") for d in DOMAINS], str(args.out / "tokenizer"), out, order=4,
-                prune=[0, 1, 1, 1], quantize_bits=8)  # fmt: skip
-    info = {"order": 4, "prune": [0, 1, 1, 1], "quantize_bits": 8, "binary_type": "trie",
-            "training_data": training_data_names(),
-            "size_bytes": out.stat().st_size, "build_time_s": round(time.time() - t0, 1)}  # fmt: skip
+    build_ngram(
+        [data_file(args, d, "train") for d in DOMAINS],
+        str(args.out / "tokenizer"),
+        out,
+        order=4,
+        prune=[0, 1, 1, 1],
+        quantize_bits=8,
+    )
+    info = {
+        "order": 4,
+        "prune": [0, 1, 1, 1],
+        "quantize_bits": 8,
+        "binary_type": "trie",
+        "training_data": training_data_names(),
+        "size_bytes": out.stat().st_size,
+        "build_time_s": round(time.time() - t0, 1),
+    }
     (out.parent / "ngram_info.json").write_text(json.dumps(info, indent=2))
     logger.info("Saved %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
@@ -435,9 +570,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     args.out, args.work_dir = args.out.resolve(), args.work_dir.resolve()
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    known = {"split": stage_split, "tokenizer": stage_tokenizer,
-             "base": lambda a: stage_lm(a, "base"), "small": lambda a: stage_lm(a, "small"), "heads": stage_heads,
-             "ngram": stage_ngram}
+    known = {
+        "split": stage_split,
+        "tokenizer": stage_tokenizer,
+        "base": lambda a: stage_lm(a, "base"),
+        "small": lambda a: stage_lm(a, "small"),
+        "heads": stage_heads,
+        "ngram": stage_ngram,
+    }
     unknown = [s for s in stages if s not in known]
     if unknown:
         raise SystemExit(f"Unknown stage(s) {unknown}; known: {sorted(known)}")

@@ -41,27 +41,42 @@ logger = logging.getLogger("build_smollm2")
 TASK_KINDS = ("continue", "code", "modernize", "summarize", "qa")
 # (task kind, corpus domains it draws passages from, instruction templates)
 TEMPLATES = {
-    "continue": (("austen", "shakespeare"), (
-        "Continue this passage in the same style for a few sentences:\n\n{passage}",
-        "Here is the start of a text. Write what comes next:\n\n{passage}",
-    )),
-    "code": (("python",), (
-        "Explain what this Python code does:\n\n```python\n{passage}\n```",
-        "Complete this Python code:\n\n```python\n{passage}\n```",
-        "Write a short docstring-style summary of this Python code:\n\n```python\n{passage}\n```",
-    )),
-    "modernize": (("kjv", "shakespeare"), (
-        "Rewrite this passage in plain modern English:\n\n{passage}",
-        "Translate this old English text into modern English:\n\n{passage}",
-    )),
-    "summarize": (("austen", "shakespeare", "kjv"), (
-        "Summarize this passage in two or three sentences:\n\n{passage}",
-        "What is the main point of this passage? Answer briefly.\n\n{passage}",
-    )),
-    "qa": (("austen", "shakespeare", "kjv", "python"), (
-        "Read the passage and answer: who or what is it about, and what happens?\n\n{passage}",
-        "{passage}\n\nQuestion: which names appear in the passage above, and what is said about them?",
-    )),
+    "continue": (
+        ("austen", "shakespeare"),
+        (
+            "Continue this passage in the same style for a few sentences:\n\n{passage}",
+            "Here is the start of a text. Write what comes next:\n\n{passage}",
+        ),
+    ),
+    "code": (
+        ("python",),
+        (
+            "Explain what this Python code does:\n\n```python\n{passage}\n```",
+            "Complete this Python code:\n\n```python\n{passage}\n```",
+            "Write a short docstring-style summary of this Python code:\n\n```python\n{passage}\n```",
+        ),
+    ),
+    "modernize": (
+        ("kjv", "shakespeare"),
+        (
+            "Rewrite this passage in plain modern English:\n\n{passage}",
+            "Translate this old English text into modern English:\n\n{passage}",
+        ),
+    ),
+    "summarize": (
+        ("austen", "shakespeare", "kjv"),
+        (
+            "Summarize this passage in two or three sentences:\n\n{passage}",
+            "What is the main point of this passage? Answer briefly.\n\n{passage}",
+        ),
+    ),
+    "qa": (
+        ("austen", "shakespeare", "kjv", "python"),
+        (
+            "Read the passage and answer: who or what is it about, and what happens?\n\n{passage}",
+            "{passage}\n\nQuestion: which names appear in the passage above, and what is said about them?",
+        ),
+    ),
 }
 
 
@@ -69,23 +84,35 @@ def default_work_dir() -> Path:
     """`$HF_BPD_WORK`, else `<user cache>/hf_bpd/smollm2_work` (`hf_bpd.smollm2.cache_root`, without importing it)."""
     if os.environ.get("HF_BPD_WORK"):
         return Path(os.environ["HF_BPD_WORK"])
-    root = os.environ.get("HF_BPD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_bpd"
+    root = (
+        os.environ.get("HF_BPD_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hf_bpd"
+    )
     return Path(root) / "smollm2_work"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--stages", default="prompts,answers", help="comma-separated stages, run in order")
     p.add_argument("--corpora", type=Path, default=REPO.parent / "shared" / "corpora")
     p.add_argument("--out", type=Path, default=REPO / "reference", help="reference folder (prompts, heads)")
-    p.add_argument("--work-dir", type=Path, default=default_work_dir(),
-                   help="work files (prompts, answers, features, checkpoints): $HF_BPD_WORK, else the user cache "
-                   "folder's smollm2_work (kept across sessions, unlike /tmp)")
+    p.add_argument(
+        "--work-dir",
+        type=Path,
+        default=default_work_dir(),
+        help="work files (prompts, answers, features, checkpoints): $HF_BPD_WORK, else the user cache "
+        "folder's smollm2_work (kept across sessions, unlike /tmp)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-prompts-per-kind", type=int, default=600)
-    p.add_argument("--extra-prompts-per-kind", type=int, default=3000,
-                   help="more training prompts per task kind (other templates, passage lengths 150-1200 chars), "
-                   "drawn with their own random stream so the first prompts and the validation prompts never change")
+    p.add_argument(
+        "--extra-prompts-per-kind",
+        type=int,
+        default=3000,
+        help="more training prompts per task kind (other templates, passage lengths 150-1200 chars), "
+        "drawn with their own random stream so the first prompts and the validation prompts never change",
+    )
     p.add_argument("--val-prompts-per-kind", type=int, default=10)
     p.add_argument("--tune-prompts-per-kind", type=int, default=3)
     p.add_argument("--passage-chars", type=int, default=500)
@@ -96,26 +123,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     # features / heads (see those stages)
     p.add_argument("--raw-sequences", type=int, default=400, help="raw training-text windows for features")
-    p.add_argument("--soft-top-k", type=int, default=16,
-                   help="cache the base's top-k next-token distribution beside the hidden states (0: greedy only)")
-    p.add_argument("--distillation", default="hard", choices=["hard", "soft"],
-                   help="head training targets: the base's greedy tokens, or its cached top-k distribution")
+    p.add_argument(
+        "--soft-top-k",
+        type=int,
+        default=16,
+        help="cache the base's top-k next-token distribution beside the hidden states (0: greedy only)",
+    )
+    p.add_argument(
+        "--distillation",
+        default="hard",
+        choices=["hard", "soft"],
+        help="head training targets: the base's greedy tokens, or its cached top-k distribution",
+    )
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--heads", type=int, default=5, help="heads to train (select keeps the first h)")
     p.add_argument("--draft-vocab-size", type=int, default=8192)
     p.add_argument("--heads-max-minutes", type=float, default=60.0)
-    p.add_argument("--head-type", default="resblock",
-                   help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)")
-    p.add_argument("--heads-tag", default="",
-                   help="suffix of the work folders of this run (e.g. 'recurrent-25pct'), so runs can sit side by side")
-    p.add_argument("--train-fraction", type=float, default=1.0,
-                   help="train on this share of the cached chat sequences (data-scaling runs); raw windows in full")
+    p.add_argument(
+        "--head-type",
+        default="resblock",
+        help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)",
+    )
+    p.add_argument(
+        "--heads-tag",
+        default="",
+        help="suffix of the work folders of this run (e.g. 'recurrent-25pct'), so runs can sit side by side",
+    )
+    p.add_argument(
+        "--train-fraction",
+        type=float,
+        default=1.0,
+        help="train on this share of the cached chat sequences (data-scaling runs); raw windows in full",
+    )
     p.add_argument("--heads-epochs", type=float, default=4.0)
     p.add_argument("--heads-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--select-tokens", type=int, default=64, help="new tokens per tuning prompt when choosing h")
-    p.add_argument("--select-tolerance", type=float, default=0.05,
-                   help="keep the largest h whose speed is within this fraction of the fastest h's")
+    p.add_argument(
+        "--select-tolerance",
+        type=float,
+        default=0.05,
+        help="keep the largest h whose speed is within this fraction of the fastest h's",
+    )
     p.add_argument("--small-hidden", type=int, default=128)
     p.add_argument("--small-layers", type=int, default=4)
     p.add_argument("--small-sequences", type=int, default=4000, help="raw 256-token windows for the small LM")
@@ -139,7 +188,12 @@ def _passage(text: str, chars: int, rng: random.Random) -> str | None:
 
 
 def make_prompts(
-    texts: dict[str, list[str]], per_kind: int, chars: int, rng: random.Random, split: str, templates: dict | None = None
+    texts: dict[str, list[str]],
+    per_kind: int,
+    chars: int,
+    rng: random.Random,
+    split: str,
+    templates: dict | None = None,
 ) -> list[dict]:
     rows = []
     for kind in TASK_KINDS:
@@ -153,8 +207,14 @@ def make_prompts(
             if passage is None:
                 continue
             template = kind_templates[rng.randrange(len(kind_templates))]
-            rows.append({"messages": [{"role": "user", "content": template.format(passage=passage)}],
-                         "domain": kind, "source": domain, "split": split})  # fmt: skip
+            rows.append(
+                {
+                    "messages": [{"role": "user", "content": template.format(passage=passage)}],
+                    "domain": kind,
+                    "source": domain,
+                    "split": split,
+                }
+            )
             made += 1
     return rows
 
@@ -195,8 +255,13 @@ def stage_prompts(args: argparse.Namespace) -> None:
     train_texts = {d: s["train"] for d, s in splits.items()}
     train = make_prompts(train_texts, args.train_prompts_per_kind, args.passage_chars, rng, "train")
     rng.shuffle(train)
-    held = make_prompts({d: s["validation"] for d, s in splits.items()},
-                        args.val_prompts_per_kind + args.tune_prompts_per_kind, args.passage_chars, rng, "validation")
+    held = make_prompts(
+        {d: s["validation"] for d, s in splits.items()},
+        args.val_prompts_per_kind + args.tune_prompts_per_kind,
+        args.passage_chars,
+        rng,
+        "validation",
+    )
     val, tune = [], []
     for kind in TASK_KINDS:
         rows = [r for r in held if r["domain"] == kind]
@@ -205,7 +270,7 @@ def stage_prompts(args: argparse.Namespace) -> None:
     # the extra prompts draw from their own stream: the first prompts and the held-out ones stay as they were
     extra_rng = random.Random(args.seed + 7919)
     extra = []
-    for i in range(args.extra_prompts_per_kind):
+    for _ in range(args.extra_prompts_per_kind):
         chars = extra_rng.choice((150, 300, 500, 800, 1200))
         for row in make_prompts(train_texts, 1, chars, extra_rng, "train", templates=EXTRA_TEMPLATES):
             extra.append(row)
@@ -219,8 +284,13 @@ def stage_prompts(args: argparse.Namespace) -> None:
     prompts_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in (("smollm2_validation.jsonl", val), ("smollm2_tune.jsonl", tune)):
         _write_jsonl(prompts_dir / name, [{k: r[k] for k in ("messages", "domain", "source")} for r in rows])
-    logger.info("prompts: %d train (%d extra), %d validation, %d tune", len(train) + len(extra), len(extra), len(val),
-                len(tune))  # fmt: skip
+    logger.info(
+        "prompts: %d train (%d extra), %d validation, %d tune",
+        len(train) + len(extra),
+        len(extra),
+        len(val),
+        len(tune),
+    )
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -307,8 +377,9 @@ def stage_answers(args: argparse.Namespace) -> None:
                         counts["tokens"] += n
                         counts["answers"] += 1
                         counts["empty"] += int(not answer.strip())
-                        handle.write(json.dumps({**rows[j], "answer": answer, "answer_tokens": n},
-                                                ensure_ascii=False) + "\n")  # fmt: skip
+                        handle.write(
+                            json.dumps({**rows[j], "answer": answer, "answer_tokens": n}, ensure_ascii=False) + "\n"
+                        )
                     handle.flush()
                 bar.update(len(order[i : i + args.answer_batch]))
             else:
@@ -323,7 +394,9 @@ def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[i
     """Prompt + self-distilled answer rendered with the chat template; the system block gets no targets."""
     ids, masks = [], []
     for row in rows:
-        text = tok.apply_chat_template(row["messages"] + [{"role": "assistant", "content": row["answer"]}], tokenize=False)
+        text = tok.apply_chat_template(
+            row["messages"] + [{"role": "assistant", "content": row["answer"]}], tokenize=False
+        )
         start = text.find("<|im_start|>user")
         head = len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
         seq = tok(text, add_special_tokens=False)["input_ids"]
@@ -363,12 +436,18 @@ def stage_features(args: argparse.Namespace) -> None:
     feats = args.work_dir / "features"
     for name, rows in (("chat", train_rows), ("eval", eval_rows)):
         ids, masks = _chat_sequences(tok, rows)
-        extract_features(model, ids, feats / name, seq_len=args.seq_len, train_mask=masks, name=name,
-                         top_k=args.soft_top_k)  # fmt: skip
+        extract_features(
+            model, ids, feats / name, seq_len=args.seq_len, train_mask=masks, name=name, top_k=args.soft_top_k
+        )
     raw = _raw_windows(tok, args.corpora, args.raw_sequences, args.seq_len, random.Random(args.seed + 1))
     extract_features(model, raw, feats / "raw", seq_len=args.seq_len, name="raw", top_k=args.soft_top_k)
-    logger.info("features: %d chat + %d eval + %d raw sequences in %.0f s", len(train_rows), len(eval_rows), len(raw),
-                time.monotonic() - start)  # fmt: skip
+    logger.info(
+        "features: %d chat + %d eval + %d raw sequences in %.0f s",
+        len(train_rows),
+        len(eval_rows),
+        len(raw),
+        time.monotonic() - start,
+    )
 
 
 # --------------------------------------------------------------------------------------------- heads
@@ -389,25 +468,45 @@ def stage_heads(args: argparse.Namespace) -> None:
     base, tok = load_smollm2(dtype=torch.float32)
     vocab = base.config.vocab_size
     counts = train.target_counts(vocab)
-    cover = {k: round(coverage(counts, draft_vocab_from_counts(counts, k, [tok.eos_token_id])), 4)
-             for k in (1024, 2048, 4096, 8192, 16384)}  # fmt: skip
+    cover = {
+        k: round(coverage(counts, draft_vocab_from_counts(counts, k, [tok.eos_token_id])), 4)
+        for k in (1024, 2048, 4096, 8192, 16384)
+    }
     logger.info("draft vocabulary coverage of the training targets: %s", cover)
     token_map = draft_vocab_from_counts(counts, args.draft_vocab_size, always=[tok.eos_token_id])
-    model = BPDForCausalLM.from_base(base, num_draft_heads=args.heads, draft_vocab_size=args.draft_vocab_size,
-                                     head_type=args.head_type,
-                                     base_model_name_or_path=SMOLLM2_HUB_ID)  # fmt: skip
+    model = BPDForCausalLM.from_base(
+        base,
+        num_draft_heads=args.heads,
+        draft_vocab_size=args.draft_vocab_size,
+        head_type=args.head_type,
+        base_model_name_or_path=SMOLLM2_HUB_ID,
+    )
     model.set_draft_vocab(token_map)
     steps_per_epoch = max(1, len(train) // args.heads_batch)
     tag = f"-{args.heads_tag}" if args.heads_tag else ""
     ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}{tag}"
     targs = BPDTrainingArguments(
-        output_dir=str(ckpt_dir), use_cpu=True, report_to="none", bf16=args.dtype == "bfloat16",
-        per_device_train_batch_size=args.heads_batch, per_device_eval_batch_size=args.heads_batch,
-        max_steps=int(args.heads_epochs * steps_per_epoch), learning_rate=args.lr, warmup_steps=50,
-        lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_strategy="steps", save_steps=100,
-        save_total_limit=2, distillation=args.distillation, head_loss_weighting="geometric", seed=args.seed,
-        dataloader_num_workers=0, disable_tqdm=False,
-    )  # fmt: skip
+        output_dir=str(ckpt_dir),
+        use_cpu=True,
+        report_to="none",
+        bf16=args.dtype == "bfloat16",
+        per_device_train_batch_size=args.heads_batch,
+        per_device_eval_batch_size=args.heads_batch,
+        max_steps=int(args.heads_epochs * steps_per_epoch),
+        learning_rate=args.lr,
+        warmup_steps=50,
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        logging_steps=25,
+        save_strategy="steps",
+        save_steps=100,
+        save_total_limit=2,
+        distillation=args.distillation,
+        head_loss_weighting="geometric",
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
 
     class Deadline(TrainerCallback):
         def __init__(self, minutes: float):
@@ -419,10 +518,18 @@ def stage_heads(args: argparse.Namespace) -> None:
                 control.should_save = True
                 control.should_training_stop = True
 
-    trainer = BPDTrainer(model, targs, train_dataset=train, eval_dataset=evaluation, processing_class=tok,
-                         training_data=["SmolLM2 self-distilled chat answers (training split prompts)",
-                                        "raw training-split text of ../shared/corpora (hard distillation)"],
-                         callbacks=[Deadline(args.heads_max_minutes)])  # fmt: skip
+    trainer = BPDTrainer(
+        model,
+        targs,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tok,
+        training_data=[
+            "SmolLM2 self-distilled chat answers (training split prompts)",
+            "raw training-split text of ../shared/corpora (hard distillation)",
+        ],
+        callbacks=[Deadline(args.heads_max_minutes)],
+    )
     from transformers.trainer_utils import get_last_checkpoint
 
     last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
@@ -433,12 +540,18 @@ def stage_heads(args: argparse.Namespace) -> None:
     logger.info("heads eval: %s", {k: v for k, v in metrics.items() if "top1" in k})
     out = args.work_dir / f"heads-trained{tag}"  # all trained heads; `select` keeps the first h -> reference/
     info = trainer.training_info()
-    info.update({
-        "train_sequences": len(train), "train_target_tokens": train.num_target_tokens(),
-        "eval_target_tokens": evaluation.num_target_tokens(), "draft_vocab_coverage": cover,
-        "seconds_this_session": round(seconds), "machine": cpu_name(), "dtype": args.dtype,
-        "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads,select",
-    })  # fmt: skip
+    info.update(
+        {
+            "train_sequences": len(train),
+            "train_target_tokens": train.num_target_tokens(),
+            "eval_target_tokens": evaluation.num_target_tokens(),
+            "draft_vocab_coverage": cover,
+            "seconds_this_session": round(seconds),
+            "machine": cpu_name(),
+            "dtype": args.dtype,
+            "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads,select",
+        }
+    )
     model.save_pretrained(out, training_info=info)
     tok.save_pretrained(out)
     logger.info("heads saved to %s", out)
@@ -459,18 +572,27 @@ def _corpus_file(args: argparse.Namespace) -> Path:
 
 def stage_ngram(args: argparse.Namespace) -> None:
     """A pruned, 8-bit KenLM 4-gram over SmolLM2 token ids (training split + self-distilled answers)."""
-    from hf_bpd.smollm2 import convert_smollm2
     from hf_bpd.logits.ngram_build import build_ngram
+    from hf_bpd.smollm2 import convert_smollm2
 
     out = args.out / "smollm2-ngram" / "ngram4.binary"
     out.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
     corpus = _corpus_file(args)
     build_ngram([corpus], str(convert_smollm2()), out, order=4, prune=[0, 1, 1, 1], quantize_bits=8)
-    info = {"order": 4, "prune": [0, 1, 1, 1], "quantize_bits": 8, "binary_type": "trie",
-            "tokenizer": "SmolLM2-135M-Instruct", "training_data": ["training split of ../shared/corpora (4 domains)",
-            f"{len(_read_jsonl(args.work_dir / 'answers.jsonl'))} self-distilled SmolLM2 answers"],
-            "size_bytes": out.stat().st_size, "build_time_s": round(time.time() - start, 1)}  # fmt: skip
+    info = {
+        "order": 4,
+        "prune": [0, 1, 1, 1],
+        "quantize_bits": 8,
+        "binary_type": "trie",
+        "tokenizer": "SmolLM2-135M-Instruct",
+        "training_data": [
+            "training split of ../shared/corpora (4 domains)",
+            f"{len(_read_jsonl(args.work_dir / 'answers.jsonl'))} self-distilled SmolLM2 answers",
+        ],
+        "size_bytes": out.stat().st_size,
+        "build_time_s": round(time.time() - start, 1),
+    }
     (out.parent / "ngram_info.json").write_text(json.dumps(info, indent=2))
     logger.info("ngram: %s (%.1f MB)", out, out.stat().st_size / 1e6)
 
@@ -485,19 +607,33 @@ def stage_small(args: argparse.Namespace) -> None:
     """
     import torch
     from datasets import Dataset
-    from transformers import (DataCollatorForLanguageModeling, LlamaConfig, LlamaForCausalLM, Trainer,
-                              TrainerCallback, TrainingArguments)  # fmt: skip
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     from hf_bpd.smollm2 import load_smollm2
 
     base, tok = load_smollm2(dtype=torch.float32)
     d = args.small_hidden
     config = LlamaConfig(
-        vocab_size=base.config.vocab_size, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=args.small_layers,
-        num_attention_heads=d // 32, num_key_value_heads=d // 32, max_position_embeddings=2048,
-        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, rope_theta=10000.0,
-    )  # fmt: skip
+        vocab_size=base.config.vocab_size,
+        hidden_size=d,
+        intermediate_size=3 * d,
+        num_hidden_layers=args.small_layers,
+        num_attention_heads=d // 32,
+        num_key_value_heads=d // 32,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        rope_theta=10000.0,
+    )
     ckpt_dir = args.work_dir / "small"
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -513,15 +649,29 @@ def stage_small(args: argparse.Namespace) -> None:
     del base
     rng = random.Random(args.seed + 2)
     windows = _raw_windows(tok, args.corpora, args.small_sequences, 256, rng)
-    answers = [tok(r["answer"], add_special_tokens=False)["input_ids"][:256] + [tok.eos_token_id]
-               for r in _read_jsonl(args.work_dir / "answers.jsonl")]  # fmt: skip
+    answers = [
+        tok(r["answer"], add_special_tokens=False)["input_ids"][:256] + [tok.eos_token_id]
+        for r in _read_jsonl(args.work_dir / "answers.jsonl")
+    ]
     data = Dataset.from_dict({"input_ids": windows + answers}).shuffle(seed=args.seed)
     targs = TrainingArguments(
-        output_dir=str(ckpt_dir), use_cpu=True, report_to="none", bf16=True, per_device_train_batch_size=16,
-        learning_rate=2e-3, warmup_steps=50, lr_scheduler_type="cosine", weight_decay=0.01, logging_steps=25,
-        max_steps=int(args.small_epochs * len(data) / 16), save_strategy="steps", save_steps=100, save_total_limit=1,
-        seed=args.seed, disable_tqdm=False,
-    )  # fmt: skip
+        output_dir=str(ckpt_dir),
+        use_cpu=True,
+        report_to="none",
+        bf16=True,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        warmup_steps=50,
+        lr_scheduler_type="cosine",
+        weight_decay=0.01,
+        logging_steps=25,
+        max_steps=int(args.small_epochs * len(data) / 16),
+        save_strategy="steps",
+        save_steps=100,
+        save_total_limit=1,
+        seed=args.seed,
+        disable_tqdm=False,
+    )
 
     class Deadline(TrainerCallback):
         end = time.monotonic() + args.small_max_minutes * 60
@@ -530,17 +680,28 @@ def stage_small(args: argparse.Namespace) -> None:
             if time.monotonic() > self.end:
                 control.should_save = control.should_training_stop = True
 
-    trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Deadline()],
-                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=targs,
+        train_dataset=data,
+        callbacks=[Deadline()],
+        data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
+    )
     start = time.monotonic()
     result = trainer.train(resume_from_checkpoint=last)
     out = args.out / "smollm2-small"
     model.to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
-    log = {"params": sum(p.numel() for p in model.parameters()), "steps": trainer.state.global_step,
-           "train_loss": result.training_loss, "seconds_this_session": round(time.monotonic() - start),
-           "sequences": len(data), "machine": cpu_name(), "init": "embedding = top principal directions of SmolLM2's",
-           "log_history": trainer.state.log_history[-5:]}  # fmt: skip
+    log = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "seconds_this_session": round(time.monotonic() - start),
+        "sequences": len(data),
+        "machine": cpu_name(),
+        "init": "embedding = top principal directions of SmolLM2's",
+        "log_history": trainer.state.log_history[-5:],
+    }
     (out / "training_log.json").write_text(json.dumps(log, indent=1))
     logger.info("small LM saved to %s (%d params, loss %.3f)", out, log["params"], result.training_loss)
 
@@ -577,13 +738,16 @@ def stage_select(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             model.base.generate(**batch, max_new_tokens=args.select_tokens, do_sample=False)
             t1 = time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=args.select_tokens, do_sample=False, use_bpd=True,
-                                 return_dict_in_generate=True)  # fmt: skip
+            out = model.generate(
+                **batch, max_new_tokens=args.select_tokens, do_sample=False, use_bpd=True, return_dict_in_generate=True
+            )
             t_bpd += time.perf_counter() - t1
             t_greedy += t1 - t0
             tokens, calls = tokens + out.num_generated_tokens, calls + out.num_serial_calls
-        selection[h] = {"block_efficiency": round(block_efficiency(tokens, calls), 3),
-                        "speedup_vs_greedy": round(t_greedy / t_bpd, 3)}  # fmt: skip
+        selection[h] = {
+            "block_efficiency": round(block_efficiency(tokens, calls), 3),
+            "speedup_vs_greedy": round(t_greedy / t_bpd, 3),
+        }
         logger.info("h=%d: %s", h, selection[h])
         record.write_text(json.dumps(selection, indent=1))
     # The fastest h, or a larger h within --select-tolerance of it: the lattice, p-best and tree drafters search
@@ -592,9 +756,14 @@ def stage_select(args: argparse.Namespace) -> None:
     best = max(h for h in selection if selection[h]["speedup_vs_greedy"] >= (1 - args.select_tolerance) * fastest)
     final = trained.first_heads(best)
     info = json.loads((args.work_dir / "heads-trained" / "bpd_training.json").read_text())
-    info["h_selection"] = {"dtype": str(dtype).replace("torch.", ""), "prompts": "reference/prompts/smollm2_tune.jsonl",
-                           "max_new_tokens": args.select_tokens, "by_h": selection, "chosen_h": best,
-                           "rule": f"largest h within {args.select_tolerance:.0%} of the fastest"}  # fmt: skip
+    info["h_selection"] = {
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompts": "reference/prompts/smollm2_tune.jsonl",
+        "max_new_tokens": args.select_tokens,
+        "by_h": selection,
+        "chosen_h": best,
+        "rule": f"largest h within {args.select_tolerance:.0%} of the fastest",
+    }
     if "head_metrics" in info and info["head_metrics"]:
         info["head_metrics"] = {k: (v[:best] if isinstance(v, list) else v) for k, v in info["head_metrics"].items()}
     info["num_draft_heads"] = best
@@ -610,8 +779,15 @@ def cpu_name() -> str:
     return name()
 
 
-STAGES = {"prompts": stage_prompts, "answers": stage_answers, "features": stage_features, "heads": stage_heads,
-          "ngram": stage_ngram, "small": stage_small, "select": stage_select}
+STAGES = {
+    "prompts": stage_prompts,
+    "answers": stage_answers,
+    "features": stage_features,
+    "heads": stage_heads,
+    "ngram": stage_ngram,
+    "small": stage_small,
+    "select": stage_select,
+}
 
 
 def main(argv=None) -> None:

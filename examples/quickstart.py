@@ -28,7 +28,9 @@ def main() -> None:
     args = parser.parse_args()
     tok = AutoTokenizer.from_pretrained(REFERENCE / "base")
     if (REFERENCE / "heads" / "bpd_heads.safetensors").exists():
-        model = BPDForCausalLM.from_pretrained(REFERENCE / "heads", base_model=str(REFERENCE / "base"), dtype=torch.float32)
+        model = BPDForCausalLM.from_pretrained(
+            REFERENCE / "heads", base_model=str(REFERENCE / "base"), dtype=torch.float32
+        )
     else:
         base = AutoModelForCausalLM.from_pretrained(REFERENCE / "base", dtype=torch.float32)
         model = BPDForCausalLM.from_base(base, num_draft_heads=4)
@@ -38,8 +40,9 @@ def main() -> None:
     plain = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
     plain_s = time.perf_counter() - start
     start = time.perf_counter()
-    out = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, use_bpd=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        **ids, max_new_tokens=args.max_new_tokens, do_sample=False, use_bpd=True, return_dict_in_generate=True
+    )
     bpd_s = time.perf_counter() - start
     print(tok.decode(out.sequences[0], skip_special_tokens=True))
     print(f"\nidentical to plain greedy: {torch.equal(plain, out.sequences)}")

@@ -95,16 +95,24 @@ def main() -> None:
     min_tokens = model_args.num_draft_heads + 2  # shorter documents give no head a target
     with args.main_process_first(desc="packing the data"):
         pack = dict(
-            tokenizer=tokenizer, seq_len=data_args.seq_len, text_column=data_args.text_column, min_tokens=min_tokens,
-            one_example_per_file=data_args.one_example_per_file, streaming=data_args.streaming,
-        )  # fmt: skip
+            tokenizer=tokenizer,
+            seq_len=data_args.seq_len,
+            text_column=data_args.text_column,
+            min_tokens=min_tokens,
+            one_example_per_file=data_args.one_example_per_file,
+            streaming=data_args.streaming,
+        )
         train = load_packed_dataset(data_args.train_files, **pack)
         evaluation = load_packed_dataset(data_args.eval_files, **pack) if data_args.eval_files else None
 
     trainer = BPDTrainer(
-        model, args, train_dataset=train, eval_dataset=evaluation, processing_class=tokenizer,
+        model,
+        args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
         training_data=list(data_args.train_files),
-    )  # fmt: skip
+    )
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     if evaluation is not None:
         trainer.evaluate()

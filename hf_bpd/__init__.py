@@ -2,8 +2,8 @@
 
 from .acceptance import accepted_lengths, select_best_draft, truncate_at_eos
 from .configuration_bpd import BPDConfig
-from .generation import BPDGenerateOutput
 from .drafters import DraftRescorer
+from .generation import BPDGenerateOutput
 from .losses import draft_head_loss
 from .modeling_bpd import BPDCausalLMOutput, BPDForCausalLM
 

@@ -58,7 +58,9 @@ class _Scorer:
         self.position_free = all(type(p) in _POSITION_FREE_PROCESSORS for p in logits_processor)
         self.do_sample = do_sample
         self.sequential = not all(is_pure_processor(p) for p in logits_processor)
-        self.stops: Any = None  # `(row, ids) -> bool`: the stopping criteria, so the walk stops where plain decoding does
+        self.stops: Any = (
+            None  # `(row, ids) -> bool`: the stopping criteria, so the walk stops where plain decoding does
+        )
 
     def scores(
         self,
@@ -105,9 +107,14 @@ class _Scorer:
         return self.processors(prefix[None].expand(batch, -1), logits[None].expand(batch, -1).clone())[row]
 
     def _along_accepted_path(
-        self, logits: torch.Tensor, tokens: torch.LongTensor, lengths: torch.LongTensor, live: torch.BoolTensor,
-        drafts: torch.LongTensor, layout: TreeLayout,
-    ) -> torch.Tensor:  # fmt: skip
+        self,
+        logits: torch.Tensor,
+        tokens: torch.LongTensor,
+        lengths: torch.LongTensor,
+        live: torch.BoolTensor,
+        drafts: torch.LongTensor,
+        layout: TreeLayout,
+    ) -> torch.Tensor:
         """
         Greedy only: score the root, follow the draft that equals its argmax, score that node, ... until no draft
         continues. Nodes off that path keep their raw logits: no accepted prefix reaches them, so their targets are

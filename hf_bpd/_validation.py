@@ -48,13 +48,29 @@ UNTRAINED_HEADS_WARNING = (
 # guidance (runs the model with a cache of its own), SynthID watermarking (counts calls, keeps a context), and the
 # audio / encoder-decoder processors (Whisper, Bark, Dia, codebooks).
 _PURE_PROCESSOR_NAMES = (
-    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "TemperatureLogitsWarper",
-    "RepetitionPenaltyLogitsProcessor", "TopPLogitsWarper", "TopKLogitsWarper", "TopHLogitsWarper",
-    "MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper",
-    "NoRepeatNGramLogitsProcessor", "SequenceBiasLogitsProcessor", "NoBadWordsLogitsProcessor",
-    "PrefixConstrainedLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
-    "InfNanRemoveLogitsProcessor", "ExponentialDecayLengthPenalty", "LogitNormalization",
-    "SuppressTokensAtBeginLogitsProcessor", "SuppressTokensLogitsProcessor", "WatermarkLogitsProcessor",
+    "MinLengthLogitsProcessor",
+    "MinNewTokensLengthLogitsProcessor",
+    "TemperatureLogitsWarper",
+    "RepetitionPenaltyLogitsProcessor",
+    "TopPLogitsWarper",
+    "TopKLogitsWarper",
+    "TopHLogitsWarper",
+    "MinPLogitsWarper",
+    "TypicalLogitsWarper",
+    "EpsilonLogitsWarper",
+    "EtaLogitsWarper",
+    "NoRepeatNGramLogitsProcessor",
+    "SequenceBiasLogitsProcessor",
+    "NoBadWordsLogitsProcessor",
+    "PrefixConstrainedLogitsProcessor",
+    "ForcedBOSTokenLogitsProcessor",
+    "ForcedEOSTokenLogitsProcessor",
+    "InfNanRemoveLogitsProcessor",
+    "ExponentialDecayLengthPenalty",
+    "LogitNormalization",
+    "SuppressTokensAtBeginLogitsProcessor",
+    "SuppressTokensLogitsProcessor",
+    "WatermarkLogitsProcessor",
 )
 PURE_PROCESSORS = tuple(getattr(logits_process, n) for n in _PURE_PROCESSOR_NAMES if hasattr(logits_process, n))
 _REFUSED_PROCESSORS = tuple(
@@ -135,10 +151,12 @@ def prepare_arguments(
         raise ValueError("Pass the drafter once: `drafter=` (`draft_rescorer=` is its older name).")
     drafter = drafter if drafter is not None else alias
     options = BPDOptions(
-        drafter=drafter, compare_unrefined=bool(kwargs.pop("compare_unrefined", False)),
+        drafter=drafter,
+        compare_unrefined=bool(kwargs.pop("compare_unrefined", False)),
         sampling=check_sampling_mode(kwargs.pop("bpd_sampling", "speculative")),
-        streamer=kwargs.pop("streamer", None), pure_processors=bool(kwargs.pop("bpd_pure_processors", False)),
-    )  # fmt: skip
+        streamer=kwargs.pop("streamer", None),
+        pure_processors=bool(kwargs.pop("bpd_pure_processors", False)),
+    )
     for key, what in _OTHER_METHODS:
         if _setting(key, generation_config, kwargs, model.generation_config):
             raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
@@ -232,9 +250,16 @@ class Plan:
 
 
 def validate_prepared(
-    model: Any, input_ids: torch.LongTensor, generation_config: Any, logits_processor: Any, stopping: Any,
-    model_kwargs: dict[str, Any], drafter: Drafter, options: BPDOptions, num_heads: int,
-) -> Plan:  # fmt: skip
+    model: Any,
+    input_ids: torch.LongTensor,
+    generation_config: Any,
+    logits_processor: Any,
+    stopping: Any,
+    model_kwargs: dict[str, Any],
+    drafter: Drafter,
+    options: BPDOptions,
+    num_heads: int,
+) -> Plan:
     """
     Everything BPD cannot honour exactly, on what transformers' `generate` prepared; runs before the first forward.
 
@@ -275,7 +300,9 @@ def _check_generation_config(model: Any, config: Any) -> None:
             "token at a time, so blockwise verification would change the output. Use plain `generate` for guidance."
         )
     if config.penalty_alpha and not config.do_sample:
-        raise ValueError("`penalty_alpha` (contrastive search) cannot be combined with `use_bpd=True`: pick one method.")
+        raise ValueError(
+            "`penalty_alpha` (contrastive search) cannot be combined with `use_bpd=True`: pick one method."
+        )
     if getattr(config, "dola_layers", None) is not None:
         raise ValueError("`dola_layers` (DoLa decoding) cannot be combined with `use_bpd=True`: pick one method.")
     if config.output_attentions or config.output_hidden_states:
@@ -366,8 +393,11 @@ def check_cache(
             _check_sliding(cache, input_ids, max_length, width)
             continue
         croppable = getattr(cls, "is_croppable", False) is True
-        why = "a fixed capacity and layout that per-row holes and tree blocks overflow" if croppable else (
-            "state that cannot be cropped, so rejected drafts cannot be rolled back")  # fmt: skip
+        why = (
+            "a fixed capacity and layout that per-row holes and tree blocks overflow"
+            if croppable
+            else ("state that cannot be cropped, so rejected drafts cannot be rolled back")
+        )
         raise ValueError(
             f"`use_bpd=True` does not support a {type(cache).__name__} with {cls.__name__} layers: they have {why} "
             "(static, quantized and recurrent / linear-attention caches). " + use_instead
@@ -404,7 +434,9 @@ def _check_prefilled(cache: Any, input_ids: torch.LongTensor, mask: torch.Tensor
     batch, length = input_ids.shape
     cached_batch = next(layer.keys.shape[0] for layer in cache.layers if getattr(layer, "is_initialized", False))
     if cached_batch != batch:
-        raise ValueError(f"The cache holds {cached_batch} rows but `input_ids` has {batch}: pass one row per cache row.")
+        raise ValueError(
+            f"The cache holds {cached_batch} rows but `input_ids` has {batch}: pass one row per cache row."
+        )
     mask_length = mask.shape[1] if mask is not None else length
     if mask_length == length and past >= length:
         raise ValueError(
@@ -427,4 +459,3 @@ def uncached_start(cache: Any, input_ids: torch.LongTensor, mask: torch.Tensor |
     past = cache.get_seq_length() if _is_filled(cache) else 0
     mask_length = mask.shape[1] if mask is not None else input_ids.shape[1]
     return past if mask_length == input_ids.shape[1] else 0
-

@@ -31,7 +31,9 @@ def accepted_lengths(drafts: torch.LongTensor, targets: torch.LongTensor) -> tor
     return matches.long().cumprod(dim=-1).sum(dim=-1)
 
 
-def select_best_draft(drafts: torch.LongTensor, targets: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+def select_best_draft(
+    drafts: torch.LongTensor, targets: torch.LongTensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
     """
     p-best verification: the draft with the longest accepted prefix (the first one on ties).
 

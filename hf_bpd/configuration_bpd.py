@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from transformers import PretrainedConfig
-
-import json
 
 
 class BPDConfig(PretrainedConfig):
@@ -133,7 +132,9 @@ class BPDConfig(PretrainedConfig):
             from .tree import check_tree_choices
 
             try:
-                check_tree_choices(self.draft_tree, self.num_draft_heads, self.draft_vocab_size or self.base_vocab_size)
+                check_tree_choices(
+                    self.draft_tree, self.num_draft_heads, self.draft_vocab_size or self.base_vocab_size
+                )
             except ValueError as err:
                 raise ValueError(f"BPDConfig.draft_tree: {err}") from None
         from .heads import HEAD_TYPES  # the live registry: a head type registered later is valid too
@@ -161,4 +162,6 @@ class BPDConfig(PretrainedConfig):
         try:
             json.dumps(spec)
         except TypeError as err:
-            raise ValueError(f"BPDConfig.drafter must hold JSON values only (it is saved in config.json): {err}") from None
+            raise ValueError(
+                f"BPDConfig.drafter must hold JSON values only (it is saved in config.json): {err}"
+            ) from None

@@ -151,14 +151,21 @@ class ForwardCost:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ForwardCost:
         """Raises `ValueError` (or `KeyError` / `TypeError`) when `data` is not a valid curve."""
-        return cls(widths=tuple(int(w) for w in data["widths"]), seconds=tuple(float(s) for s in data["seconds"]),
-                   key=dict(data["key"]))  # fmt: skip
+        return cls(
+            widths=tuple(int(w) for w in data["widths"]),
+            seconds=tuple(float(s) for s in data["seconds"]),
+            key=dict(data["key"]),
+        )
 
     @classmethod
     def measure(
-        cls, model: Any, widths: tuple[int, ...] = DEFAULT_WIDTHS, context_length: int | None = None,
-        repeats: int = 21, budget_s: float = 3.0,
-    ) -> ForwardCost:  # fmt: skip
+        cls,
+        model: Any,
+        widths: tuple[int, ...] = DEFAULT_WIDTHS,
+        context_length: int | None = None,
+        repeats: int = 21,
+        budget_s: float = 3.0,
+    ) -> ForwardCost:
         """
         Time the model's cached forward at each width (see the module docstring), in its own cache.
 
@@ -181,9 +188,13 @@ class ForwardCost:
 
     @classmethod
     def for_model(
-        cls, model: Any, cache_dir: str | os.PathLike | None = None, widths: tuple[int, ...] = DEFAULT_WIDTHS,
-        context_length: int | None = None, **measure_kwargs: Any,
-    ) -> ForwardCost:  # fmt: skip
+        cls,
+        model: Any,
+        cache_dir: str | os.PathLike | None = None,
+        widths: tuple[int, ...] = DEFAULT_WIDTHS,
+        context_length: int | None = None,
+        **measure_kwargs: Any,
+    ) -> ForwardCost:
         """
         The model's cost curve on this machine: read from the cache when an entry has exactly this key, else
         measured (a few seconds) and cached.
@@ -218,7 +229,9 @@ class ForwardCost:
 
 def _check_curve(widths: tuple[int, ...], seconds: tuple[float, ...]) -> None:
     if not widths or len(widths) != len(seconds) or widths[0] != 1:
-        raise ValueError(f"A cost curve needs as many seconds as widths, starting at width 1; got {widths}, {seconds}.")
+        raise ValueError(
+            f"A cost curve needs as many seconds as widths, starting at width 1; got {widths}, {seconds}."
+        )
     if any(b <= a for a, b in itertools.pairwise(widths)):
         raise ValueError(f"The widths of a cost curve must be strictly ascending, got {widths}.")
     if any(not (s > 0 and s < float("inf")) for s in seconds):
@@ -310,8 +323,9 @@ def _write_entries(path: Path, entries: list[dict[str, Any]]) -> None:
     temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=".forward_cost.", suffix=".tmp",
-                                         delete=False, encoding="utf-8") as handle:  # fmt: skip
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=".forward_cost.", suffix=".tmp", delete=False, encoding="utf-8"
+        ) as handle:
             temporary = handle.name
             json.dump({"schema": _SCHEMA, "entries": entries}, handle, indent=1)
         os.replace(temporary, path)

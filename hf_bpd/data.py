@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any
 
 import datasets
 from datasets import Dataset, IterableDataset
 
 logger = logging.getLogger(__name__)
 
-PathLike = Union[str, Path]
-AnyDataset = Union[Dataset, IterableDataset]
+PathLike = str | Path
+AnyDataset = Dataset | IterableDataset
 
-def _column_names(dataset: AnyDataset) -> List[str]:
+
+def _column_names(dataset: AnyDataset) -> list[str]:
     names = dataset.column_names
     if names is None:  # streaming dataset with unresolved features: peek at one example
         first = next(iter(dataset), None)
@@ -25,11 +27,11 @@ def _column_names(dataset: AnyDataset) -> List[str]:
 
 
 def load_text_files(
-    paths: Union[PathLike, Sequence[PathLike]],
+    paths: PathLike | Sequence[PathLike],
     text_column: str = "text",
     one_example_per_file: bool = True,
     streaming: bool = False,
-    cache_dir: Optional[PathLike] = None,
+    cache_dir: PathLike | None = None,
 ) -> AnyDataset:
     """Load local `.txt` and `.jsonl`/`.json` files into a single dataset with one text column.
 
@@ -62,7 +64,7 @@ def load_text_files(
         raise ValueError(f"Unsupported file type(s) (expected .txt, .jsonl or .json): {other}")
     cache = str(cache_dir) if cache_dir is not None else None
 
-    parts: List[AnyDataset] = []
+    parts: list[AnyDataset] = []
     if txt:
         sample_by = "document" if one_example_per_file else "line"
         ds = datasets.load_dataset(
@@ -124,10 +126,10 @@ def pack_dataset(
     streaming = isinstance(dataset, IterableDataset)
     stats = {"skipped": 0}
 
-    def _pack(batch: Dict[str, List[Any]]) -> Dict[str, List[List[int]]]:
+    def _pack(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
         texts = [t for t in batch[text_column] if t and t.strip()]
         skipped = len(batch[text_column]) - len(texts)
-        stream: List[int] = []
+        stream: list[int] = []
         if texts:
             for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
                 if len(ids) < min_tokens:
@@ -138,11 +140,13 @@ def pack_dataset(
                     stream.append(eos)
         stats["skipped"] += skipped
         if streaming and skipped:
-            logger.warning("Skipped %d empty or short (< %d tokens) document(s) in a batch.", skipped, max(min_tokens, 1))
+            logger.warning(
+                "Skipped %d empty or short (< %d tokens) document(s) in a batch.", skipped, max(min_tokens, 1)
+            )
         n = len(stream) // seq_len
         return {"input_ids": [stream[i * seq_len : (i + 1) * seq_len] for i in range(n)]}
 
-    kwargs: Dict[str, Any] = {"batched": True, "batch_size": batch_size, "remove_columns": columns}
+    kwargs: dict[str, Any] = {"batched": True, "batch_size": batch_size, "remove_columns": columns}
     if not streaming:
         kwargs.update(load_from_cache_file=False, desc=f"Packing into {seq_len}-token blocks")
     packed = dataset.map(_pack, **kwargs)
@@ -162,14 +166,14 @@ def pack_dataset(
 
 
 def load_packed_dataset(
-    paths: Union[PathLike, Sequence[PathLike]],
+    paths: PathLike | Sequence[PathLike],
     tokenizer: Any,
     seq_len: int,
     text_column: str = "text",
     min_tokens: int = 0,
     one_example_per_file: bool = True,
     streaming: bool = False,
-    cache_dir: Optional[PathLike] = None,
+    cache_dir: PathLike | None = None,
 ) -> AnyDataset:
     """Local `.txt` / `.jsonl` files -> packed `seq_len`-token blocks: [`load_text_files`] then [`pack_dataset`].
 
@@ -211,7 +215,7 @@ def drop_short_sequences(dataset: AnyDataset, min_length: int, column: str = "in
     if isinstance(dataset, IterableDataset):
         seen = {"warned": False}
 
-        def _keep(example: Dict[str, Any]) -> bool:
+        def _keep(example: dict[str, Any]) -> bool:
             keep = len(example[column]) >= min_length
             if not keep and not seen["warned"]:
                 seen["warned"] = True
@@ -254,7 +258,7 @@ class BlockCollator:
     def __init__(self, pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
 
-    def __call__(self, features: List[Dict[str, Any]]) -> Dict[str, Any]:
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         import torch
 
         rows = [list(f["input_ids"]) for f in features]
@@ -268,7 +272,7 @@ class BlockCollator:
 
 
 def iter_documents(
-    paths: Union[PathLike, Sequence[PathLike]], text_field: str = "text", line_per_document: bool = False
+    paths: PathLike | Sequence[PathLike], text_field: str = "text", line_per_document: bool = False
 ) -> Iterator[str]:
     """Yield the non-empty documents of local corpora, lazily: the same files and rules as [`load_text_files`].
 
@@ -286,7 +290,9 @@ def iter_documents(
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"corpus file not found: {path}")
-    dataset = load_text_files(paths, text_column=text_field, one_example_per_file=not line_per_document, streaming=True)
+    dataset = load_text_files(
+        paths, text_column=text_field, one_example_per_file=not line_per_document, streaming=True
+    )
     for example in dataset:
         text = example[text_field]
         if text and text.strip():
@@ -294,8 +300,8 @@ def iter_documents(
 
 
 def load_prompts(
-    path: PathLike, tokenizer: Any = None, max_prompts_per_domain: Optional[int] = None
-) -> List[Dict[str, Any]]:
+    path: PathLike, tokenizer: Any = None, max_prompts_per_domain: int | None = None
+) -> list[dict[str, Any]]:
     """Read a prompts file: the one prompt loader of `hf-bpd bench`, `analyze` and `tune`.
 
     A `.jsonl` file holds one JSON object a line with either `"prompt"` (raw text) or `"messages"` (a chat: a list
@@ -317,8 +323,8 @@ def load_prompts(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path}")
-    prompts: List[Dict[str, Any]] = []
-    seen: Dict[str, int] = {}
+    prompts: list[dict[str, Any]] = []
+    seen: dict[str, int] = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -334,7 +340,7 @@ def load_prompts(
     return prompts
 
 
-def _prompt_row(line: str, where: str, tokenizer: Any) -> Dict[str, Any]:
+def _prompt_row(line: str, where: str, tokenizer: Any) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
@@ -350,21 +356,21 @@ def _prompt_row(line: str, where: str, tokenizer: Any) -> Dict[str, Any]:
             raise ValueError(f'{where}: "messages" prompts are rendered with the chat template: pass a tokenizer.')
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
-                f"{where}: \"messages\" needs a chat template, but the tokenizer {type(tokenizer).__name__} "
-                f"({getattr(tokenizer, 'name_or_path', '')!s}) has none: use \"prompt\" lines with raw text, or a "
+                f'{where}: "messages" needs a chat template, but the tokenizer {type(tokenizer).__name__} '
+                f'({getattr(tokenizer, "name_or_path", "")!s}) has none: use "prompt" lines with raw text, or a '
                 "tokenizer with a chat template."
             )
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return {"prompt": text, "domain": domain, "chat": True}
     raise ValueError(
-        f"{where}: every line needs a non-empty \"prompt\" (raw text) or \"messages\" (a chat list) field; found "
+        f'{where}: every line needs a non-empty "prompt" (raw text) or "messages" (a chat list) field; found '
         f"{sorted(record)}."
     )
 
 
 def tokenize_prompts(
-    prompts: Sequence[Dict[str, Any]], tokenizer: Any, batch_size: int = 1, max_prompt_tokens: Optional[int] = None
-) -> List[Dict[str, Any]]:
+    prompts: Sequence[dict[str, Any]], tokenizer: Any, batch_size: int = 1, max_prompt_tokens: int | None = None
+) -> list[dict[str, Any]]:
     """Left-padded `input_ids` / `attention_mask` batches of [`load_prompts`] rows (chat prompts without extra
     special tokens), each prompt cut to its last `max_prompt_tokens` tokens."""
     import torch

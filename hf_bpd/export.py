@@ -53,7 +53,7 @@ FORMATS = ("medusa",)
 MEDUSA_WEIGHTS_NAME = "model.safetensors"
 
 
-def resolve_original_lm_head(model: "BPDForCausalLM", original_lm_head: bool | None) -> bool:
+def resolve_original_lm_head(model: BPDForCausalLM, original_lm_head: bool | None) -> bool:
     """The `original_lm_head` the export writes: one shared projection whenever the heads share the base `lm_head`."""
     share = model.config.share_lm_head
     if original_lm_head and not share:
@@ -61,8 +61,9 @@ def resolve_original_lm_head(model: "BPDForCausalLM", original_lm_head: bool | N
     return share if original_lm_head is None else bool(original_lm_head)
 
 
-def medusa_state_dict(model: "BPDForCausalLM", original_lm_head: bool | None = None,
-                      dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+def medusa_state_dict(
+    model: BPDForCausalLM, original_lm_head: bool | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """
     The heads of `model` as vLLM Medusa tensors (see the module docstring for the names and shapes).
 
@@ -79,8 +80,10 @@ def medusa_state_dict(model: "BPDForCausalLM", original_lm_head: bool | None = N
     """
     config = model.config
     if not model.independent_heads:
-        raise ValueError(f"{config.head_type!r} heads read the drafted tokens; vLLM's Medusa format holds independent "
-                         "heads only. See docs/serving.md (MLP speculator / EAGLE-3 via `speculators`).")
+        raise ValueError(
+            f"{config.head_type!r} heads read the drafted tokens; vLLM's Medusa format holds independent "
+            "heads only. See docs/serving.md (MLP speculator / EAGLE-3 via `speculators`)."
+        )
     if config.head_type != "resblock":
         raise ValueError(
             f"vLLM's Medusa heads compute `x + SiLU(W x + b)` per block; {config.head_type!r} heads compute "
@@ -125,8 +128,12 @@ def medusa_state_dict(model: "BPDForCausalLM", original_lm_head: bool | None = N
     return tensors
 
 
-def medusa_config(model: "BPDForCausalLM", original_lm_head: bool | None = None, dtype: torch.dtype | None = None,
-                  out_dir: str | os.PathLike | None = None) -> dict[str, object]:  # fmt: skip
+def medusa_config(
+    model: BPDForCausalLM,
+    original_lm_head: bool | None = None,
+    dtype: torch.dtype | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> dict[str, object]:
     """
     The `config.json` of the Medusa export (vLLM's `MedusaConfig` fields, plus the informational
     `base_model_name_or_path`, a local folder written relative to `out_dir` as `save_pretrained` does).
@@ -149,8 +156,12 @@ def medusa_config(model: "BPDForCausalLM", original_lm_head: bool | None = None,
     }
 
 
-def export_medusa(model: "BPDForCausalLM", out_dir: str | os.PathLike, original_lm_head: bool | None = None,
-                  dtype: torch.dtype | None = None) -> Path:  # fmt: skip
+def export_medusa(
+    model: BPDForCausalLM,
+    out_dir: str | os.PathLike,
+    original_lm_head: bool | None = None,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """
     Write `config.json` and `model.safetensors` of a vLLM Medusa checkpoint to `out_dir`.
 
@@ -173,17 +184,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `export` arguments (shared with the `hf-bpd` CLI)."""
     parser.add_argument("out", help="Folder to write the exported heads to.")
     parser.add_argument("--format", choices=FORMATS, default="medusa", help="Checkpoint format (vLLM Medusa).")
-    parser.add_argument("--model", default=None,
-                        help="BPDForCausalLM checkpoint folder (`hf-bpd export`: default reference/heads in "
-                             "$HF_BPD_REFERENCE or ./reference).")  # fmt: skip
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="BPDForCausalLM checkpoint folder (`hf-bpd export`: default reference/heads in "
+        "$HF_BPD_REFERENCE or ./reference).",
+    )
     parser.add_argument("--base", default=None, help="Base model folder/name (default: the checkpoint's own).")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
-                        help="dtype of the written tensors (default: the base model's).")  # fmt: skip
-    parser.add_argument("--per-head-lm-heads", action="store_true",
-                        help="Write one full copy of the shared projection per head (original_lm_head: false) "
-                             "instead of one (the default for heads that share the base lm_head).")  # fmt: skip
-    parser.add_argument("--original-lm-head", action="store_true",
-                        help="One shared projection (vLLM `original_lm_head`); the default, kept for old scripts.")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="dtype of the written tensors (default: the base model's).",
+    )
+    parser.add_argument(
+        "--per-head-lm-heads",
+        action="store_true",
+        help="Write one full copy of the shared projection per head (original_lm_head: false) "
+        "instead of one (the default for heads that share the base lm_head).",
+    )
+    parser.add_argument(
+        "--original-lm-head",
+        action="store_true",
+        help="One shared projection (vLLM `original_lm_head`); the default, kept for old scripts.",
+    )
     return parser
 
 
@@ -208,8 +232,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = run_from_args(parser.parse_args(argv))
     except (ValueError, OSError) as err:  # FileNotFoundError is an OSError
         parser.exit(1, f"hf-bpd export: error: {err}\n")
-    print(f"wrote {out} (serve: vllm serve BASE --speculative-config "
-          f"'{{\"method\": \"medusa\", \"model\": \"{out}\", \"num_speculative_tokens\": N}}')")  # fmt: skip
+    print(
+        f"wrote {out} (serve: vllm serve BASE --speculative-config "
+        f'\'{{"method": "medusa", "model": "{out}", "num_speculative_tokens": N}}\')'
+    )
     return 0
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -122,8 +123,14 @@ def _shard_matches(path: Path, rows: int, seq_len: int, top_k: int) -> bool:
         logger.warning("feature shard %s is unreadable (%s): extracting it again", path, err)
         return False
     if list(shape) != [rows, seq_len] or k != top_k:
-        logger.info("feature shard %s holds %s rows/top-%d, expected %d/top-%d: extracting it again", path,
-                    shape, k, rows, top_k)  # fmt: skip
+        logger.info(
+            "feature shard %s holds %s rows/top-%d, expected %d/top-%d: extracting it again",
+            path,
+            shape,
+            k,
+            rows,
+            top_k,
+        )
         return False
     return True
 
@@ -189,7 +196,7 @@ class CachedFeatures(Dataset):
         """Whether the shards carry the base's top-k distribution (`extract_features(top_k=...)`)."""
         return self.topk_ids is not None
 
-    def keep_least_certain(self, fraction: float) -> "CachedFeatures":
+    def keep_least_certain(self, fraction: float) -> CachedFeatures:
         """
         Keep the targets of the `fraction` of positions where the base model was least certain (lowest top-1
         probability, i.e. the flattest next-token distribution) and mask the rest (`-100`), in place. Data selection

@@ -26,8 +26,8 @@ import torch
 from transformers import GenerationMixin
 from transformers.generation import GenerateDecoderOnlyOutput, LogitsProcessorList, StoppingCriteriaList
 
-from ._scoring import _POSITION_FREE_PROCESSORS, _Scorer, _Stopper
 from ._compat import pad_token_tensor, reorder_cache_tail, supports_logits_to_keep
+from ._scoring import _POSITION_FREE_PROCESSORS, _Scorer, _Stopper
 from ._validation import (
     BPDOptions,
     check_prompt,
@@ -37,12 +37,13 @@ from ._validation import (
     validate_prepared,
 )
 from .acceptance import accepted_lengths, cap_accepted, select_best_draft
-from .drafters import CompareUnrefined, DraftContext, DraftHeadsView, Drafter, build_drafter, checked_tree
+from .drafters import CompareUnrefined, DraftContext, Drafter, DraftHeadsView, build_drafter, checked_tree
 from .metrics import block_efficiency
 from .sampling import chain_rejection_sample, check_sampling_mode, tree_rejection_sample
 from .tree import DraftTree, TreeLayout, canonical_nodes, compact_block, tree_attention_mask
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class BPDGenerateOutput(GenerateDecoderOnlyOutput):
@@ -142,8 +143,11 @@ def align_heads_to_base(bpd: Any) -> None:
     logger.warning(
         "The draft heads are %s on %s but the base model is %s on %s (was only `model.base` moved?): casting the heads "
         "to match. Move the whole model with `model.to(...)` to avoid this.",
-        own[0].dtype, own[0].device, target.dtype, target.device,
-    )  # fmt: skip
+        own[0].dtype,
+        own[0].device,
+        target.dtype,
+        target.device,
+    )
     for name, module in bpd.named_children():
         if name != bpd.base_model_prefix:
             module.to(device=target.device, dtype=target.dtype)
@@ -245,7 +249,7 @@ class _BlockDecoder:
         generation_config: Any,
         logits_processor: LogitsProcessorList,
         stopping_criteria: StoppingCriteriaList,
-        drafter: "Drafter",
+        drafter: Drafter,
         streamer: Any,
         compare_unrefined: bool,
         sampling: str = "speculative",
@@ -276,8 +280,9 @@ class _BlockDecoder:
         self.accepts_positions = "position_ids" in inspect.signature(model.forward).parameters
         self.keeps_logits = supports_logits_to_keep(model)
         # argmax of the raw logits equals argmax of a float copy: copy only for processors, sampling or outputs
-        self.float_logits = bool(len(logits_processor) or generation_config.do_sample or self.keep_scores
-                                 or self.keep_logits)  # fmt: skip
+        self.float_logits = bool(
+            len(logits_processor) or generation_config.do_sample or self.keep_scores or self.keep_logits
+        )
         self.last_hidden = _LastHidden(model)  # removed again at the end of `run`
         self.accepted: list[torch.Tensor] = []
         self.unrefined: list[torch.Tensor] = []  # what the heads' own argmax drafts would have accepted
@@ -333,10 +338,16 @@ class _BlockDecoder:
         tokens[:, :prompt_len] = input_ids
         lengths = torch.full((batch,), prompt_len, dtype=torch.long, device=device)
         state = DecodeState(
-            tokens=tokens, lengths=lengths, live=torch.ones(batch, dtype=torch.bool, device=device),
-            row_limit=torch.full_like(lengths, limit), stop_len=torch.full_like(lengths, -1),
-            attention_mask=mask, dense=dense, next_position=mask.sum(-1), row_calls=torch.zeros_like(lengths),
-        )  # fmt: skip
+            tokens=tokens,
+            lengths=lengths,
+            live=torch.ones(batch, dtype=torch.bool, device=device),
+            row_limit=torch.full_like(lengths, limit),
+            stop_len=torch.full_like(lengths, -1),
+            attention_mask=mask,
+            dense=dense,
+            next_position=mask.sum(-1),
+            row_calls=torch.zeros_like(lengths),
+        )
         self.row_scores = [[] for _ in range(batch)]
         self.row_logits = [[] for _ in range(batch)]
         self.prompt_slots = mask.shape[1]
@@ -346,8 +357,9 @@ class _BlockDecoder:
         logits = logits[:, -1:]  # (B, 1, V)
         scores = self.scorer.scores(logits, tokens, lengths, state.live)
         root = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.commit(state, self.scorer.select(scores), torch.zeros_like(lengths),
-                    _Prefill(logits=logits, scores=scores), root)  # fmt: skip
+        self.commit(
+            state, self.scorer.select(scores), torch.zeros_like(lengths), _Prefill(logits=logits, scores=scores), root
+        )
         state.hidden = hidden[:, -1]  # (B, d)
         return state
 
@@ -368,9 +380,19 @@ class _BlockDecoder:
         if self.wants_committed and committed is None:  # after the prefill: the state that predicted its token
             committed, count = state.hidden[:, None], torch.ones_like(state.lengths)
         return DraftContext(
-            state.tokens, state.lengths, state.live, self.heads, state.hidden, num_tokens, self.proposal_warper,
-            self.prompt_start, committed, count, max_tokens, self.max_depth,
-        )  # fmt: skip
+            state.tokens,
+            state.lengths,
+            state.live,
+            self.heads,
+            state.hidden,
+            num_tokens,
+            self.proposal_warper,
+            self.prompt_start,
+            committed,
+            count,
+            max_tokens,
+            self.max_depth,
+        )
 
     def verify(self, state: DecodeState, tree: DraftTree) -> VerifiedBlock:
         """
@@ -385,7 +407,9 @@ class _BlockDecoder:
         positions = state.next_position[:, None] + layout.depth
         chain = layout.is_chain
         mask = None if chain else tree_attention_mask(state.attention_mask, layout, state.live, self.model.dtype)
-        state.attention_mask = torch.cat([state.attention_mask, state.live[:, None].long().expand(-1, layout.width)], 1)
+        state.attention_mask = torch.cat(
+            [state.attention_mask, state.live[:, None].long().expand(-1, layout.width)], 1
+        )
         state.dense = state.dense and chain and bool(state.live.all())
         logits, hidden = self.forward(state, ids, positions, mask=mask)  # (B, W, V), (B, W, d)
         scores = self.scorer.scores(logits, state.tokens, state.lengths, state.live, drafts, layout)
@@ -461,9 +485,14 @@ class _BlockDecoder:
         return n
 
     def roll_back(
-        self, state: DecodeState, block: VerifiedBlock, best: torch.LongTensor, path: torch.LongTensor,
-        n: torch.LongTensor, was_live: torch.BoolTensor,
-    ) -> None:  # fmt: skip
+        self,
+        state: DecodeState,
+        block: VerifiedBlock,
+        best: torch.LongTensor,
+        path: torch.LongTensor,
+        n: torch.LongTensor,
+        was_live: torch.BoolTensor,
+    ) -> None:
         """Drop the rejected nodes from the cache (holes where another row keeps more) and move to the next step."""
         batch, width = block.hidden.shape[0], block.layout.width
         rows = torch.arange(batch, device=n.device)
@@ -493,9 +522,13 @@ class _BlockDecoder:
 
     # ---------------------------------------------------------------------------------------------- helpers
     def forward(
-        self, state: DecodeState, ids: torch.LongTensor, positions: torch.LongTensor, mask: Any = None,
+        self,
+        state: DecodeState,
+        ids: torch.LongTensor,
+        positions: torch.LongTensor,
+        mask: Any = None,
         logits_to_keep: int = 0,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One serial call of the base model: logits `(B, W, V)` and the last hidden states `(B, W', d)`."""
         kwargs: dict[str, Any] = {"position_ids": positions} if self.accepts_positions else {}
         if self.keeps_logits:
@@ -504,8 +537,15 @@ class _BlockDecoder:
             mask = state.attention_mask
         prefill = state.serial_calls == 0
         hooked = self.last_hidden.handle is not None
-        out = self.model(input_ids=ids, attention_mask=mask, cache=self.cache, use_cache=True, return_dict=True,
-                         output_hidden_states=prefill or not hooked, **kwargs)  # fmt: skip
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            return_dict=True,
+            output_hidden_states=prefill or not hooked,
+            **kwargs,
+        )
         state.serial_calls += 1
         hidden = self.last_hidden.take()
         if hidden is None:  # the model projects without calling its output module: read every layer's states
@@ -552,7 +592,9 @@ class _BlockDecoder:
             num_serial_calls=state.serial_calls,
             num_generated_tokens=int(generated.sum()),
             block_efficiency=block_efficiency(generated, state.row_calls),
-            accepted_lengths=torch.stack(self.accepted) if self.accepted else torch.zeros((0, batch), dtype=torch.long),
+            accepted_lengths=torch.stack(self.accepted)
+            if self.accepted
+            else torch.zeros((0, batch), dtype=torch.long),
             unrefined_accepted_lengths=torch.stack(self.unrefined) if self.unrefined else None,
             draft_time_s=self.draft_time_s,
             mean_verify_width=sum(self.verified_nodes) / len(self.verified_nodes) if self.verified_nodes else 0.0,
@@ -575,7 +617,9 @@ class _BlockDecoder:
         keep = int(region.sum(1).max())
         if keep < width:
             self.cache.crop(-(width - keep))
-        state.attention_mask = torch.cat([state.attention_mask[:, : self.prompt_slots], region.gather(1, order)[:, :keep]], 1)
+        state.attention_mask = torch.cat(
+            [state.attention_mask[:, : self.prompt_slots], region.gather(1, order)[:, :keep]], 1
+        )
 
 
 @dataclass
@@ -599,14 +643,32 @@ def _bpd_decode(
     **model_kwargs: Any,
 ) -> Any:
     """The `custom_generate` callable: transformers has prepared everything, BPD checks it, then decodes."""
-    plan = validate_prepared(model, input_ids, generation_config, logits_processor, stopping_criteria, model_kwargs,
-                             bpd_drafter, bpd_options, bpd.config.num_draft_heads)  # fmt: skip
+    plan = validate_prepared(
+        model,
+        input_ids,
+        generation_config,
+        logits_processor,
+        stopping_criteria,
+        model_kwargs,
+        bpd_drafter,
+        bpd_options,
+        bpd.config.num_draft_heads,
+    )
     align_heads_to_base(bpd)  # after every check: a refused call leaves the model as it was
     drafter = CompareUnrefined(bpd_drafter) if bpd_options.compare_unrefined else bpd_drafter  # a diagnostic
     drafter.reset()
-    decoder = _BlockDecoder(model, bpd, plan.cache, generation_config, logits_processor, stopping_criteria,
-                            drafter, bpd_options.streamer, bpd_options.compare_unrefined,
-                            bpd_options.sampling)  # fmt: skip
+    decoder = _BlockDecoder(
+        model,
+        bpd,
+        plan.cache,
+        generation_config,
+        logits_processor,
+        stopping_criteria,
+        drafter,
+        bpd_options.streamer,
+        bpd_options.compare_unrefined,
+        bpd_options.sampling,
+    )
     decoder.scorer.sequential = plan.sequential_scoring
     decoder.scorer.stops = decoder.stopper.stops
     state = decoder.run(input_ids, model_kwargs.get("attention_mask"))

@@ -86,7 +86,7 @@ class DraftHeads(nn.Module):
 
     independent: ClassVar[bool] = True
 
-    def __init__(self, config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None):
+    def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__()
         self.num_heads = int(config.num_draft_heads)
         self.hidden_size = hidden_size
@@ -127,14 +127,15 @@ class BlockHeads(DraftHeads):
 
     independent: ClassVar[bool] = True
 
-    def __init__(self, config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None):
+    def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__(config, hidden_size, input_embeddings)
         for i in range(self.num_heads):  # a comprehension of fresh blocks, never `[block] * n`
-            self.add_module(str(i), nn.Sequential(*[self.block(config, hidden_size)
-                                                    for _ in range(config.head_num_layers)]))  # fmt: skip
+            self.add_module(
+                str(i), nn.Sequential(*[self.block(config, hidden_size) for _ in range(config.head_num_layers)])
+            )
 
     @staticmethod
-    def block(config: "BPDConfig", hidden_size: int) -> nn.Module:
+    def block(config: BPDConfig, hidden_size: int) -> nn.Module:
         raise NotImplementedError
 
     def forward(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
@@ -166,14 +167,14 @@ from .recurrent_heads import RecurrentHeads  # noqa: E402  (token-conditioned he
 HEAD_TYPES["recurrent"] = RecurrentHeads
 
 
-def build_heads(config: "BPDConfig", hidden_size: int, input_embeddings: nn.Module | None = None) -> DraftHeads:
+def build_heads(config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None) -> DraftHeads:
     """The registered [`DraftHeads`] of `config.head_type`."""
     if config.head_type not in HEAD_TYPES:
         raise ValueError(f"BPDConfig.head_type must be one of {sorted(HEAD_TYPES)}, got {config.head_type!r}.")
     return HEAD_TYPES[config.head_type](config, hidden_size, input_embeddings)
 
 
-def build_head(config: "BPDConfig", hidden_size: int) -> nn.Sequential:
+def build_head(config: BPDConfig, hidden_size: int) -> nn.Sequential:
     """One block head (`config.head_num_layers` fresh blocks) of a registered [`BlockHeads`] type."""
     cls = HEAD_TYPES[config.head_type]
     return nn.Sequential(*[cls.block(config, hidden_size) for _ in range(config.head_num_layers)])

@@ -14,7 +14,7 @@ One definition of each decoding metric, shared by `generate`'s statistics ([`~hf
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -63,8 +63,11 @@ def accepted_length_stats(accepted_lengths: torch.Tensor | Sequence[int]) -> dic
     values = values[values >= 0]
     if values.numel() == 0:
         return {"mean": None, "steps": 0, "histogram": []}
-    return {"mean": float(values.float().mean()), "steps": int(values.numel()),
-            "histogram": torch.bincount(values).tolist()}  # fmt: skip
+    return {
+        "mean": float(values.float().mean()),
+        "steps": int(values.numel()),
+        "histogram": torch.bincount(values).tolist(),
+    }
 
 
 def mean_accepted_length(accepted_lengths: torch.Tensor | Sequence[int]) -> float | None:
@@ -130,5 +133,7 @@ def depth_accuracy(
         top1, _, total = head_accuracy_counts(compact, labels, top_k=1)
         hits, given = prefix_accuracy_counts(compact, labels)
         sums += torch.stack([top1, total, hits, given]).float().cpu()
-    return {"top1": (sums[0] / sums[1].clamp(min=1)).tolist(),
-            "top1_given_prefix": (sums[2] / sums[3].clamp(min=1)).tolist()}  # fmt: skip
+    return {
+        "top1": (sums[0] / sums[1].clamp(min=1)).tolist(),
+        "top1_given_prefix": (sums[2] / sums[3].clamp(min=1)).tolist(),
+    }

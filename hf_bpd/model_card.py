@@ -67,11 +67,15 @@ def render_model_card(
         f"# Draft heads for `{base or 'an unnamed base model'}`",
         "",
         f"{h} blockwise-parallel-decoding draft heads (hf_bpd). Head `i` reads the base model's last hidden state at "
-        f"position `t`" + (" and the tokens `t + 1 .. t + i` (the base model's next token, then the drafted ones)"
-                           if config.head_type == "recurrent" else "")
-        + f" and predicts token `t + 1 + i`; the base model's own head keeps predicting token `t + 1`. "
-        f"`generate(..., use_bpd=True)` returns exactly what the base model's greedy / sampled `generate` returns, "
-        f"in fewer serial calls of the base model.",
+        f"position `t`"
+        + (
+            " and the tokens `t + 1 .. t + i` (the base model's next token, then the drafted ones)"
+            if config.head_type == "recurrent"
+            else ""
+        )
+        + " and predicts token `t + 1 + i`; the base model's own head keeps predicting token `t + 1`. "
+        "`generate(..., use_bpd=True)` returns exactly what the base model's greedy / sampled `generate` returns, "
+        "in fewer serial calls of the base model.",
         "",
         "| | |",
         "|---|---|",
@@ -79,14 +83,21 @@ def render_model_card(
         f"vocabulary {config.base_vocab_size}) |",
         f"| draft heads `h` | {h} |",
         f"| head type | `{config.head_type}` x {config.head_num_layers}"
-        + (" (token-conditioned: head `i` also reads the base's next token and the draft tokens before its own)"
-           if config.head_type == "recurrent" else "")
+        + (
+            " (token-conditioned: head `i` also reads the base's next token and the draft tokens before its own)"
+            if config.head_type == "recurrent"
+            else ""
+        )
         + (f", rank {config.head_rank}" if config.head_type == "lora" else "")
         + (f", inner size {config.head_hidden_size}" if config.head_type == "ffn" and config.head_hidden_size else "")
         + " |",
         f"| vocabulary projection | {'shared with the base `lm_head`' if config.share_lm_head else 'one per head'}"
-        + (f", restricted to a draft vocabulary of {config.draft_vocab_size} tokens (`draft_token_map`)"
-           if getattr(config, "draft_vocab_size", None) else "") + " |",
+        + (
+            f", restricted to a draft vocabulary of {config.draft_vocab_size} tokens (`draft_token_map`)"
+            if getattr(config, "draft_vocab_size", None)
+            else ""
+        )
+        + " |",
     ]
     if adapter_config is not None:
         targets = adapter_config.get("target_modules")
@@ -117,9 +128,14 @@ def render_model_card(
         lines += [
             f"On {metrics.get('split', 'training')} data ({metrics.get('targets', 'labels')} as targets"
             + ("; token-conditioned heads teacher-forced on them" if config.head_type == "recurrent" else "")
-            + ")." + (" *Top-1 given a correct prefix*: among the positions where the heads before it were all "
-                      "right, the share this head gets right too (the chance a greedy chain accepted so far is "
-                      "accepted one token further)." if given else ""),
+            + ")."
+            + (
+                " *Top-1 given a correct prefix*: among the positions where the heads before it were all "
+                "right, the share this head gets right too (the chance a greedy chain accepted so far is "
+                "accepted one token further)."
+                if given
+                else ""
+            ),
             "",
             "| head | predicts | top-1 | top-5 |" + (" top-1 given a correct prefix |" if given else "") + " loss |",
             "|---|---|---|---|" + ("---|" if given else "") + "---|",

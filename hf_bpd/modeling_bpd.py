@@ -31,10 +31,20 @@ from .saving import (
 logger = logging.getLogger(__name__)
 
 __all__ = [  # the head blocks and the saving names keep importing from here
-    "ADAPTER_SUBFOLDER", "BASE_SUBFOLDER", "BPDCausalLMOutput", "BPDForCausalLM", "DraftHeads", "FFNBlock",
-    "GENERATION_CONFIG_NAME", "HEADS_WEIGHTS_NAME", "HEAD_TYPES", "LoRABlock", "ResBlock", "build_head",
+    "ADAPTER_SUBFOLDER",
+    "BASE_SUBFOLDER",
+    "BPDCausalLMOutput",
+    "BPDForCausalLM",
+    "DraftHeads",
+    "FFNBlock",
+    "GENERATION_CONFIG_NAME",
+    "HEADS_WEIGHTS_NAME",
+    "HEAD_TYPES",
+    "LoRABlock",
+    "ResBlock",
+    "build_head",
     "tokenizer_source",
-]  # fmt: skip
+]
 
 
 @dataclass
@@ -119,8 +129,9 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         else:
             device = base_model.device
             self.register_buffer("draft_token_map", torch.arange(out_size, device=device), persistent=True)
-            self.register_buffer("draft_inverse_map", torch.empty(vocab_size, dtype=torch.long, device=device),
-                                 persistent=False)  # fmt: skip
+            self.register_buffer(
+                "draft_inverse_map", torch.empty(vocab_size, dtype=torch.long, device=device), persistent=False
+            )
             self.register_buffer("draft_projection_rows", None, persistent=False)
             self.register_buffer("draft_projection_bias", None, persistent=False)
             self.register_load_state_dict_post_hook(lambda module, keys: module._refresh_draft_vocab())
@@ -138,7 +149,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
 
     # ------------------------------------------------------------------ construction helpers
     @classmethod
-    def from_base(cls, base: PreTrainedModel | str | os.PathLike, **config_kwargs: Any) -> "BPDForCausalLM":
+    def from_base(cls, base: PreTrainedModel | str | os.PathLike, **config_kwargs: Any) -> BPDForCausalLM:
         """
         Wrap a base model with fresh draft heads.
 
@@ -218,8 +229,9 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
             weight, bias = self._draft_projection()
             logits = nn.functional.linear(states, weight, bias)  # (..., h, K or V)
         else:
-            logits = torch.stack([proj(states[..., i, :]) for i, proj in
-                                  zip(range(states.shape[-2]), self.draft_lm_heads)], dim=-2)  # fmt: skip
+            logits = torch.stack(
+                [proj(states[..., i, :]) for i, proj in zip(range(states.shape[-2]), self.draft_lm_heads)], dim=-2
+            )
         return self._to_full_vocab(logits) if full_vocab else logits
 
     def _to_full_vocab(self, compact: torch.Tensor) -> torch.Tensor:
@@ -234,7 +246,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         best = self.draft_logits(hidden, prev_tokens, full_vocab=False).argmax(dim=-1)
         return best if self.draft_token_map is None else self.draft_token_map[best]
 
-    def first_heads(self, num_heads: int) -> "BPDForCausalLM":
+    def first_heads(self, num_heads: int) -> BPDForCausalLM:
         """
         A model on the same base (shared, not copied) that keeps the first `num_heads` heads of this one, with the
         same weights and draft vocabulary: choose `h` by measurement after training more heads than needed.
@@ -243,8 +255,11 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
             raise ValueError(f"num_heads must be in [1, {self.config.num_draft_heads}], got {num_heads}.")
         config = BPDConfig.from_dict({**self.config.to_dict(), "num_draft_heads": num_heads})
         smaller = type(self)(config, base_model=self.base)
-        keep = {k: v for k, v in self.heads_state_dict().items()
-                if k.split(".")[0] not in ("heads", "draft_lm_heads") or int(k.split(".")[1]) < num_heads}  # fmt: skip
+        keep = {
+            k: v
+            for k, v in self.heads_state_dict().items()
+            if k.split(".")[0] not in ("heads", "draft_lm_heads") or int(k.split(".")[1]) < num_heads
+        }
         smaller.load_state_dict(keep, strict=False)
         smaller.generation_config = self.generation_config
         return smaller.train(self.training)
@@ -289,9 +304,13 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
         size, vocab = self.config.draft_vocab_size, self.config.base_vocab_size
         if ids.numel() != size or ids.unique().numel() != size:
-            raise ValueError(f"set_draft_vocab needs {size} distinct token ids, got {ids.numel()} ({ids.unique().numel()} distinct).")
+            raise ValueError(
+                f"set_draft_vocab needs {size} distinct token ids, got {ids.numel()} ({ids.unique().numel()} distinct)."
+            )
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"set_draft_vocab: token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}].")
+            raise ValueError(
+                f"set_draft_vocab: token ids must lie in [0, {vocab}), got [{int(ids.min())}, {int(ids.max())}]."
+            )
         self.draft_token_map.copy_(ids.to(self.draft_token_map.device))
         self._refresh_draft_vocab()
         if not self.config.share_lm_head:
@@ -373,9 +392,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
             if draft_input_ids != "greedy":
                 raise ValueError(f"draft_input_ids must be a tensor or 'greedy', got {draft_input_ids!r}.")
             draft_input_ids = greedy_targets(out.logits.detach(), labels)
-        result = self._heads_forward(
-            hidden, labels, return_draft_logits, draft_full_vocab, input_ids, draft_input_ids
-        )
+        result = self._heads_forward(hidden, labels, return_draft_logits, draft_full_vocab, input_ids, draft_input_ids)
         if labels is not None:
             result.base_loss = nn.functional.cross_entropy(
                 out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
@@ -384,9 +401,14 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         return result
 
     def _heads_forward(
-        self, hidden: torch.Tensor, labels: torch.LongTensor | None, return_draft_logits: bool, full_vocab: bool,
-        input_ids: torch.LongTensor | None = None, draft_input_ids: torch.LongTensor | None = None,
-    ) -> BPDCausalLMOutput:  # fmt: skip
+        self,
+        hidden: torch.Tensor,
+        labels: torch.LongTensor | None,
+        return_draft_logits: bool,
+        full_vocab: bool,
+        input_ids: torch.LongTensor | None = None,
+        draft_input_ids: torch.LongTensor | None = None,
+    ) -> BPDCausalLMOutput:
         """Draft logits (and with `labels` the heads' loss, in the compact draft space) from last hidden states."""
         hidden = hidden.to(next(self.heads.parameters()).dtype)  # cached features may be stored in another dtype
         loss = head_losses = None
@@ -398,14 +420,18 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
             loss, head_losses = draft_head_loss(compact, self.to_draft_ids(labels))
         draft = self._to_full_vocab(compact) if (return_draft_logits and full_vocab) else compact
         return BPDCausalLMOutput(
-            loss=loss, head_losses=head_losses, draft_logits=draft if return_draft_logits else None,
+            loss=loss,
+            head_losses=head_losses,
+            draft_logits=draft if return_draft_logits else None,
             hidden_states=hidden,
-        )  # fmt: skip
+        )
 
     def _teacher_tokens(
-        self, labels: torch.LongTensor | None, input_ids: torch.LongTensor | None,
+        self,
+        labels: torch.LongTensor | None,
+        input_ids: torch.LongTensor | None,
         draft_input_ids: torch.LongTensor | None = None,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         """Teacher forcing for token-conditioned heads: `(B, T, h)` tokens after each position (see `teacher_tokens`):
         `draft_input_ids`, else the labels, with the input ids where a label is masked (`-100`)."""
         if draft_input_ids is not None:
@@ -421,6 +447,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         if labels is not None and input_ids is not None and input_ids.shape == labels.shape:
             tokens = torch.where(labels >= 0, labels, input_ids)
         return teacher_tokens(tokens, self.config.num_draft_heads)
+
 
 # --------------------------------------------------------------------------------------------- helpers
 def _base_hidden_size(config: Any) -> int:

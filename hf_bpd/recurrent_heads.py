@@ -154,9 +154,13 @@ class RecurrentHeads(DraftHeads):
 
 
 def step_logits(
-    model: nn.Module, hidden: torch.Tensor, tokens: torch.LongTensor, state: torch.Tensor | None, depth: int,
+    model: nn.Module,
+    hidden: torch.Tensor,
+    tokens: torch.LongTensor,
+    state: torch.Tensor | None,
+    depth: int,
     full_vocab: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:
     """
     [`RecurrentHeads.step`] projected like `BPDForCausalLM.draft_logits` (shared or own projection, draft vocabulary).
 

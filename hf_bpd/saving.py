@@ -150,9 +150,12 @@ class HeadsSavingMixin:
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, training_info=training_info)
             return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message or "Upload BPD draft heads",
-                revision=revision, create_pr=create_pr,
-            )  # fmt: skip
+                repo_id=repo_id,
+                folder_path=tmp,
+                commit_message=commit_message or "Upload BPD draft heads",
+                revision=revision,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(
@@ -185,7 +188,9 @@ class HeadsSavingMixin:
         for key in ("_from_auto", "adapter_kwargs", "code_revision", "_commit_hash"):
             kwargs.pop(key, None)  # AutoModel bookkeeping; the base is loaded by its own from_pretrained
         heads_hub = {k: kwargs.pop(k) for k in ("revision", "subfolder") if k in kwargs}  # the heads repo only
-        shared_hub = {k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "force_download") if k in kwargs}
+        shared_hub = {
+            k: kwargs[k] for k in ("cache_dir", "token", "local_files_only", "force_download") if k in kwargs
+        }
         folder = _resolve_folder(pretrained_model_name_or_path, **heads_hub, **shared_hub)
         if not isinstance(config, BPDConfig):
             config = BPDConfig.from_pretrained(folder)
@@ -195,7 +200,9 @@ class HeadsSavingMixin:
             elif config.base_model_name_or_path:
                 base_model = _locate_base(config.base_model_name_or_path, folder)
             else:
-                raise ValueError(f"{folder} has no `base/` folder and no `base_model_name_or_path`: pass `base_model=`.")
+                raise ValueError(
+                    f"{folder} has no `base/` folder and no `base_model_name_or_path`: pass `base_model=`."
+                )
         if isinstance(base_model, (str, os.PathLike)):
             base_model = load_base_model(base_model, **kwargs)
         if (folder / ADAPTER_SUBFOLDER).is_dir() and not hasattr(base_model, "peft_config"):
@@ -241,10 +248,10 @@ class HeadsSavingMixin:
         self.load_state_dict(state, strict=False)
 
 
-
 # --------------------------------------------------------------------------------------------- helpers
-def tokenizer_source(checkpoint: str | os.PathLike, model: Any, tokenizer: str | None = None,
-                     base: str | None = None) -> str:  # fmt: skip
+def tokenizer_source(
+    checkpoint: str | os.PathLike, model: Any, tokenizer: str | None = None, base: str | None = None
+) -> str:
     """
     Where to load the tokenizer of a BPD checkpoint from: `tokenizer`, else `base`, else the checkpoint folder when
     it holds a tokenizer, else the folder/name the base model was loaded from (relative base paths resolved).

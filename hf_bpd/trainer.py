@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,8 +103,10 @@ class BPDTrainingArguments(TrainingArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
-        metadata={"help": "DDP's find_unused_parameters; every trainable parameter (heads, adapters) is used at "
-                  "every step, so the default skips that extra graph traversal."},
+        metadata={
+            "help": "DDP's find_unused_parameters; every trainable parameter (heads, adapters) is used at "
+            "every step, so the default skips that extra graph traversal."
+        },
     )
     prediction_loss_only: bool = field(
         default=True,
@@ -146,7 +149,9 @@ def check_tokenizer_matches(tokenizer: Any, model: BPDForCausalLM) -> None:
 
 def linear_module_names(module: nn.Module) -> list[str]:
     """The distinct short names (`q_proj`, `c_attn`, ...) of the linear layers in `module` that LoRA can target."""
-    return sorted({name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))})
+    return sorted(
+        {name.rsplit(".", 1)[-1] for name, m in module.named_modules() if isinstance(m, (nn.Linear, Conv1D))}
+    )
 
 
 def add_lora_adapters(
@@ -192,9 +197,13 @@ def add_lora_adapters(
     if "fan_in_fan_out" not in lora_kwargs and any(isinstance(m, Conv1D) for m in model.base.modules()):
         lora_kwargs["fan_in_fan_out"] = True  # GPT-2 style Conv1D layers store the weight transposed
     config = LoraConfig(
-        r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM",
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
         **lora_kwargs,
-    )  # fmt: skip
+    )
     model.base = get_peft_model(model.base, config)
     return model
 
@@ -292,7 +301,9 @@ class BPDTrainer(Trainer):
                     "with `extract_features(..., top_k=16)` for distillation='soft', or use distillation='hard'."
                 )
             if self.base_trainable:
-                raise ValueError("Cached features need a frozen base (no LoRA, freeze_base=True): the base is not run.")
+                raise ValueError(
+                    "Cached features need a frozen base (no LoRA, freeze_base=True): the base is not run."
+                )
             if train_dataset.hidden_size != model.config.base_hidden_size:
                 raise ValueError(
                     f"The cached features are {train_dataset.hidden_size}-wide but the base model's hidden size is "
@@ -304,9 +315,14 @@ class BPDTrainer(Trainer):
             pad = model.generation_config.pad_token_id if pad is None else pad
             data_collator = BlockCollator(0 if pad is None else int(pad))
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
-        )  # fmt: skip
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
         self.model_accepts_loss_kwargs = False
         self.training_data = [training_data] if isinstance(training_data, str) else training_data
         self.head_generator = torch.Generator().manual_seed(args.seed)
@@ -335,7 +351,9 @@ class BPDTrainer(Trainer):
         distillation = "none" if "base_hidden_states" in inputs else args.distillation
         teacher = None
         if not unwrapped.independent_heads:  # teacher forcing: the conditioning tokens are the targets
-            model_inputs["draft_input_ids"], teacher = self._conditioning_tokens(model, model_inputs, labels, distillation)
+            model_inputs["draft_input_ids"], teacher = self._conditioning_tokens(
+                model, model_inputs, labels, distillation
+            )
         outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
         model_inputs.pop("draft_input_ids", None)
         if "base_hidden_states" in inputs and args.distillation == "soft":  # cached top-k soft targets
@@ -355,9 +373,13 @@ class BPDTrainer(Trainer):
         scheme = args.head_loss_weighting if model.training or args.head_loss_weighting != "random" else "uniform"
         weights = head_weights(num_heads, scheme, args.head_loss_decay, self.head_generator)
         result = bpd_training_loss(
-            outputs.draft_logits, head_labels, teacher_logits=teacher, head_weights=weights,
-            distillation=distillation, temperature=args.distillation_temperature,
-        )  # fmt: skip
+            outputs.draft_logits,
+            head_labels,
+            teacher_logits=teacher,
+            head_weights=weights,
+            distillation=distillation,
+            temperature=args.distillation_temperature,
+        )
         if base_loss_weight > 0:  # the base LM loss always reads the full-vocabulary labels
             base_loss = causal_lm_loss(outputs.logits, labels)
             result = result._replace(loss=result.loss + base_loss_weight * base_loss, base_loss=base_loss)
@@ -387,7 +409,13 @@ class BPDTrainer(Trainer):
         self._signature_columns = [*self._signature_columns, "teacher_topk_ids", "teacher_topk_logprobs"]
 
     def _cached_soft_loss(
-        self, model: nn.Module, unwrapped: Any, outputs: Any, labels: torch.Tensor, teacher_topk: tuple, return_outputs: bool
+        self,
+        model: nn.Module,
+        unwrapped: Any,
+        outputs: Any,
+        labels: torch.Tensor,
+        teacher_topk: tuple,
+        return_outputs: bool,
     ) -> Any:
         """`distillation="soft"` on cached features: cross-entropy to the base's cached top-k distribution."""
         ids, logprobs = teacher_topk
@@ -425,8 +453,17 @@ class BPDTrainer(Trainer):
         prefix_hits, prefix_total = prefix_accuracy_counts(draft_logits.detach(), targets)
         losses = head_losses.detach().float()
         # (7, h): loss sum, top-1 hits, top-5 hits, targets, batches, hits and targets given a correct prefix
-        stats = torch.stack([losses, top1.float(), top5.float(), total.float(), torch.ones_like(losses),
-                             prefix_hits.float(), prefix_total.float()])  # fmt: skip
+        stats = torch.stack(
+            [
+                losses,
+                top1.float(),
+                top5.float(),
+                total.float(),
+                torch.ones_like(losses),
+                prefix_hits.float(),
+                prefix_total.float(),
+            ]
+        )
         self.head_stats[split] = stats if split not in self.head_stats else self.head_stats[split] + stats
 
     # ------------------------------------------------------------------ optimizer
@@ -448,8 +485,9 @@ class BPDTrainer(Trainer):
                 group["lr"] *= multiplier
                 continue
             group["params"] = [p for p in group["params"] if id(p) not in head_ids]
-            optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": heads,
-                                       "lr": group["lr"] * multiplier})  # fmt: skip
+            optimizer.add_param_group(
+                {**{k: v for k, v in group.items() if k != "params"}, "params": heads, "lr": group["lr"] * multiplier}
+            )
         return optimizer
 
     # ------------------------------------------------------------------ logging
@@ -464,8 +502,12 @@ class BPDTrainer(Trainer):
                 stats = self.accelerator.reduce(stats, reduction="sum")
             loss, top1, top5 = stats[0] / stats[4], stats[1] / stats[3].clamp(min=1), stats[2] / stats[3].clamp(min=1)
             given_prefix = stats[5] / stats[6].clamp(min=1)
-            metrics = {"loss": loss.tolist(), "top1": top1.tolist(), "top5": top5.tolist(),
-                       "top1_given_prefix": given_prefix.tolist()}  # fmt: skip
+            metrics = {
+                "loss": loss.tolist(),
+                "top1": top1.tolist(),
+                "top5": top5.tolist(),
+                "top1_given_prefix": given_prefix.tolist(),
+            }
             self.head_metrics[split] = metrics
             for name, values in metrics.items():
                 logs.update({f"{prefix}head{i + 1}_{name}": round(v, 4) for i, v in enumerate(values)})
@@ -502,14 +544,20 @@ class BPDTrainer(Trainer):
             "learning_rate": args.learning_rate,
             "global_step": self.state.global_step,
             "num_input_tokens_seen": self.state.num_input_tokens_seen or None,
-            "head_metrics": None if metrics is None else {
+            "head_metrics": None
+            if metrics is None
+            else {
                 "split": "evaluation" if split == "eval" else "training (last logging interval)",
                 "targets": "labels" if args.distillation == "none" else "base model greedy tokens",
                 **metrics,
             },
-            "versions": {"hf_bpd": __version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                         "torch": torch.__version__},
-        }  # fmt: skip
+            "versions": {
+                "hf_bpd": __version__,
+                "transformers": transformers.__version__,
+                "peft": peft.__version__,
+                "torch": torch.__version__,
+            },
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:

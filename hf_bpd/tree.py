@@ -100,8 +100,14 @@ def tree_layout(num_drafts: int, num_tokens: int, device: torch.device | str = "
     same_draft = draft_of_node[:, None] == draft_of_node[None, :]
     visible = (same_draft & (depth[None, :] <= depth[:, None])) | (depth[None, :] == 0)
     path_length = torch.full((p,), h, dtype=torch.long, device=device)
-    return TreeLayout(parent=parent, depth=depth, node_index=node_index, path_length=path_length,
-                      draft_of_node=draft_of_node, visible=visible)  # fmt: skip
+    return TreeLayout(
+        parent=parent,
+        depth=depth,
+        node_index=node_index,
+        path_length=path_length,
+        draft_of_node=draft_of_node,
+        visible=visible,
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -145,9 +151,14 @@ def tree_from_parents(parents: tuple[int, ...], device: torch.device | str = "cp
             visible[w][node] = True
             node = parents[node]
     as_long = functools.partial(torch.tensor, dtype=torch.long, device=device)
-    return TreeLayout(parent=as_long(parents), depth=as_long(depth), node_index=as_long(paths),
-                      path_length=as_long([depth[leaf] for leaf in leaves]), draft_of_node=as_long(through),
-                      visible=torch.tensor(visible, dtype=torch.bool, device=device))  # fmt: skip
+    return TreeLayout(
+        parent=as_long(parents),
+        depth=as_long(depth),
+        node_index=as_long(paths),
+        path_length=as_long([depth[leaf] for leaf in leaves]),
+        draft_of_node=as_long(through),
+        visible=torch.tensor(visible, dtype=torch.bool, device=device),
+    )
 
 
 def truncate_tree(layout: TreeLayout, max_depth: int) -> tuple[TreeLayout, torch.LongTensor]:
@@ -189,14 +200,14 @@ class DraftTree:
     candidate: torch.BoolTensor | None = None
 
     @classmethod
-    def from_chains(cls, drafts: torch.LongTensor, proposals: torch.FloatTensor | None = None) -> "DraftTree":
+    def from_chains(cls, drafts: torch.LongTensor, proposals: torch.FloatTensor | None = None) -> DraftTree:
         """`(batch, p, h)` chain drafts sharing the root (the p-best layout of [`tree_layout`]), with their
         `(batch, p, h, vocab)` proposals if they were sampled."""
         batch, p, h = drafts.shape
         flat = None if proposals is None else proposals.reshape(batch, p * h, proposals.shape[-1])
         return cls(tokens=drafts.reshape(batch, p * h), layout=tree_layout(p, h, drafts.device), proposals=flat)
 
-    def truncate(self, max_depth: int) -> "DraftTree":
+    def truncate(self, max_depth: int) -> DraftTree:
         """The nodes at depth `<= max_depth`."""
         layout, kept = truncate_tree(self.layout, max_depth)
         if layout is self.layout:
@@ -288,8 +299,11 @@ def check_tree_choices(choices: Any, num_heads: int | None = None, top_k: int | 
         )
     paths: list[tuple[int, ...]] = []
     for path in choices:
-        if (not isinstance(path, (list, tuple)) or not path
-                or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path)):  # fmt: skip
+        if (
+            not isinstance(path, (list, tuple))
+            or not path
+            or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in path)
+        ):
             raise ValueError(f"Draft tree path {path!r} must be a non-empty list of integers >= 0 (top-k ranks).")
         paths.append(tuple(path))
     seen = set(paths)

@@ -26,8 +26,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -37,7 +38,9 @@ from hf_bpd.drafters.context_ngram import find_context_match
 from .tree_tune import calibrate_confidence
 
 
-def match_observations(seq: torch.LongTensor, prompt_len: int, max_depth: int, max_ngram: int = 3) -> tuple[list, list]:
+def match_observations(
+    seq: torch.LongTensor, prompt_len: int, max_depth: int, max_ngram: int = 3
+) -> tuple[list, list]:
     """At each generated position of `seq` `(T,)`: the suffix match length of the context's match (rows without a
     match are skipped) and how many of its continuation tokens equal the tokens the model produced next."""
     lengths, accepted = [], []
@@ -55,16 +58,23 @@ def match_observations(seq: torch.LongTensor, prompt_len: int, max_depth: int, m
     return lengths, accepted
 
 
-def auto_spec(model: Any, prompts: Sequence[torch.LongTensor], num_nodes: int = 8, top_k: int = 4,
-              max_depth: int = 10, max_new_tokens: int = 64) -> dict[str, Any]:  # fmt: skip
+def auto_spec(
+    model: Any,
+    prompts: Sequence[torch.LongTensor],
+    num_nodes: int = 8,
+    top_k: int = 4,
+    max_depth: int = 10,
+    max_new_tokens: int = 64,
+) -> dict[str, Any]:
     """The `"auto"` spec fitted on `prompts` (each `(T,)` or `(1, T)`), with a tree of at most `num_nodes` nodes."""
     confidence = calibrate_confidence(model, prompts, top_k=top_k, max_new_tokens=max_new_tokens)
     lengths, accepted = [], []
     for ids in prompts:
         ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
         with torch.no_grad():
-            seq = model.base.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                      do_sample=False)  # fmt: skip
+            seq = model.base.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+            )
         got = match_observations(seq[0].cpu(), ids.shape[1], max_depth)
         lengths += got[0]
         accepted += got[1]
@@ -84,8 +94,14 @@ def decode_seconds(model: Any, spec: Any, prompts: Sequence[torch.LongTensor], m
     for ids in prompts:
         ids = (ids if ids.dim() == 2 else ids[None]).to(model.device)
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                           use_bpd=True, drafter=build_drafter(model, spec))  # fmt: skip
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                use_bpd=True,
+                drafter=build_drafter(model, spec),
+            )
     return time.perf_counter() - start
 
 
@@ -102,9 +118,16 @@ def candidate_specs(spec: dict[str, Any], num_nodes: Sequence[int], rules: Seque
     return specs
 
 
-def tune_auto(model: Any, prompts: Sequence[torch.LongTensor], num_nodes: Sequence[int] = (0, 2, 4, 8),
-              top_k: int = 4, max_depth: int = 10, max_new_tokens: int = 64, repeats: int = 2,
-              rules: Sequence[str] = ("merge", "both")) -> tuple[dict, dict, dict]:  # fmt: skip
+def tune_auto(
+    model: Any,
+    prompts: Sequence[torch.LongTensor],
+    num_nodes: Sequence[int] = (0, 2, 4, 8),
+    top_k: int = 4,
+    max_depth: int = 10,
+    max_new_tokens: int = 64,
+    repeats: int = 2,
+    rules: Sequence[str] = ("merge", "both"),
+) -> tuple[dict, dict, dict]:
     """The fastest `"auto"` spec over the candidates ([`candidate_specs`]), the median seconds of each and all the
     timings (interleaved repeats: every repeat visits every candidate, in a rotated order)."""
     spec = auto_spec(model, prompts, max(max(num_nodes), 1), top_k, max_depth, max_new_tokens)
@@ -156,10 +179,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-prompts", type=int, default=12)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--num-nodes", type=int, nargs="+", default=[0, 2, 4, 8],
-                        help="Widest-tree candidates (0: no heads tree, prompt lookup with width from cost).")
-    parser.add_argument("--rules", nargs="+", default=["merge", "both"], choices=["merge", "both"],
-                        help="How the prompt-lookup match joins the tree: merge, or both (switch when long).")
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        nargs="+",
+        default=[0, 2, 4, 8],
+        help="Widest-tree candidates (0: no heads tree, prompt lookup with width from cost).",
+    )
+    parser.add_argument(
+        "--rules",
+        nargs="+",
+        default=["merge", "both"],
+        choices=["merge", "both"],
+        help="How the prompt-lookup match joins the tree: merge, or both (switch when long).",
+    )
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--max-depth", type=int, default=10, help="Deepest prompt-lookup draft.")
     parser.add_argument("--repeats", type=int, default=2)
@@ -175,17 +208,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
     prompts = [batch["input_ids"] for batch in batches if batch["input_ids"].numel()]
-    spec, medians, times = tune_auto(model, prompts, args.num_nodes, args.top_k, args.max_depth, args.max_new_tokens,
-                                     args.repeats, args.rules)  # fmt: skip
+    spec, medians, times = tune_auto(
+        model, prompts, args.num_nodes, args.top_k, args.max_depth, args.max_new_tokens, args.repeats, args.rules
+    )
     best = min(medians, key=medians.get)
     for name, seconds in medians.items():
         print(f"{name}: {seconds:.2f} s (median of {args.repeats})")
     print(f"best: {best}")
     from hf_bpd.cost import cpu_model
 
-    tuning = {"prompts": str(args.prompts), "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-              "dtype": args.dtype, "threads": torch.get_num_threads(), "cpu": cpu_model(), "repeats": args.repeats,
-              "best": best, "median_s": medians}  # fmt: skip
+    tuning = {
+        "prompts": str(args.prompts),
+        "num_prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "dtype": args.dtype,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_model(),
+        "repeats": args.repeats,
+        "best": best,
+        "median_s": medians,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps({**tuning, "times_s": times, "spec": _rounded(spec)}, indent=1) + "\n")
     if args.write_config:

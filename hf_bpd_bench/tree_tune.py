@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from hf_bpd.logits.lattice import LN10
 from hf_bpd.drafters.tree import ConfidenceCalibration, StaticTreeDrafter, build_static_tree, expected_accepted_length
+from hf_bpd.logits.lattice import LN10
 from hf_bpd.tree import check_tree_choices
 
 logger = logging.getLogger(__name__)

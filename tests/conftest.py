@@ -39,9 +39,14 @@ def tiny_base(arch: str = "llama", seed: int = 0, vocab_size: int = VOCAB, **ove
         config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=256, **common, **overrides)
         return GPT2LMHeadModel(config).eval()
     kwargs = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=256, **common,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **common,
+    )
     kwargs.update(overrides)
     if arch == "llama":
         return LlamaForCausalLM(LlamaConfig(**kwargs)).eval()

@@ -33,9 +33,14 @@ def match_calibration(depth: int = 10) -> dict:
 
 
 def auto_spec(cost, **options) -> dict:
-    spec = {"type": "auto", "tree": {"num_nodes": 6, "top_k": 3, "calibration": calibration()},
-            "context": {"max_ngram": 3, "max_depth": 8}, "match_calibration": match_calibration(), "cost": cost}
-    return {**spec, **options}  # fmt: skip
+    spec = {
+        "type": "auto",
+        "tree": {"num_nodes": 6, "top_k": 3, "calibration": calibration()},
+        "context": {"max_ngram": 3, "max_depth": 8},
+        "match_calibration": match_calibration(),
+        "cost": cost,
+    }
+    return {**spec, **options}
 
 
 def repetitive_prompts(batch: int):
@@ -51,17 +56,19 @@ def repetitive_prompts(batch: int):
 
 SPECS = {
     "context-alone": lambda: {"type": "context-ngram"},
-    "context-merge-tree": lambda: {"type": "context-ngram", "rule": "merge", "inner": {"type": "tree", "num_nodes": 5,
-                                                                                      "top_k": 2}},
-    "context-switch-heads": lambda: {"type": "context-ngram", "rule": "switch", "switch_length": 2,
-                                     "inner": "heads"},
+    "context-merge-tree": lambda: {
+        "type": "context-ngram",
+        "rule": "merge",
+        "inner": {"type": "tree", "num_nodes": 5, "top_k": 2},
+    },
+    "context-switch-heads": lambda: {"type": "context-ngram", "rule": "switch", "switch_length": 2, "inner": "heads"},
     "auto-flat": lambda: auto_spec(FLAT),
     "auto-steep": lambda: auto_spec(STEEP),
     "auto-switch": lambda: auto_spec([[1, 1.0], [5, 1.2], [17, 2.0]], rule="both"),
     "auto-uncalibrated": lambda: {"type": "auto", "tree": {"num_nodes": 4, "top_k": 2}, "context": {}},
     "auto-no-tree": lambda: {k: v for k, v in auto_spec(FLAT).items() if k != "tree"},  # num_nodes 0: no heads
     "auto-switch-flat": lambda: auto_spec(FLAT, rule="both", switch_length=1),
-}  # fmt: skip
+}
 
 
 # every drafter on llama; the other architectures with prompt lookup alone and the full auto tree (a shared CPU)
@@ -77,8 +84,15 @@ def test_greedy_lossless(name, arch, batch):
     ids, mask = repetitive_prompts(batch)
     drafter = build_drafter(model, SPECS[name]())
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_bpd=True,
-                         drafter=drafter, return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=24,
+        do_sample=False,
+        use_bpd=True,
+        drafter=drafter,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     if name == "auto-steep":  # no node pays for itself: every step is a plain greedy step
         assert out.mean_verify_width == 0.0 and int(out.accepted_lengths.max()) == 0
@@ -97,8 +111,9 @@ def test_prompt_lookup_drafts_deeper_than_the_heads():
     with torch.no_grad():  # make the base model copy: its greedy output continues the period
         ref = model.base.generate(ids, max_new_tokens=30, do_sample=False)
     drafter = ContextNgramDrafter(max_depth=8)
-    out = model.generate(ids, max_new_tokens=30, do_sample=False, use_bpd=True, drafter=drafter,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids, max_new_tokens=30, do_sample=False, use_bpd=True, drafter=drafter, return_dict_in_generate=True
+    )
     assert torch.equal(out.sequences, ref)
     # whatever the random model continues with, a verified block may be up to 8 deep and the buffer holds it
     assert out.mean_verify_width <= 8
@@ -121,7 +136,9 @@ def test_deep_tree_is_refused_unless_declared():
     declared = Deep()
     declared.max_depth = H + 2
     ref = model.base.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, do_sample=False)
-    assert torch.equal(model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, use_bpd=True, drafter=declared), ref)
+    assert torch.equal(
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=10, use_bpd=True, drafter=declared), ref
+    )
 
 
 def test_sampling_falls_back_to_an_exact_fixed_shape_tree():
@@ -130,15 +147,24 @@ def test_sampling_falls_back_to_an_exact_fixed_shape_tree():
     from test_sampling import NEW, ROWS
 
     model = sampling_model()
-    drafter = AutoDrafter(model, tree={"num_nodes": 4, "top_k": 2, "calibration": None}, context={},
-                          cost=FLAT, sampling_nodes=4)  # fmt: skip
+    drafter = AutoDrafter(
+        model, tree={"num_nodes": 4, "top_k": 2, "calibration": None}, context={}, cost=FLAT, sampling_nodes=4
+    )
     prompt = [3, 5, 7]
     from transformers import LogitsProcessorList
 
     dist = exact_distribution(model.base, prompt, LogitsProcessorList())
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([prompt] * ROWS), max_new_tokens=NEW, do_sample=True, top_k=0, top_p=1.0,
-                         use_bpd=True, drafter=drafter, return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt] * ROWS),
+        max_new_tokens=NEW,
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        use_bpd=True,
+        drafter=drafter,
+        return_dict_in_generate=True,
+    )
     samples = out.sequences[:, len(prompt) :]
     assert 0 < out.mean_verify_width <= 4.0  # the fixed sampling budget (cut near max_length), never pruned
     assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
@@ -190,5 +216,7 @@ def test_bench_verdict_line():
     from hf_bpd_bench.machine import format_verdict
 
     record = {"cpu": "AMD EPYC", "native_bf16": True, "dtype": "float32", "torch_threads": 2, "gpu": None}
-    assert format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
+    assert (
+        format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
+    )
     assert "not measured" in format_verdict("bpd", None, record | {"torch_threads": 1})

@@ -11,10 +11,10 @@ from conftest import randomize_heads, tiny_base
 from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd_bench.cli import main
 from hf_bpd.data import load_prompts
 from hf_bpd_bench.analyze import h_max, repetition_stats
 from hf_bpd_bench.bench import BenchConfig, Resources, benchmark
+from hf_bpd_bench.cli import main
 from hf_bpd_bench.methods import DEFAULT_BPD_METHOD, METHODS, REFERENCE_METHOD, methods_in
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "reference" / "tokenizer"
@@ -29,8 +29,13 @@ PROMPTS = [
 def setup(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     vocab = len(tok)
-    base = tiny_base("llama", vocab_size=vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                     bos_token_id=tok.bos_token_id)  # fmt: skip
+    base = tiny_base(
+        "llama",
+        vocab_size=vocab,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     model = randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=3), std=0.05)
     small = tiny_base("llama", seed=5, vocab_size=vocab, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     folder = tmp_path_factory.mktemp("bench")
@@ -49,8 +54,10 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     methods = list(METHODS)  # every registered method; the heads carry no static tree: that one is unsupported
     cfg = BenchConfig(max_new_tokens=12, batch_size=batch_size, repeats=2, top_k=3, num_drafts=3, oracle_top_k=4)
     arpa = setup[1] / "tiny.arpa"
-    arpa.write_text("\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
-                    "-0.5\t17\t-0.1\n-0.7\t42\t0\n\n\\2-grams:\n-0.1\t17 42\n\n\\end\\\n")  # fmt: skip
+    arpa.write_text(
+        "\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
+        "-0.5\t17\t-0.1\n-0.7\t42\t0\n\n\\2-grams:\n-0.1\t17 42\n\n\\end\\\n"
+    )
     res = Resources(model=res.model, tokenizer=res.tokenizer, small_lm=res.small_lm, ngram_path=str(arpa))
     # two prompts in a domain, so that batch size 2 really batches them
     prompts = PROMPTS + [{"prompt": "She was the youngest of the two daughters", "domain": "austen"}]
@@ -69,11 +76,18 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
         if name in batch1_only | no_tree:
             continue
         assert fig["identical_to_greedy"] is True, name
-        assert {"block_efficiency", "tokens_per_s", "speedup_vs_greedy", "mean_accepted_length",
-                "rescoring_ms_per_step"} <= set(fig)  # fmt: skip
+        assert {
+            "block_efficiency",
+            "tokens_per_s",
+            "speedup_vs_greedy",
+            "mean_accepted_length",
+            "rescoring_ms_per_step",
+        } <= set(fig)
     assert report["methods"][REFERENCE_METHOD]["block_efficiency"] == pytest.approx(1.0)
     for oracle in methods_in("headroom"):
-        assert report["methods"][oracle]["block_efficiency"] >= report["methods"][DEFAULT_BPD_METHOD]["block_efficiency"]
+        assert (
+            report["methods"][oracle]["block_efficiency"] >= report["methods"][DEFAULT_BPD_METHOD]["block_efficiency"]
+        )
         assert report["methods"][oracle]["tokens_per_s"] is None  # not timed
 
 
@@ -82,8 +96,13 @@ def test_unknown_method_and_bad_prompts(setup, tmp_path):
     with pytest.raises(ValueError, match="Unknown methods"):
         benchmark(res, PROMPTS, ["fast"], BenchConfig(), progress=False)
     with pytest.raises(ValueError, match="needs"):
-        benchmark(Resources(model=res.model, tokenizer=res.tokenizer), PROMPTS, ["bpd-ngram"], BenchConfig(repeats=1),
-                  progress=False)  # fmt: skip
+        benchmark(
+            Resources(model=res.model, tokenizer=res.tokenizer),
+            PROMPTS,
+            ["bpd-ngram"],
+            BenchConfig(repeats=1),
+            progress=False,
+        )
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"text": "no prompt field"}\n')
     with pytest.raises(ValueError, match="prompt"):
@@ -93,9 +112,30 @@ def test_unknown_method_and_bad_prompts(setup, tmp_path):
 def test_cli_bench_writes_json(setup, tmp_path, capsys):
     _, folder = setup
     out = tmp_path / "bench.json"
-    code = main(["bench", "--model", str(folder / "heads"), "--prompts", str(folder / "prompts.jsonl"),
-                 "--methods", "greedy", "bpd", "--max-new-tokens", "8", "--repeats", "1", "--batch-size", "1", "2",
-                 "--json", str(out), "--no-progress", "--small-lm", str(folder / "small")])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "--model",
+            str(folder / "heads"),
+            "--prompts",
+            str(folder / "prompts.jsonl"),
+            "--methods",
+            "greedy",
+            "bpd",
+            "--max-new-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--batch-size",
+            "1",
+            "2",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--small-lm",
+            str(folder / "small"),
+        ]
+    )
     assert code == 0
     data = json.loads(out.read_text())
     assert set(data["methods"]) == {"greedy", "bpd"} and set(data["by_batch_size"]) == {"1", "2"}
@@ -108,8 +148,21 @@ def test_cli_bench_writes_json(setup, tmp_path, capsys):
 
 def test_cli_analyze_writes_plots(setup, tmp_path):
     _, folder = setup
-    code = main(["analyze", "--model", str(folder / "heads"), "--prompts", str(folder / "prompts.jsonl"),
-                 "--max-new-tokens", "10", "--out", str(tmp_path / "an"), "--ngram", ""])  # fmt: skip
+    code = main(
+        [
+            "analyze",
+            "--model",
+            str(folder / "heads"),
+            "--prompts",
+            str(folder / "prompts.jsonl"),
+            "--max-new-tokens",
+            "10",
+            "--out",
+            str(tmp_path / "an"),
+            "--ngram",
+            "",
+        ]
+    )
     assert code == 0
     files = {p.name for p in (tmp_path / "an").iterdir()}
     assert {"entropy_per_head.png", "oracle_topk.png", "accepted_lengths.png", "analysis.json"} <= files
@@ -125,11 +178,13 @@ def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
     from hf_bpd_bench.analyze import analyze
 
     res, _ = setup
-    conditioned = randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type="recurrent"),
-                                  std=0.05)  # fmt: skip
+    conditioned = randomize_heads(
+        BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type="recurrent"), std=0.05
+    )
     for model in (res.model, conditioned):
-        report = analyze(Resources(model=model, tokenizer=res.tokenizer), PROMPTS[:1], max_new_tokens=12,
-                         top_ks=(1, 4))  # fmt: skip
+        report = analyze(
+            Resources(model=model, tokenizer=res.tokenizer), PROMPTS[:1], max_new_tokens=12, top_ks=(1, 4)
+        )
         figures = report["domains"]["austen"]
         assert len(figures["depth_top1"]) == 3 and len(figures["depth_top1_given_prefix"]) == 3
         assert len(figures["mean_entropy_per_head"]) == 3

@@ -202,8 +202,9 @@ def test_greedy_lossless(name, batch):
     ids[:, -3] = PAD  # a real token equal to the pad id (the mask, not the value, says what is padding)
     drafter = DRAFTERS[name]()
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True, draft_rescorer=drafter
+    )
     assert torch.equal(out, ref)
     assert 0 < drafter.matched_steps < drafter.steps  # steps with a match and plain steps both ran
 
@@ -213,12 +214,19 @@ def test_gpt2_lossless_with_switch_and_sampling_runs():
     ids, mask = batch_prompts(2, seed=4)
     drafter = ContextNgramDrafter(HeadsDrafter(), rule="switch", switch_length=2)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True, draft_rescorer=drafter
+    )
     assert torch.equal(out, ref) and drafter.switched_steps > 0
     torch.manual_seed(0)  # sampling: the inner drafter's proposals are verified as they are
-    sampled = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, use_bpd=True,
-                             draft_rescorer=ContextNgramDrafter(HeadsDrafter()))  # fmt: skip
+    sampled = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=10,
+        do_sample=True,
+        use_bpd=True,
+        draft_rescorer=ContextNgramDrafter(HeadsDrafter()),
+    )
     assert sampled.shape[0] == 2
 
 

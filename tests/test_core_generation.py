@@ -37,9 +37,14 @@ def test_greedy_oracle_heads_accept_everything(arch, batch):
     new = 1 + blocks * (H + 1)  # the prefill token, then full blocks only
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-        draft_rescorer=OracleDrafter(ref, PAD), return_dict_in_generate=True,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=OracleDrafter(ref, PAD),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert out.accepted_lengths.shape == (blocks, batch)
     assert (out.accepted_lengths == H).all()  # every full block: h drafts + 1 bonus token per serial call
@@ -67,9 +72,14 @@ def test_eos_rows_finish_at_different_steps(batch, heads):
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=eos)
     rescorer = OracleDrafter(ref, PAD) if heads == "oracle" else None
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=30, do_sample=False, eos_token_id=eos, use_bpd=True,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=30,
+        do_sample=False,
+        eos_token_id=eos,
+        use_bpd=True,
         draft_rescorer=rescorer,
-    )  # fmt: skip
+    )
     assert torch.equal(out, ref)
     assert (ref[0, ids.shape[1] :] == eos).any()  # the test really exercises an EOS inside the run
 
@@ -99,8 +109,14 @@ def test_input_dependent_logits_processors(batch):
     """Processors that read input_ids see each row's true prefix at every verified position."""
     model = make("qwen2")
     ids, mask = batch_prompts(batch)
-    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
-                  no_repeat_ngram_size=2, min_new_tokens=4)  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask,
+        max_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        min_new_tokens=4,
+    )
     procs = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.1)])
     ref = model.base.generate(ids, logits_processor=procs, **kwargs)
     out = model.generate(ids, logits_processor=procs, use_bpd=True, **kwargs)
@@ -219,9 +235,14 @@ def test_pbest_verification_finds_the_right_draft(arch, batch):
     new = 1 + 5 * (H + 1)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-        draft_rescorer=MixedDrafter(ref, num_drafts=4), return_dict_in_generate=True,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=MixedDrafter(ref, num_drafts=4),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert (out.accepted_lengths == H).all()
 
@@ -233,9 +254,14 @@ def test_pbest_partial_drafts_stay_lossless(batch):
     ids, mask = batch_prompts(batch, seed=7)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=22, do_sample=False, use_bpd=True,
-        draft_rescorer=MixedDrafter(ref, num_drafts=3, corrupt_at=1), return_dict_in_generate=True,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=22,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=MixedDrafter(ref, num_drafts=3, corrupt_at=1),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     live = out.accepted_lengths[:-1] >= 0
     assert (out.accepted_lengths[:-1][live] >= 1).all()
@@ -257,15 +283,22 @@ def test_compare_unrefined_reports_both_accepted_lengths():
     ids, mask = batch_prompts(2)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True, return_dict_in_generate=True,
-        draft_rescorer=OracleDrafter(ref), compare_unrefined=True,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=13,
+        do_sample=False,
+        use_bpd=True,
+        return_dict_in_generate=True,
+        draft_rescorer=OracleDrafter(ref),
+        compare_unrefined=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert (out.accepted_lengths == H).all()
     assert out.unrefined_accepted_lengths.shape == out.accepted_lengths.shape
     assert (out.unrefined_accepted_lengths < H).any()
-    plain = model.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True,
-                           return_dict_in_generate=True)  # fmt: skip
+    plain = model.generate(
+        ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True, return_dict_in_generate=True
+    )
     assert int(out.unrefined_accepted_lengths[0, 0]) == int(plain.accepted_lengths[0, 0])  # same first step
     with pytest.raises(ValueError, match="compare_unrefined"):
         model.generate(ids, max_new_tokens=5, use_bpd=True, compare_unrefined=True)

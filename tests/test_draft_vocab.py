@@ -88,10 +88,14 @@ def test_loss_is_computed_in_the_draft_space_and_ignores_outside_tokens():
     compact = model.draft_logits(out.hidden_states, full_vocab=False)
     mapped = model.to_draft_ids(labels)
     assert int((mapped == -100).sum()) == 2  # the outside token in both rows
-    expected = torch.stack([
-        F.cross_entropy(compact[:, : 12 - (i + 2), i].flatten(0, 1), mapped[:, i + 2 :].flatten(), ignore_index=-100)
-        for i in range(H)
-    ])  # fmt: skip
+    expected = torch.stack(
+        [
+            F.cross_entropy(
+                compact[:, : 12 - (i + 2), i].flatten(0, 1), mapped[:, i + 2 :].flatten(), ignore_index=-100
+            )
+            for i in range(H)
+        ]
+    )
     torch.testing.assert_close(out.head_losses, expected)
     assert out.draft_logits.shape[-1] == VOCAB
     assert model(input_ids=ids, draft_full_vocab=False).draft_logits.shape[-1] == K

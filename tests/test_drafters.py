@@ -48,7 +48,9 @@ def test_heads_drafter_and_legacy_rescorer_equal_plain_bpd(batch):
     ids, mask = batch_prompts(batch)
     kw = dict(attention_mask=mask, max_new_tokens=20, do_sample=False, use_bpd=True, return_dict_in_generate=True)
     plain = model.generate(ids, **kw)
-    assert torch.equal(plain.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False))
+    assert torch.equal(
+        plain.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    )
     for drafter in (HeadsDrafter(), LegacyArgmax()):
         out = model.generate(ids, draft_rescorer=drafter, **kw)
         assert torch.equal(out.sequences, plain.sequences)
@@ -60,8 +62,15 @@ def test_update_reports_the_accepted_lengths_and_reset_runs_per_call():
     ids, mask = batch_prompts(3)
     drafter = Recording()
     for call in range(2):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=17, do_sample=False, use_bpd=True,
-                             draft_rescorer=drafter, return_dict_in_generate=True)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=17,
+            do_sample=False,
+            use_bpd=True,
+            draft_rescorer=drafter,
+            return_dict_in_generate=True,
+        )
         assert drafter.resets == call + 1
         assert len(drafter.updates) == len(drafter.states) == out.accepted_lengths.shape[0]
         assert torch.equal(torch.stack([a for a, _ in drafter.updates]), out.accepted_lengths)
@@ -73,8 +82,9 @@ def test_update_reports_the_accepted_lengths_and_reset_runs_per_call():
 def test_draft_state_computes_head_logits_once_and_only_on_demand():
     model = make()
     hidden = torch.randn(2, model.config.base_hidden_size)
-    state = DraftState(model, torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 5]), torch.tensor([True, True]),
-                       hidden, H)  # fmt: skip
+    state = DraftState(
+        model, torch.zeros(2, 5, dtype=torch.long), torch.tensor([5, 5]), torch.tensor([True, True]), hidden, H
+    )
     assert state._logits is None  # nothing computed yet (an oracle never pays for the heads)
     logits = state.draft_logits()
     assert logits.shape == (2, H, model.config.base_vocab_size) and state.draft_logits() is logits
@@ -91,8 +101,15 @@ def test_oracle_drafter_runs_no_heads():
     handle = model.heads.register_forward_hook(lambda *a: calls.append(1))
     for head in model.heads:
         head.register_forward_hook(lambda *a: calls.append(1))
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False, use_bpd=True,
-                         draft_rescorer=OracleDrafter(ref, PAD), return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=13,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=OracleDrafter(ref, PAD),
+        return_dict_in_generate=True,
+    )
     handle.remove()
     assert torch.equal(out.sequences, ref) and (out.accepted_lengths == H).all()
     assert calls == []

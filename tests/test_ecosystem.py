@@ -146,8 +146,9 @@ def test_heads_file_in_another_dtype_loads_onto_the_base(tmp_path, model):
 
 def test_compute_transition_scores(model):
     ids, _ = batch_prompts(1)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, use_bpd=True, return_dict_in_generate=True,
-                         output_scores=True)  # fmt: skip
+    out = model.generate(
+        ids, max_new_tokens=6, do_sample=False, use_bpd=True, return_dict_in_generate=True, output_scores=True
+    )
     ref = model.base.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True, output_scores=True)
     scores = model.compute_transition_scores(out.sequences, out.scores, normalize_logits=True)
     expected = model.base.compute_transition_scores(ref.sequences, ref.scores, normalize_logits=True)
@@ -294,7 +295,9 @@ def test_public_api_is_importable_from_the_package():
 def test_readme_example_runs_as_written(monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## Example") :]
-    code = section[section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
+    ]
     monkeypatch.chdir(ROOT)
     exec(compile(code, "README.md", "exec"), {})
     assert "To be, or not to be" in capsys.readouterr().out

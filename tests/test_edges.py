@@ -56,8 +56,13 @@ def prefilled(model, ids, mask, upto):
     cache = DynamicCache(config=model.base.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        model.base(input_ids=ids[:, :upto], attention_mask=mask[:, :upto], position_ids=positions[:, :upto],
-                   cache=cache, use_cache=True)  # fmt: skip
+        model.base(
+            input_ids=ids[:, :upto],
+            attention_mask=mask[:, :upto],
+            position_ids=positions[:, :upto],
+            cache=cache,
+            use_cache=True,
+        )
     return cache
 
 
@@ -129,8 +134,14 @@ def test_static_caches_are_refused_before_any_work(implementation, drafter, batc
     ids, mask = batch_prompts(batch)
     no_forward(model, monkeypatch)
     with pytest.raises(ValueError, match="StaticCache with Static.*Layer layers.*default dynamic cache"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=48, cache_implementation=implementation,
-                       use_bpd=True, drafter=DRAFTERS[drafter]())  # fmt: skip
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=48,
+            cache_implementation=implementation,
+            use_bpd=True,
+            drafter=DRAFTERS[drafter](),
+        )
 
 
 def test_a_static_cache_object_is_refused(monkeypatch):
@@ -147,13 +158,17 @@ def test_quantized_cache_is_refused_before_any_work(monkeypatch):
     ids, _ = batch_prompts(1)
     no_forward(model, monkeypatch)
     with pytest.raises(ValueError, match="QuantizedCache"):
-        model.generate(ids, max_new_tokens=8, cache_implementation="quantized", cache_config={"backend": "fp8"},
-                       use_bpd=True)  # fmt: skip
+        model.generate(
+            ids, max_new_tokens=8, cache_implementation="quantized", cache_config={"backend": "fp8"}, use_bpd=True
+        )
 
 
 @pytest.mark.parametrize(
     "implementation",
-    ["dynamic", pytest.param("offloaded", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))],
+    [
+        "dynamic",
+        pytest.param("offloaded", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+    ],
 )
 @pytest.mark.parametrize("drafter", DRAFTERS)
 @pytest.mark.parametrize("batch", [1, 3])
@@ -170,14 +185,25 @@ def test_dynamic_and_offloaded_caches_are_exact(implementation, drafter, batch):
 def sliding_model(window, arch="mistral"):
     if arch == "mistral":
         torch.manual_seed(0)
-        config = MistralConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                               pad_token_id=PAD, eos_token_id=EOS, bos_token_id=2, sliding_window=window)  # fmt: skip
+        config = MistralConfig(
+            vocab_size=97,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            pad_token_id=PAD,
+            eos_token_id=EOS,
+            bos_token_id=2,
+            sliding_window=window,
+        )
         base = MistralForCausalLM(config).eval()
         return randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=H), std=0.3)
     # a hybrid: one sliding-window layer, one full-attention layer
-    return make("qwen2", use_sliding_window=True, sliding_window=window,
-                layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    return make(
+        "qwen2", use_sliding_window=True, sliding_window=window, layer_types=["sliding_attention", "full_attention"]
+    )
 
 
 @pytest.mark.parametrize("arch", ["mistral", "hybrid"])
@@ -186,8 +212,9 @@ def test_sliding_window_inside_the_window_is_exact(arch, drafter):
     model = sliding_model(64, arch)
     ids, _ = batch_prompts(1)
     ref = model.base.generate(ids, max_new_tokens=30, do_sample=False)
-    assert torch.equal(model.generate(ids, max_new_tokens=30, do_sample=False, use_bpd=True,
-                                      drafter=DRAFTERS[drafter]()), ref)  # fmt: skip
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=30, do_sample=False, use_bpd=True, drafter=DRAFTERS[drafter]()), ref
+    )
 
 
 @pytest.mark.parametrize("arch", ["mistral", "hybrid"])
@@ -268,8 +295,9 @@ def test_custom_per_row_criteria(eos):
     model = make(eos=eos)
     ids, mask = batch_prompts(3, seed=6)
     crit = StopAtRowLength([ids.shape[1] + 4, ids.shape[1] + 9, ids.shape[1] + 6])
-    kwargs = dict(attention_mask=mask, max_new_tokens=20, do_sample=False,
-                  stopping_criteria=StoppingCriteriaList([crit]))  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=20, do_sample=False, stopping_criteria=StoppingCriteriaList([crit])
+    )
     ref = model.base.generate(ids, **kwargs)
     assert ref.shape[1] < ids.shape[1] + 20  # the criterion did stop the batch
     with pytest.warns(UserWarning, match="once per committed token"):
@@ -316,13 +344,21 @@ def test_stateful_processor_sees_plain_generates_calls_at_batch_one(drafter):
     model = make(eos=True)
     ids, _ = batch_prompts(1, seed=8)
     ref_proc = ForceEosAfter(10)
-    ref = model.base.generate(ids, max_new_tokens=30, do_sample=False, logits_processor=LogitsProcessorList([ref_proc]))
+    ref = model.base.generate(
+        ids, max_new_tokens=30, do_sample=False, logits_processor=LogitsProcessorList([ref_proc])
+    )
     assert ref.shape[1] == ids.shape[1] + 11 and int(ref[0, -1]) == EOS
     free = model.base.generate(ids, max_new_tokens=30, do_sample=False)
     chosen = {"heads": None, "oracle": OracleDrafter(free), "tree": DynamicTreeDrafter(8, top_k=4)}[drafter]
     proc = ForceEosAfter(10)
-    out = model.generate(ids, max_new_tokens=30, do_sample=False, logits_processor=LogitsProcessorList([proc]),
-                         use_bpd=True, drafter=chosen)  # fmt: skip
+    out = model.generate(
+        ids,
+        max_new_tokens=30,
+        do_sample=False,
+        logits_processor=LogitsProcessorList([proc]),
+        use_bpd=True,
+        drafter=chosen,
+    )
     assert torch.equal(out, ref)
     assert proc.calls == ref_proc.calls == 11
 
@@ -378,11 +414,19 @@ def test_drafter_argument_and_its_old_name():
     ids, _ = batch_prompts(1)
     ref = model.base.generate(ids, max_new_tokens=12, do_sample=False)
     for key in ("drafter", "draft_rescorer"):
-        out = model.generate(ids, max_new_tokens=12, do_sample=False, use_bpd=True, return_dict_in_generate=True,
-                             **{key: OracleDrafter(ref)})  # fmt: skip
+        out = model.generate(
+            ids,
+            max_new_tokens=12,
+            do_sample=False,
+            use_bpd=True,
+            return_dict_in_generate=True,
+            **{key: OracleDrafter(ref)},
+        )
         assert torch.equal(out.sequences, ref) and (out.accepted_lengths[:-1] == H).all()
     with pytest.raises(ValueError, match="once"):
-        model.generate(ids, max_new_tokens=4, use_bpd=True, drafter=OracleDrafter(ref), draft_rescorer=OracleDrafter(ref))
+        model.generate(
+            ids, max_new_tokens=4, use_bpd=True, drafter=OracleDrafter(ref), draft_rescorer=OracleDrafter(ref)
+        )
     with pytest.raises(ValueError, match="only applies with `use_bpd=True`"):
         model.generate(ids, max_new_tokens=4, drafter=OracleDrafter(ref))
 

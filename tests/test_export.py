@@ -24,14 +24,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import randomize_heads, tiny_base
 from safetensors.torch import load_file
 from torch import nn
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd_bench.cli import main as cli_main
 from hf_bpd.export import export_medusa
-
-from conftest import randomize_heads, tiny_base
+from hf_bpd_bench.cli import main as cli_main
 
 PADDING = 64  # vLLM's DEFAULT_VOCAB_PADDING_SIZE
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +92,10 @@ class VLLMMedusa(nn.Module):
         super().__init__()
         self.config = config
         self.blocks = nn.ModuleList(
-            [ResidualBlock(config, config["hidden_size"], config["num_hidden_layers"]) for _ in range(config["num_heads"])]
+            [
+                ResidualBlock(config, config["hidden_size"], config["num_hidden_layers"])
+                for _ in range(config["num_heads"])
+            ]
         )
         self.orig_vocab_size = config["vocab_size"]
         self.truncated_vocab_size = config["truncated_vocab_size"]
@@ -244,7 +246,9 @@ VLLM_PYTHON = os.environ.get("HF_BPD_VLLM_PYTHON") or (sys.executable if importl
 
 
 def load_bench_script():
-    spec = importlib.util.spec_from_file_location("vllm_medusa_acceptance", ROOT / "bench" / "vllm_medusa_acceptance.py")
+    spec = importlib.util.spec_from_file_location(
+        "vllm_medusa_acceptance", ROOT / "bench" / "vllm_medusa_acceptance.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -253,11 +257,25 @@ def load_bench_script():
 def test_bench_script_reads_vllms_counters_per_run():
     """vLLM's counters are process-wide: the script takes one run's share and derives vLLM's acceptance figures."""
     bench = load_bench_script()
-    before = {"num_drafts": 10, "num_draft_tokens": 30, "num_accepted_tokens": 5, "num_accepted_tokens_per_pos": [4, 1]}
-    after = {"num_drafts": 30, "num_draft_tokens": 90, "num_accepted_tokens": 35, "num_accepted_tokens_per_pos": [20, 10, 0]}
+    before = {
+        "num_drafts": 10,
+        "num_draft_tokens": 30,
+        "num_accepted_tokens": 5,
+        "num_accepted_tokens_per_pos": [4, 1],
+    }
+    after = {
+        "num_drafts": 30,
+        "num_draft_tokens": 90,
+        "num_accepted_tokens": 35,
+        "num_accepted_tokens_per_pos": [20, 10, 0],
+    }
     delta = bench.counter_delta(before, after)
-    assert delta == {"num_drafts": 20, "num_draft_tokens": 60, "num_accepted_tokens": 30,
-                     "num_accepted_tokens_per_pos": [16, 9, 0]}  # fmt: skip
+    assert delta == {
+        "num_drafts": 20,
+        "num_draft_tokens": 60,
+        "num_accepted_tokens": 30,
+        "num_accepted_tokens_per_pos": [16, 9, 0],
+    }
     figures = bench.acceptance(delta)
     assert figures["mean_accepted_length"] == 2.5 and figures["acceptance_rate"] == 0.5
     assert figures["acceptance_rate_per_position"] == [0.8, 0.45, 0.0]
@@ -273,10 +291,24 @@ def test_real_vllm_loads_the_export_and_keeps_its_greedy_output(tmp_path):
     export_medusa(model, tmp_path / "medusa")
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", **os.environ}
     result = subprocess.run(
-        [VLLM_PYTHON, str(ROOT / "bench" / "vllm_medusa_acceptance.py"), "--medusa", str(tmp_path / "medusa"),
-         "--num-prompts", "4", "--max-tokens", "32", "--json", str(tmp_path / "report.json"), "--check-identical"],
-        capture_output=True, text=True, timeout=1800, env=env,
-    )  # fmt: skip
+        [
+            VLLM_PYTHON,
+            str(ROOT / "bench" / "vllm_medusa_acceptance.py"),
+            "--medusa",
+            str(tmp_path / "medusa"),
+            "--num-prompts",
+            "4",
+            "--max-tokens",
+            "32",
+            "--json",
+            str(tmp_path / "report.json"),
+            "--check-identical",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     run = report[f"medusa_k{model.config.num_draft_heads}"]
@@ -312,8 +344,21 @@ def test_cli_export(tmp_path):
     tiny_base("llama").save_pretrained(base_dir)
     model = randomize_heads(BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2), std=0.2)
     model.save_pretrained(tmp_path / "heads")
-    assert cli_main(["export", "--format", "medusa", str(tmp_path / "out"), "--model", str(tmp_path / "heads"),
-                     "--dtype", "float32"]) == 0  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "export",
+                "--format",
+                "medusa",
+                str(tmp_path / "out"),
+                "--model",
+                str(tmp_path / "heads"),
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )
     medusa = load_vllm_medusa(tmp_path / "out")
     hidden = torch.randn(3, 32)
     with torch.no_grad():

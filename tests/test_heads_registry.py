@@ -17,8 +17,8 @@ from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.drafters import (
     DRAFTERS,
     DraftContext,
-    DraftHeadsView,
     Drafter,
+    DraftHeadsView,
     DynamicTreeDrafter,
     HeadsDrafter,
     NeuralRescorer,
@@ -115,10 +115,15 @@ def test_greedy_decoding_is_lossless(arch, batch):
     model.generation_config.eos_token_id = None
     ids, mask = batch_prompts(batch)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    for drafter in (None, SearchDrafter(top_k=4, num_drafts=3), DynamicTreeDrafter(8, top_k=3),
-                    StaticTreeDrafter([[0], [1], [0, 0], [1, 0], [0, 0, 0]])):  # fmt: skip
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True,
-                             draft_rescorer=drafter)  # fmt: skip
+    for drafter in (
+        None,
+        SearchDrafter(top_k=4, num_drafts=3),
+        DynamicTreeDrafter(8, top_k=3),
+        StaticTreeDrafter([[0], [1], [0, 0], [1, 0], [0, 0, 0]]),
+    ):
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True, draft_rescorer=drafter
+        )
         assert torch.equal(out, ref), type(drafter).__name__
 
 
@@ -126,9 +131,12 @@ def test_untrained_conditioned_heads_are_accepted_like_independent_ones():
     """Zero-initialised blocks: output j is lm_head(h_t + E(x)), a real draft; the chain is drafted autoregressively."""
     model = make(std=0.0)
     ids, mask = batch_prompts(2)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True,
-                         return_dict_in_generate=True)  # fmt: skip
-    assert torch.equal(out.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True, return_dict_in_generate=True
+    )
+    assert torch.equal(
+        out.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    )
 
 
 def test_heads_chain_is_drafted_token_by_token():
@@ -142,8 +150,10 @@ def test_heads_chain_is_drafted_token_by_token():
         assert torch.equal(chain[:, j], model.draft_logits(hidden, prev)[:, j].argmax(-1))
 
 
-@pytest.mark.parametrize("make_drafter", [lambda: PBestRescorer(top_k=4, num_drafts=2),
-                                          lambda: NeuralRescorer(tiny_base("llama", seed=3), top_k=4)])  # fmt: skip
+@pytest.mark.parametrize(
+    "make_drafter",
+    [lambda: PBestRescorer(top_k=4, num_drafts=2), lambda: NeuralRescorer(tiny_base("llama", seed=3), top_k=4)],
+)
 def test_lattice_drafters_refuse_token_conditioned_heads(make_drafter):
     model = make()
     ids, _ = batch_prompts(1)
@@ -161,8 +171,16 @@ def _independent(seed=1):
 
 
 def _drafts(model, drafter, ids, mask, **kw):
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter, return_dict_in_generate=True, **kw)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=14,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=drafter,
+        return_dict_in_generate=True,
+        **kw,
+    )
     return out
 
 
@@ -232,8 +250,9 @@ def test_ngram_context_starts_at_the_attention_mask_not_at_pad_values():
     from hf_bpd.drafters.search import committed_prefixes
 
     tokens = torch.tensor([[PAD, PAD, PAD, 5, 6], [7, PAD, 8, 9, 4]])  # row 1: no padding, a real token = PAD
-    ctx = DraftContext(tokens, torch.tensor([5, 5]), torch.tensor([True, True]), None, None, H,
-                       prompt_start=torch.tensor([2, 0]))  # row 0: the 3rd token is a real PAD-valued token
+    ctx = DraftContext(
+        tokens, torch.tensor([5, 5]), torch.tensor([True, True]), None, None, H, prompt_start=torch.tensor([2, 0])
+    )  # row 0: the 3rd token is a real PAD-valued token
     ids, mask = committed_prefixes(ctx)
     assert mask.sum(-1).tolist() == [3, 5]
     assert ids[0, -3:].tolist() == [PAD, 5, 6] and ids[1].tolist() == [7, PAD, 8, 9, 4]
@@ -252,12 +271,21 @@ def test_speculative_sampling_with_conditioned_heads_is_exact(kind):
     base = tiny_base("llama", vocab_size=8, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
     base.generation_config.eos_token_id = None
     model = randomize_heads(BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="embed-res"), std=0.3)
-    drafter = {"heads": None, "search": SearchDrafter(top_k=4, num_drafts=2),
-               "tree": DynamicTreeDrafter(5, top_k=3)}[kind]  # fmt: skip
+    drafter = {"heads": None, "search": SearchDrafter(top_k=4, num_drafts=2), "tree": DynamicTreeDrafter(5, top_k=3)}[
+        kind
+    ]
     kwargs, processors = SETTINGS["temperature-topk"]
     dist = exact_distribution(model.base, PROMPT, processors)
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([PROMPT] * ROWS), max_new_tokens=3, do_sample=True, use_bpd=True,
-                         draft_rescorer=drafter, return_dict_in_generate=True, top_p=1.0, **kwargs)  # fmt: skip
+    out = model.generate(
+        torch.tensor([PROMPT] * ROWS),
+        max_new_tokens=3,
+        do_sample=True,
+        use_bpd=True,
+        draft_rescorer=drafter,
+        return_dict_in_generate=True,
+        top_p=1.0,
+        **kwargs,
+    )
     assert int((out.accepted_lengths > 0).sum()) > ROWS // 8  # drafts were really accepted
     assert chi_square_pvalue(out.sequences[:, len(PROMPT) :], dist, key=lambda s: s) > 1e-3

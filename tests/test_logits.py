@@ -330,9 +330,14 @@ def test_neural_self_rescoring_generate_lossless_and_accepts_all(batch):
     ref = greedy(model, ids, mask, 25)
     rescorer = NeuralRescorer(model.base, top_k=VOCAB, alpha=1.0, pad_token_id=PAD)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=25, do_sample=False, use_bpd=True, draft_rescorer=rescorer,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=25,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=rescorer,
         return_dict_in_generate=True,
-    )  # fmt: skip
+    )
     assert torch.equal(out.sequences, ref)
     # The LM is the verifier and sees the whole vocabulary: every draft is accepted (the last block may be cut).
     assert (out.accepted_lengths[:-1] == H).all()
@@ -355,9 +360,14 @@ def test_ngram_generate_lossless_and_more_efficient(tmp_path, batch):
     for alpha in (0.0, 1.0):
         rescorer = NgramRescorer(path, top_k=VOCAB, alpha=alpha, vocab_size=VOCAB, pad_token_id=PAD)
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True, draft_rescorer=rescorer,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=30,
+            do_sample=False,
+            use_bpd=True,
+            draft_rescorer=rescorer,
             return_dict_in_generate=True,
-        )  # fmt: skip
+        )
         assert torch.equal(out.sequences, ref)
         efficiency[alpha] = out.block_efficiency
     assert efficiency[1.0] > efficiency[0.0] + 0.5
@@ -368,9 +378,13 @@ def test_pbest_p1_generate_equals_plain_bpd():
     ids, mask = batch_prompts(3)
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, use_bpd=True)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, use_bpd=True,
+        ids,
+        attention_mask=mask,
+        max_new_tokens=20,
+        do_sample=False,
+        use_bpd=True,
         draft_rescorer=PBestRescorer(top_k=4, num_drafts=1),
-    )  # fmt: skip
+    )
     assert torch.equal(out, plain)
 
 
@@ -381,9 +395,14 @@ def test_pbest_multi_draft_generate_lossless(batch):
     ids, mask = batch_prompts(batch)
     ref = greedy(model, ids, mask, 24)
     out = model.generate(
-        ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_bpd=True,
-        draft_rescorer=PBestRescorer(top_k=4, num_drafts=8), return_dict_in_generate=True,
-    )  # fmt: skip
+        ids,
+        attention_mask=mask,
+        max_new_tokens=24,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=PBestRescorer(top_k=4, num_drafts=8),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert 1.0 <= out.block_efficiency <= H + 1
 
@@ -398,9 +417,14 @@ def test_ngram_multi_draft_generate_lossless_and_repairs(tmp_path, batch):
     efficiency = {}
     for alpha in (0.0, 1.0):
         out = model.generate(
-            ids, attention_mask=mask, max_new_tokens=30, do_sample=False, use_bpd=True, return_dict_in_generate=True,
+            ids,
+            attention_mask=mask,
+            max_new_tokens=30,
+            do_sample=False,
+            use_bpd=True,
+            return_dict_in_generate=True,
             draft_rescorer=NgramRescorer(path, top_k=VOCAB, alpha=alpha, num_drafts=4, pad_token_id=PAD),
-        )  # fmt: skip
+        )
         assert torch.equal(out.sequences, ref)
         efficiency[alpha] = out.block_efficiency
     assert efficiency[1.0] > efficiency[0.0] + 0.5
@@ -434,7 +458,7 @@ def test_neural_cache_batch1_follows_feedback_and_matches_full_forward():
     rescorer = NeuralRescorer(lm, top_k=5, alpha=0.5)
     length = torch.tensor([8])
     # accepted drafts per step; None: no feedback (a direct call), so the walk counts as rejected
-    for step, accepted in enumerate([0, 1, H, 2, None, H, 0, 1]):
+    for _step, accepted in enumerate([0, 1, H, 2, None, H, 0, 1]):
         logits = torch.randn(1, H, VOCAB, generator=gen)
         drafts = rescorer(buffer, length, logits)
         assert rescorer.cached_lengths.tolist() == length.tolist()
@@ -588,9 +612,14 @@ def test_tune_rescorer_picks_the_helpful_alpha(tmp_path):
     continuations = [greedy(model, p[None], torch.ones_like(p[None]), 20)[0, len(p) - 1 :].tolist() for p in prompts]
     path = bigram_arpa_from(tmp_path / "lm.arpa", continuations)
     result = tune_rescorer(
-        model, lambda **c: NgramRescorer(path, **c), prompts, alphas=[0.0, 1.0], top_ks=[VOCAB], num_drafts_list=[1],
+        model,
+        lambda **c: NgramRescorer(path, **c),
+        prompts,
+        alphas=[0.0, 1.0],
+        top_ks=[VOCAB],
+        num_drafts_list=[1],
         max_new_tokens=20,
-    )  # fmt: skip
+    )
     assert [row["alpha"] for row in result.table] == [None, 0.0, 1.0]
     assert result.table[0]["baseline"] and result.best["alpha"] == 1.0
     assert result.best["block_efficiency"] > result.table[1]["block_efficiency"]
@@ -602,9 +631,15 @@ def test_tune_rescorer_skips_impossible_configs():
     model = make_model()
     prompts = [batch_prompts(1)[0][0]]
     result = tune_rescorer(
-        model, lambda alpha, top_k, num_drafts: PBestRescorer(top_k=top_k, num_drafts=num_drafts), prompts,
-        alphas=[0.0], top_ks=[1, 2], num_drafts_list=[1, 2], max_new_tokens=6, include_baseline=False,
-    )  # fmt: skip
+        model,
+        lambda alpha, top_k, num_drafts: PBestRescorer(top_k=top_k, num_drafts=num_drafts),
+        prompts,
+        alphas=[0.0],
+        top_ks=[1, 2],
+        num_drafts_list=[1, 2],
+        max_new_tokens=6,
+        include_baseline=False,
+    )
     errors = {(row["top_k"], row["num_drafts"]): row["error"] for row in result.table}
     assert errors[(1, 2)].startswith("skipped") and errors[(1, 1)] is None
 
@@ -614,11 +649,30 @@ def test_tune_cli_smoke(tmp_path, capsys):
 
     model = BPDForCausalLM.from_base(tiny_base(vocab_size=8192), num_draft_heads=H)
     model.save_pretrained(tmp_path / "bpd", save_base=True)
-    tuning.main([
-        "--model", str(tmp_path / "bpd"), "--tokenizer", str(REPO / "reference/tokenizer"), "--rescorer", "pbest",
-        "--prompts", str(REPO / "reference/prompts/validation.jsonl"), "--max-prompts", "2", "--alphas", "0",
-        "--top-ks", "2", "--max-new-tokens", "6", "--max-prompt-tokens", "48", "--output", str(tmp_path / "tune.json"),
-    ])  # fmt: skip
+    tuning.main(
+        [
+            "--model",
+            str(tmp_path / "bpd"),
+            "--tokenizer",
+            str(REPO / "reference/tokenizer"),
+            "--rescorer",
+            "pbest",
+            "--prompts",
+            str(REPO / "reference/prompts/validation.jsonl"),
+            "--max-prompts",
+            "2",
+            "--alphas",
+            "0",
+            "--top-ks",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--max-prompt-tokens",
+            "48",
+            "--output",
+            str(tmp_path / "tune.json"),
+        ]
+    )
     assert "best:" in capsys.readouterr().out
     assert (tmp_path / "tune.json").is_file()
 
@@ -665,8 +719,16 @@ def test_build_ngram_binary_and_arpa(tmp_path):
 def test_build_ngram_cli(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("to be or not to be\nthat is the question\n")
-    build_ngram_module.main([
-        str(corpus), "--tokenizer", str(REPO / "reference/tokenizer"), "--output", str(tmp_path / "lm.arpa"),
-        "--order", "2", "--line-per-document",
-    ])  # fmt: skip
+    build_ngram_module.main(
+        [
+            str(corpus),
+            "--tokenizer",
+            str(REPO / "reference/tokenizer"),
+            "--output",
+            str(tmp_path / "lm.arpa"),
+            "--order",
+            "2",
+            "--line-per-document",
+        ]
+    )
     assert (tmp_path / "lm.arpa").read_text().startswith("\\data\\")

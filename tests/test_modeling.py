@@ -15,9 +15,16 @@ from hf_bpd import BPDConfig, BPDForCausalLM, DraftRescorer
 
 @pytest.mark.parametrize(
     "field,value",
-    [("num_draft_heads", 0), ("num_draft_heads", 1.5), ("head_type", "mlp"), ("head_num_layers", 0),
-     ("head_rank", -1), ("share_lm_head", "yes"), ("head_hidden_size", 0)],
-)  # fmt: skip
+    [
+        ("num_draft_heads", 0),
+        ("num_draft_heads", 1.5),
+        ("head_type", "mlp"),
+        ("head_num_layers", 0),
+        ("head_rank", -1),
+        ("share_lm_head", "yes"),
+        ("head_hidden_size", 0),
+    ],
+)
 def test_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         BPDConfig(**{field: value})

@@ -21,8 +21,9 @@ H = 3
 
 
 def recurrent(base=None, **config) -> BPDForCausalLM:
-    return BPDForCausalLM.from_base(base if base is not None else tiny_base(), num_draft_heads=H,
-                                    head_type="recurrent", **config)  # fmt: skip
+    return BPDForCausalLM.from_base(
+        base if base is not None else tiny_base(), num_draft_heads=H, head_type="recurrent", **config
+    )
 
 
 # --------------------------------------------------------------------------------------------- the head
@@ -177,8 +178,11 @@ def test_teacher_tokens_and_greedy_conditioning():
         seq = torch.cat([torch.full((2, 1), -100), greedy[:, :-1]], 1)
         explicit = model(input_ids=ids, draft_input_ids=seq).draft_logits
         internal = model(input_ids=ids, draft_input_ids="greedy").draft_logits
-        cached = model(base_hidden_states=model.base(ids, output_hidden_states=True).hidden_states[-1],
-                       input_ids=ids, draft_input_ids=seq).draft_logits  # fmt: skip
+        cached = model(
+            base_hidden_states=model.base(ids, output_hidden_states=True).hidden_states[-1],
+            input_ids=ids,
+            draft_input_ids=seq,
+        ).draft_logits
     torch.testing.assert_close(internal, explicit)
     torch.testing.assert_close(cached, explicit)
     with pytest.raises(ValueError, match="needs the base model run"):
@@ -189,8 +193,15 @@ def test_teacher_tokens_and_greedy_conditioning():
 def ctx_for(model, hidden, last, sampling=False):
     batch = hidden.shape[0]
     tokens = last[:, None]
-    return DraftContext(tokens, torch.ones(batch, dtype=torch.long), torch.ones(batch, dtype=torch.bool),
-                        DraftHeadsView(model), hidden, H, (lambda s: s) if sampling else None)  # fmt: skip
+    return DraftContext(
+        tokens,
+        torch.ones(batch, dtype=torch.long),
+        torch.ones(batch, dtype=torch.bool),
+        DraftHeadsView(model),
+        hidden,
+        H,
+        (lambda s: s) if sampling else None,
+    )
 
 
 def test_greedy_chain_is_the_heads_argmax_path_in_h_steps(monkeypatch):
@@ -229,8 +240,13 @@ def test_lattice_drafters_refuse_conditioned_heads():
     model = recurrent()
     ids, mask = batch_prompts(1)
     with pytest.raises(ValueError, match="independent heads"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, use_bpd=True,
-                       draft_rescorer=PBestRescorer(top_k=3, num_drafts=2))  # fmt: skip
+        model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            use_bpd=True,
+            draft_rescorer=PBestRescorer(top_k=3, num_drafts=2),
+        )
 
 
 # --------------------------------------------------------------------------------------------- lossless
@@ -247,8 +263,9 @@ def test_greedy_random_recurrent_heads_equal_base(arch, batch, drafter):
     model = randomize_heads(recurrent(tiny_base(arch)), std=0.5)
     ids, mask = batch_prompts(batch)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, use_bpd=True,
-                         draft_rescorer=DRAFTERS[drafter]())  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=20, do_sample=False, use_bpd=True, draft_rescorer=DRAFTERS[drafter]()
+    )
     assert torch.equal(out, ref)
 
 
@@ -261,12 +278,14 @@ def fit_to_greedy(model, ids, mask, new, steps=1500):
     labels[:, : ids.shape[1] - 1] = -100  # heads at the last prompt position onwards
     with torch.no_grad():
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-        hidden = model.base(seq, attention_mask=full_mask, position_ids=positions,
-                            output_hidden_states=True).hidden_states[-1]  # fmt: skip
+        hidden = model.base(
+            seq, attention_mask=full_mask, position_ids=positions, output_hidden_states=True
+        ).hidden_states[-1]
     opt = torch.optim.Adam(model.heads.parameters(), lr=1e-2)
     for _ in range(steps):
-        out = model(base_hidden_states=hidden, labels=labels, input_ids=seq, return_draft_logits=True,
-                    draft_full_vocab=False)  # fmt: skip
+        out = model(
+            base_hidden_states=hidden, labels=labels, input_ids=seq, return_draft_logits=True, draft_full_vocab=False
+        )
         hits, totals = prefix_accuracy_counts(out.draft_logits.detach(), labels)
         if bool((hits == totals).all()) and out.loss.item() < 0.05:
             break
@@ -286,8 +305,9 @@ def test_greedy_fitted_recurrent_heads_accept_every_draft(arch, batch):
     blocks = 4
     new = 1 + blocks * (H + 1)
     ref = fit_to_greedy(model, ids, mask, new)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True, return_dict_in_generate=True
+    )
     assert torch.equal(out.sequences, ref)
     assert (out.accepted_lengths == H).all(), out.accepted_lengths
 
@@ -298,8 +318,16 @@ def test_untrained_recurrent_heads_decode_like_untrained_resblock_heads():
     outs = []
     for kind in ("recurrent", "resblock"):
         model = BPDForCausalLM.from_base(base, num_draft_heads=H, head_type=kind)
-        outs.append(model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True,
-                                   return_dict_in_generate=True))  # fmt: skip
+        outs.append(
+            model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=16,
+                do_sample=False,
+                use_bpd=True,
+                return_dict_in_generate=True,
+            )
+        )
     assert torch.equal(outs[0].sequences, outs[1].sequences)
     assert torch.equal(outs[0].accepted_lengths, outs[1].accepted_lengths)
 
@@ -350,9 +378,17 @@ def test_speculative_sampling_with_conditioned_proposals_is_exact(drafter):
     prompt, rows = [3, 5, 7], 4000
     dist = exact_distribution(base, prompt, NEW)
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([prompt] * rows), max_new_tokens=NEW, do_sample=True, temperature=0.8,
-                         top_k=5, top_p=1.0, use_bpd=True, draft_rescorer=SAMPLED[drafter](),
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt] * rows),
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        top_p=1.0,
+        use_bpd=True,
+        draft_rescorer=SAMPLED[drafter](),
+        return_dict_in_generate=True,
+    )
     samples = out.sequences[:, len(prompt) :]
     accepted = out.accepted_lengths[out.accepted_lengths >= 0]
     assert int((accepted > 0).sum()) > rows // 8  # drafts were really accepted
@@ -392,11 +428,20 @@ def test_the_sampling_test_rejects_per_depth_proposals(monkeypatch):
     prompt, rows = [3, 5, 7], 4000
     dist = exact_distribution(base, prompt, NEW)
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([prompt] * rows), max_new_tokens=NEW, do_sample=True, temperature=0.8,
-                         top_k=5, top_p=1.0, use_bpd=True)  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt] * rows),
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        top_p=1.0,
+        use_bpd=True,
+    )
     samples = out[:, len(prompt) :]
-    assert min(chi_square_pvalue(samples, dist, key=lambda s: s),
-               chi_square_pvalue(samples, dist, key=lambda s: s[2:])) < 1e-3  # fmt: skip
+    assert (
+        min(chi_square_pvalue(samples, dist, key=lambda s: s), chi_square_pvalue(samples, dist, key=lambda s: s[2:]))
+        < 1e-3
+    )
 
 
 # --------------------------------------------------------------------------------------------- BPDTrainer
@@ -412,14 +457,19 @@ def test_trainer_on_cached_features_teacher_forces_the_greedy_labels(mode, tmp_p
     base = tiny_base()
     gen = torch.Generator().manual_seed(0)
     seqs = pairs_batch(gen, batch=64, length=24).tolist()  # r, r + 1, ...: the base's greedy tokens are its own
-    features = CachedFeatures(extract_features(base, seqs, tmp_path / "f", seq_len=24, shard_size=64,
-                                               top_k=4 if mode == "soft" else 0))  # fmt: skip
+    features = CachedFeatures(
+        extract_features(base, seqs, tmp_path / "f", seq_len=24, shard_size=64, top_k=4 if mode == "soft" else 0)
+    )
     model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
     seen = []
     real_forward = model.heads.forward
     model.heads.forward = lambda hidden, prev=None: seen.append(prev) or real_forward(hidden, prev)
-    trainer = BPDTrainer(model, training_args(tmp_path / "run", max_steps=40, distillation=mode, learning_rate=1e-2,
-                                              logging_steps=20), train_dataset=features, eval_dataset=features)  # fmt: skip
+    trainer = BPDTrainer(
+        model,
+        training_args(tmp_path / "run", max_steps=40, distillation=mode, learning_rate=1e-2, logging_steps=20),
+        train_dataset=features,
+        eval_dataset=features,
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -469,8 +519,9 @@ def test_beam_search_merges_shared_prefixes_into_one_tree():
     model = randomize_heads(recurrent(), std=0.3)
     ids, mask = batch_prompts(1)
     drafter = SearchDrafter(top_k=3, num_drafts=3)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True, draft_rescorer=drafter
+    )
     assert torch.equal(out, model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False))
     hidden, last = torch.randn(1, 32), torch.tensor([7])
     ctx = ctx_for(model, hidden, last)

@@ -73,9 +73,16 @@ def test_sampling_matches_base_distribution(drafts):
     rescorer = MixedDrafter(ids, num_drafts=3) if drafts == "pbest" else None  # random drafts: many match by chance
     torch.manual_seed(0)
     out = model.generate(
-        ids, max_new_tokens=NEW, do_sample=True, temperature=0.8, top_k=5, top_p=1.0, use_bpd=True,
-        draft_rescorer=rescorer, return_dict_in_generate=True,
-    )  # fmt: skip
+        ids,
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        top_p=1.0,
+        use_bpd=True,
+        draft_rescorer=rescorer,
+        return_dict_in_generate=True,
+    )
     samples = out.sequences[:, len(prompt) :]
     assert samples.shape == (ROWS, NEW)
     assert int((out.accepted_lengths > 0).sum()) > 200  # drafts were really accepted, not only bonus tokens

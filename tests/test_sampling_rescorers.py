@@ -44,17 +44,30 @@ def _generate(model, setting, drafter, rows=ROWS, seed=0, mode="speculative", ne
     kwargs = {"top_k": 0, "top_p": 1.0, **SETTINGS[setting][0]}
     torch.manual_seed(seed)
     return model.generate(
-        torch.tensor([PROMPT] * rows), max_new_tokens=new, do_sample=True, use_bpd=True, bpd_sampling=mode,
-        draft_rescorer=drafter, return_dict_in_generate=True, **kwargs,
-    )  # fmt: skip
+        torch.tensor([PROMPT] * rows),
+        max_new_tokens=new,
+        do_sample=True,
+        use_bpd=True,
+        bpd_sampling=mode,
+        draft_rescorer=drafter,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
 
 
 def _state(rows: int, logits: torch.Tensor, context: list[int], sampling: bool = True) -> DraftState:
     """A draft state with given head logits `(h, V)`, `rows` copies of `context`, temperature as the only warper."""
     ids = torch.tensor([context] * rows)
     warper = (lambda scores: scores / TEMPERATURE) if sampling else None
-    state = DraftState(None, ids, torch.full((rows,), len(context)), torch.ones(rows, dtype=torch.bool), None,
-                       logits.shape[0], proposal_warper=warper)  # fmt: skip
+    state = DraftState(
+        None,
+        ids,
+        torch.full((rows,), len(context)),
+        torch.ones(rows, dtype=torch.bool),
+        None,
+        logits.shape[0],
+        proposal_warper=warper,
+    )
     state._logits = logits[None].expand(rows, *logits.shape)
     return state
 
@@ -119,8 +132,9 @@ def test_proposals_are_the_lattice_distribution_and_the_drafts_follow_them(arpa,
     # depth 2: the formula given the context and the chain's own first token; the joint law of (d1, d2) follows
     q2 = {}
     for t in lattice.tokens[0, 0].tolist():
-        q2[t] = _expected_q(lattice.tokens[0, 1], lattice.logprobs[0, 1], score(context + [t], lattice.tokens[0, 1]),
-                            alpha)  # fmt: skip
+        q2[t] = _expected_q(
+            lattice.tokens[0, 1], lattice.logprobs[0, 1], score(context + [t], lattice.tokens[0, 1]), alpha
+        )
         sel = tokens[..., 0] == t
         assert torch.allclose(q[..., 1, :][sel], q2[t].expand(int(sel.sum()), VOCAB), atol=1e-5)
     joint = torch.stack([q1[t] * q2[t] if t in q2 else torch.zeros(VOCAB) for t in range(VOCAB)]).flatten()
@@ -146,13 +160,15 @@ def test_greedy_drafting_is_unchanged(arpa, kind):
 # ------------------------------------------------------------------------------------------ generate, end to end
 @pytest.mark.parametrize(
     "kind, setting, num_drafts",
-    [pytest.param("ngram", "plain", 1, marks=needs_kenlm),
-     pytest.param("ngram", "temperature-topk", 3, marks=needs_kenlm),
-     ("neural", "temperature-topk", 1),
-     ("neural", "plain", 1),
-     pytest.param("ngram", "topp-repetition", 3, marks=[needs_kenlm, pytest.mark.slow]),
-     pytest.param("neural", "topp-repetition", 1, marks=pytest.mark.slow)],
-)  # fmt: skip
+    [
+        pytest.param("ngram", "plain", 1, marks=needs_kenlm),
+        pytest.param("ngram", "temperature-topk", 3, marks=needs_kenlm),
+        ("neural", "temperature-topk", 1),
+        ("neural", "plain", 1),
+        pytest.param("ngram", "topp-repetition", 3, marks=[needs_kenlm, pytest.mark.slow]),
+        pytest.param("neural", "topp-repetition", 1, marks=pytest.mark.slow),
+    ],
+)
 def test_rescorer_speculative_sampling_matches_base_distribution(model, arpa, kind, setting, num_drafts):
     """Many rows (different accepted lengths: holes in the generate cache and in the neural LM's cache)."""
     dist = exact_distribution(model.base, PROMPT, SETTINGS[setting][1])
@@ -203,8 +219,15 @@ class _Recorder(Drafter):
 
     def get_drafts(self, state):
         drafts = self.inner.get_drafts(state)
-        self.steps.append((state.input_ids.clone(), state.lengths.clone(), state.live.clone(),
-                           state.draft_logits().float().clone(), drafts))  # fmt: skip
+        self.steps.append(
+            (
+                state.input_ids.clone(),
+                state.lengths.clone(),
+                state.live.clone(),
+                state.draft_logits().float().clone(),
+                drafts,
+            )
+        )
         return drafts
 
 
@@ -233,9 +256,18 @@ def test_proposals_in_generate_score_the_right_prefixes(tmp_path, kind):
     recorder = _Recorder(inner)
     ids, mask = batch_prompts(3)
     torch.manual_seed(0)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=temperature,
-                         top_k=0, top_p=1.0, use_bpd=True, draft_rescorer=recorder,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=16,
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        use_bpd=True,
+        draft_rescorer=recorder,
+        return_dict_in_generate=True,
+    )
     assert int((out.accepted_lengths > 0).sum()) > 0
     pads = (mask == 0).sum(-1)
     checked = 0

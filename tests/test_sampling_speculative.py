@@ -135,7 +135,9 @@ def test_multi_draft_tree_rejection_sampling_is_exact(seed):
     p[:, 0] = toy.p1
     last, n, token = tree_rejection_sample(p, parent, tokens, q_nodes)
     rows = torch.arange(b)
-    accepted = torch.stack([torch.where(n == 2, tokens[rows, parent[last]], tokens[rows, last]), tokens[rows, last]], 1)
+    accepted = torch.stack(
+        [torch.where(n == 2, tokens[rows, parent[last]], tokens[rows, last]), tokens[rows, last]], 1
+    )
     assert bool((n >= 1).float().mean() > 0.5)  # most rows accept a draft: the test exercises acceptance
     x1, x2 = toy.finish(n, accepted, token)
     assert _pvalue(toy, x1, x2) > 1e-3
@@ -154,7 +156,9 @@ SETTINGS = {
     ),
     "topp-repetition": (
         dict(temperature=1.2, top_p=0.8, repetition_penalty=1.5),
-        LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.5), TemperatureLogitsWarper(1.2), TopPLogitsWarper(0.8)]),
+        LogitsProcessorList(
+            [RepetitionPenaltyLogitsProcessor(1.5), TemperatureLogitsWarper(1.2), TopPLogitsWarper(0.8)]
+        ),
     ),
 }
 
@@ -169,19 +173,30 @@ def _generate(model, setting, drafter, rows=ROWS, seed=0, mode="speculative", ne
     kwargs = {"top_k": 0, "top_p": 1.0, **kwargs}  # nothing but the setting (generate's default top_k is 50)
     torch.manual_seed(seed)
     return model.generate(
-        torch.tensor([PROMPT] * rows), max_new_tokens=new, do_sample=True, use_bpd=True, bpd_sampling=mode,
-        draft_rescorer=drafter, return_dict_in_generate=True, **kwargs,
-    )  # fmt: skip
+        torch.tensor([PROMPT] * rows),
+        max_new_tokens=new,
+        do_sample=True,
+        use_bpd=True,
+        bpd_sampling=mode,
+        draft_rescorer=drafter,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
 
 
 @pytest.mark.parametrize(
     "setting, drafts, rows",
-    [("plain", "heads", ROWS), ("plain", "pbest", ROWS), ("temperature-topk", "pbest", ROWS),
-     # processors that read input_ids run per row and node: fewer rows by default, all of them under `slow`
-     ("topp-repetition", "heads", 1500), ("topp-repetition", "pbest", 1000),
-     pytest.param("topp-repetition", "heads", ROWS, marks=pytest.mark.slow),
-     pytest.param("topp-repetition", "pbest", ROWS, marks=pytest.mark.slow)],
-)  # fmt: skip
+    [
+        ("plain", "heads", ROWS),
+        ("plain", "pbest", ROWS),
+        ("temperature-topk", "pbest", ROWS),
+        # processors that read input_ids run per row and node: fewer rows by default, all of them under `slow`
+        ("topp-repetition", "heads", 1500),
+        ("topp-repetition", "pbest", 1000),
+        pytest.param("topp-repetition", "heads", ROWS, marks=pytest.mark.slow),
+        pytest.param("topp-repetition", "pbest", ROWS, marks=pytest.mark.slow),
+    ],
+)
 def test_speculative_sampling_matches_base_distribution(model, setting, drafts, rows):
     """A batch of many rows (rows accept different lengths: holes in the cache), chains and 3 sampled drafts."""
     dist = exact_distribution(model.base, PROMPT, SETTINGS[setting][1])
@@ -257,6 +272,7 @@ def test_greedy_ignores_the_sampling_scheme(model):
     ref = model.base.generate(ids, max_new_tokens=8, do_sample=False)
     for mode in ("speculative", "match"):
         for drafter in (None, PBestRescorer(top_k=4, num_drafts=3)):
-            out = model.generate(ids, max_new_tokens=8, do_sample=False, use_bpd=True, bpd_sampling=mode,
-                                 draft_rescorer=drafter)  # fmt: skip
+            out = model.generate(
+                ids, max_new_tokens=8, do_sample=False, use_bpd=True, bpd_sampling=mode, draft_rescorer=drafter
+            )
             assert torch.equal(out, ref)

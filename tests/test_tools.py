@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_bpd import metrics
-from hf_bpd_bench.cli import main
 from hf_bpd.data import load_prompts, tokenize_prompts
+from hf_bpd_bench.cli import main
 from hf_bpd_bench.methods import METHODS, parse_methods
 from hf_bpd_bench.reference import find_reference, require_reference
 
@@ -36,8 +36,9 @@ def _write(path: Path, rows: list) -> Path:
 def test_prompts_raw_text_and_chat_messages(tmp_path, tokenizer):
     tokenizer.chat_template = CHAT_TEMPLATE
     messages = [{"role": "user", "content": "Say hi"}]
-    path = _write(tmp_path / "p.jsonl", [{"prompt": "Once upon a time", "domain": "story"}, "",
-                                         {"messages": messages}])  # fmt: skip
+    path = _write(
+        tmp_path / "p.jsonl", [{"prompt": "Once upon a time", "domain": "story"}, "", {"messages": messages}]
+    )
     rows = load_prompts(path, tokenizer)
     assert rows[0] == {"prompt": "Once upon a time", "domain": "story", "chat": False}
     want = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

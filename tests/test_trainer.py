@@ -68,9 +68,17 @@ class LogCapture(TrainerCallback):
 
 def training_args(output_dir: Path, **overrides) -> BPDTrainingArguments:
     kwargs = dict(
-        output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
-        per_device_train_batch_size=16, per_device_eval_batch_size=32, learning_rate=1e-2, logging_steps=50, seed=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to="none",
+        disable_tqdm=True,
+        save_strategy="no",
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=1e-2,
+        logging_steps=50,
+        seed=0,
+    )
     kwargs.update(overrides)
     return BPDTrainingArguments(**kwargs)
 
@@ -135,9 +143,14 @@ def frozen_run(base_dir, blocks, corpus, tokenizer, tmp_path_factory):
     capture = LogCapture()
     out = tmp_path_factory.mktemp("frozen")
     trainer = BPDTrainer(
-        model, training_args(out, max_steps=150, logging_first_step=True), train_dataset=blocks.train,
-        eval_dataset=blocks.eval, processing_class=tokenizer, training_data=[str(corpus.train)], callbacks=[capture],
-    )  # fmt: skip
+        model,
+        training_args(out, max_steps=150, logging_first_step=True),
+        train_dataset=blocks.train,
+        eval_dataset=blocks.eval,
+        processing_class=tokenizer,
+        training_data=[str(corpus.train)],
+        callbacks=[capture],
+    )
     initial = trainer.evaluate()
     start = time.perf_counter()
     trainer.train()
@@ -145,9 +158,16 @@ def frozen_run(base_dir, blocks, corpus, tokenizer, tmp_path_factory):
     final = trainer.evaluate()
     model.eval()
     return SimpleNamespace(
-        model=model, trainer=trainer, initial=initial, final=final, logs=capture.logs, base_before=base_before,
-        heads_before=heads_before, seconds=seconds, out=out,
-    )  # fmt: skip
+        model=model,
+        trainer=trainer,
+        initial=initial,
+        final=final,
+        logs=capture.logs,
+        base_before=base_before,
+        heads_before=heads_before,
+        seconds=seconds,
+        out=out,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,10 +176,20 @@ def lora_run(base_dir, blocks, tokenizer, tmp_path_factory):
     model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=H)
     out = tmp_path_factory.mktemp("lora")
     args = training_args(
-        out, max_steps=6, learning_rate=5e-3, use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        lora_target_modules=["q_proj", "v_proj", "down_proj"], base_loss_weight=0.5, heads_learning_rate_multiplier=4.0,
-        save_strategy="steps", save_steps=3, logging_steps=3,
-    )  # fmt: skip
+        out,
+        max_steps=6,
+        learning_rate=5e-3,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj", "down_proj"],
+        base_loss_weight=0.5,
+        heads_learning_rate_multiplier=4.0,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=3,
+    )
     trainer = BPDTrainer(model, args, train_dataset=blocks.train, processing_class=tokenizer)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
@@ -293,10 +323,18 @@ def test_resume_restores_heads_and_adapters_and_checks_num_heads(lora_run, base_
     checkpoint = lora_run.out / "checkpoint-3"
     assert (checkpoint / "bpd_heads.safetensors").is_file() and (checkpoint / "adapter").is_dir()
     args = lambda **kw: training_args(  # noqa: E731
-        lora_run.out, max_steps=4, learning_rate=5e-3, use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        lora_target_modules=["q_proj", "v_proj", "down_proj"], base_loss_weight=0.5, heads_learning_rate_multiplier=4.0,
+        lora_run.out,
+        max_steps=4,
+        learning_rate=5e-3,
+        use_lora=True,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        lora_target_modules=["q_proj", "v_proj", "down_proj"],
+        base_loss_weight=0.5,
+        heads_learning_rate_multiplier=4.0,
         **kw,
-    )  # fmt: skip
+    )
     other = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
     trainer = BPDTrainer(other, args(), train_dataset=blocks.train)
     with pytest.raises(ValueError, match=r"num_draft_heads=3.*num_draft_heads=2"):
@@ -330,8 +368,12 @@ def test_teacher_is_the_base_without_adapters(lora_run, base_dir, prompts):
 def test_self_distillation_lowers_head_loss(mode, weighting, base_dir, blocks, tmp_path):
     model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2, share_lm_head=False)
     args = training_args(
-        tmp_path, max_steps=40, distillation=mode, head_loss_weighting=weighting, distillation_temperature=2.0,
-    )  # fmt: skip
+        tmp_path,
+        max_steps=40,
+        distillation=mode,
+        head_loss_weighting=weighting,
+        distillation_temperature=2.0,
+    )
     trainer = BPDTrainer(model, args, train_dataset=blocks.train, eval_dataset=blocks.eval.select(range(16)))
     before = trainer.evaluate()
     trainer.train()
@@ -369,8 +411,9 @@ def test_push_to_hub_uploads_heads_adapters_and_card(lora_run, monkeypatch):
 
 
 def test_checkpoint_pushes_during_training_carry_heads_and_adapters(lora_run, monkeypatch, tmp_path):
-    import transformers.trainer
     from concurrent.futures import Future
+
+    import transformers.trainer
 
     uploads = []
 
@@ -417,7 +460,9 @@ def test_trainer_skips_and_counts_short_sequences(base_dir, tmp_path, caplog):
     assert sorted(len(r) for r in trainer.train_dataset["input_ids"]) == [5, 10, 12]
     trainer.train()  # variable lengths: BlockCollator pads and masks
     with pytest.raises(ValueError, match="All 2 sequences are shorter than 5"):
-        BPDTrainer(model, training_args(tmp_path), train_dataset=Dataset.from_dict({"input_ids": rows[:1] + rows[-1:]}))
+        BPDTrainer(
+            model, training_args(tmp_path), train_dataset=Dataset.from_dict({"input_ids": rows[:1] + rows[-1:]})
+        )
 
 
 def test_streaming_dataset_trains(base_dir, corpus, tokenizer, tmp_path):
@@ -471,14 +516,47 @@ def _free_port() -> int:
 def test_two_process_accelerate_launch_trains_and_saves_loadable_heads(base_dir, corpus, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(REPO / "examples" / "train_heads.py"),
-        "--use_cpu", "--base_model", str(base_dir), "--train_files", str(corpus.train), "--output_dir", str(out),
-        "--num_draft_heads", "2", "--seq_len", str(SEQ), "--per_device_train_batch_size", "4", "--max_steps", "3",
-        "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-        "--include_num_input_tokens_seen", "true",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(REPO / "examples" / "train_heads.py"),
+        "--use_cpu",
+        "--base_model",
+        str(base_dir),
+        "--train_files",
+        str(corpus.train),
+        "--output_dir",
+        str(out),
+        "--num_draft_heads",
+        "2",
+        "--seq_len",
+        str(SEQ),
+        "--per_device_train_batch_size",
+        "4",
+        "--max_steps",
+        "3",
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--include_num_input_tokens_seen",
+        "true",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env["CUDA_VISIBLE_DEVICES"] = ""  # CPU processes, gloo backend, even on a GPU machine
     start = time.perf_counter()
@@ -552,8 +630,12 @@ def test_cached_features_with_a_draft_vocab_train_heads_that_bpd_accepts(cached,
 def test_draft_vocab_with_on_the_fly_hard_distillation(base_dir, blocks, tmp_path):
     model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2, draft_vocab_size=90)
     model.set_draft_vocab(torch.arange(3, 93))
-    trainer = BPDTrainer(model, training_args(tmp_path, max_steps=30, distillation="hard"), train_dataset=blocks.train,
-                         eval_dataset=blocks.eval.select(range(16)))  # fmt: skip
+    trainer = BPDTrainer(
+        model,
+        training_args(tmp_path, max_steps=30, distillation="hard"),
+        train_dataset=blocks.train,
+        eval_dataset=blocks.eval.select(range(16)),
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()
@@ -579,8 +661,9 @@ def test_soft_targets_from_cached_top_k(cached, base_dir, blocks, tmp_path):
     """Top-k soft targets: the base's own top-k log-probabilities, and soft distillation trains from them alone."""
     from hf_bpd.features import CachedFeatures, extract_features
 
-    paths = extract_features(cached.base, blocks.train["input_ids"][:64], tmp_path / "soft", seq_len=SEQ,
-                             shard_size=64, top_k=4)  # fmt: skip
+    paths = extract_features(
+        cached.base, blocks.train["input_ids"][:64], tmp_path / "soft", seq_len=SEQ, shard_size=64, top_k=4
+    )
     soft = CachedFeatures(paths)
     assert soft.has_soft_targets and not CachedFeatures(paths, soft_targets=False).has_soft_targets
     row = blocks.train[3]["input_ids"]
@@ -593,8 +676,9 @@ def test_soft_targets_from_cached_top_k(cached, base_dir, blocks, tmp_path):
     torch.testing.assert_close(item["teacher_topk_logprobs"][1:n].float(), top.values, atol=2e-3, rtol=1e-3)
     assert torch.equal(item["teacher_topk_ids"][1:n, 0], item["labels"][1:n])  # argmax = the greedy target
     model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
-    trainer = BPDTrainer(model, training_args(tmp_path, max_steps=40, distillation="soft"), train_dataset=soft,
-                         eval_dataset=soft)  # fmt: skip
+    trainer = BPDTrainer(
+        model, training_args(tmp_path, max_steps=40, distillation="soft"), train_dataset=soft, eval_dataset=soft
+    )
     before = trainer.evaluate()
     trainer.train()
     after = trainer.evaluate()

@@ -33,13 +33,16 @@ def test_two_drafts_share_the_root_only():
     assert layout.node_index.tolist() == [[0, 1, 2], [0, 3, 4]]
     assert layout.depth.tolist() == [0, 1, 2, 1, 2]
     assert layout.draft_of_node.tolist() == [0, 0, 0, 1, 1]
-    want = torch.tensor([
-        [1, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0],
-        [1, 1, 1, 0, 0],
-        [1, 0, 0, 1, 0],
-        [1, 0, 0, 1, 1],
-    ], dtype=torch.bool)  # fmt: skip
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],
+            [1, 0, 0, 1, 0],
+            [1, 0, 0, 1, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(layout.visible, want)
 
 
@@ -126,14 +129,17 @@ def test_prefix_tree_from_parents_hand_checked():
     assert layout.node_index.tolist() == [[0, 2, 2, 2], [0, 1, 4, 4], [0, 1, 3, 5]]  # leaves 2, 4, 5; padded
     assert layout.path_length.tolist() == [1, 2, 3]
     assert layout.draft_of_node.tolist() == [0, 1, 0, 2, 1, 2]
-    want = torch.tensor([
-        [1, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0],
-        [1, 0, 1, 0, 0, 0],
-        [1, 1, 0, 1, 0, 0],
-        [1, 1, 0, 0, 1, 0],
-        [1, 1, 0, 1, 0, 1],
-    ], dtype=torch.bool)  # fmt: skip
+    want = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 0, 1, 0, 0, 0],
+            [1, 1, 0, 1, 0, 0],
+            [1, 1, 0, 0, 1, 0],
+            [1, 1, 0, 1, 0, 1],
+        ],
+        dtype=torch.bool,
+    )
     assert torch.equal(layout.visible, want)  # ancestors and itself
     assert not layout.is_chain and tree_from_parents((-1, 0, 1)).is_chain
     paths = layout.path_tokens(torch.tensor([[0, 10, 20, 30, 40, 50]]))

@@ -10,10 +10,10 @@ from conftest import ARCHS, PAD, batch_prompts, randomize_heads, tiny_base
 from test_sampling import NEW, ROWS, chi_square_pvalue, exact_distribution, sampling_model
 
 from hf_bpd import BPDConfig, BPDForCausalLM
-from hf_bpd.logits import DynamicTreeDrafter, OracleDrafter, StaticTreeDrafter, build_static_tree
 from hf_bpd.drafters.tree import expected_accepted_length, grow_tree
-from hf_bpd_bench.tree_tune import calibrate_draft_tree, heads_fingerprint, load_tree_file
+from hf_bpd.logits import DynamicTreeDrafter, OracleDrafter, StaticTreeDrafter, build_static_tree
 from hf_bpd.tree import DraftTree, tree_from_parents
+from hf_bpd_bench.tree_tune import calibrate_draft_tree, heads_fingerprint, load_tree_file
 
 H = 3
 VOCAB_TINY = 97  # conftest.VOCAB: the n-gram tree test considers every token
@@ -49,7 +49,7 @@ class OracleTree(OracleDrafter):
         batch, vocab = want.shape[0], state.vocab_size
         parents = [-1, 0, 0]  # two depth-1 nodes; the oracle goes down the second
         chain = [2]
-        for depth in range(1, state.num_heads):
+        for _depth in range(1, state.num_heads):
             parents.append(chain[-1])  # the oracle's next node
             chain.append(len(parents) - 1)
             parents.append(int(torch.randint(0, len(parents) - 1, (1,), generator=self.gen)))  # a random extra node
@@ -61,7 +61,7 @@ class OracleTree(OracleDrafter):
         for depth, node in enumerate(chain):
             tokens[:, node - 1] = oracle[:, depth]
         for w in range(1, layout.width):  # siblings of an oracle node must differ from it (distinct sibling tokens)
-            for depth, node in enumerate(chain):
+            for node in chain:
                 if w != node and parents[w] == parents[node]:
                     clash = tokens[:, w - 1] == tokens[:, node - 1]
                     tokens[clash, w - 1] = (tokens[clash, w - 1] + 1 - 3) % (vocab - 3) + 3
@@ -76,8 +76,15 @@ def test_tree_random_heads_equals_base(arch, batch, kind):
     model = make(arch)
     ids, mask = batch_prompts(batch)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter(kind), return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=24,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=drafter(kind),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
 
 
@@ -90,8 +97,15 @@ def test_tree_oracle_path_accepts_everything(arch, batch):
     blocks = 5
     new = 1 + blocks * (H + 1)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-                         draft_rescorer=OracleTree(ref), return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=OracleTree(ref),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert (out.accepted_lengths == H).all()  # the oracle path is found in the tree and its cache kept
     assert out.num_serial_calls == 1 + blocks
@@ -102,8 +116,15 @@ def test_tree_partial_oracle_stays_lossless(batch):
     model = make("qwen2")
     ids, mask = batch_prompts(batch, seed=7)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=22, do_sample=False, use_bpd=True,
-                         draft_rescorer=OracleTree(ref, corrupt_at=1), return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=22,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=OracleTree(ref, corrupt_at=1),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     live = out.accepted_lengths[:-1] >= 0
     assert (out.accepted_lengths[:-1][live] >= 1).all()
@@ -133,8 +154,15 @@ def test_dynamic_tree_finds_the_rank_one_path(batch):
     ids, mask = batch_prompts(batch)
     new = 1 + 4 * (H + 1)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-                         draft_rescorer=LatticeOracle(ref, num_nodes=14, top_k=2), return_dict_in_generate=True)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_bpd=True,
+        draft_rescorer=LatticeOracle(ref, num_nodes=14, top_k=2),
+        return_dict_in_generate=True,
+    )
     assert torch.equal(out.sequences, ref)
     assert (out.accepted_lengths == H).all()
 
@@ -145,14 +173,22 @@ def test_tree_max_new_tokens_exact_and_eos(new):
     model = make("gpt2")
     ids, mask = batch_prompts(2, seed=3)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True,
-                         draft_rescorer=OracleTree(ref))  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=new, do_sample=False, use_bpd=True, draft_rescorer=OracleTree(ref)
+    )
     assert torch.equal(out, ref)
     free = model.base.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
     eos = int(free[0, ids.shape[1] + 5])
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, eos_token_id=eos,
-                         use_bpd=True, draft_rescorer=StaticTreeDrafter(STATIC))  # fmt: skip
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=20,
+        do_sample=False,
+        eos_token_id=eos,
+        use_bpd=True,
+        draft_rescorer=StaticTreeDrafter(STATIC),
+    )
     assert torch.equal(out, ref)
 
 
@@ -160,18 +196,22 @@ def test_tree_with_input_dependent_processors():
     """Processors that read input_ids see each tree node's own path as its prefix."""
     model = make("llama")
     ids, mask = batch_prompts(2, seed=2)
-    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=1.4,
-                  no_repeat_ngram_size=2)  # fmt: skip
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=16, do_sample=False, repetition_penalty=1.4, no_repeat_ngram_size=2
+    )
     ref = model.base.generate(ids, **kwargs)
     assert torch.equal(model.generate(ids, use_bpd=True, draft_rescorer=OracleTree(ref), **kwargs), ref)
     assert torch.equal(model.generate(ids, use_bpd=True, draft_rescorer=drafter("dynamic"), **kwargs), ref)
 
 
-@pytest.mark.parametrize("mode, drafter", [
-    ("match", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
-    ("speculative", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
-    ("speculative", lambda: DynamicTreeDrafter(6, top_k=3)),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "mode, drafter",
+    [
+        ("match", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
+        ("speculative", lambda: StaticTreeDrafter([[0], [1], [2], [0, 0], [0, 1], [1, 0]])),
+        ("speculative", lambda: DynamicTreeDrafter(6, top_k=3)),
+    ],
+)
 def test_tree_sampling_matches_base_distribution(mode, drafter):
     """
     "match": sample, then match at every node (a node's sample follows at most one child). "speculative": the tree
@@ -183,8 +223,18 @@ def test_tree_sampling_matches_base_distribution(mode, drafter):
     dist = exact_distribution(model.base, prompt)
     ids = torch.tensor([prompt] * ROWS)
     torch.manual_seed(0)
-    out = model.generate(ids, max_new_tokens=NEW, do_sample=True, temperature=0.8, top_k=5, top_p=1.0, use_bpd=True,
-                         bpd_sampling=mode, draft_rescorer=drafter(), return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        ids,
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        top_p=1.0,
+        use_bpd=True,
+        bpd_sampling=mode,
+        draft_rescorer=drafter(),
+        return_dict_in_generate=True,
+    )
     samples = out.sequences[:, len(prompt) :]
     assert int((out.accepted_lengths > 0).sum()) > 500  # drafts really accepted, on several branches
     assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
@@ -223,8 +273,16 @@ def test_tree_sampling_test_rejects_an_always_accepting_sampler(monkeypatch):
     prompt = [3, 5, 7]
     dist = exact_distribution(model.base, prompt)
     torch.manual_seed(0)
-    out = model.generate(torch.tensor([prompt] * ROWS), max_new_tokens=NEW, do_sample=True, temperature=0.8, top_k=5,
-                         top_p=1.0, use_bpd=True, draft_rescorer=DynamicTreeDrafter(6, top_k=3))  # fmt: skip
+    out = model.generate(
+        torch.tensor([prompt] * ROWS),
+        max_new_tokens=NEW,
+        do_sample=True,
+        temperature=0.8,
+        top_k=5,
+        top_p=1.0,
+        use_bpd=True,
+        draft_rescorer=DynamicTreeDrafter(6, top_k=3),
+    )
     assert chi_square_pvalue(out[:, len(prompt) :], dist, key=lambda s: s) < 1e-3
 
 
@@ -288,18 +346,26 @@ def test_calibrated_dynamic_tree_stays_lossless(batch):
 
     model = make("llama")
     ids, mask = batch_prompts(batch, seed=2)
-    calib = calibrate_confidence(model, [row[None] for row in batch_prompts(2, seed=1)[0][:, 5:]], top_k=3,
-                                 max_new_tokens=12)  # fmt: skip
+    calib = calibrate_confidence(
+        model, [row[None] for row in batch_prompts(2, seed=1)[0][:, 5:]], top_k=3, max_new_tokens=12
+    )
     assert calib.num_heads == H
     drafter = DynamicTreeDrafter(8, top_k=3, calibration=calib.to_dict(), full_path=True)
     ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True,
-                         draft_rescorer=drafter)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True, draft_rescorer=drafter
+    )
     assert torch.equal(out, ref)
     short = BPDForCausalLM.from_base(tiny_base("llama"), num_draft_heads=H + 1)
     with pytest.raises(ValueError, match="calibration covers 3 depths but the model has 4"):
-        short.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, use_bpd=True,
-                       draft_rescorer=DynamicTreeDrafter(8, top_k=3, calibration=calib))  # fmt: skip
+        short.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            use_bpd=True,
+            draft_rescorer=DynamicTreeDrafter(8, top_k=3, calibration=calib),
+        )
 
 
 def test_build_static_tree_is_medusas_greedy_construction():
@@ -319,8 +385,9 @@ def test_draft_tree_saved_with_the_heads(tmp_path):
     assert loaded.config.draft_tree == STATIC
     ids, mask = batch_prompts(2)
     ref = loaded.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    out = loaded.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True,
-                          draft_rescorer=StaticTreeDrafter())  # the checkpoint's own tree
+    out = loaded.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True, draft_rescorer=StaticTreeDrafter()
+    )  # the checkpoint's own tree
     assert torch.equal(out, ref)
 
 
@@ -369,8 +436,12 @@ def test_static_tree_deeper_than_the_heads_fails_at_generate():
     model = make("llama")
     ids, _ = batch_prompts(1)
     with pytest.raises(ValueError, match="4 tokens deep but the model has 3 draft heads"):
-        model.generate(ids, max_new_tokens=8, use_bpd=True,
-                       draft_rescorer=StaticTreeDrafter([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]))  # fmt: skip
+        model.generate(
+            ids,
+            max_new_tokens=8,
+            use_bpd=True,
+            draft_rescorer=StaticTreeDrafter([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]),
+        )
     with pytest.raises(ValueError, match="config.draft_tree.*not set.*hf-bpd tune --tree"):
         model.generate(ids, max_new_tokens=8, use_bpd=True, draft_rescorer=StaticTreeDrafter())
 
@@ -394,9 +465,9 @@ def test_tree_refuses_compare_unrefined():
     model = make("llama")
     ids, _ = batch_prompts(1)
     with pytest.raises(ValueError, match="compare_unrefined"):
-        model.generate(ids, max_new_tokens=8, use_bpd=True, draft_rescorer=StaticTreeDrafter(STATIC),
-                       compare_unrefined=True)  # fmt: skip
-
+        model.generate(
+            ids, max_new_tokens=8, use_bpd=True, draft_rescorer=StaticTreeDrafter(STATIC), compare_unrefined=True
+        )
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -420,11 +491,18 @@ def test_ngram_tree_is_lossless_and_follows_the_ngram(tmp_path, batch):
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-@pytest.mark.parametrize("flag, value, message", [
-    ("--tree-nodes", "0", "integer >= 1"), ("--tree-nodes", "-3", "integer >= 1"), ("--tree-nodes", "2.5", "integer"),
-    ("--tree-min-confidence", "1", "[0, 1)"), ("--tree-min-confidence", "-0.1", "[0, 1)"),
-    ("--tree-min-confidence", "nan", "[0, 1)"), ("--tree-min-confidence", "high", "[0, 1)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--tree-nodes", "0", "integer >= 1"),
+        ("--tree-nodes", "-3", "integer >= 1"),
+        ("--tree-nodes", "2.5", "integer"),
+        ("--tree-min-confidence", "1", "[0, 1)"),
+        ("--tree-min-confidence", "-0.1", "[0, 1)"),
+        ("--tree-min-confidence", "nan", "[0, 1)"),
+        ("--tree-min-confidence", "high", "[0, 1)"),
+    ],
+)
 def test_cli_bench_tree_flags_reject_nonsense_before_loading(flag, value, message, capsys, monkeypatch):
     import hf_bpd_bench.cli as cli
 
@@ -439,9 +517,9 @@ def test_cli_bench_tree_flags_reject_nonsense_before_loading(flag, value, messag
 def test_cli_bench_tree_flags_reach_the_bench_config(monkeypatch):
     import types
 
-    import hf_bpd_bench.cli as cli
     import hf_bpd.data
     import hf_bpd_bench.bench as bench
+    import hf_bpd_bench.cli as cli
 
     seen = {}
 
@@ -453,11 +531,30 @@ def test_cli_bench_tree_flags_reach_the_bench_config(monkeypatch):
         raise Stop
 
     monkeypatch.setattr(cli, "_resolve_defaults", lambda args, fill, required: seen.update(ngram="ngram_path" in fill))
-    monkeypatch.setattr(cli, "_load_resources", lambda *a, **k: types.SimpleNamespace(tokenizer=None, model=types.SimpleNamespace(dtype=torch.float32)))
+    monkeypatch.setattr(
+        cli,
+        "_load_resources",
+        lambda *a, **k: types.SimpleNamespace(tokenizer=None, model=types.SimpleNamespace(dtype=torch.float32)),
+    )
     monkeypatch.setattr(hf_bpd.data, "load_prompts", lambda *a, **k: [])
     monkeypatch.setattr(bench, "benchmark", fake_benchmark)
-    argv = ["bench", "--model", "m", "--prompts", "p", "--methods", "bpd-tree-ngram", "--top-k", "8", "--num-drafts",
-            "4", "--alpha-ngram", "0.5", "--alpha-neural", "0.5"]  # fmt: skip
+    argv = [
+        "bench",
+        "--model",
+        "m",
+        "--prompts",
+        "p",
+        "--methods",
+        "bpd-tree-ngram",
+        "--top-k",
+        "8",
+        "--num-drafts",
+        "4",
+        "--alpha-ngram",
+        "0.5",
+        "--alpha-neural",
+        "0.5",
+    ]
     with pytest.raises(Stop):
         cli.main(argv + ["--tree-nodes", "32", "--tree-min-confidence", "0.05"])
     assert (seen["cfg"].tree_nodes, seen["cfg"].tree_min_confidence) == (32, 0.05)

@@ -14,11 +14,12 @@ How drafts are proposed: one contract, `Drafter.propose(ctx: DraftContext) -> Dr
 registry entry.
 """
 
+from .auto import AutoDrafter, MatchCalibration
 from .base import (
     ChainDrafter,
     DraftContext,
-    DraftHeadsView,
     Drafter,
+    DraftHeadsView,
     DraftRescorer,
     Drafts,
     DraftState,
@@ -29,7 +30,6 @@ from .base import (
     checked_tree,
     sample_chains,
 )
-from .auto import AutoDrafter, MatchCalibration
 from .compare import CompareUnrefined
 from .context_ngram import ContextNgramDrafter
 from .lattice import LatticeRescorer

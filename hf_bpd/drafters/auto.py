@@ -23,7 +23,7 @@ merge) also *skips the heads* on those steps: the match is looked up first and t
 step's drafting time on a CPU, are computed only when needed. `tree=None` (`num_nodes` 0 in the tuner) never runs the
 heads: prompt lookup with width from cost. Which pays depends on the machine and the text: `hf-bpd tune --auto`
 measures the candidates (no tree, 2, 4, 8 nodes; merge or both) on the tuning prompts and keeps the fastest (on the
-10M reference, fp32, 1 thread, a shared 2-core AMD EPYC: 2 nodes with "both"; `bench/results/h8_tune_auto_10M.json`).
+10M reference, fp32, 1 thread, a shared 2-core AMD EPYC: 2 nodes with "both"; `bench/results/tune_auto_10M.json`).
 
 Batch > 1: the block has one shape, so the widest row decides (each row chooses its `N` as if alone; see
 `choose_num_nodes(batch_rule="widest")`); every row still gets its own match and its own probabilities.
@@ -39,7 +39,8 @@ from __future__ import annotations
 
 import time
 import weakref
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ from .tree import DynamicTreeDrafter
 from .verify_width import choose_num_nodes, prune_tree
 
 MATCH_EDGES = (2, 3, 4, 6, 8, 12)  # suffix match length bins: [1], [2], [3], [4, 5], [6, 7], [8, 11], [12+]
-_COSTS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()  # base model -> {(dtype, threads): cost}
+_COSTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()  # base model -> {(dtype, threads): cost}
 
 
 class MatchCalibration:
@@ -90,12 +91,18 @@ class MatchCalibration:
         return {"rates": [[round(float(v), 4) for v in row] for row in self.rates], "edges": list(self.edges)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "MatchCalibration":
+    def from_dict(cls, data: dict[str, Any]) -> MatchCalibration:
         return cls(data["rates"], data.get("edges", MATCH_EDGES))
 
     @classmethod
-    def fit(cls, lengths: Sequence[int], accepted: Sequence[int], depth: int, edges: Sequence[int] = MATCH_EDGES,
-            prior: float = 2.0) -> "MatchCalibration":  # fmt: skip
+    def fit(
+        cls,
+        lengths: Sequence[int],
+        accepted: Sequence[int],
+        depth: int,
+        edges: Sequence[int] = MATCH_EDGES,
+        prior: float = 2.0,
+    ) -> MatchCalibration:
         """
         Rates from observations: each one a suffix match length and how many of the match's tokens equalled the
         model's next tokens. Each bin is smoothed toward the pooled rate of its depth (`prior` pseudo-counts).
@@ -166,10 +173,17 @@ class AutoDrafter(Drafter):
     """
 
     def __init__(
-        self, model: Any = None, tree: dict | None = None, context: dict | None = None,
-        match_calibration: "MatchCalibration | dict | None" = None, cost: Any = None, rule: str = "merge",
-        switch_length: int = 4, sampling_nodes: int = 8, width_from_cost: bool = True,
-    ):  # fmt: skip
+        self,
+        model: Any = None,
+        tree: dict | None = None,
+        context: dict | None = None,
+        match_calibration: MatchCalibration | dict | None = None,
+        cost: Any = None,
+        rule: str = "merge",
+        switch_length: int = 4,
+        sampling_nodes: int = 8,
+        width_from_cost: bool = True,
+    ):
         if rule not in ("merge", "both"):
             raise ValueError(f"AutoDrafter rule must be 'merge' or 'both', got {rule!r}.")
         if tree is None and context is None:
@@ -282,7 +296,9 @@ class AutoDrafter(Drafter):
         want[:, :m] = match.tokens[:, :m].cpu()
         depth = layout.depth[1:].cpu()
         inside = torch.arange(d)[None] < depth[:, None]  # (W - 1, D)
-        on_path = ((paths == want[:, None]) | ~inside[None]).all(-1) & (depth[None] <= match.num_found_tokens.cpu()[:, None])
+        on_path = ((paths == want[:, None]) | ~inside[None]).all(-1) & (
+            depth[None] <= match.num_found_tokens.cpu()[:, None]
+        )
         rate = self.match_calibration.probs(match.length.cpu()[:, None].expand(-1, depth.numel()), depth[None])
         return torch.where(on_path, torch.maximum(probs, rate), probs)
 

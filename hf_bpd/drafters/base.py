@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterator, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -255,9 +256,16 @@ class DraftState(DraftContext):
     num_tokens, proposal_warper=None)` (the model is wrapped in a [`DraftHeadsView`]; prompts start at 0).
     """
 
-    def __init__(self, model: Any, input_ids: torch.LongTensor, lengths: torch.LongTensor, live: torch.BoolTensor,
-                 hidden: torch.Tensor | None, num_tokens: int,
-                 proposal_warper: Callable[[torch.Tensor], torch.Tensor] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        live: torch.BoolTensor,
+        hidden: torch.Tensor | None,
+        num_tokens: int,
+        proposal_warper: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ):
         heads = DraftHeadsView(model) if model is not None else None
         super().__init__(input_ids, lengths, live, heads, hidden, num_tokens, proposal_warper)
 
@@ -302,15 +310,20 @@ def sample_chains(probs: torch.FloatTensor, num_drafts: int) -> Drafts:
     return Drafts(tokens=tokens, proposals=probs[:, None].expand(batch, num_drafts, h, vocab))
 
 
-def as_draft_tree(drafts: "torch.LongTensor | Drafts | DraftTree", ctx: DraftContext) -> DraftTree:
+def as_draft_tree(drafts: torch.LongTensor | Drafts | DraftTree, ctx: DraftContext) -> DraftTree:
     """The older return types of `get_drafts` as one [`~hf_bpd.tree.DraftTree`] cut to `ctx.num_tokens`."""
     if isinstance(drafts, DraftTree):
         return drafts
     proposals = None
     if isinstance(drafts, Drafts):
         drafts, proposals = drafts.tokens, drafts.proposals
-    if not isinstance(drafts, torch.Tensor) or drafts.dim() != 3 or drafts.shape[0] != ctx.batch_size \
-            or drafts.shape[2] != ctx.num_heads or drafts.shape[1] < 1:  # fmt: skip
+    if (
+        not isinstance(drafts, torch.Tensor)
+        or drafts.dim() != 3
+        or drafts.shape[0] != ctx.batch_size
+        or drafts.shape[2] != ctx.num_heads
+        or drafts.shape[1] < 1
+    ):
         shape = tuple(drafts.shape) if isinstance(drafts, torch.Tensor) else type(drafts).__name__
         raise ValueError(f"draft_rescorer must return (batch, p, {ctx.num_heads}) drafts, got {shape}.")
     return chains(ctx, drafts, proposals)
@@ -432,18 +445,18 @@ class ChainDrafter(Drafter):
     def propose(self, ctx: DraftContext) -> DraftTree:
         return as_draft_tree(self._chains(ctx), ctx)
 
-    def get_drafts(self, state: DraftContext) -> "torch.LongTensor | Drafts":
+    def get_drafts(self, state: DraftContext) -> torch.LongTensor | Drafts:
         """Deprecated: the chains as `(batch, p, h)` tokens or [`Drafts`] (use `propose`)."""
         return self._chains(state)
 
-    def _chains(self, ctx: DraftContext) -> "torch.LongTensor | Drafts":
+    def _chains(self, ctx: DraftContext) -> torch.LongTensor | Drafts:
         raise NotImplementedError
 
 
 class HeadsDrafter(ChainDrafter):
     """The heads' own drafts: greedy, each head's argmax (plain blockwise parallel decoding, the default)."""
 
-    def _chains(self, ctx: DraftContext) -> "torch.LongTensor | Drafts":
+    def _chains(self, ctx: DraftContext) -> torch.LongTensor | Drafts:
         if ctx.sampling:
             if ctx.independent:
                 # Head i's distribution q_i reads only the hidden state of the last committed token, so it is a

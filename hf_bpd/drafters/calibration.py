@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
-
 
 # Score bins of a confidence calibration: a node's own log-score (head log-probability, or the head / n-gram mix).
 CALIBRATION_EDGES = (-8.0, -6.0, -5.0, -4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.6, -0.3)
@@ -61,12 +61,16 @@ class ConfidenceCalibration:
         return {"rates": self.rates.tolist(), "edges": self.edges.tolist()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ConfidenceCalibration":
+    def from_dict(cls, data: dict[str, Any]) -> ConfidenceCalibration:
         return cls(data["rates"], data.get("edges", CALIBRATION_EDGES))
 
     @staticmethod
-    def fit(scores: Sequence[torch.Tensor], hits: Sequence[torch.Tensor], edges: Sequence[float] = CALIBRATION_EDGES,
-            prior: float = 4.0) -> "ConfidenceCalibration":
+    def fit(
+        scores: Sequence[torch.Tensor],
+        hits: Sequence[torch.Tensor],
+        edges: Sequence[float] = CALIBRATION_EDGES,
+        prior: float = 4.0,
+    ) -> ConfidenceCalibration:
         """
         Rates from observations: per depth, node log-scores and whether the node was the model's token (nodes whose
         parent path was right only). Each bin is smoothed toward the depth's overall rate (`prior` pseudo-counts)

@@ -69,10 +69,16 @@ class ContextMatch:
 
 
 def find_context_match(
-    tokens: torch.LongTensor, lengths: torch.LongTensor, prompt_start: torch.LongTensor, num_tokens: int,
-    live: torch.BoolTensor | None = None, max_ngram: int = 3, min_ngram: int = 1, cyclic: bool = False,
+    tokens: torch.LongTensor,
+    lengths: torch.LongTensor,
+    prompt_start: torch.LongTensor,
+    num_tokens: int,
+    live: torch.BoolTensor | None = None,
+    max_ngram: int = 3,
+    min_ngram: int = 1,
+    cyclic: bool = False,
     max_match: int = 64,
-) -> ContextMatch:  # fmt: skip
+) -> ContextMatch:
     """
     For each live row, the most recent earlier occurrence of its last `n` tokens (largest `n` first) within its own
     context, and up to `num_tokens` tokens that followed it.
@@ -141,9 +147,12 @@ def _continuation(
 
 
 def _suffix_match_length(
-    tokens: torch.LongTensor, lengths: torch.LongTensor, prompt_start: torch.LongTensor, cont: torch.LongTensor,
+    tokens: torch.LongTensor,
+    lengths: torch.LongTensor,
+    prompt_start: torch.LongTensor,
+    cont: torch.LongTensor,
     max_match: int,
-) -> torch.LongTensor:  # fmt: skip
+) -> torch.LongTensor:
     """How many tokens before `cont` equal the row's last tokens (from the end backwards, inside the context)."""
     k = torch.arange(1, max_match + 1, device=tokens.device)[None]
     earlier, recent = cont[:, None] - k, lengths[:, None] - k
@@ -219,9 +228,13 @@ def _attach_node(tree: DraftTree, match_tokens: torch.LongTensor, found: torch.B
 
 
 def switch_to_match(
-    tree: DraftTree, match: ContextMatch, switch_length: int, max_depth: int, live: torch.BoolTensor | None = None,
+    tree: DraftTree,
+    match: ContextMatch,
+    switch_length: int,
+    max_depth: int,
+    live: torch.BoolTensor | None = None,
     fill_token: int = 0,
-) -> DraftTree | None:  # fmt: skip
+) -> DraftTree | None:
     """
     SAM-Decoding's rule: when every live row's suffix match is at least `switch_length` tokens long (and has a
     continuation), the match chain ([`match_chain`]) replaces the tree; otherwise None (keep or merge the tree).
@@ -266,9 +279,16 @@ class ContextNgramDrafter(Drafter):
     num_drafts = 1
 
     def __init__(
-        self, inner: Drafter | None = None, rule: str = "both", max_ngram: int = 3, min_ngram: int = 1,
-        switch_length: int = 4, cyclic: bool = False, fill_token: int = 0, max_depth: int = 10,
-    ):  # fmt: skip
+        self,
+        inner: Drafter | None = None,
+        rule: str = "both",
+        max_ngram: int = 3,
+        min_ngram: int = 1,
+        switch_length: int = 4,
+        cyclic: bool = False,
+        fill_token: int = 0,
+        max_depth: int = 10,
+    ):
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}.")
         if not 1 <= min_ngram <= max_ngram:
@@ -297,8 +317,16 @@ class ContextNgramDrafter(Drafter):
 
     def match(self, ctx: DraftContext) -> ContextMatch:
         """This step's matches: up to `ctx.max_tokens` tokens per live row (the pure [`find_context_match`])."""
-        return find_context_match(ctx.tokens, ctx.lengths, ctx.prompt_start, min(ctx.max_tokens, self.max_depth),
-                                  ctx.live, self.max_ngram, self.min_ngram, self.cyclic)  # fmt: skip
+        return find_context_match(
+            ctx.tokens,
+            ctx.lengths,
+            ctx.prompt_start,
+            min(ctx.max_tokens, self.max_depth),
+            ctx.live,
+            self.max_ngram,
+            self.min_ngram,
+            self.cyclic,
+        )
 
     def propose(self, ctx: DraftContext) -> DraftTree:
         inner = None if self.inner is None else self.inner.propose(ctx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..logits.lattice import TopKLattice, check_alpha, check_num_drafts, check_top_k, leading_pads
-from .base import ChainDrafter, Drafts, DraftContext, TimingStats
+from .base import ChainDrafter, DraftContext, Drafts, TimingStats
 
 
 class LatticeRescorer(TimingStats, ChainDrafter):
@@ -37,9 +37,12 @@ class LatticeRescorer(TimingStats, ChainDrafter):
         self.reset_timing()
 
     def __call__(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, draft_logits: torch.FloatTensor,
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        draft_logits: torch.FloatTensor,
         prompt_start: torch.LongTensor | None = None,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         """
         The best paths of the lattice (the older functional interface; `propose` calls it when greedy).
 
@@ -63,13 +66,17 @@ class LatticeRescorer(TimingStats, ChainDrafter):
             return lattice.path_tokens(paths)
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        lattice: TopKLattice,
+        vocab_size: int,
         prompt_start: torch.LongTensor,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         """Return lattice indices `(batch, num_drafts, h)`, best first."""
         raise NotImplementedError
 
-    def _chains(self, ctx: DraftContext) -> "torch.LongTensor | Drafts":
+    def _chains(self, ctx: DraftContext) -> torch.LongTensor | Drafts:
         """
         Greedy decoding: `__call__` (the `p` best paths). Speculative sampling (`ctx.sampling`): `_sample`, drafts
         drawn token by token from the rescorer's own reweighted distribution over the lattice, returned with it
@@ -85,6 +92,6 @@ class LatticeRescorer(TimingStats, ChainDrafter):
             with torch.no_grad():
                 return self._sample(ctx, lattice, draft_logits.shape[-1])
 
-    def _sample(self, ctx: DraftContext, lattice: TopKLattice, vocab_size: int) -> "torch.LongTensor | Drafts":
+    def _sample(self, ctx: DraftContext, lattice: TopKLattice, vocab_size: int) -> torch.LongTensor | Drafts:
         """Drafts sampled from the rescorer's proposal with their proposals; default: the deterministic best paths."""
         return lattice.path_tokens(self._rescore(ctx.tokens, ctx.lengths, lattice, vocab_size, ctx.prompt_start))

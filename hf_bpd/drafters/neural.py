@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -103,9 +104,14 @@ class NeuralRescorer(LatticeRescorer):
         """Feed `tokens` `(B, W)` after the cache; return the logits `(B, V)` at position `last[b]` of each row."""
         kwargs = {"logits_to_keep": last[:, None]} if self._keeps_logits else {}  # project only the needed positions
         out = self.lm(
-            input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self._cache, use_cache=True,
-            return_dict=True, **kwargs,
-        )  # fmt: skip
+            input_ids=tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._cache,
+            use_cache=True,
+            return_dict=True,
+            **kwargs,
+        )
         if self._cache is None:
             self._cache = out.cache
             if not getattr(self._cache, "is_croppable", False):
@@ -224,9 +230,13 @@ class NeuralRescorer(LatticeRescorer):
         self.last_lm_logprobs = torch.stack(lm_scores, dim=1)  # (B, h, k)
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        lattice: TopKLattice,
+        vocab_size: int,
         prompt_start: torch.LongTensor,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         self._check_lm_vocab(vocab_size)
         batch, h, k = lattice.tokens.shape
         if self.alpha == 0.0:  # no LM term: the argmax draft

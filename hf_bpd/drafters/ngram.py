@@ -11,7 +11,14 @@ from typing import Any
 import torch
 
 from ..logits.lattice import LN10, TopKLattice, lattice_proposal, pbest_paths
-from ..logits.ngram import _arpa_unigrams, check_ngram_vocab, committed_contexts, kenlm_context_state, load_kenlm, ngram_pbest
+from ..logits.ngram import (
+    _arpa_unigrams,
+    check_ngram_vocab,
+    committed_contexts,
+    kenlm_context_state,
+    load_kenlm,
+    ngram_pbest,
+)
 from .base import DraftContext, Drafts
 from .lattice import LatticeRescorer
 
@@ -145,9 +152,13 @@ class NgramRescorer(LatticeRescorer):
         return Drafts(tokens=drafts, proposals=torch.stack(proposals, dim=1).view(batch, p, h, vocab_size))
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        lattice: TopKLattice,
+        vocab_size: int,
         prompt_start: torch.LongTensor,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         if self._checked_vocab is None:
             self._check_vocab(vocab_size)
         if self.alpha == 0.0:  # no n-gram term: the exact p-best of the head scores

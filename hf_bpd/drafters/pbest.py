@@ -31,7 +31,7 @@ class PBestRescorer(LatticeRescorer):
     def __init__(self, top_k: int, num_drafts: int = 1):
         super().__init__(top_k=top_k, alpha=0.0, num_drafts=num_drafts)
 
-    def _chains(self, state: DraftContext) -> "torch.LongTensor | Drafts":
+    def _chains(self, state: DraftContext) -> torch.LongTensor | Drafts:
         """
         Greedy decoding: the `p` best paths. Speculative sampling (`state.sampling`): `p` independent chains, token
         `j` drawn from head `j`'s proposal restricted to its top-k (renormalised): the lattice's own distribution,
@@ -46,8 +46,12 @@ class PBestRescorer(LatticeRescorer):
             return sample_chains(kept / kept.sum(-1, keepdim=True), self.num_drafts)
 
     def _rescore(
-        self, input_ids: torch.LongTensor, lengths: torch.LongTensor, lattice: TopKLattice, vocab_size: int,
+        self,
+        input_ids: torch.LongTensor,
+        lengths: torch.LongTensor,
+        lattice: TopKLattice,
+        vocab_size: int,
         prompt_start: torch.LongTensor,
-    ) -> torch.LongTensor:  # fmt: skip
+    ) -> torch.LongTensor:
         paths, _ = pbest_paths(lattice.logprobs, self.num_drafts)
         return paths

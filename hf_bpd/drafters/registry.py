@@ -7,10 +7,11 @@ are read relative to the checkpoint folder the model was loaded from.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .base import DraftHeadsView, Drafter, HeadsDrafter, check_drafter_heads
+from .base import Drafter, DraftHeadsView, HeadsDrafter, check_drafter_heads
 
 
 def _path(model: Any, value: Any) -> Any:
@@ -45,7 +46,9 @@ def _neural(model: Any, path: Any = None, **options: Any) -> Drafter:
     from .neural import NeuralRescorer
 
     if path is None:
-        raise ValueError("The 'neural' drafter needs `path`: a small causal LM (folder or model) of the same tokenizer.")
+        raise ValueError(
+            "The 'neural' drafter needs `path`: a small causal LM (folder or model) of the same tokenizer."
+        )
     return NeuralRescorer(_lm(model, path), **options)
 
 

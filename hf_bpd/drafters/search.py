@@ -11,7 +11,8 @@ per-position scores), and with a `NeuralHook` and `num_drafts=1` exactly their l
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -43,8 +44,13 @@ class SearchDrafter(TimingStats, ChainDrafter):
     def reset(self) -> None:
         self.reset_timing()
 
-    def _scores(self, ctx: DraftContext, paths: torch.LongTensor, rows: torch.LongTensor,
-                prefix: tuple[torch.LongTensor, torch.LongTensor]) -> tuple[torch.Tensor, torch.LongTensor]:  # fmt: skip
+    def _scores(
+        self,
+        ctx: DraftContext,
+        paths: torch.LongTensor,
+        rows: torch.LongTensor,
+        prefix: tuple[torch.LongTensor, torch.LongTensor],
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
         """Hooked scores `(N, V)` of the token after each path `(N, d)` of row `rows` (`-inf` outside the top-k)."""
         logprobs = torch.log_softmax(ctx.path_logits(paths, rows).float(), dim=-1)
         values, top = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
@@ -57,7 +63,7 @@ class SearchDrafter(TimingStats, ChainDrafter):
                 scores = hook(ids, scores, attention_mask=mask)
         return scores, top
 
-    def _chains(self, ctx: DraftContext) -> "torch.LongTensor | Drafts":
+    def _chains(self, ctx: DraftContext) -> torch.LongTensor | Drafts:
         with self.timed(), torch.no_grad():
             prefix = committed_prefixes(ctx) if self.hooks else (None, None)
             if ctx.sampling:

@@ -23,13 +23,14 @@ from __future__ import annotations
 import functools
 import heapq
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ..tree import DraftTree, check_tree_choices, choices_layout, tree_from_parents
 from ..logits.lattice import LN10, check_alpha, check_top_k
 from ..logits.ngram import committed_contexts
+from ..tree import DraftTree, check_tree_choices, choices_layout, tree_from_parents
 from .base import DraftContext, Drafter, TimingStats
 from .calibration import CALIBRATION_EDGES, ConfidenceCalibration  # noqa: F401  (CALIBRATION_EDGES re-exported)
 
@@ -259,7 +260,7 @@ class DynamicTreeDrafter(_Timed):
         alpha: float = 0.5,
         pad_token_id: int | None = None,
         max_depth: int | None = None,
-        calibration: "ConfidenceCalibration | dict[str, Any] | None" = None,
+        calibration: ConfidenceCalibration | dict[str, Any] | None = None,
         full_path: bool = False,
     ):
         super().__init__()
@@ -319,9 +320,17 @@ class DynamicTreeDrafter(_Timed):
             self.ngram._check_vocab(state.vocab_size)
         contexts = self._contexts(state) if self.ngram is not None else None
         parents, tokens_of_node = grow_tree(
-            logprobs, tokens, live, self.num_nodes, self.log_min, self._ngram_scorer(contexts) if contexts else None,
-            self.alpha, self.calibration, self.full_path, expand,
-        )  # fmt: skip
+            logprobs,
+            tokens,
+            live,
+            self.num_nodes,
+            self.log_min,
+            self._ngram_scorer(contexts) if contexts else None,
+            self.alpha,
+            self.calibration,
+            self.full_path,
+            expand,
+        )
         layout = tree_from_parents(parents, state.hidden.device)
         if state.sampling:  # the shape chosen from the top-k lattice, filled with sampled tokens
             return sample_ctx_tree(state, layout)

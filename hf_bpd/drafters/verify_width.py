@@ -48,9 +48,11 @@ def sorted_node_probs(node_probs: torch.Tensor) -> torch.DoubleTensor:
 
 
 def expected_rates(
-    node_probs: torch.Tensor, cost: ForwardCost | Callable[[float], float], draft_cost: float = 0.0,
+    node_probs: torch.Tensor,
+    cost: ForwardCost | Callable[[float], float],
+    draft_cost: float = 0.0,
     batch_size: int = 1,
-) -> torch.DoubleTensor:  # fmt: skip
+) -> torch.DoubleTensor:
     """
     Expected tokens per second of verifying the `N` most probable nodes, for every `N` in `0 .. M`.
 
@@ -88,9 +90,12 @@ class WidthChoice:
 
 
 def choose_num_nodes(
-    node_probs: torch.Tensor, cost: ForwardCost | Callable[[float], float], draft_cost: float = 0.0,
-    live: torch.BoolTensor | None = None, batch_rule: str = "widest",
-) -> WidthChoice:  # fmt: skip
+    node_probs: torch.Tensor,
+    cost: ForwardCost | Callable[[float], float],
+    draft_cost: float = 0.0,
+    live: torch.BoolTensor | None = None,
+    batch_rule: str = "widest",
+) -> WidthChoice:
     """
     The number of draft nodes maximising expected tokens per second (see the module docstring).
 
@@ -204,9 +209,12 @@ class WidthFromCost:
         return choose_num_nodes(node_probs, self.cost, draft_cost, live, self.batch_rule).num_nodes
 
     def apply(
-        self, tree: DraftTree, node_probs: torch.Tensor | None, draft_cost: float = 0.0,
+        self,
+        tree: DraftTree,
+        node_probs: torch.Tensor | None,
+        draft_cost: float = 0.0,
         live: torch.BoolTensor | None = None,
-    ) -> DraftTree:  # fmt: skip
+    ) -> DraftTree:
         """`tree` cut to the chosen number of nodes (by probability; uncalibrated: the first `fallback_nodes` nodes,
         which is ancestor-closed because parents precede children)."""
         n = self.num_nodes(node_probs, draft_cost, live)

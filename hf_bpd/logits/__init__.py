@@ -12,15 +12,36 @@ from .lattice import TopKLattice, pbest_paths
 from .ngram import is_kenlm_available, ngram_pbest
 
 _DRAFTER_NAMES = (
-    "ConfidenceCalibration", "DraftContext", "DraftRescorer", "DraftState", "Drafter", "Drafts", "DynamicTreeDrafter",
-    "HeadsDrafter", "LatticeRescorer", "NeuralRescorer", "NgramRescorer", "OracleDrafter", "PBestRescorer",
-    "SearchDrafter", "StaticTreeDrafter", "build_static_tree", "sample_chains", "sample_tree",
-)  # fmt: skip
+    "ConfidenceCalibration",
+    "DraftContext",
+    "DraftRescorer",
+    "DraftState",
+    "Drafter",
+    "Drafts",
+    "DynamicTreeDrafter",
+    "HeadsDrafter",
+    "LatticeRescorer",
+    "NeuralRescorer",
+    "NgramRescorer",
+    "OracleDrafter",
+    "PBestRescorer",
+    "SearchDrafter",
+    "StaticTreeDrafter",
+    "build_static_tree",
+    "sample_chains",
+    "sample_tree",
+)
 
 __all__ = [
-    "NeuralHook", "NgramHook", "RefinementHook", "TopKLattice", "is_kenlm_available", "ngram_pbest", "pbest_paths",
+    "NeuralHook",
+    "NgramHook",
+    "RefinementHook",
+    "TopKLattice",
+    "is_kenlm_available",
+    "ngram_pbest",
+    "pbest_paths",
     *_DRAFTER_NAMES,
-]  # fmt: skip
+]
 
 # Moved out of the library (hf_bpd never imports the benchmark package): name the new place.
 _MOVED = {

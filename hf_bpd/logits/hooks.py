@@ -103,7 +103,9 @@ class NeuralHook(RefinementHook):
     def __init__(self, lm: Any, alpha: float = 0.5):
         self.alpha = check_alpha(alpha)
         if "position_ids" not in inspect.signature(lm.forward).parameters:
-            raise ValueError(f"NeuralHook needs an LM whose forward takes `position_ids`; {type(lm).__name__} does not.")
+            raise ValueError(
+                f"NeuralHook needs an LM whose forward takes `position_ids`; {type(lm).__name__} does not."
+            )
         self.lm = lm
 
     @torch.no_grad()
@@ -113,8 +115,12 @@ class NeuralHook(RefinementHook):
         device = self.lm.device
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.lm(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                         position_ids=positions.to(device), use_cache=False).logits[:, -1]  # fmt: skip
+        logits = self.lm(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=positions.to(device),
+            use_cache=False,
+        ).logits[:, -1]
         if logits.shape[-1] != scores.shape[-1]:
             raise ValueError(
                 f"NeuralHook's LM has {logits.shape[-1]} output tokens but the draft scores have {scores.shape[-1]}: "

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 
-
 LN10 = math.log(10.0)
 
 
@@ -33,7 +32,7 @@ class TopKLattice:
     logprobs: torch.FloatTensor
 
     @classmethod
-    def from_logits(cls, draft_logits: torch.Tensor, top_k: int) -> "TopKLattice":
+    def from_logits(cls, draft_logits: torch.Tensor, top_k: int) -> TopKLattice:
         """
         Args:
             draft_logits (`torch.FloatTensor` of shape `(batch, h, vocab)`): raw draft-head logits.
@@ -137,7 +136,7 @@ def check_num_drafts(num_drafts: int, top_k: int | None = None, num_heads: int |
         raise ValueError(f"num_drafts must be an integer >= 1 (drafts verified per step), got {num_drafts!r}.")
     if top_k is not None and num_heads is not None and num_drafts > top_k**num_heads:
         raise ValueError(
-            f"num_drafts={num_drafts} is larger than the {top_k ** num_heads} paths of a top-{top_k} lattice over "
+            f"num_drafts={num_drafts} is larger than the {top_k**num_heads} paths of a top-{top_k} lattice over "
             f"{num_heads} draft heads: lower num_drafts or raise top_k."
         )
     return num_drafts
