@@ -149,9 +149,9 @@ def make_drafter(spec: dict[str, Any], res: Resources) -> Drafter:
         return L.OracleDrafter(pad_token_id=pad if pad is not None else 0, **options)
     if kind == "heads":
         return L.HeadsDrafter()
-    raise ValueError(
-        f"Unknown drafter type {kind!r}; choose from ngram, neural, pbest, tree, tree-static, oracle, heads."
-    )
+    from hf_bpd.drafters import build_drafter
+
+    return build_drafter(res.model, spec)  # every other registered drafter, by its registry name
 
 
 def run_method(

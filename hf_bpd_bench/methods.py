@@ -37,6 +37,7 @@ DEFAULT_BPD_METHOD = "bpd"  # plain `use_bpd=True`: what a user gets without cho
 GROUPS = {
     "reference": "the base model's own decoding",
     "bpd": "BPD with the checkpoint's recommended drafter",
+    "single": "BPD with one simple drafter (the heads' own chain; prompt lookup through the BPD loop)",
     "refined": "BPD with refined chains (rescored or p-best lattice paths)",
     "tree": "BPD with draft trees",
     "peer": "other speculative methods transformers ships",
@@ -110,6 +111,16 @@ METHODS: dict[str, MethodSpec] = {
     ),
     DEFAULT_BPD_METHOD: MethodSpec(
         "blockwise parallel decoding with the checkpoint's recommended drafter", "bpd", drafter=CHECKPOINT
+    ),
+    "bpd-heads": MethodSpec(
+        "the heads' own argmax chain (plain blockwise parallel decoding; what `bpd` meant before the default drafter)",
+        "single",
+        drafter={"type": "heads"},
+    ),
+    "bpd-context": MethodSpec(
+        "prompt lookup (the row's context n-gram match, up to 10 tokens) verified by the BPD loop, no heads",
+        "single",
+        drafter={"type": "context-ngram"},
     ),
     "bpd-ngram": MethodSpec(
         "global KenLM n-gram rescoring of the heads' top-k lattice, best path (needs --ngram)",
