@@ -1,0 +1,63 @@
+"""Per-depth accuracy of trained draft heads on held-out cached features, for any head kind (issue 17's comparison).
+
+    python bench/eval_head_kinds.py --features ~/.cache/hf_bpd/smollm2_work/features/eval \
+        --heads ~/.cache/hf_bpd/smollm2_work/heads-trained-resblock ~/.cache/hf_bpd/smollm2_work/heads-trained-recurrent \
+        --json bench/results/smollm2_head_kinds_accuracy.json
+
+For each heads folder: `hf_bpd.metrics.depth_accuracy` on the features' hidden states and the base's greedy targets
+(top-1 per depth, and top-1 given a correct prefix: the chance a greedy chain accepted so far is accepted one token
+further), plus the ratio of the second folder's figures to the first's. The heads' training record (steps, tokens,
+seconds) is read from their `bpd_training.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hf_bpd import BPDForCausalLM, metrics
+from hf_bpd.features import CachedFeatures
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--features", type=Path, required=True, help="held-out feature shards (a folder)")
+    p.add_argument("--heads", type=Path, nargs="+", required=True, help="trained heads folders")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    features = CachedFeatures(args.features, soft_targets=False)
+    report = {"features": str(args.features), "eval_target_tokens": features.num_target_tokens(), "heads": {}}
+    for folder in args.heads:
+        model = BPDForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            acc = metrics.depth_accuracy(model, features.hidden.float(), features.targets)
+        info = (
+            json.loads((folder / "bpd_training.json").read_text()) if (folder / "bpd_training.json").exists() else {}
+        )
+        keep = (
+            "global_step",
+            "num_input_tokens_seen",
+            "train_runtime_s",
+            "seconds_this_session",
+            "train_target_tokens",
+        )
+        report["heads"][str(folder)] = {
+            "head_type": model.config.head_type,
+            "top1": [round(x, 4) for x in acc["top1"]],
+            "top1_given_prefix": [round(x, 4) for x in acc["top1_given_prefix"]],
+            "training": {k: info[k] for k in keep if k in info},
+        }
+        print(folder.name, model.config.head_type, report["heads"][str(folder)])
+    if len(args.heads) == 2:
+        a, b = (report["heads"][str(f)]["top1_given_prefix"] for f in args.heads)
+        report["ratio_given_prefix"] = [round(y / x, 3) if x else None for x, y in zip(a, b)]
+        print("ratio (second / first), top-1 given a correct prefix:", report["ratio_given_prefix"])
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
