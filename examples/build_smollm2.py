@@ -792,6 +792,10 @@ STAGES = {
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if not 0 < args.train_fraction <= 1:
+        raise SystemExit(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
+    if args.soft_top_k < 0:
+        raise SystemExit(f"--soft-top-k must be >= 0 (0: greedy targets only), got {args.soft_top_k}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         import torch

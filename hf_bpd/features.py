@@ -63,6 +63,9 @@ def extract_features(
     Returns:
         The shard paths, in order.
     """
+    vocab = base.get_output_embeddings().weight.shape[0]
+    if not isinstance(top_k, int) or not 0 <= top_k <= vocab:
+        raise ValueError(f"top_k must be an int in [0, {vocab}] (0: greedy targets only), got {top_k!r}.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pad = 0

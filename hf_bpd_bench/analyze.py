@@ -118,7 +118,7 @@ def analyze(
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 use_bpd=True,
-                draft_rescorer=recorder,
+                drafter=recorder,
                 return_dict_in_generate=True,
             )
             accepted.append(out.accepted_lengths.flatten())
@@ -127,18 +127,8 @@ def analyze(
             compared += recorder.compared
             hidden, targets = _greedy_features(model, out.sequences, batch.get("attention_mask"), pad)
             depth.append((hidden, targets))
-            for k in top_ks if model.independent_heads else ():
-                o = model.generate(
-                    **batch,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    use_bpd=True,
-                    draft_rescorer=OracleDrafter(out.sequences, pad, top_k=k),
-                    return_dict_in_generate=True,
-                )
-                _, calls = metrics.rows_from_accepted(o.accepted_lengths)
-                oracle[k][0] += o.num_generated_tokens
-                oracle[k][1] += int(calls.sum())
+            if model.independent_heads:  # the top-k lattice is exact only for independent heads
+                _add_oracle_counts(oracle, model, batch, out.sequences, pad, max_new_tokens)
         entropies = torch.cat(entropies)  # (steps*B, h)
         mean_entropy = entropies.mean(0).tolist()
         eff = {k: round(metrics.block_efficiency(t, c), 3) for k, (t, c) in oracle.items() if c}
@@ -158,6 +148,24 @@ def analyze(
         report["domains"][domain] = figures
         report["_raw"][domain] = {"entropies": entropies, "accepted": accepted[accepted >= 0].tolist()}
     return report
+
+
+def _add_oracle_counts(
+    oracle: dict[int, list[int]], model: Any, batch: dict, reference: torch.LongTensor, pad: int, max_new_tokens: int
+) -> None:
+    """Add, for each `k`, the tokens and serial calls of BPD with the oracle chooser over the heads' top-k lattice."""
+    for k, counts in oracle.items():
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_bpd=True,
+            drafter=OracleDrafter(reference, pad, top_k=k),
+            return_dict_in_generate=True,
+        )
+        _, calls = metrics.rows_from_accepted(out.accepted_lengths)
+        counts[0] += out.num_generated_tokens
+        counts[1] += int(calls.sum())
 
 
 def _greedy_features(

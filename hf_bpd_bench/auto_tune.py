@@ -167,21 +167,27 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from transformers import AutoTokenizer
+def _parser() -> argparse.ArgumentParser:
+    """The arguments of `tune --auto`; nonsense values (no candidates, negative counts) are refused by argparse."""
 
-    from hf_bpd.data import load_prompts, tokenize_prompts
-    from hf_bpd.modeling_bpd import BPDForCausalLM, tokenizer_source
+    def count(minimum: int):
+        def parse(text: str) -> int:
+            value = int(text)
+            if value < minimum:
+                raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+            return value
+
+        return parse
 
     parser = argparse.ArgumentParser(prog="tune --auto", description="Fit the checkpoint's default drafter spec.")
     parser.add_argument("--model", required=True, help="BPDForCausalLM checkpoint folder.")
     parser.add_argument("--prompts", required=True, help="Tuning prompts (JSONL or text lines), never validation.")
-    parser.add_argument("--max-prompts", type=int, default=12)
+    parser.add_argument("--max-prompts", type=count(1), default=12)
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=count(1), default=64)
     parser.add_argument(
         "--num-nodes",
-        type=int,
+        type=count(0),
         nargs="+",
         default=[0, 2, 4, 8],
         help="Widest-tree candidates (0: no heads tree, prompt lookup with width from cost).",
@@ -193,14 +199,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         choices=["merge", "both"],
         help="How the prompt-lookup match joins the tree: merge, or both (switch when long).",
     )
-    parser.add_argument("--top-k", type=int, default=4)
-    parser.add_argument("--max-depth", type=int, default=10, help="Deepest prompt-lookup draft.")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--top-k", type=count(1), default=4)
+    parser.add_argument("--max-depth", type=count(1), default=10, help="Deepest prompt-lookup draft.")
+    parser.add_argument("--repeats", type=count(1), default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--json", default=None, help="Write every timing here (JSON).")
     parser.add_argument("--write-config", action="store_true", help="Write the spec into the checkpoint's config.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from transformers import AutoTokenizer
+
+    from hf_bpd.data import load_prompts, tokenize_prompts
+    from hf_bpd.modeling_bpd import BPDForCausalLM, tokenizer_source
+
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()

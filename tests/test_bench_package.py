@@ -241,3 +241,14 @@ def test_export_without_model_gets_the_reference_heads_from_the_cli_not_the_libr
 
     with pytest.raises(SystemExit):  # the library's own command names what to pass
         export.main([str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize(
+    "bad", [["--repeats", "0"], ["--num-nodes", "-1"], ["--max-depth", "0"], ["--dtype", "int8"], ["--top-k", "x"]]
+)
+def test_tune_auto_refuses_nonsense_arguments(bad, capsys):
+    from hf_bpd_bench.auto_tune import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "m", "--prompts", "p", *bad])
+    assert err.value.code == 2 and bad[0] in capsys.readouterr().err

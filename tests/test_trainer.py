@@ -696,3 +696,11 @@ def test_keep_least_certain_masks_the_most_certain_targets(cached, blocks, tmp_p
     assert float(top1[kept].max()) <= float(top1[valid & ~kept].min())  # every kept target is less certain
     with pytest.raises(ValueError, match="top-k"):
         CachedFeatures(paths, soft_targets=False).keep_least_certain(0.5)
+
+
+def test_extract_features_refuses_a_nonsense_top_k(cached, blocks, tmp_path):
+    from hf_bpd.features import extract_features
+
+    for bad in (-1, VOCAB + 1, 2.5):
+        with pytest.raises(ValueError, match="top_k must be"):
+            extract_features(cached.base, blocks.train["input_ids"][:2], tmp_path / "bad", seq_len=SEQ, top_k=bad)
