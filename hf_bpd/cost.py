@@ -9,11 +9,14 @@ thread count, torch version), at first use, in a few seconds, and cached as JSON
 (`hf_bpd.smollm2.cache_root()`: `$HF_BPD_CACHE`, else `$XDG_CACHE_HOME/hf_bpd`, else `~/.cache/hf_bpd`).
 
 Method: a private `DynamicCache` is filled with `context_length` random tokens (a local generator: the global RNG is
-untouched); then for every width of a small grid (1, 2, 3, 5, 9, 17, 33, 65) one cached forward over `W` tokens (all
-`W` logits, as verification computes them) is timed and cropped back. Widths are interleaved (each repeat visits every
-width, in a rotated order) so that a slow patch of the machine (another process, frequency scaling) hits all widths
-alike; the median of the repeats is kept. Between grid points the cost is interpolated linearly, beyond the last one
-extrapolated along the last segment.
+untouched); then for every width of a grid dense where trees and prompt-lookup chains live (1-6, 8, 12, 16, 24, 32,
+64) one cached forward over `W` tokens (all `W` logits, as verification computes them) is timed and cropped back.
+Widths are interleaved (each repeat visits every width, in a rotated order) and the *fastest* repeat of each width is
+kept: another process or frequency scaling only ever adds time, so the minimum is the estimate least hurt by a busy
+machine (the median of a measurement taken beside another job rated SmolLM2's 3-token forward at 1.8x one in bf16,
+where an idle machine gives ~1.2x, and the width chooser then verified almost nothing). What decoding really pays per
+width is learnt while generating ([`~hf_bpd.drafters.AutoDrafter`] corrects this curve by the step times it observes).
+Between grid points the cost is interpolated linearly, beyond the last one extrapolated along the last segment.
 
 A cache entry is used only when its whole key equals the current one (another machine, model, dtype, device, thread
 count or torch version is re-measured, never trusted); an unreadable cache file is re-measured with a warning; the file
@@ -28,7 +31,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -39,9 +41,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_WIDTHS = (1, 2, 3, 5, 9, 17, 33, 65)
+DEFAULT_WIDTHS = (1, 2, 3, 4, 5, 6, 8, 12, 16, 24, 32, 64)
 CACHE_FILE = "forward_cost.json"
-_SCHEMA = 1
+_SCHEMA = 2  # 2: the fastest repeat per width (1 kept medians, which a busy machine inflates)
 _MAX_ENTRIES = 32  # a cache file keeps the most recent entries (threads, dtypes and models a user switches between)
 
 
@@ -112,7 +114,7 @@ class ForwardCost:
 
     Args:
         widths (`tuple[int, ...]`): the measured widths, ascending, the first one 1.
-        seconds (`tuple[float, ...]`): median wall-clock seconds of one forward at each width.
+        seconds (`tuple[float, ...]`): wall-clock seconds of one forward at each width (the fastest repeat).
         key (`dict`): what the curve was measured for ([`cost_key`]); empty for a hand-made curve.
     """
 
@@ -164,7 +166,7 @@ class ForwardCost:
         widths: tuple[int, ...] = DEFAULT_WIDTHS,
         context_length: int | None = None,
         repeats: int = 21,
-        budget_s: float = 3.0,
+        budget_s: float = 4.0,
     ) -> ForwardCost:
         """
         Time the model's cached forward at each width (see the module docstring), in its own cache.
@@ -175,15 +177,16 @@ class ForwardCost:
             context_length (`int`, *optional*): tokens in the cache before each timed forward; defaults to 256, less
                 when the model's `max_position_embeddings` is smaller.
             repeats (`int`): timed passes over all widths (after one untimed warm-up pass).
-            budget_s (`float`): stop after the pass that exceeds this many seconds (at least 3 passes).
+            budget_s (`float`): stop after the pass that exceeds this many seconds (at least 5 passes).
         Returns:
-            [`ForwardCost`] with the median seconds per width, made non-decreasing in the width (a dip is noise).
+            [`ForwardCost`] with the fastest repeat's seconds per width, made non-decreasing in the width (a dip is
+            noise).
         """
         model = _base_model(model)
         widths = tuple(int(w) for w in widths)
         context_length = _context_length(model, widths, context_length)
         timings = _time_widths(model, widths, context_length, repeats, budget_s)
-        seconds = tuple(_non_decreasing([statistics.median(t) for t in timings]))
+        seconds = tuple(_non_decreasing([min(t) for t in timings]))
         return cls(widths=widths, seconds=seconds, key=cost_key(model, widths, context_length))
 
     @classmethod
@@ -297,7 +300,7 @@ def _time_widths(
     for r in range(max(repeats, 1)):
         for i in [(r + j) % len(widths) for j in range(len(widths))]:  # a rotated order each pass
             timings[i].append(forward(widths[i]))
-        if r + 1 >= 3 and time.perf_counter() - started > budget_s:
+        if r + 1 >= 5 and time.perf_counter() - started > budget_s:
             break
     return timings
 

@@ -39,6 +39,7 @@ def auto_spec(cost, **options) -> dict:
         "context": {"max_ngram": 3, "max_depth": 8},
         "match_calibration": match_calibration(),
         "cost": cost,
+        "adapt": False,  # the given curve and calibration decide the width (what these cases check)
     }
     return {**spec, **options}
 
@@ -68,6 +69,7 @@ SPECS = {
     "auto-uncalibrated": lambda: {"type": "auto", "tree": {"num_nodes": 4, "top_k": 2}, "context": {}},
     "auto-no-tree": lambda: {k: v for k, v in auto_spec(FLAT).items() if k != "tree"},  # num_nodes 0: no heads
     "auto-switch-flat": lambda: auto_spec(FLAT, rule="both", switch_length=1),
+    "auto-adapt": lambda: auto_spec([[1, 1.0], [5, 1.2], [17, 2.0]], adapt=True),  # learns while generating
 }
 
 
@@ -220,3 +222,55 @@ def test_bench_verdict_line():
         format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
     )
     assert "not measured" in format_verdict("bpd", None, record | {"torch_threads": 1})
+
+
+def test_match_rates_learnt_per_row():
+    """A row whose matches are always right drafts deeper than one whose matches are always wrong: after each step
+    the committed tokens score the last match, and the row's conditional rates move from the fitted ones."""
+    drafter = AutoDrafter(None, context={"max_depth": 4}, match_calibration=match_calibration(4), cost=FLAT)
+    drafter.reset()
+    cycle = [11, 12, 13, 14]
+    rows = torch.tensor([cycle * 3, cycle * 2 + [11, 12, 99, 98]])  # row 1 breaks the pattern at its end
+    length = torch.tensor([8, 8])
+
+    class Ctx:  # the fields AutoDrafter reads from a DraftContext
+        batch_size, sampling, independent, num_tokens, max_tokens = 2, False, True, 0, 4
+        prompt_start = torch.zeros(2, dtype=torch.long)
+        live = torch.ones(2, dtype=torch.bool)
+
+    ctx = Ctx()
+    ctx.tokens, ctx.lengths = rows, length
+    drafter.propose(ctx)  # both rows match "11 12 13 14" after "... 13 14": drafts 11 12 13 14
+    ctx.lengths = torch.tensor([12, 12])  # row 0 committed 11 12 13 14 (all right), row 1 11 12 99 98 (2 right)
+    drafter.propose(ctx)
+    assert drafter.match_hits.tolist() == [4.0, 2.0]
+    cond = MatchCalibration.from_dict(match_calibration(4)).conditional(torch.tensor([4, 4]))
+    assert drafter.match_expected.tolist() == pytest.approx([float(cond[0].sum()), float(cond[1, :3].sum())])
+    probs = drafter._match_path_probs(find_match(rows, torch.tensor([12, 12])))
+    assert bool((probs[0] > probs[1]).all())  # the row whose matches held up is trusted more
+
+
+def find_match(tokens, lengths):
+    from hf_bpd.drafters.context_ngram import find_context_match
+
+    return find_context_match(tokens, lengths, torch.zeros(2, dtype=torch.long), 4)
+
+
+def test_step_cost_learnt_per_width():
+    """Observed step seconds replace the measured curve for widths seen; unseen widths are the curve scaled by the
+    observed / measured ratio."""
+    drafter = AutoDrafter(None, context={}, match_calibration=match_calibration(), cost=[[1, 1.0], [9, 2.0]])
+    drafter.reset()
+    assert drafter.step_cost(5) == pytest.approx(1.5) and drafter.overhead_s == 0.0
+    drafter.widths = [0]
+    drafter._last = (0.0, 1, 0.5)  # a width-1 step that started at t=0 and drafted for 0.5 s
+    drafter._track_step_cost(3.5)  # next step at t=3.5: 3 s beyond drafting, 3x the measured forward
+    assert drafter.step_cost(1) == pytest.approx(3.0) and drafter.step_cost(9) == pytest.approx(6.0)
+    assert drafter.overhead_s == pytest.approx(2.0)
+    frozen = AutoDrafter(None, context={}, match_calibration=match_calibration(), cost=[[1, 1.0]], adapt=False)
+    frozen.reset()
+    frozen._last = (0.0, 1, 0.5)
+    frozen._track_step_cost(3.5)
+    assert frozen.step_cost(1) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="adapt_prior"):
+        AutoDrafter(None, context={}, adapt_prior=0)

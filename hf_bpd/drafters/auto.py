@@ -12,10 +12,12 @@ Each step, [`AutoDrafter`]:
    probability is [`MatchCalibration`]'s rate for its depth and the row's suffix match length; a tree node on the
    match's path takes the larger of the two;
 3. keeps the `N` most probable nodes, `N` (0 included: a plain greedy step) maximising the expected tokens per
-   second `(1 + sum of the kept nodes' probabilities) / (cost(N + 1) + draft cost + loop overhead)`
-   (`hf_bpd.drafters.verify_width`), with `cost` the base forward's measured cost curve
-   ([`~hf_bpd.cost.ForwardCost.for_model`], measured once per machine / model / dtype / thread count and cached), the
-   draft cost this drafter's own time, and the loop overhead the measured time of a step beyond its forward.
+   second `(1 + sum of the kept nodes' probabilities) / (step cost(N + 1) + draft cost)`
+   (`hf_bpd.drafters.verify_width`), with the step cost from the base forward's measured cost curve
+   ([`~hf_bpd.cost.ForwardCost.for_model`], measured once per machine / model / dtype / thread count and cached),
+   corrected while generating by the observed seconds of the steps of each width (the loop's own work included), and
+   the draft cost this drafter's own time. The match probabilities are corrected per row as the text shows how often
+   its matches are right (see [`AutoDrafter`], "Learning while generating").
 
 Merge or switch (`rule`): merging lets the width chooser weigh the match against the tree's nodes; switching
 (`rule="both"`: when every live row's suffix match is `>= switch_length` the match chain replaces the tree, else
@@ -86,6 +88,15 @@ class MatchCalibration:
         d = (depth.cpu() - 1).clamp(0, self.rates.shape[1] - 1)
         value = self.rates[bins, d]
         return torch.where((length.cpu() > 0) & (depth.cpu() <= self.rates.shape[1]), value, 0.0)
+
+    def conditional(self, length: torch.LongTensor) -> torch.DoubleTensor:
+        """`(batch, depth)` conditional rates: the chance that match token `d + 1` is the model's given that tokens
+        `1 .. d` were, for rows with suffix match `length` (0 for rows without a match)."""
+        edges = torch.tensor(self.edges, dtype=torch.long)
+        path = self.rates[torch.bucketize(length.cpu().contiguous(), edges, right=True)]  # (B, depth)
+        before = torch.cat([path.new_ones(path.shape[0], 1), path[:, :-1]], dim=1)
+        cond = torch.where(before > 0, path / before.clamp(min=1e-12), 0.0)
+        return torch.where((length.cpu() > 0)[:, None], cond, 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rates": [[round(float(v), 4) for v in row] for row in self.rates], "edges": list(self.edges)}
@@ -170,6 +181,23 @@ class AutoDrafter(Drafter):
         switch_length (`int`, defaults to 4): with `rule="both"`.
         sampling_nodes (`int`, defaults to 8): the fixed tree budget when sampling.
         width_from_cost (`bool`, defaults to True): False verifies the fixed budget (for comparison).
+        adapt (`bool`, defaults to True): learn while generating (see "Learning while generating" below); False
+            trusts the fitted calibration and the measured curve as they are.
+        adapt_prior (`float`, defaults to 4.0): pseudo-observations behind the fitted match calibration (how many
+            match tokens a row must show before its own rate moves halfway from the fitted one).
+
+    Learning while generating (`adapt=True`). Two estimates are fitted away from the text at hand and are corrected by
+    what each step reveals:
+
+    - *Match acceptance, per row.* The match calibration is fitted on tuning prompts of every kind, so it overrates
+      matches in prose and underrates them in code. After each step the row's newly committed tokens show how many of
+      the last match's tokens were the model's (whether or not they were verified: a pruned match is still checked
+      against the text). A row's conditional rates are scaled by `(hits + adapt_prior) / (expected + adapt_prior)`,
+      `expected` the sum of the fitted conditional rates of the match tokens it could check (capped at 1): a Bayesian
+      shrinkage of the row's rate toward the fitted one.
+    - *Step cost, per width.* A step costs its forward, its drafting and the loop's own work (scoring, acceptance,
+      cache bookkeeping). The time between two steps, less the drafting, is kept per verify width (an exponential
+      average); a width not seen yet is the measured curve scaled by the average ratio of observed to measured.
     """
 
     def __init__(
@@ -183,6 +211,8 @@ class AutoDrafter(Drafter):
         switch_length: int = 4,
         sampling_nodes: int = 8,
         width_from_cost: bool = True,
+        adapt: bool = True,
+        adapt_prior: float = 4.0,
     ):
         if rule not in ("merge", "both"):
             raise ValueError(f"AutoDrafter rule must be 'merge' or 'both', got {rule!r}.")
@@ -199,6 +229,9 @@ class AutoDrafter(Drafter):
         self.match_calibration = match_calibration
         self._cost_spec, self._cost = cost, None
         self.width_from_cost = bool(width_from_cost)
+        if not adapt_prior > 0:
+            raise ValueError(f"adapt_prior must be > 0 (pseudo-observations), got {adapt_prior!r}.")
+        self.adapt, self.adapt_prior = bool(adapt), float(adapt_prior)
         nodes = max(self.tree.num_nodes if self.tree is not None else 0, sampling_nodes)
         self.max_block_width = nodes + (self.max_depth or 0) + 1
         self.reset()
@@ -211,9 +244,13 @@ class AutoDrafter(Drafter):
 
     def reset(self) -> None:
         self.widths: list[int] = []
-        self.draft_s = self.overhead_s = 0.0
+        self.draft_s = 0.0
         self.total_propose_s = 0.0  # all of propose's own time (drafting and choosing the width), for profiling
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
+        self.step_s: dict[int, float] = {}  # verify width -> observed seconds of a step beyond its drafting
+        self._scale = None  # average observed / measured step seconds (for widths not observed yet)
+        self._match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last (tokens, lengths, cond)
+        self.match_hits = self.match_expected = None  # (B,) per row: match tokens right, and expected right
         for drafter in (self.tree, self.sampler):
             if drafter is not None:
                 drafter.reset()
@@ -226,14 +263,15 @@ class AutoDrafter(Drafter):
         if ctx.sampling:  # exact: a shape fixed before the draws, no deterministic branch
             return self.sampler.propose(ctx)
         start = time.perf_counter()
-        self._track_overhead(start)
+        self._track_step_cost(start)
         with torch.no_grad():
+            if self.adapt:
+                self._observe_match(ctx)
             tree, probs = self._candidates(ctx)
             draft_s = time.perf_counter() - start
             self.draft_s = draft_s if not self.widths else 0.8 * self.draft_s + 0.2 * draft_s
             if probs is not None and tree.layout.width > 1:
-                spent = self.draft_s + self.overhead_s
-                choice = choose_num_nodes(probs, self._curve(), spent, ctx.live, "widest")
+                choice = choose_num_nodes(probs, self.step_cost, self.draft_s, ctx.live, "widest")
                 tree = prune_tree(tree, probs, choice.num_nodes, ctx.live)
         self.widths.append(tree.layout.width - 1)
         self._last = (start, tree.layout.width, time.perf_counter() - start)
@@ -246,20 +284,63 @@ class AutoDrafter(Drafter):
             self._cost = _memoised(_cost_of(self.model, self._cost_spec))
         return self._cost
 
-    def _track_overhead(self, now: float) -> None:
-        """What a step costs beyond its forward and its drafting (scoring, acceptance, cache bookkeeping): the time
-        since the last step's start, less those two; it is paid whatever the width, like the draft cost."""
-        if self._last is None or not self.calibrated:
+    @property
+    def overhead_s(self) -> float:
+        """Observed seconds of a step beyond its forward and drafting (scoring, acceptance, cache bookkeeping),
+        averaged over the widths seen (0 before any step)."""
+        if not self.step_s:
+            return 0.0
+        curve = self._curve()
+        return sum(s - curve(w) for w, s in self.step_s.items()) / len(self.step_s)
+
+    def step_cost(self, width: float) -> float:
+        """Seconds of a step verifying `width` tokens, drafting excluded: observed for a width seen before (with
+        `adapt`), else the measured forward cost scaled by the observed / measured ratio of the steps so far."""
+        width = int(width)
+        if width in self.step_s:
+            return self.step_s[width]
+        measured = self._curve()(width)
+        return measured * self._scale if self._scale is not None else measured
+
+    def _track_step_cost(self, now: float) -> None:
+        """The last step's seconds beyond its drafting (the time since its start, less the drafting): kept per width
+        (an exponential average) and as the average ratio to the measured curve (see the class docstring)."""
+        if self._last is None or not self.calibrated or not self.adapt:
             return
         began, width, drafted = self._last
-        extra = max(now - began - drafted - self._curve()(width), 0.0)
-        self.overhead_s = extra if len(self.widths) <= 1 else 0.8 * self.overhead_s + 0.2 * extra
+        seconds = max(now - began - drafted, 1e-6)
+        old = self.step_s.get(width)
+        self.step_s[width] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        ratio = seconds / self._curve()(width)
+        self._scale = ratio if self._scale is None else 0.8 * self._scale + 0.2 * ratio
+
+    def _observe_match(self, ctx: DraftContext) -> None:
+        """Score the last step's match against the tokens committed since (see the class docstring)."""
+        if self._match is None or self._match[0].shape[0] != ctx.batch_size:
+            return
+        tokens, lengths, cond = self._match
+        batch, depth = tokens.shape
+        new = ctx.lengths.cpu() - lengths  # tokens committed since the match was made
+        k = torch.arange(depth)
+        index = (lengths[:, None] + k).clamp(max=ctx.tokens.shape[1] - 1).to(ctx.tokens.device)
+        actual = ctx.tokens.gather(1, index).cpu()
+        known = (k[None] < new[:, None]) & (tokens >= 0)
+        right = (actual == tokens) & known
+        before = torch.cat([torch.ones(batch, 1, dtype=torch.bool), right.cumprod(dim=1)[:, :-1].bool()], dim=1)
+        trial = known & before  # depth d was checked: the row committed it and the match's earlier tokens were right
+        if self.match_hits is None or self.match_hits.shape[0] != batch:
+            self.match_hits = torch.zeros(batch, dtype=torch.float64)
+            self.match_expected = torch.zeros(batch, dtype=torch.float64)
+        self.match_hits += (right & trial).sum(dim=1)
+        self.match_expected += (cond.clamp(max=1.0) * trial).sum(dim=1)
+        self._match = None  # each match is scored once
 
     def _candidates(self, ctx: DraftContext) -> tuple[DraftTree, torch.Tensor | None]:
         """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated). The match
         comes first: when it replaces the tree (`rule="both"`, every live row's match long), the heads are never run
         (their logits and the tree are most of a step's drafting time)."""
         calibrated = self.calibrated and ctx.independent
+        self._lengths = ctx.lengths.cpu()
         match = switched = None
         if self.context is not None:
             depth = min(ctx.max_tokens, self.max_depth)
@@ -299,8 +380,28 @@ class AutoDrafter(Drafter):
         on_path = ((paths == want[:, None]) | ~inside[None]).all(-1) & (
             depth[None] <= match.num_found_tokens.cpu()[:, None]
         )
-        rate = self.match_calibration.probs(match.length.cpu()[:, None].expand(-1, depth.numel()), depth[None])
+        path = self._match_path_probs(match)  # (B, depth of the calibration)
+        column = (depth - 1).clamp(max=path.shape[1] - 1)[None].expand(path.shape[0], -1)
+        rate = torch.where(depth[None] <= path.shape[1], path.gather(1, column), 0.0)
         return torch.where(on_path, torch.maximum(probs, rate), probs)
+
+    def _match_path_probs(self, match: ContextMatch) -> torch.DoubleTensor:
+        """`(B, depth)` each row's path probability of its match's first `d + 1` tokens: the fitted conditional rates,
+        scaled by the row's own record (with `adapt`), multiplied along the path. Remembers the match for
+        `_observe_match`."""
+        length = match.length.cpu()
+        cond = self.match_calibration.conditional(length)
+        if self.adapt:
+            depth = cond.shape[1]
+            tokens = match.tokens.cpu()[:, :depth]
+            if tokens.shape[1] < depth:
+                tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], depth - tokens.shape[1]), -1)], dim=1)
+            self._match = (tokens, self._lengths, cond)
+            if self.match_hits is not None and self.match_hits.shape[0] == cond.shape[0]:
+                prior = self.adapt_prior
+                factor = (self.match_hits + prior) / (self.match_expected + prior)
+                cond = (cond * factor[:, None]).clamp(max=1.0)
+        return cond.cumprod(dim=1)
 
 
 def _tree_probs(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration | None) -> torch.Tensor:
