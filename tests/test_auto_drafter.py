@@ -267,6 +267,12 @@ def test_step_cost_learnt_per_width():
     drafter._track_step_cost(3.5)  # next step at t=3.5: 3 s beyond drafting, 3x the measured forward
     assert drafter.step_cost(1) == pytest.approx(3.0) and drafter.step_cost(9) == pytest.approx(6.0)
     assert drafter.overhead_s == pytest.approx(2.0)
+    for _ in range(3):  # steps as measured, then one 10x pause at width 5: it does not lock width 5 out
+        drafter._last = (0.0, 1, 0.0)
+        drafter._track_step_cost(1.0)
+    drafter._last = (0.0, 5, 0.0)
+    drafter._track_step_cost(15.0)
+    assert drafter.step_cost(5) == pytest.approx(1.5) and drafter.step_cost(1) == pytest.approx(1.0)
     frozen = AutoDrafter(None, context={}, match_calibration=match_calibration(), cost=[[1, 1.0]], adapt=False)
     frozen.reset()
     frozen._last = (0.0, 1, 0.5)

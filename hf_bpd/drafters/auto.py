@@ -39,8 +39,10 @@ prompt-lookup branch has no proposal distribution; both keep sampling exact.
 
 from __future__ import annotations
 
+import statistics
 import time
 import weakref
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -196,8 +198,8 @@ class AutoDrafter(Drafter):
       `expected` the sum of the fitted conditional rates of the match tokens it could check (capped at 1): a Bayesian
       shrinkage of the row's rate toward the fitted one.
     - *Step cost, per width.* A step costs its forward, its drafting and the loop's own work (scoring, acceptance,
-      cache bookkeeping). The time between two steps, less the drafting, is kept per verify width (an exponential
-      average); a width not seen yet is the measured curve scaled by the average ratio of observed to measured.
+      cache bookkeeping). The time between two steps, less the drafting, is kept per verify width; a width not seen
+      yet is the measured curve scaled by the median ratio of observed to measured seconds (see `step_cost`).
     """
 
     def __init__(
@@ -247,8 +249,8 @@ class AutoDrafter(Drafter):
         self.draft_s = 0.0
         self.total_propose_s = 0.0  # all of propose's own time (drafting and choosing the width), for profiling
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
-        self.step_s: dict[int, float] = {}  # verify width -> observed seconds of a step beyond its drafting
-        self._scale = None  # average observed / measured step seconds (for widths not observed yet)
+        self.step_s: dict[int, deque] = {}  # verify width -> the last observed seconds of a step beyond drafting
+        self._ratios: deque = deque(maxlen=9)  # the last steps' observed / measured seconds
         self._match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last (tokens, lengths, cond)
         self.match_hits = self.match_expected = None  # (B,) per row: match tokens right, and expected right
         for drafter in (self.tree, self.sampler):
@@ -291,28 +293,32 @@ class AutoDrafter(Drafter):
         if not self.step_s:
             return 0.0
         curve = self._curve()
-        return sum(s - curve(w) for w, s in self.step_s.items()) / len(self.step_s)
+        return sum(self.step_cost(w) - curve(w) for w in self.step_s) / len(self.step_s)
 
     def step_cost(self, width: float) -> float:
-        """Seconds of a step verifying `width` tokens, drafting excluded: observed for a width seen before (with
-        `adapt`), else the measured forward cost scaled by the observed / measured ratio of the steps so far."""
+        """
+        Seconds of a step verifying `width` tokens, drafting excluded. With `adapt`: the measured forward cost
+        scaled by the median observed / measured ratio of the last steps; for a width seen at least twice, the least
+        of its last three observations (a step is never faster than it can be, so the least is the estimate least
+        hurt by a pause; a width seen once counts only when it is cheaper than the scaled curve, so one slow step
+        never locks a width out).
+        """
         width = int(width)
-        if width in self.step_s:
-            return self.step_s[width]
-        measured = self._curve()(width)
-        return measured * self._scale if self._scale is not None else measured
+        scaled = self._curve()(width) * (statistics.median(self._ratios) if self._ratios else 1.0)
+        seen = self.step_s.get(width)
+        if not seen:
+            return scaled
+        return min(seen) if len(seen) >= 2 else min(seen[0], scaled)
 
     def _track_step_cost(self, now: float) -> None:
-        """The last step's seconds beyond its drafting (the time since its start, less the drafting): kept per width
-        (an exponential average) and as the average ratio to the measured curve (see the class docstring)."""
+        """The last step's seconds beyond its drafting (the time since its start, less the drafting), kept per width
+        and as a ratio to the measured curve (see the class docstring)."""
         if self._last is None or not self.calibrated or not self.adapt:
             return
         began, width, drafted = self._last
         seconds = max(now - began - drafted, 1e-6)
-        old = self.step_s.get(width)
-        self.step_s[width] = seconds if old is None else 0.7 * old + 0.3 * seconds
-        ratio = seconds / self._curve()(width)
-        self._scale = ratio if self._scale is None else 0.8 * self._scale + 0.2 * ratio
+        self.step_s.setdefault(width, deque(maxlen=3)).append(seconds)
+        self._ratios.append(seconds / self._curve()(width))
 
     def _observe_match(self, ctx: DraftContext) -> None:
         """Score the last step's match against the tokens committed since (see the class docstring)."""
