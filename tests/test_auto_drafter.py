@@ -243,9 +243,9 @@ def test_match_rates_learnt_per_row():
     drafter.propose(ctx)  # both rows match "11 12 13 14" after "... 13 14": drafts 11 12 13 14
     ctx.lengths = torch.tensor([12, 12])  # row 0 committed 11 12 13 14 (all right), row 1 11 12 99 98 (2 right)
     drafter.propose(ctx)
-    assert drafter.match_hits.tolist() == [4.0, 2.0]
+    assert drafter.hits["match"].tolist() == [4.0, 2.0]
     cond = MatchCalibration.from_dict(match_calibration(4)).conditional(torch.tensor([4, 4]))
-    assert drafter.match_expected.tolist() == pytest.approx([float(cond[0].sum()), float(cond[1, :3].sum())])
+    assert drafter.expected["match"].tolist() == pytest.approx([float(cond[0].sum()), float(cond[1, :3].sum())])
     probs = drafter._match_path_probs(find_match(rows, torch.tensor([12, 12])))
     assert bool((probs[0] > probs[1]).all())  # the row whose matches held up is trusted more
 
@@ -280,3 +280,21 @@ def test_step_cost_learnt_per_width():
     assert frozen.step_cost(1) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="adapt_prior"):
         AutoDrafter(None, context={}, adapt_prior=0)
+
+
+def test_drafts_scored_against_the_committed_text():
+    """A tree's nodes checked against what the row then committed: a node counts when its depth was committed and
+    its parent's path was right; a sibling of the right node counts as a miss; `-1` (no token) never counts."""
+    from hf_bpd.drafters.auto import _score_against_text
+
+    class Ctx:
+        tokens = torch.tensor([[1, 2, 5, 9, 0], [1, 2, 6, 8, 4]])
+        lengths = torch.tensor([4, 3])  # row 0 committed 5 9 after length 2; row 1 only 6
+
+    # nodes: 5 | 6 | 5->7 | 6->8 | -1 (a match token missing)
+    paths = torch.tensor([[5, -2], [6, -2], [5, 7], [6, 8], [-1, -2]])[None].expand(2, -1, -1)
+    depth = torch.tensor([1, 1, 2, 2, 1])
+    cond = torch.tensor([0.5, 0.25, 0.4, 0.3, 0.9]).expand(2, -1)
+    hits, expected = _score_against_text(Ctx(), paths, depth, cond, torch.tensor([2, 2]))
+    assert hits.tolist() == [1.0, 1.0]  # row 0: node 5 right, 6 and 5->7 wrong; row 1: 6 right, depth 2 unknown
+    assert expected.tolist() == pytest.approx([0.5 + 0.25 + 0.4, 0.5 + 0.25])

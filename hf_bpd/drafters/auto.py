@@ -191,11 +191,11 @@ class AutoDrafter(Drafter):
     Learning while generating (`adapt=True`). Two estimates are fitted away from the text at hand and are corrected by
     what each step reveals:
 
-    - *Match acceptance, per row.* The match calibration is fitted on tuning prompts of every kind, so it overrates
-      matches in prose and underrates them in code. After each step the row's newly committed tokens show how many of
-      the last match's tokens were the model's (whether or not they were verified: a pruned match is still checked
-      against the text). A row's conditional rates are scaled by `(hits + adapt_prior) / (expected + adapt_prior)`,
-      `expected` the sum of the fitted conditional rates of the match tokens it could check (capped at 1): a Bayesian
+    - *Acceptance, per row and source (the match; the heads' tree).* The calibrations are fitted on tuning prompts of
+      every kind, so they overrate matches in prose and underrate them in code. After each step the row's newly
+      committed tokens show which of the last step's drafts were the model's (verified or not: a pruned node is still
+      checked against the text). A row's conditional rates of a source are scaled by `(hits + adapt_prior) /
+      (expected + adapt_prior)`, `expected` the sum of the fitted conditional rates of the nodes it could check: a
       shrinkage of the row's rate toward the fitted one.
     - *Step cost, per width.* A step costs its forward, its drafting and the loop's own work (scoring, acceptance,
       cache bookkeeping). The time between two steps, less the drafting, is kept per verify width; a width not seen
@@ -251,8 +251,9 @@ class AutoDrafter(Drafter):
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
         self.step_s: dict[int, deque] = {}  # verify width -> the last observed seconds of a step beyond drafting
         self._ratios: deque = deque(maxlen=9)  # the last steps' observed / measured seconds
-        self._match: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # last (tokens, lengths, cond)
-        self.match_hits = self.match_expected = None  # (B,) per row: match tokens right, and expected right
+        self._drafted: dict[str, tuple] = {}  # source -> the last step's (paths, depth, cond, lengths), to score
+        self.hits: dict[str, torch.Tensor] = {}  # source ("match", "tree") -> (B,) drafts right so far, per row
+        self.expected: dict[str, torch.Tensor] = {}  # source -> (B,) how many the fitted calibration expected
         for drafter in (self.tree, self.sampler):
             if drafter is not None:
                 drafter.reset()
@@ -268,7 +269,7 @@ class AutoDrafter(Drafter):
         self._track_step_cost(start)
         with torch.no_grad():
             if self.adapt:
-                self._observe_match(ctx)
+                self._score_last_drafts(ctx)
             tree, probs = self._candidates(ctx)
             draft_s = time.perf_counter() - start
             self.draft_s = draft_s if not self.widths else 0.8 * self.draft_s + 0.2 * draft_s
@@ -320,26 +321,26 @@ class AutoDrafter(Drafter):
         self.step_s.setdefault(width, deque(maxlen=3)).append(seconds)
         self._ratios.append(seconds / self._curve()(width))
 
-    def _observe_match(self, ctx: DraftContext) -> None:
-        """Score the last step's match against the tokens committed since (see the class docstring)."""
-        if self._match is None or self._match[0].shape[0] != ctx.batch_size:
-            return
-        tokens, lengths, cond = self._match
-        batch, depth = tokens.shape
-        new = ctx.lengths.cpu() - lengths  # tokens committed since the match was made
-        k = torch.arange(depth)
-        index = (lengths[:, None] + k).clamp(max=ctx.tokens.shape[1] - 1).to(ctx.tokens.device)
-        actual = ctx.tokens.gather(1, index).cpu()
-        known = (k[None] < new[:, None]) & (tokens >= 0)
-        right = (actual == tokens) & known
-        before = torch.cat([torch.ones(batch, 1, dtype=torch.bool), right.cumprod(dim=1)[:, :-1].bool()], dim=1)
-        trial = known & before  # depth d was checked: the row committed it and the match's earlier tokens were right
-        if self.match_hits is None or self.match_hits.shape[0] != batch:
-            self.match_hits = torch.zeros(batch, dtype=torch.float64)
-            self.match_expected = torch.zeros(batch, dtype=torch.float64)
-        self.match_hits += (right & trial).sum(dim=1)
-        self.match_expected += (cond.clamp(max=1.0) * trial).sum(dim=1)
-        self._match = None  # each match is scored once
+    def _score_last_drafts(self, ctx: DraftContext) -> None:
+        """Score the last step's match and tree nodes against the tokens committed since (see the class
+        docstring): per row and source, the nodes that could be checked, how many were right, and how many the
+        fitted calibration expected to be."""
+        for source, (paths, depth, cond, lengths) in self._drafted.items():
+            if paths.shape[0] != ctx.batch_size:
+                continue
+            hits, expected = _score_against_text(ctx, paths, depth, cond, lengths)
+            if source not in self.hits or self.hits[source].shape[0] != ctx.batch_size:
+                self.hits[source], self.expected[source] = torch.zeros_like(hits), torch.zeros_like(expected)
+            self.hits[source] += hits
+            self.expected[source] += expected
+        self._drafted = {}  # each draft is scored once
+
+    def _row_factor(self, source: str, batch: int) -> torch.DoubleTensor | None:
+        """`(B,)` each row's observed / expected right drafts of `source`, shrunk toward 1 by `adapt_prior`."""
+        if not self.adapt or source not in self.hits or self.hits[source].shape[0] != batch:
+            return None
+        prior = self.adapt_prior
+        return (self.hits[source] + prior) / (self.expected[source] + prior)
 
     def _candidates(self, ctx: DraftContext) -> tuple[DraftTree, torch.Tensor | None]:
         """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated). The match
@@ -359,7 +360,7 @@ class AutoDrafter(Drafter):
             tree, probs = switched, torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
         elif self.tree is not None and ctx.num_tokens > 0:
             tree = self.tree.propose(ctx)
-            probs = _tree_probs(ctx, tree, self.tree.calibration) if calibrated else None
+            probs = self._tree_probs(ctx, tree) if calibrated else None
         else:
             tree = DraftTree(tokens=ctx.tokens.new_zeros(ctx.batch_size, 0), layout=tree_from_parents((-1,)))
             probs = torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
@@ -393,36 +394,79 @@ class AutoDrafter(Drafter):
 
     def _match_path_probs(self, match: ContextMatch) -> torch.DoubleTensor:
         """`(B, depth)` each row's path probability of its match's first `d + 1` tokens: the fitted conditional rates,
-        scaled by the row's own record (with `adapt`), multiplied along the path. Remembers the match for
-        `_observe_match`."""
-        length = match.length.cpu()
-        cond = self.match_calibration.conditional(length)
-        if self.adapt:
-            depth = cond.shape[1]
+        scaled by the row's own record (with `adapt`), multiplied along the path."""
+        cond = self.match_calibration.conditional(match.length.cpu())
+        batch, depth = cond.shape
+        if self.adapt:  # the match as a chain of `depth` nodes, scored next step
             tokens = match.tokens.cpu()[:, :depth]
             if tokens.shape[1] < depth:
-                tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], depth - tokens.shape[1]), -1)], dim=1)
-            self._match = (tokens, self._lengths, cond)
-            if self.match_hits is not None and self.match_hits.shape[0] == cond.shape[0]:
-                prior = self.adapt_prior
-                factor = (self.match_hits + prior) / (self.match_expected + prior)
-                cond = (cond * factor[:, None]).clamp(max=1.0)
+                tokens = torch.cat([tokens, tokens.new_full((batch, depth - tokens.shape[1]), -1)], dim=1)
+            paths = tokens[:, None, :].expand(batch, depth, depth)
+            self._drafted["match"] = (paths, torch.arange(1, depth + 1), cond, self._lengths)
+        factor = self._row_factor("match", batch)
+        if factor is not None:
+            cond = (cond * factor[:, None]).clamp(max=1.0)
         return cond.cumprod(dim=1)
 
+    def _tree_probs(self, ctx: DraftContext, tree: DraftTree) -> torch.Tensor:
+        """Calibrated path probabilities `(B, W - 1)` of an independent heads' tree: per node, the calibrated
+        conditional rate of its head's log-probability of its token (scaled by the row's record, with `adapt`),
+        multiplied along its path."""
+        layout = tree.layout
+        width = layout.width
+        if width == 1 or self.tree.calibration is None:
+            return torch.zeros(ctx.batch_size, width - 1, dtype=torch.float64)
+        depth = layout.depth[1:].cpu()
+        cal = _tree_log_conditional(ctx, tree, self.tree.calibration)  # (B, W - 1)
+        if self.adapt:
+            paths = tree.path_drafts()[:, layout.draft_of_node[1:]].cpu()  # (B, W - 1, D)
+            self._drafted["tree"] = (paths, depth, cal.exp(), self._lengths)
+        factor = self._row_factor("tree", ctx.batch_size)
+        if factor is not None:
+            cal = (cal + factor.log()[:, None]).clamp(max=0.0)
+        ancestors = layout.visible[1:, 1:].cpu().double()  # (W - 1, W - 1): node w's path, itself included
+        return (cal @ ancestors.T).exp()  # the path sum of each node's calibrated log conditional rates
 
-def _tree_probs(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration | None) -> torch.Tensor:
-    """Calibrated path probabilities `(B, W - 1)` of an independent heads' tree: per node, the calibrated conditional
-    rate of its head's log-probability of its token, multiplied along its path."""
-    layout = tree.layout
-    width = layout.width
-    if width == 1 or calibration is None:
-        return torch.zeros(ctx.batch_size, width - 1, dtype=torch.float64)
-    depth = layout.depth[1:].cpu()
+
+def _tree_log_conditional(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration) -> torch.Tensor:
+    """`(B, W - 1)` per node, the calibrated log conditional rate of its head's log-probability of its token."""
+    depth = tree.layout.depth[1:].cpu()
     logp = torch.log_softmax(ctx.draft_logits()[:, : int(depth.max())].float(), dim=-1)  # (B, D, V)
     own = logp[:, depth.to(logp.device) - 1].gather(2, tree.tokens.to(logp.device)[:, :, None])[:, :, 0].cpu()
-    cal = torch.empty(ctx.batch_size, width - 1, dtype=torch.float64)
+    cal = torch.empty(ctx.batch_size, depth.numel(), dtype=torch.float64)
     for d in depth.unique().tolist():  # one calibration lookup per depth, not per node
         at = depth == d
         cal[:, at] = calibration.log_confidence(int(d) - 1, own[:, at]).double()
-    ancestors = layout.visible[1:, 1:].cpu().double()  # (W - 1, W - 1): node w's path, itself included
-    return (cal @ ancestors.T).exp()  # the path sum of each node's calibrated log conditional rates
+    return cal
+
+
+def _score_against_text(
+    ctx: DraftContext,
+    paths: torch.LongTensor,
+    depth: torch.LongTensor,
+    cond: torch.Tensor,
+    lengths: torch.LongTensor,
+) -> tuple[torch.DoubleTensor, torch.DoubleTensor]:
+    """
+    Last step's draft nodes checked against the tokens committed since (whether verified or pruned: the text shows
+    what the model wrote). A node can be checked when the row committed its depth and its parent's path was right.
+
+    Args:
+        paths (`(B, N, D)`): each node's path tokens (positions past its depth ignored; `-1` for no token).
+        depth (`(N,)`): 1-based node depths.
+        cond (`(B, N)`): each node's fitted conditional acceptance rate.
+        lengths (`(B,)`): the rows' committed lengths when the nodes were drafted.
+    Returns:
+        `(hits, expected)`, each `(B,)` float64: nodes right, and the sum of the checked nodes' `cond` (capped at 1).
+    """
+    batch, _, d = paths.shape
+    k = torch.arange(d)
+    index = (lengths[:, None] + k).clamp(max=ctx.tokens.shape[1] - 1).to(ctx.tokens.device)
+    actual = ctx.tokens.gather(1, index).cpu()  # (B, D): what the row committed after `lengths`
+    same = paths == actual[:, None]  # (B, N, D)
+    right = (same | (k[None] >= depth[:, None])[None]).all(dim=-1)
+    parent_right = (same | (k[None] >= depth[:, None] - 1)[None]).all(dim=-1)
+    own = paths.gather(2, (depth - 1).clamp(min=0)[None, :, None].expand(batch, -1, 1))[..., 0]
+    known = depth[None] <= (ctx.lengths.cpu() - lengths)[:, None]
+    trial = known & parent_right & (own >= 0)
+    return (right & trial).sum(dim=1).double(), (cond.double().clamp(max=1.0) * trial).sum(dim=1)
