@@ -160,6 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--select-tokens", type=int, default=64, help="new tokens per tuning prompt when choosing h")
     p.add_argument(
+        "--heads-out",
+        default="smollm2-heads",
+        help="folder under --out that `select` writes the kept heads to (of the run named by --heads-tag)",
+    )
+    p.add_argument(
         "--select-tolerance",
         type=float,
         default=0.05,
@@ -721,12 +726,14 @@ def stage_select(args: argparse.Namespace) -> None:
     from hf_bpd_bench.machine import resolve_dtype
 
     dtype = resolve_dtype("auto")
-    trained = BPDForCausalLM.from_pretrained(args.work_dir / "heads-trained", dtype=dtype).eval()
-    tok = AutoTokenizer.from_pretrained(args.work_dir / "heads-trained")
+    tag = f"-{args.heads_tag}" if args.heads_tag else ""
+    trained_dir = args.work_dir / f"heads-trained{tag}"
+    trained = BPDForCausalLM.from_pretrained(trained_dir, dtype=dtype).eval()
+    tok = AutoTokenizer.from_pretrained(trained_dir)
     prompts = load_prompts(args.out / "prompts" / "smollm2_tune.jsonl", tok)
     inputs = tokenize_prompts(prompts, tok, 1)
     # measurements are kept per h in the work folder: a rerun (or a changed --select-tolerance) reuses them
-    record = args.work_dir / "h_selection.json"
+    record = args.work_dir / f"h_selection{tag}.json"
     selection = {int(h): v for h, v in json.loads(record.read_text()).items()} if record.exists() else {}
     for h in range(1, trained.config.num_draft_heads + 1):
         if h in selection:
@@ -755,7 +762,7 @@ def stage_select(args: argparse.Namespace) -> None:
     fastest = max(selection[h]["speedup_vs_greedy"] for h in selection)
     best = max(h for h in selection if selection[h]["speedup_vs_greedy"] >= (1 - args.select_tolerance) * fastest)
     final = trained.first_heads(best)
-    info = json.loads((args.work_dir / "heads-trained" / "bpd_training.json").read_text())
+    info = json.loads((trained_dir / "bpd_training.json").read_text())
     info["h_selection"] = {
         "dtype": str(dtype).replace("torch.", ""),
         "prompts": "reference/prompts/smollm2_tune.jsonl",
@@ -767,7 +774,7 @@ def stage_select(args: argparse.Namespace) -> None:
     if "head_metrics" in info and info["head_metrics"]:
         info["head_metrics"] = {k: (v[:best] if isinstance(v, list) else v) for k, v in info["head_metrics"].items()}
     info["num_draft_heads"] = best
-    out = args.out / "smollm2-heads"
+    out = args.out / args.heads_out
     final.to(torch.float32).save_pretrained(out, training_info=info)
     tok.save_pretrained(out)
     logger.info("kept h=%d -> %s", best, out)

@@ -13,10 +13,10 @@ untouched); then for every width of a grid dense where trees and prompt-lookup c
 64) one cached forward over `W` tokens (all `W` logits, as verification computes them) is timed and cropped back.
 Widths are interleaved (each repeat visits every width, in a rotated order) and the *fastest* repeat of each width is
 kept: another process or frequency scaling only ever adds time, so the minimum is the estimate least hurt by a busy
-machine (the median of a measurement taken beside another job rated SmolLM2's 3-token forward at 1.8x one in bf16,
-where an idle machine gives ~1.2x, and the width chooser then verified almost nothing). What decoding really pays per
-width is learnt while generating ([`~hf_bpd.drafters.AutoDrafter`] corrects this curve by the step times it observes).
-Between grid points the cost is interpolated linearly, beyond the last one extrapolated along the last segment.
+machine (a median measured beside another job rated SmolLM2's 3-token bf16 forward at 1.78x one, 2 threads, where
+the fastest repeats on the idle machine give 1.02x; the width chooser then verified almost nothing). What decoding
+really pays per width is learnt while generating ([`~hf_bpd.drafters.AutoDrafter`] corrects this curve by the step
+times it observes). Between grid points the cost is interpolated linearly, beyond the last one extrapolated along the last segment.
 
 A cache entry is used only when its whole key equals the current one (another machine, model, dtype, device, thread
 count or torch version is re-measured, never trusted); an unreadable cache file is re-measured with a warning; the file
