@@ -112,6 +112,11 @@ class DraftHeads(nn.Module):
         """
         raise NotImplementedError
 
+    def first(self, hidden: torch.Tensor, num_heads: int, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
+        """The states of the first `num_heads` heads, `(..., num_heads, d)` (what `forward` gives, cut; kinds whose
+        heads are separate modules compute only those)."""
+        return self(hidden, prev_tokens)[..., :num_heads, :]
+
     def __iter__(self):
         return iter(self._modules.values())
 
@@ -140,6 +145,9 @@ class BlockHeads(DraftHeads):
 
     def forward(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
         return torch.stack([head(hidden) for head in self], dim=-2)
+
+    def first(self, hidden: torch.Tensor, num_heads: int, prev_tokens: torch.LongTensor | None = None) -> torch.Tensor:
+        return torch.stack([head(hidden) for head in list(self)[:num_heads]], dim=-2)
 
 
 class ResBlockHeads(BlockHeads):

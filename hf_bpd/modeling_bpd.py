@@ -201,7 +201,11 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         return self.heads.independent
 
     def draft_logits(
-        self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None, full_vocab: bool = True
+        self,
+        hidden: torch.Tensor,
+        prev_tokens: torch.LongTensor | None = None,
+        full_vocab: bool = True,
+        num_heads: int | None = None,
     ) -> torch.Tensor:
         """
         Draft-head logits from the base model's last hidden states.
@@ -215,6 +219,8 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
                 returns logits over the whole base vocabulary (tokens outside the draft vocabulary get the dtype's
                 lowest finite value, so softmax gives them 0 and log-probabilities stay finite); `False` returns the
                 compact `(..., h, K)` logits, column `j` scoring token `draft_token_map[j]`.
+            num_heads (`int`, *optional*): independent heads: only the first `num_heads` heads (the others are not
+                run; a shallow draft tree needs only its depth's heads).
         Returns:
             `torch.Tensor` of shape `(..., num_draft_heads, vocab)` (`(..., k, vocab)` for token-conditioned heads;
             or `K` columns); index `i` predicts the token `i + 2` positions after the position of `hidden`.
@@ -224,7 +230,10 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
                 f"head_type={self.config.head_type!r} heads read the drafted tokens: pass `prev_tokens` (the last "
                 "committed token, then the draft path) to `draft_logits`."
             )
-        states = self.heads(hidden, prev_tokens)  # (..., h or k, d)
+        if num_heads is not None and self.heads.independent:
+            states = self.heads.first(hidden, num_heads)  # (..., num_heads, d)
+        else:
+            states = self.heads(hidden, prev_tokens)  # (..., h or k, d)
         if self.config.share_lm_head:  # one matmul for all heads
             weight, bias = self._draft_projection()
             logits = nn.functional.linear(states, weight, bias)  # (..., h, K or V)

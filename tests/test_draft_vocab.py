@@ -139,3 +139,31 @@ def test_first_heads_keeps_weights_and_map():
     assert torch.equal(two.draft_argmax(hidden), model.draft_argmax(hidden)[:, :2])
     with pytest.raises(ValueError, match="num_heads"):
         model.first_heads(H + 1)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_compact_top_k_equals_the_full_vocabulary_ranking(share):
+    """`DraftContext.draft_topk` (the tree drafters' path: the first `depth` heads, draft vocabulary only) gives the
+    log-probabilities and base ids of the full-vocabulary ranking, and runs only the heads it needs."""
+    from hf_bpd.drafters.base import DraftContext, DraftHeadsView
+
+    model = make(share=share)
+    hidden = torch.randn(2, 32)
+
+    def ctx():
+        tokens = torch.zeros(2, 4, dtype=torch.long)
+        return DraftContext(
+            tokens, torch.full((2,), 4), torch.ones(2, dtype=torch.bool), DraftHeadsView(model), hidden, H
+        )
+
+    full = torch.log_softmax(model.draft_logits(hidden).float(), dim=-1).topk(5, dim=-1)
+    values, ids = ctx().draft_topk(2, 5)
+    assert torch.allclose(values, full.values[:, :2], atol=1e-5) and torch.equal(ids, full.indices[:, :2])
+    calls = []
+    hooks = [head.register_forward_hook(lambda *a, i=i: calls.append(i)) for i, head in enumerate(model.heads)]
+    ctx().draft_topk(2, 5)
+    for hook in hooks:
+        hook.remove()
+    assert calls == [0, 1]  # the third head never ran
+    many = ctx().draft_topk(H, K + 3)  # more than the draft vocabulary holds: the full ranking
+    assert many[1].shape == (2, H, K + 3)

@@ -431,8 +431,13 @@ class AutoDrafter(Drafter):
 def _tree_log_conditional(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration) -> torch.Tensor:
     """`(B, W - 1)` per node, the calibrated log conditional rate of its head's log-probability of its token."""
     depth = tree.layout.depth[1:].cpu()
-    logp = torch.log_softmax(ctx.draft_logits()[:, : int(depth.max())].float(), dim=-1)  # (B, D, V)
-    own = logp[:, depth.to(logp.device) - 1].gather(2, tree.tokens.to(logp.device)[:, :, None])[:, :, 0].cpu()
+    logp, ids = ctx.draft_log_probs(int(depth.max()))  # (B, D, K): the heads' tokens are draft-vocabulary ids
+    tokens = tree.tokens.to(logp.device)
+    column = tokens if ids is None else ctx.heads.draft_inverse_map.to(logp.device)[tokens]
+    own = logp[:, depth.to(logp.device) - 1].gather(2, column.clamp(min=0)[:, :, None])[:, :, 0]
+    if ids is not None:  # a token outside the draft vocabulary (none from the heads) has probability 0
+        own = torch.where(column >= 0, own, torch.finfo(own.dtype).min)
+    own = own.cpu()
     cal = torch.empty(ctx.batch_size, depth.numel(), dtype=torch.float64)
     for d in depth.unique().tolist():  # one calibration lookup per depth, not per node
         at = depth == d

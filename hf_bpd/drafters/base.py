@@ -55,11 +55,20 @@ class DraftHeadsView:
     def draft_token_map(self) -> torch.LongTensor | None:
         return self._model.draft_token_map
 
+    @property
+    def draft_inverse_map(self) -> torch.LongTensor | None:
+        """`(V,)`: each base token's column in the draft vocabulary, `-1` outside it (None without one)."""
+        return self._model.draft_inverse_map
+
     def logits(
-        self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None, full_vocab: bool = True
+        self,
+        hidden: torch.Tensor,
+        prev_tokens: torch.LongTensor | None = None,
+        full_vocab: bool = True,
+        num_heads: int | None = None,
     ) -> torch.Tensor:
         """`BPDForCausalLM.draft_logits`: `(..., h or k, V)` from hidden states `(..., d)` (and `prev_tokens`)."""
-        return self._model.draft_logits(hidden, prev_tokens, full_vocab=full_vocab)
+        return self._model.draft_logits(hidden, prev_tokens, full_vocab=full_vocab, num_heads=num_heads)
 
     def argmax(self, hidden: torch.Tensor, prev_tokens: torch.LongTensor | None = None) -> torch.LongTensor:
         """The heads' greedy tokens `(..., h or k)` as base ids (no full-vocabulary tensor is built)."""
@@ -142,6 +151,7 @@ class DraftContext:
         self.committed_hidden = committed_hidden
         self.committed_count = committed_count
         self._logits: torch.Tensor | None = None
+        self._log_probs: torch.Tensor | None = None  # compact, the first heads only (`draft_log_probs`)
         self._argmax: torch.LongTensor | None = None
         self._head_probs: torch.Tensor | None = None
         self._path_states: Any = None
@@ -197,6 +207,33 @@ class DraftContext:
         return self._logits
 
     head_logits = draft_logits
+
+    def draft_log_probs(self, depth: int | None = None) -> tuple[torch.Tensor, torch.LongTensor | None]:
+        """
+        Independent heads: float32 log-probabilities of the first `depth` heads (default all `h`) over the draft
+        vocabulary, `(batch, depth, K)`, and the `(K,)` base-vocabulary ids of its columns (None when the columns are
+        the base vocabulary itself). Cheaper than `draft_logits()`: only `depth` heads run and nothing of the base
+        vocabulary's size is built (with a draft vocabulary, a token outside it has probability 0 either way).
+        Computed once per step for the deepest `depth` asked.
+        """
+        depth = self.num_heads if depth is None else max(1, min(int(depth), self.num_heads))
+        if self._logits is not None or self.heads is None:  # the full logits exist already (or were given)
+            return torch.log_softmax(self.draft_logits()[:, :depth].float(), dim=-1), None
+        if self._log_probs is None or self._log_probs.shape[1] < depth:
+            if not self.independent:
+                self.draft_logits()  # raises the token-conditioned heads' error
+            compact = self.heads.logits(self.hidden, full_vocab=False, num_heads=depth)
+            self._log_probs = torch.log_softmax(compact.float(), dim=-1)
+        return self._log_probs[:, :depth], self.heads.draft_token_map
+
+    def draft_topk(self, depth: int, k: int) -> tuple[torch.Tensor, torch.LongTensor]:
+        """The `k` most probable tokens of each of the first `depth` heads: log-probabilities `(batch, depth, k)` and
+        base-vocabulary ids `(batch, depth, k)` (see `draft_log_probs`)."""
+        log_probs, ids = self.draft_log_probs(depth)
+        if ids is not None and k > log_probs.shape[-1]:  # more than the draft vocabulary holds: the full ranking
+            return torch.log_softmax(self.draft_logits()[:, :depth].float(), dim=-1).topk(k, dim=-1)
+        top = log_probs.topk(k, dim=-1)
+        return top.values, top.indices if ids is None else ids[top.indices]
 
     def path_logits(self, paths: torch.LongTensor, rows: torch.LongTensor | None = None) -> torch.Tensor:
         """

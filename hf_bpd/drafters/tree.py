@@ -310,8 +310,7 @@ class DynamicTreeDrafter(_Timed):
         k = min(self.top_k, self.num_nodes)
         expand = None
         if state.independent:
-            logits = state.draft_logits()[:, :depth].float()  # (B, D, V)
-            logprobs, tokens = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            logprobs, tokens = state.draft_topk(depth, k)  # (B, D, k): only the heads the tree reaches
         else:  # each node's children from the heads given its own path
             logprobs = tokens = state.tokens.new_zeros(state.batch_size, depth, k)  # shapes only
             expand = functools.partial(_expand_by_path, state, k)
