@@ -304,7 +304,8 @@ class DynamicTreeDrafter(_Timed):
                     f"{state.num_heads} draft heads: calibrate it for these heads (calibrate_confidence)."
                 )
             self._checked = True
-        depth = min(state.num_heads, state.num_tokens, self.max_depth or state.num_heads)
+        # a tree of N nodes is at most N deep: the heads below that depth are never read (nor run)
+        depth = min(state.num_heads, state.num_tokens, self.max_depth or state.num_heads, self.num_nodes)
         if depth == 0:  # the loop verifies no draft token this step
             return DraftTree(tokens=state.input_ids.new_zeros(state.batch_size, 0), layout=tree_from_parents((-1,)))
         k = min(self.top_k, self.num_nodes)
