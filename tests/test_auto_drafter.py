@@ -298,3 +298,16 @@ def test_drafts_scored_against_the_committed_text():
     hits, expected = _score_against_text(Ctx(), paths, depth, cond, torch.tensor([2, 2]))
     assert hits.tolist() == [1.0, 1.0]  # row 0: node 5 right, 6 and 5->7 wrong; row 1: 6 right, depth 2 unknown
     assert expected.tolist() == pytest.approx([0.5 + 0.25 + 0.4, 0.5 + 0.25])
+
+
+def test_rows_learn_during_a_real_generate():
+    """Through the loop (which advances its buffers in place), every step's drafts are scored: after a generate on
+    repetitive prompts the rows have checked match tokens and learnt step costs."""
+    model = make("llama")
+    ids, mask = repetitive_prompts(3)
+    drafter = build_drafter(model, auto_spec([[1, 1.0], [5, 1.2], [17, 2.0]], adapt=True))
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, use_bpd=True, drafter=drafter)
+    assert torch.equal(out, ref)
+    assert bool((drafter.expected["match"] > 0).all()) and bool((drafter.expected["tree"] > 0).all())
+    assert drafter.step_s and all(len(v) >= 1 for v in drafter.step_s.values())

@@ -347,7 +347,7 @@ class AutoDrafter(Drafter):
         comes first: when it replaces the tree (`rule="both"`, every live row's match long), the heads are never run
         (their logits and the tree are most of a step's drafting time)."""
         calibrated = self.calibrated and ctx.independent
-        self._lengths = ctx.lengths.cpu()
+        self._lengths = ctx.lengths.cpu().clone()  # the loop advances `lengths` in place
         match = switched = None
         if self.context is not None:
             depth = min(ctx.max_tokens, self.max_depth)
