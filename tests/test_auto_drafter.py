@@ -311,3 +311,21 @@ def test_rows_learn_during_a_real_generate():
     assert torch.equal(out, ref)
     assert bool((drafter.expected["match"] > 0).all()) and bool((drafter.expected["tree"] > 0).all())
     assert drafter.step_s and all(len(v) >= 1 for v in drafter.step_s.values())
+
+
+def test_heads_rest_while_their_tree_does_not_pay():
+    """With a cost curve under which no node pays, the heads stop being run after `idle_after` steps and are tried
+    again with a growing pause; when width is free they run every step. Output stays the base model's."""
+    model = make("llama")
+    ids, mask = repetitive_prompts(1)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    for cost, rests in ((STEEP, True), (FLAT, False)):
+        drafter = build_drafter(model, auto_spec(cost, idle_after=2, max_skip=4))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=24, use_bpd=True, drafter=drafter)
+        assert torch.equal(out, ref)
+        assert (drafter.tree.calls < len(drafter.widths) - 1) == rests  # (the last step may draft nothing)
+    never = build_drafter(model, auto_spec(STEEP, max_skip=0))
+    model.generate(ids, attention_mask=mask, max_new_tokens=24, use_bpd=True, drafter=never)
+    assert never.tree.calls >= len(never.widths) - 1
+    with pytest.raises(ValueError, match="idle_after"):
+        AutoDrafter(None, context={}, idle_after=0)

@@ -53,7 +53,7 @@ from .base import DraftContext, Drafter
 from .calibration import ConfidenceCalibration
 from .context_ngram import ContextMatch, find_context_match, merge_match, switch_to_match
 from .tree import DynamicTreeDrafter
-from .verify_width import choose_num_nodes, prune_tree
+from .verify_width import choose_num_nodes, kept_columns, prune_tree
 
 MATCH_EDGES = (2, 3, 4, 6, 8, 12)  # suffix match length bins: [1], [2], [3], [4, 5], [6, 7], [8, 11], [12+]
 _COSTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()  # base model -> {(dtype, threads): cost}
@@ -187,6 +187,11 @@ class AutoDrafter(Drafter):
             trusts the fitted calibration and the measured curve as they are.
         adapt_prior (`float`, defaults to 4.0): pseudo-observations behind the fitted match calibration (how many
             match tokens a row must show before its own rate moves halfway from the fitted one).
+        idle_after (`int`, defaults to 3), max_skip (`int`, defaults to 16): with width from cost, after
+            `idle_after` steps in a row where no heads-tree node was worth verifying on its own (none kept, or only
+            where the match proposed the same token with a higher probability), the heads are not run for the
+            next `2 ** (idle - idle_after)` steps (at most `max_skip`; 0 never skips), then tried again: text
+            where the heads do not pay stops paying for their drafting.
 
     Learning while generating (`adapt=True`). Two estimates are fitted away from the text at hand and are corrected by
     what each step reveals:
@@ -215,6 +220,8 @@ class AutoDrafter(Drafter):
         width_from_cost: bool = True,
         adapt: bool = True,
         adapt_prior: float = 4.0,
+        idle_after: int = 3,
+        max_skip: int = 16,
     ):
         if rule not in ("merge", "both"):
             raise ValueError(f"AutoDrafter rule must be 'merge' or 'both', got {rule!r}.")
@@ -234,6 +241,9 @@ class AutoDrafter(Drafter):
         if not adapt_prior > 0:
             raise ValueError(f"adapt_prior must be > 0 (pseudo-observations), got {adapt_prior!r}.")
         self.adapt, self.adapt_prior = bool(adapt), float(adapt_prior)
+        if idle_after < 1 or max_skip < 0:
+            raise ValueError(f"Need idle_after >= 1 and max_skip >= 0, got {idle_after} and {max_skip}.")
+        self.idle_after, self.max_skip = int(idle_after), int(max_skip)
         nodes = max(self.tree.num_nodes if self.tree is not None else 0, sampling_nodes)
         self.max_block_width = nodes + (self.max_depth or 0) + 1
         self.reset()
@@ -251,6 +261,8 @@ class AutoDrafter(Drafter):
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
         self.step_s: dict[int, deque] = {}  # verify width -> the last observed seconds of a step beyond drafting
         self._ratios: deque = deque(maxlen=9)  # the last steps' observed / measured seconds
+        self._idle = self._skip = 0  # steps in a row the heads' tree was not worth verifying; steps left unrun
+        self._tree_probs_own: torch.Tensor | None = None  # this step's heads-tree node probabilities, if it ran
         self._drafted: dict[str, tuple] = {}  # source -> the last step's (paths, depth, cond, lengths), to score
         self.hits: dict[str, torch.Tensor] = {}  # source ("match", "tree") -> (B,) drafts right so far, per row
         self.expected: dict[str, torch.Tensor] = {}  # source -> (B,) how many the fitted calibration expected
@@ -275,7 +287,11 @@ class AutoDrafter(Drafter):
             self.draft_s = draft_s if not self.widths else 0.8 * self.draft_s + 0.2 * draft_s
             if probs is not None and tree.layout.width > 1:
                 choice = choose_num_nodes(probs, self.step_cost, self.draft_s, ctx.live, "widest")
+                kept = kept_columns(tree, probs, choice.num_nodes, ctx.live)
+                self._track_tree_use(kept, probs)
                 tree = prune_tree(tree, probs, choice.num_nodes, ctx.live)
+            elif self._tree_probs_own is not None:  # the heads ran and nothing was worth verifying
+                self._track_tree_use([], probs)
         self.widths.append(tree.layout.width - 1)
         self._last = (start, tree.layout.width, time.perf_counter() - start)
         self.total_propose_s += self._last[2]
@@ -321,6 +337,18 @@ class AutoDrafter(Drafter):
         self.step_s.setdefault(width, deque(maxlen=3)).append(seconds)
         self._ratios.append(seconds / self._curve()(width))
 
+    def _track_tree_use(self, kept: list[int], probs: torch.Tensor | None) -> None:
+        """Whether this step kept a heads-tree node on its own merit (its tree probability the node's best), and the
+        back-off that follows (see `idle_after`)."""
+        own = self._tree_probs_own
+        if own is None or probs is None or not self.max_skip:
+            return
+        columns = [c for c in kept if c < own.shape[1]]
+        used = bool(columns) and bool(((own[:, columns] >= probs[:, columns]) & (own[:, columns] > 0)).any())
+        self._idle = 0 if used else self._idle + 1
+        if self._idle >= self.idle_after:
+            self._skip = min(2 ** (self._idle - self.idle_after), self.max_skip)
+
     def _score_last_drafts(self, ctx: DraftContext) -> None:
         """Score the last step's match and tree nodes against the tokens committed since (see the class
         docstring): per row and source, the nodes that could be checked, how many were right, and how many the
@@ -348,6 +376,9 @@ class AutoDrafter(Drafter):
         (their logits and the tree are most of a step's drafting time)."""
         calibrated = self.calibrated and ctx.independent
         self._lengths = ctx.lengths.cpu().clone()  # the loop advances `lengths` in place
+        self._tree_probs_own = None
+        resting = self._skip > 0 and calibrated and self.context is not None  # the heads did not pay lately
+        self._skip = max(self._skip - 1, 0)
         match = switched = None
         if self.context is not None:
             depth = min(ctx.max_tokens, self.max_depth)
@@ -358,9 +389,10 @@ class AutoDrafter(Drafter):
                 switched = switch_to_match(empty, match, self.switch_length, depth, ctx.live)
         if switched is not None:
             tree, probs = switched, torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
-        elif self.tree is not None and ctx.num_tokens > 0:
+        elif self.tree is not None and ctx.num_tokens > 0 and not resting:
             tree = self.tree.propose(ctx)
             probs = self._tree_probs(ctx, tree) if calibrated else None
+            self._tree_probs_own = probs
         else:
             tree = DraftTree(tokens=ctx.tokens.new_zeros(ctx.batch_size, 0), layout=tree_from_parents((-1,)))
             probs = torch.zeros(ctx.batch_size, 0, dtype=torch.float64)

@@ -168,12 +168,7 @@ def prune_tree(
     width = tree.layout.width
     if num_nodes >= width - 1:
         return tree
-    probs = _min_over(torch.nan_to_num(node_probs.double().cpu(), nan=0.0), tree.layout.visible[1:, 1:].cpu())
-    if live is not None and bool(live.any()):
-        probs = probs[live.cpu().bool()]
-    score = probs.max(dim=0).values  # (W - 1,)
-    order = torch.argsort(score, descending=True, stable=True)  # ties: the earlier node first
-    kept = sorted(order[: max(num_nodes, 0)].tolist())  # 0-based node columns (node w = column w - 1)
+    kept = kept_columns(tree, node_probs, num_nodes, live)
     new_index = {old + 1: new + 1 for new, old in enumerate(kept)}
     new_index[0] = 0
     parent = tree.layout.parent.tolist()
@@ -182,6 +177,20 @@ def prune_tree(
     proposals = None if tree.proposals is None else tree.proposals[:, columns]
     layout = tree_from_parents(parents, tree.layout.depth.device)
     return DraftTree(tokens=tree.tokens[:, columns], layout=layout, proposals=proposals)
+
+
+def kept_columns(
+    tree: DraftTree, node_probs: torch.Tensor, num_nodes: int, live: torch.BoolTensor | None = None
+) -> list[int]:
+    """The node columns (node `w` is column `w - 1`) [`prune_tree`] keeps, ascending."""
+    if num_nodes >= tree.layout.width - 1:
+        return list(range(tree.layout.width - 1))
+    probs = _min_over(torch.nan_to_num(node_probs.double().cpu(), nan=0.0), tree.layout.visible[1:, 1:].cpu())
+    if live is not None and bool(live.any()):
+        probs = probs[live.cpu().bool()]
+    score = probs.max(dim=0).values  # (W - 1,)
+    order = torch.argsort(score, descending=True, stable=True)  # ties: the earlier node first
+    return sorted(order[: max(num_nodes, 0)].tolist())
 
 
 @dataclass
