@@ -329,3 +329,22 @@ def test_heads_rest_while_their_tree_does_not_pay():
     assert never.tree.calls >= len(never.widths) - 1
     with pytest.raises(ValueError, match="idle_after"):
         AutoDrafter(None, context={}, idle_after=0)
+
+
+def test_match_alone_equals_the_merge_into_an_empty_tree():
+    """The no-tree fast path gives the tree and probabilities of merging the match into a root-only tree."""
+    from hf_bpd.drafters.context_ngram import find_context_match, merge_match
+    from hf_bpd.tree import DraftTree, tree_from_parents
+
+    ids, _ = repetitive_prompts(3)
+    lengths = torch.tensor([16, 14, 12])
+    match = find_context_match(ids, lengths, torch.zeros(3, dtype=torch.long), 6)
+    drafter = AutoDrafter(None, context={"max_depth": 6}, match_calibration=match_calibration(6), cost=FLAT)
+    drafter.reset()
+    drafter._lengths = lengths
+    fast, fast_probs = drafter._match_alone(match, 6, calibrated=True)
+    empty = DraftTree(tokens=ids.new_zeros(3, 0), layout=tree_from_parents((-1,)))
+    merged = merge_match(empty, match, 6)
+    probs = drafter._with_match(merged, torch.zeros(3, merged.layout.width - 1, dtype=torch.float64), match)
+    assert torch.equal(fast.tokens, merged.tokens) and torch.equal(fast.layout.parent, merged.layout.parent)
+    assert torch.allclose(fast_probs, probs) and bool((fast_probs > 0).any())

@@ -51,7 +51,7 @@ import torch
 from ..tree import DraftTree, tree_from_parents
 from .base import DraftContext, Drafter
 from .calibration import ConfidenceCalibration
-from .context_ngram import ContextMatch, find_context_match, merge_match, switch_to_match
+from .context_ngram import ContextMatch, find_context_match, match_chain, merge_match, switch_to_match
 from .tree import DynamicTreeDrafter
 from .verify_width import choose_num_nodes, kept_columns, prune_tree
 
@@ -261,6 +261,7 @@ class AutoDrafter(Drafter):
         self._last: tuple[float, int, float] | None = None  # (start time, width, draft seconds) of the last step
         self.step_s: dict[int, deque] = {}  # verify width -> the last observed seconds of a step beyond drafting
         self._ratios: deque = deque(maxlen=9)  # the last steps' observed / measured seconds
+        self._scale = 1.0  # their median
         self._idle = self._skip = 0  # steps in a row the heads' tree was not worth verifying; steps left unrun
         self._tree_probs_own: torch.Tensor | None = None  # this step's heads-tree node probabilities, if it ran
         self._drafted: dict[str, tuple] = {}  # source -> the last step's (paths, depth, cond, lengths), to score
@@ -321,7 +322,7 @@ class AutoDrafter(Drafter):
         never locks a width out).
         """
         width = int(width)
-        scaled = self._curve()(width) * (statistics.median(self._ratios) if self._ratios else 1.0)
+        scaled = self._curve()(width) * self._scale
         seen = self.step_s.get(width)
         if not seen:
             return scaled
@@ -336,6 +337,7 @@ class AutoDrafter(Drafter):
         seconds = max(now - began - drafted, 1e-6)
         self.step_s.setdefault(width, deque(maxlen=3)).append(seconds)
         self._ratios.append(seconds / self._curve()(width))
+        self._scale = statistics.median(self._ratios)  # once per step (the chooser asks for every width)
 
     def _track_tree_use(self, kept: list[int], probs: torch.Tensor | None) -> None:
         """Whether this step kept a heads-tree node on its own merit (its tree probability the node's best), and the
@@ -398,11 +400,29 @@ class AutoDrafter(Drafter):
             probs = torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
         if match is None:
             return tree, probs
+        if switched is None and tree.layout.width == 1:  # no tree: the match chain alone, node d its d-th token
+            return self._match_alone(match, depth, calibrated)
         merged = tree if switched is not None else merge_match(tree, match, depth)
         if not calibrated:
             return merged, None
         probs = torch.cat([probs, probs.new_zeros(ctx.batch_size, merged.layout.width - 1 - probs.shape[1])], 1)
         return merged, self._with_match(merged, probs, match)
+
+    def _match_alone(self, match: ContextMatch, depth: int, calibrated: bool) -> tuple[DraftTree, torch.Tensor | None]:
+        """The match chain and its nodes' probabilities without a tree to merge into (what `merge_match` and
+        `_with_match` give for a root-only tree, without their path comparisons: most of a step's drafting time on
+        a small model)."""
+        chain = match_chain(match, depth)
+        width = chain.layout.width - 1
+        if not calibrated:
+            return chain, None
+        probs = torch.zeros(match.tokens.shape[0], width, dtype=torch.float64)
+        if width:
+            path = self._match_path_probs(match)
+            cols = min(width, path.shape[1])
+            probs[:, :cols] = path[:, :cols]
+            probs = torch.where(torch.arange(width)[None] < match.num_found_tokens.cpu()[:, None], probs, 0.0)
+        return chain, probs
 
     def _with_match(self, tree: DraftTree, probs: torch.Tensor, match: ContextMatch) -> torch.Tensor:
         """Nodes on a row's match path get at least the match's calibrated probability."""
