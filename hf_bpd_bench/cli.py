@@ -176,6 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             oracle_top_k=args.oracle_top_k,
             tree_nodes=args.tree_nodes,
             tree_min_confidence=args.tree_min_confidence,
+            pld_tokens=args.pld_tokens,
         )
         report = benchmark(res, prompts, args.methods, cfg, progress=not args.no_progress)
         print(f"\n== batch size {batch_size} ==" + format_table(report))
@@ -239,6 +240,14 @@ def _tree_nodes_arg(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1 (draft tokens per verify call), got {text!r}")
     return value
+
+
+def _positive_int(value: str) -> int:
+    """An integer >= 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return number
 
 
 def _min_confidence_arg(text: str) -> float:
@@ -334,6 +343,12 @@ def _bench_parser(sub: Any) -> None:
     bench.add_argument("--batch-size", type=int, nargs="+", default=[1], help="one or more batch sizes")
     bench.add_argument("--repeats", type=int, default=3)
     bench.add_argument("--oracle-top-k", type=int, default=D.oracle_top_k, help="k of the oracle method")
+    bench.add_argument(
+        "--pld-tokens",
+        type=_positive_int,
+        default=4,
+        help="prompt_lookup_num_tokens of the pld method (default 4)",
+    )
     bench.add_argument(
         "--tree-nodes",
         type=_tree_nodes_arg,

@@ -252,3 +252,12 @@ def test_tune_auto_refuses_nonsense_arguments(bad, capsys):
     with pytest.raises(SystemExit) as err:
         main(["--model", "m", "--prompts", "p", *bad])
     assert err.value.code == 2 and bad[0] in capsys.readouterr().err
+
+
+def test_pld_tokens_flag_reaches_the_bench_config():
+    """`--pld-tokens` sets transformers' `prompt_lookup_num_tokens` for `pld`; its default is BenchConfig's."""
+    from hf_bpd_bench.bench import BenchConfig
+    from hf_bpd_bench.cli import build_parser
+
+    assert build_parser().parse_args(["bench"]).pld_tokens == BenchConfig().pld_tokens
+    assert build_parser().parse_args(["bench", "--pld-tokens", "10"]).pld_tokens == 10
