@@ -311,6 +311,9 @@ def _read_entries(path: Path) -> list[dict[str, Any]]:
         return []
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and isinstance(data.get("schema"), int) and data["schema"] < _SCHEMA:
+            logger.info("The forward-cost cache %s is from an older version: measuring again.", path)
+            return []
         entries = data["entries"]
         well_formed = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
         if data.get("schema") != _SCHEMA or not well_formed:

@@ -115,3 +115,14 @@ def test_default_folder_is_the_user_cache(tmp_path, monkeypatch):
 def test_context_too_long_is_refused():
     with pytest.raises(ValueError, match="positions"):
         ForwardCost.measure(tiny_base("llama"), widths=(1, 65), context_length=250)
+
+
+def test_an_older_cache_is_measured_again_without_a_warning(tmp_path, caplog):
+    """A cache written by an older version (schema 1 kept medians) is replaced quietly, never trusted."""
+    model = tiny_base("llama")
+    old = {"schema": 1, "entries": [{"key": {}, "widths": [1], "seconds": [1e-9]}]}
+    (tmp_path / CACHE_FILE).write_text(json.dumps(old))
+    with caplog.at_level(logging.WARNING, logger="hf_bpd.cost"):
+        curve = ForwardCost.for_model(model, tmp_path, **FAST)
+    assert not caplog.text and curve.seconds[0] > 1e-9
+    assert json.loads((tmp_path / CACHE_FILE).read_text())["schema"] == 2
