@@ -230,6 +230,8 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
                 f"head_type={self.config.head_type!r} heads read the drafted tokens: pass `prev_tokens` (the last "
                 "committed token, then the draft path) to `draft_logits`."
             )
+        if num_heads is not None and not 1 <= num_heads <= self.config.num_draft_heads:
+            raise ValueError(f"num_heads must be in [1, {self.config.num_draft_heads}], got {num_heads}.")
         if num_heads is not None and self.heads.independent:
             states = self.heads.first(hidden, num_heads)  # (..., num_heads, d)
         else:

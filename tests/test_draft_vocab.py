@@ -167,3 +167,11 @@ def test_compact_top_k_equals_the_full_vocabulary_ranking(share):
     assert calls == [0, 1]  # the third head never ran
     many = ctx().draft_topk(H, K + 3)  # more than the draft vocabulary holds: the full ranking
     assert many[1].shape == (2, H, K + 3)
+
+
+def test_num_heads_out_of_range_is_refused():
+    model = make()
+    assert model.draft_logits(torch.randn(2, 32), num_heads=2).shape == (2, 2, VOCAB)
+    for bad in (0, H + 1):
+        with pytest.raises(ValueError, match="num_heads must be in"):
+            model.draft_logits(torch.randn(2, 32), num_heads=bad)
