@@ -53,7 +53,7 @@ from .base import DraftContext, Drafter
 from .calibration import ConfidenceCalibration
 from .context_ngram import ContextMatch, find_context_match, match_chain, merge_match, switch_to_match
 from .tree import DynamicTreeDrafter
-from .verify_width import choose_num_nodes, kept_columns, prune_tree
+from .verify_width import choose_num_nodes, keep_columns, kept_columns
 
 MATCH_EDGES = (2, 3, 4, 6, 8, 12)  # suffix match length bins: [1], [2], [3], [4, 5], [6, 7], [8, 11], [12+]
 _COSTS: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()  # base model -> {(dtype, threads): cost}
@@ -290,7 +290,7 @@ class AutoDrafter(Drafter):
                 choice = choose_num_nodes(probs, self.step_cost, self.draft_s, ctx.live, "widest")
                 kept = kept_columns(tree, probs, choice.num_nodes, ctx.live)
                 self._track_tree_use(kept, probs)
-                tree = prune_tree(tree, probs, choice.num_nodes, ctx.live)
+                tree = keep_columns(tree, kept)  # what prune_tree does, the columns chosen once
             elif self._tree_probs_own is not None:  # the heads ran and nothing was worth verifying
                 self._track_tree_use([], probs)
         self.widths.append(tree.layout.width - 1)

@@ -168,7 +168,13 @@ def prune_tree(
     width = tree.layout.width
     if num_nodes >= width - 1:
         return tree
-    kept = kept_columns(tree, node_probs, num_nodes, live)
+    return keep_columns(tree, kept_columns(tree, node_probs, num_nodes, live))
+
+
+def keep_columns(tree: DraftTree, kept: list[int]) -> DraftTree:
+    """The sub-tree of the node columns `kept` (ascending, ancestor-closed; node `w` is column `w - 1`)."""
+    if len(kept) == tree.layout.width - 1:
+        return tree
     new_index = {old + 1: new + 1 for new, old in enumerate(kept)}
     new_index[0] = 0
     parent = tree.layout.parent.tolist()
