@@ -11,9 +11,11 @@ Each stage is resumable: rerun the same command after an interruption and it con
 Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
             chat prompts from validation texts -> reference/prompts/smollm2_{validation,tune}.jsonl
-  answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable)
-  features  the frozen base's last hidden states + greedy next tokens over prompt+answer and raw training text,
-            cached once (hf_bpd.features) -> WORK/features/*.safetensors
+  answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable);
+            with --capture-features (the default) the hidden states generate computes anyway are kept as the answers'
+            feature cache -> WORK/features/{chat,eval}-gen/ (no second forward over them)
+  features  the frozen base's last hidden states + greedy next tokens over prompt+answer (answers without captured
+            features) and raw training text, cached once (hf_bpd.features) -> WORK/features/{chat,eval,raw}/
   heads     draft heads trained with BPDTrainer on the cached features (no base forward per step) -> reference/smollm2-heads
   select    keep the first h heads, h chosen by measured speed on the tuning prompts -> reference/smollm2-heads
   ngram     KenLM 4-gram over SmolLM2 token ids (training split + answers) -> reference/smollm2-ngram
@@ -119,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, default=160, help="max new tokens of a self-distilled answer")
     p.add_argument("--answer-batch", type=int, default=16)
     p.add_argument("--answers-max-minutes", type=float, default=30.0)
+    p.add_argument(
+        "--capture-features",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the hidden states generate computes as the answers' feature cache (features/{chat,eval}-gen)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="dtype for answers/features (bfloat16 or float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     # features / heads (see those stages)
@@ -343,14 +351,18 @@ def stage_answers(args: argparse.Namespace) -> None:
     SmolLM2's greedy answers, appended to WORK/answers.jsonl keyed by prompt id (resumable, any order). Prompts are
     batched by length (left padding) to waste little on padding; over-long prompts and empty answers are counted.
     """
+    import contextlib
+
     import torch
     from tqdm.auto import tqdm
 
+    from hf_bpd.features import LastHiddenStateRecorder, generation_features, save_feature_shard
     from hf_bpd.smollm2 import load_smollm2
 
     prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
     out_path = args.work_dir / "answers.jsonl"
     done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
+    next_shard = _captured_features(args.work_dir, done)[1]
     todo = [r for r in prompts if r.get("id") not in done]
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
     model.eval()
@@ -361,6 +373,10 @@ def stage_answers(args: argparse.Namespace) -> None:
     start = time.monotonic()
     chunk = args.answer_batch * 16  # sort each chunk of prompts by length: batches of similar length
     logger.info("answers: %d of %d prompts done, %d to go", len(done), len(prompts), len(todo))
+    feats = args.work_dir / "features"
+    if args.capture_features:
+        for name in GEN_FOLDERS.values():
+            (feats / name).mkdir(parents=True, exist_ok=True)
     with out_path.open("a") as handle, torch.inference_mode(), tqdm(total=len(todo), desc="answers") as bar:
         for c in range(0, len(todo), chunk):
             rows = todo[c : c + chunk]
@@ -375,16 +391,42 @@ def stage_answers(args: argparse.Namespace) -> None:
                 counts["too_long"] += len(order[i : i + args.answer_batch]) - len(batch)
                 if batch:
                     enc = tok([texts[j] for j in batch], return_tensors="pt", padding=True, add_special_tokens=False)
-                    gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
-                    for j, seq in zip(batch, gen[:, enc["input_ids"].shape[1] :]):
+                    recorder = LastHiddenStateRecorder(model) if args.capture_features else contextlib.nullcontext()
+                    with recorder:
+                        gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
+                    lines, kept = [], {"chat": [], "eval": []}
+                    for i, (j, seq) in enumerate(zip(batch, gen[:, enc["input_ids"].shape[1] :])):
                         answer = tok.decode(seq, skip_special_tokens=True)
                         n = int((seq != tok.pad_token_id).sum())
                         counts["tokens"] += n
                         counts["answers"] += 1
                         counts["empty"] += int(not answer.strip())
-                        handle.write(
-                            json.dumps({**rows[j], "answer": answer, "answer_tokens": n}, ensure_ascii=False) + "\n"
+                        if answer.strip():
+                            kept["eval" if _held_out(rows[j]) else "chat"].append(i)
+                        lines.append(json.dumps({**rows[j], "answer": answer, "answer_tokens": n}, ensure_ascii=False))
+                    if args.capture_features:
+                        # the shards first, then the answers: a crash between leaves shards whose answers are not in
+                        # answers.jsonl, deleted on the next run (_captured_features), never half a record
+                        rows_feats = generation_features(
+                            model,
+                            enc["input_ids"],
+                            enc["attention_mask"],
+                            gen,
+                            recorder.states,
+                            eos_token_id=tok.eos_token_id,
+                            seq_len=args.seq_len,
+                            train_start=[_system_tokens(tok, texts[j]) for j in batch],
                         )
+                        for split, picked in kept.items():
+                            if picked:
+                                index = torch.as_tensor(picked)
+                                save_feature_shard(
+                                    feats / GEN_FOLDERS[split] / f"gen-{next_shard:05d}.safetensors",
+                                    {k: v[index].contiguous() for k, v in rows_feats.items()},
+                                    metadata={"ids": [rows[batch[i]].get("id") for i in picked]},
+                                )
+                        next_shard += 1
+                    handle.write("".join(line + "\n" for line in lines))
                     handle.flush()
                 bar.update(len(order[i : i + args.answer_batch]))
             else:
@@ -395,6 +437,49 @@ def stage_answers(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------- features
+GEN_FOLDERS = {"chat": "chat-gen", "eval": "eval-gen"}  # features captured while answering (answers stage)
+
+
+def _held_out(row: dict) -> bool:
+    """
+    1 answer in 20, chosen by a hash of its prompt id: held out for the per-head accuracy. Stable as answers.jsonl
+    grows across sessions, so the feature shards of earlier sessions stay valid (only the last shard grows).
+    """
+    return zlib.crc32(str(row.get("id")).encode()) % 20 == 0
+
+
+def _system_tokens(tok, text: str) -> int:
+    """Tokens of a chat text before its first user turn (the system block: no targets)."""
+    start = text.find("<|im_start|>user")
+    return len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
+
+
+def _captured_features(work_dir: Path, answered: set) -> tuple[set, int]:
+    """
+    The prompt ids whose features the answers stage captured, and the next shard number. A captured shard holding an
+    id that answers.jsonl lacks (a crash between writing the shard and the answers) is deleted, as is a leftover
+    `.tmp`: those prompts are answered again, and an answer of a deleted shard that did land is extracted by the
+    features stage instead, so no answer is trained on twice or never.
+    """
+    from hf_bpd.features import shard_metadata
+
+    covered, last = set(), -1
+    for name in GEN_FOLDERS.values():
+        folder = work_dir / "features" / name
+        for path in sorted(folder.glob("*.tmp")):
+            path.unlink()
+        for path in sorted(folder.glob("*.safetensors")):
+            meta = shard_metadata(path)
+            ids = None if meta is None else meta.get("ids")
+            if ids is None or not set(ids) <= answered:
+                logger.warning("captured feature shard %s holds answers missing from answers.jsonl: deleted", path)
+                path.unlink()
+                continue
+            covered |= set(ids)
+            last = max(last, int(path.stem.rsplit("-", 1)[-1]))
+    return covered, last + 1
+
+
 def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
     """Prompt + self-distilled answer rendered with the chat template; the system block gets no targets."""
     ids, masks = [], []
@@ -402,8 +487,7 @@ def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[i
         text = tok.apply_chat_template(
             row["messages"] + [{"role": "assistant", "content": row["answer"]}], tokenize=False
         )
-        start = text.find("<|im_start|>user")
-        head = len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
+        head = _system_tokens(tok, text)
         seq = tok(text, add_special_tokens=False)["input_ids"]
         ids.append(seq)
         masks.append([0] * head + [1] * (len(seq) - head))
@@ -432,9 +516,10 @@ def stage_features(args: argparse.Namespace) -> None:
     answers = [r for r in _read_jsonl(args.work_dir / "answers.jsonl") if r.get("answer", "").strip()]
     if not answers:
         raise SystemExit("No answers yet: run the `answers` stage first.")
-    # 1 answer in 20, chosen by a hash of its prompt id: held out for the per-head accuracy. Stable as answers.jsonl
-    # grows across sessions, so the feature shards of earlier sessions stay valid (only the last shard grows).
-    held = [zlib.crc32(str(r.get("id")).encode()) % 20 == 0 for r in answers]
+    captured = _captured_features(args.work_dir, {r.get("id") for r in answers})[0]
+    logger.info("features: %d of %d answers were captured while answering", len(captured), len(answers))
+    answers = [r for r in answers if r.get("id") not in captured]
+    held = [_held_out(r) for r in answers]
     train_rows = [r for r, h in zip(answers, held) if not h]
     eval_rows = [r for r, h in zip(answers, held) if h]
     start = time.monotonic()
@@ -466,10 +551,12 @@ def stage_heads(args: argparse.Namespace) -> None:
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
 
     feats = args.work_dir / "features"
-    chat = sorted((feats / "chat").glob("*.safetensors"))
+    _captured_features(args.work_dir, {r.get("id") for r in _read_jsonl(args.work_dir / "answers.jsonl")})
+    chat = sorted((feats / "chat").glob("*.safetensors")) + sorted((feats / GEN_FOLDERS["chat"]).glob("*.safetensors"))
     chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards: a data-scaling run's subset
     train = CachedFeatures([*chat, feats / "raw"])
-    evaluation = CachedFeatures(feats / "eval")
+    held = [f for name in ("eval", GEN_FOLDERS["eval"]) for f in sorted((feats / name).glob("*.safetensors"))]
+    evaluation = CachedFeatures(held)
     base, tok = load_smollm2(dtype=torch.float32)
     vocab = base.config.vocab_size
     counts = train.target_counts(vocab)

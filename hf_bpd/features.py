@@ -17,6 +17,7 @@ slicing a tensor.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
@@ -78,37 +79,162 @@ def extract_features(
         if path.exists() and _shard_matches(path, len(rows), seq_len, top_k):
             continue
         masks = None if train_mask is None else [list(m)[:seq_len] for m in train_mask[start : start + shard_size]]
-        hidden_parts, target_parts, topk_parts = [], [], []
-        for b in range(0, len(rows), batch_size):
-            batch = rows[b : b + batch_size]
-            ids = torch.full((len(batch), seq_len), pad, dtype=torch.long)
+        d = base.get_output_embeddings().weight.shape[1]
+        hidden = torch.zeros(len(rows), seq_len, d, dtype=storage_dtype)
+        targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.int32)
+        if top_k:
+            topk_ids = torch.zeros(len(rows), seq_len, top_k, dtype=torch.int32)
+            topk_logprobs = torch.full((len(rows), seq_len, top_k), float("-inf"), dtype=torch.float16)
+        # batches of similar length, each cut to its longest row: the forward costs what the tokens cost, not the
+        # padding to `seq_len` (right padding under a causal mask leaves the valid positions unchanged)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for b in range(0, len(order), batch_size):
+            picked = order[b : b + batch_size]
+            width = max(1, max(len(rows[i]) for i in picked))
+            ids = torch.full((len(picked), width), pad, dtype=torch.long)
             attn = torch.zeros_like(ids)
-            for i, row in enumerate(batch):
-                ids[i, : len(row)] = torch.as_tensor(row)
-                attn[i, : len(row)] = 1
+            for j, i in enumerate(picked):
+                ids[j, : len(rows[i])] = torch.as_tensor(rows[i], dtype=torch.long)
+                attn[j, : len(rows[i])] = 1
             outputs = base(input_ids=ids.to(device), attention_mask=attn.to(device), output_hidden_states=True)
-            hidden_parts.append(outputs.hidden_states[-1].to(storage_dtype).cpu())
-            targets = torch.full_like(ids, IGNORE)
-            targets[:, 1:] = outputs.logits[:, :-1].argmax(-1).cpu()  # unshifted: entry s is argmax at s - 1
+            step_targets = torch.full_like(ids, IGNORE)
+            step_targets[:, 1:] = outputs.logits[:, :-1].argmax(-1).cpu()  # unshifted: entry s is argmax at s - 1
             valid = attn.bool()
             if masks is not None:
-                for i, m in enumerate(masks[b : b + batch_size]):
-                    valid[i, : len(m)] &= torch.as_tensor(m, dtype=torch.bool)
-            target_parts.append(targets.masked_fill(~valid, IGNORE).to(torch.int32))
+                for j, i in enumerate(picked):
+                    valid[j, : len(masks[i])] &= torch.as_tensor(masks[i], dtype=torch.bool)
+            index = torch.as_tensor(picked)
+            hidden[index, :width] = (outputs.hidden_states[-1] * attn[..., None].to(device)).to(storage_dtype).cpu()
+            targets[index, :width] = step_targets.masked_fill(~valid, IGNORE).to(torch.int32)
             if top_k:
                 logp = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1).topk(top_k, dim=-1)
-                ids_k = torch.zeros(*ids.shape, top_k, dtype=torch.int32)
-                logp_k = torch.full((*ids.shape, top_k), float("-inf"), dtype=torch.float16)
-                ids_k[:, 1:], logp_k[:, 1:] = logp.indices.cpu().to(torch.int32), logp.values.cpu().to(torch.float16)
-                topk_parts.append((ids_k, logp_k))
-        tensors = {"hidden": torch.cat(hidden_parts), "targets": torch.cat(target_parts)}
+                topk_ids[index, 1:width] = logp.indices.cpu().to(torch.int32)
+                topk_logprobs[index, 1:width] = logp.values.cpu().to(torch.float16)
+        tensors = {"hidden": hidden, "targets": targets}
         if top_k:
-            tensors["topk_ids"] = torch.cat([t[0] for t in topk_parts])
-            tensors["topk_logprobs"] = torch.cat([t[1] for t in topk_parts])
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        tmp.rename(path)
+            tensors.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs)
+        save_feature_shard(path, tensors)
     return paths
+
+
+def save_feature_shard(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict | None = None
+) -> Path:
+    """
+    Write one feature shard atomically: to `path` with a `.tmp` suffix, then renamed, so a crash never leaves half a
+    shard under its real name. `metadata` (JSON-serialisable) goes into the safetensors header (`shard_metadata`).
+    """
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=None if metadata is None else {"hf_bpd": json.dumps(metadata)})
+    tmp.rename(path)
+    return path
+
+
+def shard_metadata(path: str | os.PathLike) -> dict | None:
+    """The metadata [`save_feature_shard`] stored in a shard, or `None` (none stored, or the file is unreadable)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("hf_bpd")
+    except Exception:  # torn or foreign file: the caller treats it as having no (valid) metadata
+        return None
+    return None if raw is None else json.loads(raw)
+
+
+class LastHiddenStateRecorder:
+    """
+    Records the last hidden state of every forward of a causal LM's decoder body (`base.get_decoder()`), e.g. over a
+    `generate` call: the prefill's `(B, P, d)` and one `(B, 1, d)` per decoding step. What the model computes while
+    it generates its own answers is then the feature cache of those answers ([`generation_features`]) for free,
+    instead of a second forward over them ([`extract_features`]). Use as a context manager; `states` holds the
+    tensors (detached, on the model's device) in call order.
+    """
+
+    def __init__(self, base: Any):
+        self.decoder = base.get_decoder()
+        self.states: list[torch.Tensor] = []
+        self._handle = None
+
+    def _hook(self, module, args, output) -> None:
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        self.states.append(hidden.detach())
+
+    def __enter__(self) -> LastHiddenStateRecorder:
+        self.states = []
+        self._handle = self.decoder.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._handle.remove()
+        self._handle = None
+
+
+@torch.inference_mode()
+def generation_features(
+    base: Any,
+    input_ids: torch.LongTensor,
+    attention_mask: torch.LongTensor,
+    sequences: torch.LongTensor,
+    states: Sequence[torch.Tensor],
+    eos_token_id: int | Sequence[int],
+    seq_len: int,
+    train_start: Sequence[int] | None = None,
+    storage_dtype: torch.dtype = torch.bfloat16,
+) -> dict[str, torch.Tensor]:
+    """
+    Feature rows (the layout of [`extract_features`]: hidden states and the base's greedy next tokens) of prompts and
+    the greedy answers `generate` gave them, from the hidden states recorded while it ran ([`LastHiddenStateRecorder`]).
+
+    Row `b` is the prompt's tokens (left padding removed) followed by the answer up to and including its first
+    `eos_token_id`, cut to `seq_len`. Targets of answer positions are the answer's tokens (greedy decoding's own
+    argmax); targets of prompt positions are the argmax of the base's output embeddings over the recorded states (one
+    projection per prompt token, the only extra compute). The last token of a row has no recorded state (`generate`
+    never runs a forward on it): its hidden row is zero, and no target reads it. Hard targets only: soft (top-k)
+    targets would need the full distribution at every step, which `generate` does not keep.
+
+    Args:
+        input_ids, attention_mask (`torch.LongTensor` of shape `(B, P)`): the left-padded prompts given to `generate`.
+        sequences (`torch.LongTensor` of shape `(B, P + G)`): what greedy `generate` returned.
+        states: the recorder's tensors: `(B, P, d)` then `G - 1` (or fewer, when every row stopped) `(B, 1, d)`.
+        eos_token_id (`int` or a sequence of them): ends an answer (what follows it is `generate`'s padding).
+        seq_len (`int`): stored length `T`.
+        train_start: per row, the first position that gets a target (e.g. after a chat template's system block).
+    Returns:
+        `{"hidden": (B, T, d) storage_dtype, "targets": (B, T) int32}` (`-100` where there is no target).
+    Raises:
+        `ValueError` when the recorded states do not match the prompts and sequences (another decoding strategy, or
+        a recorder that saw other forwards).
+    """
+    batch, width = input_ids.shape
+    recorded = torch.cat(list(states), dim=1) if states else None
+    generated = sequences[:, width:]
+    if recorded is None or recorded.shape[0] != batch or not width <= recorded.shape[1] <= width + generated.shape[1]:
+        raise ValueError(
+            f"The recorded states ({None if recorded is None else tuple(recorded.shape)}) do not match {batch} prompts "
+            f"of {width} tokens and {generated.shape[1]} generated: record exactly one greedy `generate` call."
+        )
+    lm_head = base.get_output_embeddings()
+    eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    hidden = torch.zeros(batch, seq_len, recorded.shape[-1], dtype=storage_dtype)
+    targets = torch.full((batch, seq_len), IGNORE, dtype=torch.int32)
+    for b in range(batch):
+        p = int(attention_mask[b].sum())
+        left = width - p
+        answer = generated[b].tolist()
+        n = next((i + 1 for i, token in enumerate(answer) if token in eos), len(answer))
+        tokens = input_ids[b, left:].tolist() + answer[:n]
+        length = min(len(tokens), seq_len)
+        have = min(length, recorded.shape[1] - left)  # positions with a recorded state
+        hidden[b, :have] = recorded[b, left : left + have].to(storage_dtype).cpu()
+        row = torch.full((length,), IGNORE, dtype=torch.long)
+        prompt_end = min(p, length)
+        if prompt_end > 1:  # the base's own argmax inside the prompt: one projection per prompt token
+            row[1:prompt_end] = lm_head(recorded[b, left : left + prompt_end - 1]).argmax(-1).cpu()
+        row[prompt_end:] = torch.as_tensor(tokens[prompt_end:length], dtype=torch.long)
+        if train_start is not None:
+            row[: train_start[b]] = IGNORE
+        targets[b, :length] = row.to(torch.int32)
+    return {"hidden": hidden, "targets": targets}
 
 
 _REQUIRED = {"hidden", "targets"}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,102 @@ def test_torn_and_grown_feature_shards_are_extracted_again(tmp_path, caplog):
     assert "unreadable" in caplog.text and "extracting it again" in caplog.text
     assert [load_file(p)["targets"].shape[0] for p in again] == [2, 2]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+# ------------------------------------------------------------------------- features captured while answering
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_generation_features_equal_a_second_forward(arch):
+    """The hidden states recorded while `generate` answers left-padded prompts, and the targets built from them, are
+    what `extract_features` computes in a second forward over prompt + answer (fp32: to rounding); one row stops at
+    EOS while the others go on, so post-EOS padding and per-row lengths are exercised."""
+    from conftest import batch_prompts
+
+    from hf_bpd.features import LastHiddenStateRecorder, extract_features, generation_features
+
+    base = tiny_base(arch)
+    ids, mask = batch_prompts(3, length=7)
+    new = 6
+    probe = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+    eos = int(probe[0, ids.shape[1] + 2])  # row 0 ends at its third answer token
+    with LastHiddenStateRecorder(base) as recorder:
+        gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=eos)
+    seq_len = 16
+    got = generation_features(
+        base, ids, mask, gen, recorder.states, eos, seq_len, train_start=[2, 0, 0], storage_dtype=torch.float32
+    )
+    rows, masks = [], []
+    for b in range(3):
+        answer = gen[b, ids.shape[1] :].tolist()
+        n = answer.index(eos) + 1 if eos in answer else len(answer)
+        rows.append(ids[b][mask[b].bool()].tolist() + answer[:n])
+        masks.append([0, 0] * (b == 0) + [1] * (len(rows[-1]) - 2 * (b == 0)))
+    answer_lengths = [len(r) - int(m.sum()) for r, m in zip(rows, mask)]
+    assert answer_lengths[0] <= 3 < max(answer_lengths)  # row 0 stopped early, another went on
+    with tempfile.TemporaryDirectory() as tmp:
+        (path,) = extract_features(base, rows, tmp, seq_len=seq_len, train_mask=masks, storage_dtype=torch.float32)
+        want = load_file(path)
+    for b, row in enumerate(rows):
+        n = len(row)
+        torch.testing.assert_close(got["hidden"][b, : n - 1], want["hidden"][b, : n - 1], atol=1e-5, rtol=1e-4)
+        assert torch.equal(got["targets"][b], want["targets"][b]), b
+    assert (got["targets"][0, :2] == -100).all() and (got["targets"][0, len(rows[0]) :] == -100).all()
+    assert not recorder.decoder._forward_hooks  # the hook is gone after the block
+
+
+def test_generation_features_refuse_states_of_another_call():
+    from conftest import batch_prompts
+
+    from hf_bpd.features import LastHiddenStateRecorder, generation_features
+
+    base = tiny_base("llama")
+    ids, mask = batch_prompts(2, length=5)
+    with LastHiddenStateRecorder(base) as recorder:
+        base(input_ids=ids[:1], attention_mask=mask[:1])  # one row's forward, not this batch's generate
+    gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    with pytest.raises(ValueError, match="record exactly one greedy `generate` call"):
+        generation_features(base, ids, mask, gen, recorder.states, 2, 16)
+    with pytest.raises(ValueError, match="do not match"):
+        generation_features(base, ids, mask, gen, [], 2, 16)
+
+
+def test_answers_stage_captures_features_and_a_crash_between_shard_and_answers_is_repaired(
+    build, tokenizer, tmp_path, monkeypatch, caplog
+):
+    """With --capture-features the answers stage writes each batch's feature rows (training and held-out apart,
+    tagged with their prompt ids) beside the answers; the features stage then extracts only answers without them;
+    a shard whose answers never reached answers.jsonl (a crash in between) is deleted on the next run."""
+    from hf_bpd.features import CachedFeatures, save_feature_shard, shard_metadata
+
+    model = tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=0)
+    monkeypatch.setattr("hf_bpd.smollm2.load_smollm2", lambda dtype=None: (model, tokenizer))
+    ids = ["q0", "q1", "q2", "q3", "q20"]  # crc32("q20") % 20 == 0: held out
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Say {i} twice."}]} for i in ids]
+    (tmp_path / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    args = build.parse_args(
+        ["--work-dir", str(tmp_path), "--answer-tokens", "6", "--answer-batch", "2", "--dtype", "float32"]
+    )
+    build.stage_answers(args)
+    answered = {r["id"] for r in build._read_jsonl(tmp_path / "answers.jsonl") if r["answer"].strip()}
+    chat = sorted((tmp_path / "features" / "chat-gen").glob("*.safetensors"))
+    held = sorted((tmp_path / "features" / "eval-gen").glob("*.safetensors"))
+    assert build._held_out({"id": "q20"}) and not build._held_out({"id": "q0"})
+    got = {i for f in chat + held for i in shard_metadata(f)["ids"]}
+    assert got == answered and {i for f in held for i in shard_metadata(f)["ids"]} <= {"q20"}
+    assert len(CachedFeatures(chat + held)) == len(answered)
+
+    orphan = tmp_path / "features" / "chat-gen" / "gen-00099.safetensors"
+    save_feature_shard(orphan, load_file(chat[0]), metadata={"ids": ["ghost"]})
+    (tmp_path / "features" / "eval-gen" / "gen-00100.tmp").write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING):
+        covered, next_shard = build._captured_features(tmp_path, answered)
+    assert not orphan.exists() and "missing from answers.jsonl" in caplog.text
+    assert not list((tmp_path / "features").rglob("*.tmp"))
+    assert covered == answered and next_shard == max(int(f.stem[-5:]) for f in chat + held) + 1
+
+    seen = {}
+    monkeypatch.setattr(
+        "hf_bpd.features.extract_features", lambda m, seqs, out, **kw: seen.setdefault(kw["name"], seqs)
+    )
+    monkeypatch.setattr(build, "_raw_windows", lambda *a, **k: [])
+    build.stage_features(args)
+    assert seen["chat"] == [] and seen["eval"] == []  # every answer's features were captured
