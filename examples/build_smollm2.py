@@ -152,6 +152,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="resblock",
         help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)",
     )
+    p.add_argument("--head-num-layers", type=int, default=1, help="blocks per head (BPDConfig.head_num_layers)")
+    p.add_argument(
+        "--head-intermediate-size",
+        type=int,
+        default=None,
+        help="recurrent heads only: FFN blocks of this inner width instead of ResBlocks (BPDConfig)",
+    )
     p.add_argument(
         "--heads-tag",
         default="",
@@ -571,6 +578,8 @@ def stage_heads(args: argparse.Namespace) -> None:
         num_draft_heads=args.heads,
         draft_vocab_size=args.draft_vocab_size,
         head_type=args.head_type,
+        head_num_layers=args.head_num_layers,
+        head_intermediate_size=args.head_intermediate_size,
         base_model_name_or_path=SMOLLM2_HUB_ID,
     )
     model.set_draft_vocab(token_map)

@@ -29,8 +29,9 @@ class BPDConfig(PretrainedConfig):
               thousand parameters per head even on a 4096-wide model.
             - `"recurrent"`: token-conditioned heads (ReDrafter / IBM MLP speculator): head `k` also reads the base
               model's own next token and the `k` draft tokens before its own, through a recurrent state over the
-              base model's (frozen) input embedding (`hf_bpd.recurrent_heads`); `head_num_layers` ResBlocks each,
-              state width `head_hidden_size` (default the base hidden size). Zero-initialised like `"resblock"`.
+              base model's (frozen) input embedding (`hf_bpd.recurrent_heads`); `head_num_layers` ResBlocks each
+              (FFN blocks of inner width `head_intermediate_size` when set), state width `head_hidden_size`
+              (default the base hidden size). Zero-initialised like `"resblock"`.
               Drafted token by token (chains, beams, trees); the lattice drafters refuse them.
         head_num_layers (`int`, *optional*, defaults to 1):
             How many of those blocks each head stacks.
@@ -38,6 +39,10 @@ class BPDConfig(PretrainedConfig):
             Hidden width of an `"ffn"` head; defaults to the base model's hidden size.
         head_rank (`int`, *optional*, defaults to 16):
             Rank of a `"lora"` head.
+        head_intermediate_size (`int`, *optional*):
+            `"recurrent"` heads only: each head's blocks are FFN blocks `x + W_2 SiLU(W_1 x)` of this inner width
+            (`W_2` zero-initialised) instead of ResBlocks, more capacity for the joint function of `h_t` and the
+            drafted tokens (EAGLE's draft layer has a `4d` MLP). `None` (default): ResBlocks.
         share_lm_head (`bool`, *optional*, defaults to `True`):
             Whether heads project to the vocabulary with the base model's (frozen) `lm_head`. When `False` each head
             owns a projection, initialised as a copy of the base `lm_head`.
@@ -79,6 +84,7 @@ class BPDConfig(PretrainedConfig):
         head_num_layers: int = 1,
         head_hidden_size: int | None = None,
         head_rank: int = 16,
+        head_intermediate_size: int | None = None,
         share_lm_head: bool = True,
         base_model_name_or_path: str | None = None,
         base_hidden_size: int | None = None,
@@ -95,6 +101,7 @@ class BPDConfig(PretrainedConfig):
         self.head_num_layers = head_num_layers
         self.head_hidden_size = head_hidden_size
         self.head_rank = head_rank
+        self.head_intermediate_size = head_intermediate_size
         self.share_lm_head = share_lm_head
         self.base_model_name_or_path = base_model_name_or_path
         self.base_hidden_size = base_hidden_size
@@ -120,6 +127,12 @@ class BPDConfig(PretrainedConfig):
         positive_int("head_num_layers", self.head_num_layers)
         positive_int("head_rank", self.head_rank)
         positive_int("head_hidden_size", self.head_hidden_size, allow_none=True)
+        positive_int("head_intermediate_size", self.head_intermediate_size, allow_none=True)
+        if self.head_intermediate_size is not None and self.head_type != "recurrent":
+            raise ValueError(
+                f"BPDConfig.head_intermediate_size applies to head_type='recurrent' only (got head_type="
+                f"{self.head_type!r}); an 'ffn' head's inner width is head_hidden_size."
+            )
         positive_int("base_hidden_size", self.base_hidden_size, allow_none=True)
         positive_int("base_vocab_size", self.base_vocab_size, allow_none=True)
         positive_int("draft_vocab_size", self.draft_vocab_size, allow_none=True)

@@ -18,9 +18,9 @@ Why one cell per depth (IBM's MLP speculator) rather than ReDrafter's one shared
 module stay the `h` heads (`heads.{k}.*`, so `first_heads` and the per-head learning-rate and loss machinery are
 unchanged), and depth `k` gets its own weights at the same cost per drafted token.
 
-Initialisation: `P_k` and the ResBlocks' weights are zero, so an untrained head computes `Blocks_k(h_t) = h_t`
-exactly like an untrained `"resblock"` head (whatever the tokens); `W_k` is random at fan-in scale (a zero `W_k`
-with a zero `P_k` would get no gradient) and `U_k` is zero.
+Initialisation: `P_k` and the ResBlocks' weights (an FFN block's `W_2`) are zero, so an untrained head computes
+`Blocks_k(h_t) = h_t` exactly like an untrained `"resblock"` head (whatever the tokens); `W_k` is random at fan-in
+scale (a zero `W_k` with a zero `P_k` would get no gradient) and `U_k` is zero.
 
 Drafting carries the state along a path: [`RecurrentHeads.step`] costs one embedding row and four `d x d` products
 per token, whatever the depth, so an `h`-token chain never recomputes its prefix.
@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from .heads import DraftHeads, ResBlock, _tagged
+from .heads import DraftHeads, FFNBlock, ResBlock, _tagged
 
 if TYPE_CHECKING:
     from .configuration_bpd import BPDConfig
@@ -47,17 +47,31 @@ class RecurrentHead(nn.Module):
         hidden_size (`int`): the base model's hidden size `d`.
         embedding_size (`int`): width of the base model's input embedding.
         state_size (`int`): width of the recurrent state `s`.
-        num_layers (`int`): ResBlocks after the sum.
+        num_layers (`int`): blocks after the sum.
         first (`bool`): depth 0, whose previous state is zero, has no `U` (an unused parameter would stall DDP).
+        intermediate_size (`int`, *optional*): FFN blocks of this inner width instead of ResBlocks.
     """
 
-    def __init__(self, hidden_size: int, embedding_size: int, state_size: int, num_layers: int, first: bool = False):
+    def __init__(
+        self,
+        hidden_size: int,
+        embedding_size: int,
+        state_size: int,
+        num_layers: int,
+        first: bool = False,
+        intermediate_size: int | None = None,
+    ):
         super().__init__()
         self.token_proj = _tagged(nn.Linear(embedding_size, state_size), "kaiming")  # W (and the cell's bias)
         self.state_proj = None if first else _tagged(nn.Linear(state_size, state_size, bias=False), "zeros")  # U
         self.out_proj = _tagged(nn.Linear(state_size, hidden_size, bias=False), "zeros")  # P
         self.act = nn.SiLU()
-        self.blocks = nn.Sequential(*[ResBlock(hidden_size) for _ in range(num_layers)])
+        self.blocks = nn.Sequential(
+            *[
+                FFNBlock(hidden_size, intermediate_size) if intermediate_size else ResBlock(hidden_size)
+                for _ in range(num_layers)
+            ]
+        )
 
     def forward(
         self, hidden: torch.Tensor, token_embedding: torch.Tensor, state: torch.Tensor | None
@@ -81,7 +95,8 @@ class RecurrentHead(nn.Module):
 class RecurrentHeads(DraftHeads):
     """
     `head_type="recurrent"`: token-conditioned heads (see the module doc). `config.head_num_layers` ResBlocks per
-    head; `config.head_hidden_size` is the state width (default `d`). Needs the base model's input embedding.
+    head (FFN blocks of inner width `config.head_intermediate_size` when set); `config.head_hidden_size` is the state
+    width (default `d`). Needs the base model's input embedding.
     """
 
     independent: ClassVar[bool] = False
@@ -99,7 +114,15 @@ class RecurrentHeads(DraftHeads):
         state_size = config.head_hidden_size or hidden_size
         for k in range(self.num_heads):
             self.add_module(
-                str(k), RecurrentHead(hidden_size, embedding_size, state_size, config.head_num_layers, k == 0)
+                str(k),
+                RecurrentHead(
+                    hidden_size,
+                    embedding_size,
+                    state_size,
+                    config.head_num_layers,
+                    k == 0,
+                    getattr(config, "head_intermediate_size", None),
+                ),
             )
 
     def embed(self, tokens: torch.LongTensor) -> torch.Tensor:

@@ -50,6 +50,32 @@ def test_untrained_recurrent_heads_are_resblock_heads(arch, layers):
     assert not torch.allclose(a[..., 1, :], b[..., 1, :])
 
 
+def test_ffn_blocks_start_as_the_identity_learn_and_round_trip(tmp_path):
+    """`head_intermediate_size`: FFN blocks (EAGLE-sized MLP) instead of ResBlocks: an untrained head is still
+    `Blocks(h_t) = h_t` (a resblock head's start), a gradient step moves it, and it saves and loads strictly."""
+    base = tiny_base("llama")
+    cond = recurrent(base, head_intermediate_size=48, head_num_layers=2)
+    plain = BPDForCausalLM.from_base(base, num_draft_heads=H)
+    assert all(type(b).__name__ == "FFNBlock" for k in range(H) for b in cond.heads[k].blocks)
+    hidden, prev = torch.randn(2, 5, 32), torch.randint(0, VOCAB, (2, 5, H))
+    torch.testing.assert_close(cond.draft_logits(hidden, prev), plain.draft_logits(hidden))
+    labels = torch.randint(0, VOCAB, (2, 5))
+    out = cond(base_hidden_states=hidden, labels=labels)
+    out.loss.backward()
+    assert (
+        cond.heads[0].blocks[0].down.weight.grad.abs().sum() > 0 and cond.heads[1].out_proj.weight.grad.abs().sum() > 0
+    )
+    randomize_heads(cond, std=0.1)
+    cond.save_pretrained(tmp_path / "ffn")
+    loaded = BPDForCausalLM.from_pretrained(tmp_path / "ffn", base_model=base)
+    assert loaded.config.head_intermediate_size == 48
+    torch.testing.assert_close(loaded.draft_logits(hidden, prev), cond.draft_logits(hidden, prev))
+    with pytest.raises(ValueError, match="head_intermediate_size applies to head_type='recurrent' only"):
+        BPDConfig(head_type="resblock", head_intermediate_size=48)
+    with pytest.raises(ValueError, match="head_intermediate_size must be an integer >= 1"):
+        BPDConfig(head_type="recurrent", head_intermediate_size=0)
+
+
 def test_output_j_reads_only_its_prefix_and_steps_match_forward():
     model = randomize_heads(recurrent(), std=0.3)
     hidden = torch.randn(4, 32)
