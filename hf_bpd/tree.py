@@ -192,12 +192,16 @@ class DraftTree:
         candidate (`torch.BoolTensor` of shape `(W,)`, *optional*): nodes the loop may accept (the root is always
             one); the other nodes are verified in the same call but never chosen, and what their paths would have
             accepted is reported (a diagnostic such as `hf_bpd.drafters.CompareUnrefined`). None: every node.
+        log_scores (`torch.FloatTensor` of shape `(batch, W - 1)`, *optional*): each node's own log-score when its
+            drafter chose it (its head's log-probability of its token given its parent's path, mixed with an n-gram
+            when the drafter mixes one): what a confidence calibration reads. None: not recorded.
     """
 
     tokens: torch.LongTensor
     layout: TreeLayout
     proposals: torch.FloatTensor | None = None
     candidate: torch.BoolTensor | None = None
+    log_scores: torch.FloatTensor | None = None
 
     @classmethod
     def from_chains(cls, drafts: torch.LongTensor, proposals: torch.FloatTensor | None = None) -> DraftTree:
@@ -214,7 +218,14 @@ class DraftTree:
             return self
         proposals = None if self.proposals is None else self.proposals[:, kept[1:] - 1]
         candidate = None if self.candidate is None else self.candidate[kept.to(self.candidate.device)]
-        return DraftTree(tokens=self.tokens[:, kept[1:] - 1], layout=layout, proposals=proposals, candidate=candidate)
+        log_scores = None if self.log_scores is None else self.log_scores[:, kept[1:].to(self.log_scores.device) - 1]
+        return DraftTree(
+            tokens=self.tokens[:, kept[1:] - 1],
+            layout=layout,
+            proposals=proposals,
+            candidate=candidate,
+            log_scores=log_scores,
+        )
 
     def candidate_paths(self) -> torch.BoolTensor | None:
         """`(P,)`: the paths made only of candidate nodes (None when every node is one)."""

@@ -348,3 +348,74 @@ def test_match_alone_equals_the_merge_into_an_empty_tree():
     probs = drafter._with_match(merged, torch.zeros(3, merged.layout.width - 1, dtype=torch.float64), match)
     assert torch.equal(fast.tokens, merged.tokens) and torch.equal(fast.layout.parent, merged.layout.parent)
     assert torch.allclose(fast_probs, probs) and bool((fast_probs > 0).any())
+
+
+# ------------------------------------------------------------------ token-conditioned heads, calibrated
+def make_recurrent(arch: str = "llama") -> BPDForCausalLM:
+    model = BPDForCausalLM.from_base(tiny_base(arch), num_draft_heads=H, head_type="recurrent")
+    return randomize_heads(model, std=0.3)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cost, width", [(FLAT, "full"), (STEEP, "none")])
+def test_recurrent_heads_get_width_from_cost_and_stay_lossless(cost, width, batch):
+    """Token-conditioned heads have no per-head logits; the tree's recorded node scores (`DraftTree.log_scores`)
+    give their calibrated probabilities, so the width follows the cost like independent heads': a free width
+    verifies the whole tree, a steep one nothing. Output identical to greedy either way."""
+    model = make_recurrent()
+    ids, mask = repetitive_prompts(batch)
+    drafter = build_drafter(model, auto_spec(cost))
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=24,
+        do_sample=False,
+        use_bpd=True,
+        drafter=drafter,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, ref)
+    if width == "full":
+        assert out.mean_verify_width >= 6.0
+    else:  # uncalibrated, the fixed budget would be verified whatever the cost
+        assert out.mean_verify_width == 0.0
+
+
+def test_recorded_node_scores_equal_the_heads_log_probabilities(monkeypatch):
+    """For independent heads the recorded scores are the per-head log-probabilities the calibration read before;
+    for conditioned heads they are the head's log-probability of the node's token given the node's parent path."""
+    import dataclasses
+
+    from hf_bpd.drafters import auto
+
+    original = auto._tree_log_conditional
+    seen = []
+
+    def both(ctx, tree, calibration):
+        recorded = original(ctx, tree, calibration)
+        if ctx.independent:
+            torch.testing.assert_close(
+                recorded, original(ctx, dataclasses.replace(tree, log_scores=None), calibration)
+            )
+        else:  # recompute each node's score from its parent's path
+            parents = tree.layout.parent.tolist()
+            for w in range(1, tree.layout.width):
+                path, node = [], parents[w]
+                while node > 0:
+                    path.insert(0, tree.tokens[:, node - 1])
+                    node = parents[node]
+                paths = torch.stack(path, 1) if path else tree.tokens.new_zeros(ctx.batch_size, 0)
+                logp = torch.log_softmax(ctx.path_logits(paths).float(), dim=-1)
+                own = logp.gather(1, tree.tokens[:, w - 1 : w])[:, 0]
+                torch.testing.assert_close(tree.log_scores[:, w - 1], own.cpu(), atol=1e-5, rtol=1e-5)
+        seen.append(ctx.independent)
+        return recorded
+
+    monkeypatch.setattr(auto, "_tree_log_conditional", both)
+    ids, mask = repetitive_prompts(2)
+    for model in (make("llama"), make_recurrent()):
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=12, use_bpd=True, drafter=build_drafter(model, auto_spec(FLAT))
+        )
+    assert True in seen and False in seen

@@ -31,8 +31,10 @@ Batch > 1: the block has one shape, so the widest row decides (each row chooses 
 `choose_num_nodes(batch_rule="widest")`); every row still gets its own match and its own probabilities.
 
 Uncalibrated (no `calibration` in the tree options, or no `match_calibration`): no pruning, a fixed budget: the
-tree's `num_nodes` plus the match branch. Token-conditioned heads are uncalibrated here too (their node
-probabilities would need a heads call per tree level). With `do_sample=True` (speculative sampling) the drafter
+tree's `num_nodes` plus the match branch. Token-conditioned heads are calibrated from the log-score each node had
+when the tree grew (`DraftTree.log_scores`: the head's log-probability of the node's token given its parent's
+path, which the tree computes anyway; the calibration is fitted on the same quantity by
+`hf_bpd_bench.tree_tune.calibrate_confidence`). With `do_sample=True` (speculative sampling) the drafter
 returns the heads' sampled tree at the fixed `sampling_nodes` budget: its shape must not depend on the draws, and a
 prompt-lookup branch has no proposal distribution; both keep sampling exact.
 """
@@ -376,7 +378,10 @@ class AutoDrafter(Drafter):
         """The full candidate tree and each node's probability per row `(B, W - 1)` (None: uncalibrated). The match
         comes first: when it replaces the tree (`rule="both"`, every live row's match long), the heads are never run
         (their logits and the tree are most of a step's drafting time)."""
-        calibrated = self.calibrated and ctx.independent
+        # conditioned heads: calibrated from the node scores the tree drafter records (no per-head logits exist)
+        calibrated = self.calibrated and (
+            ctx.independent or self.tree is None or getattr(self.tree, "records_log_scores", False)
+        )
         self._lengths = ctx.lengths.cpu().clone()  # the loop advances `lengths` in place
         self._tree_probs_own = None
         resting = self._skip > 0 and calibrated and self.context is not None  # the heads did not pay lately
@@ -393,6 +398,8 @@ class AutoDrafter(Drafter):
             tree, probs = switched, torch.zeros(ctx.batch_size, 0, dtype=torch.float64)
         elif self.tree is not None and ctx.num_tokens > 0 and not resting:
             tree = self.tree.propose(ctx)
+            if calibrated and not ctx.independent and tree.log_scores is None:  # e.g. a sampled tree: no scores
+                calibrated = False
             probs = self._tree_probs(ctx, tree) if calibrated else None
             self._tree_probs_own = probs
         else:
@@ -461,8 +468,8 @@ class AutoDrafter(Drafter):
         return cond.cumprod(dim=1)
 
     def _tree_probs(self, ctx: DraftContext, tree: DraftTree) -> torch.Tensor:
-        """Calibrated path probabilities `(B, W - 1)` of an independent heads' tree: per node, the calibrated
-        conditional rate of its head's log-probability of its token (scaled by the row's record, with `adapt`),
+        """Calibrated path probabilities `(B, W - 1)` of a heads' tree: per node, the calibrated conditional rate of
+        its head's log-probability of its token (given its parent's path) (scaled by the row's record, with `adapt`),
         multiplied along its path."""
         layout = tree.layout
         width = layout.width
@@ -481,8 +488,16 @@ class AutoDrafter(Drafter):
 
 
 def _tree_log_conditional(ctx: DraftContext, tree: DraftTree, calibration: ConfidenceCalibration) -> torch.Tensor:
-    """`(B, W - 1)` per node, the calibrated log conditional rate of its head's log-probability of its token."""
+    """`(B, W - 1)` per node, the calibrated log conditional rate of its head's log-probability of its token (given
+    its parent's path: the tree's recorded `log_scores`, the only source for token-conditioned heads)."""
     depth = tree.layout.depth[1:].cpu()
+    if tree.log_scores is not None:
+        own = tree.log_scores.cpu()
+        cal = torch.empty(ctx.batch_size, depth.numel(), dtype=torch.float64)
+        for d in depth.unique().tolist():
+            at = depth == d
+            cal[:, at] = calibration.log_confidence(int(d) - 1, own[:, at]).double()
+        return cal
     logp, ids = ctx.draft_log_probs(int(depth.max()))  # (B, D, K): the heads' tokens are draft-vocabulary ids
     tokens = tree.tokens.to(logp.device)
     column = tokens if ids is None else ctx.heads.draft_inverse_map.to(logp.device)[tokens]

@@ -251,6 +251,8 @@ class DynamicTreeDrafter(_Timed):
             chain a p-best rescorer would rank first), the rest of the budget best first.
     """
 
+    records_log_scores = True  # its trees carry each node's own log-score (`DraftTree.log_scores`)
+
     def __init__(
         self,
         num_nodes: int,
@@ -319,7 +321,7 @@ class DynamicTreeDrafter(_Timed):
         if self.ngram is not None and self.ngram._checked_vocab is None:
             self.ngram._check_vocab(state.vocab_size)
         contexts = self._contexts(state) if self.ngram is not None else None
-        parents, tokens_of_node = grow_tree(
+        parents, tokens_of_node, log_scores = grow_tree(
             logprobs,
             tokens,
             live,
@@ -330,11 +332,12 @@ class DynamicTreeDrafter(_Timed):
             self.calibration,
             self.full_path,
             expand,
+            return_log_scores=True,
         )
         layout = tree_from_parents(parents, state.hidden.device)
         if state.sampling:  # the shape chosen from the top-k lattice, filled with sampled tokens
             return sample_ctx_tree(state, layout)
-        return DraftTree(tokens=tokens_of_node, layout=layout)
+        return DraftTree(tokens=tokens_of_node, layout=layout, log_scores=log_scores)
 
     # ------------------------------------------------------------------ n-gram
     def _contexts(self, state: DraftContext) -> list[Any]:
@@ -365,7 +368,8 @@ def grow_tree(
     calibration: ConfidenceCalibration | None = None,
     full_path: bool = False,
     expand: Any = None,
-) -> tuple[tuple[int, ...], torch.LongTensor]:
+    return_log_scores: bool = False,
+) -> tuple[tuple[int, ...], torch.LongTensor] | tuple[tuple[int, ...], torch.LongTensor, torch.Tensor]:
     """
     The best `num_nodes` nodes of the top-k lattice by mean path confidence over the live rows, as a tree.
 
@@ -382,15 +386,18 @@ def grow_tree(
         expand (`Callable`, *optional*): token-conditioned heads: `expand(d, paths)` gives the top-k
             log-probabilities and tokens `(batch, m, k)` of the children of `m` nodes at depth `d` from their paths
             `(batch, m, d)`; `logprobs` and `tokens` then only give the shape `(batch, D, k)`.
+        return_log_scores (`bool`): also return each chosen node's own log-score per row `(batch, W - 1)` (before
+            the calibration; float32, on the CPU).
     Returns:
         `(parents, node_tokens)`: parent pointers (the root first, `-1`; nodes by depth, best first) and each
-        non-root node's token per row `(batch, W - 1)`.
+        non-root node's token per row `(batch, W - 1)`; with `return_log_scores`, the log-scores third.
     """
     batch, depth, k = logprobs.shape
     rows = torch.nonzero(live).flatten()
     log_rows = math.log(max(len(rows), 1))
     head_weight = 1.0 - alpha if ngram_score is not None else 1.0
     levels = []  # per depth: (parent candidate in the level above (m*k,), tokens (B, m*k), key (m*k,))
+    raw_levels = []  # per depth: each candidate's own log-score before the calibration (B, m*k)
     prev_scores = torch.zeros(batch, 1)
     prev_states: list[list[Any]] | None = [[None] for _ in range(batch)] if ngram_score is not None else None
     kept = torch.zeros(1, dtype=torch.long)
@@ -417,11 +424,13 @@ def grow_tree(
                     extra[b, c] = alpha * LN10 * log10
                     states[b][c] = out
             own = own + extra
+        raw = own
         if calibration is not None:
             own = calibration.log_confidence(d, own)
         scores = prev_scores[:, parent] + own  # (B, m*k)
         key = torch.logsumexp(scores[rows], dim=0) - log_rows  # (m*k,) log mean confidence
         levels.append((parent, level_tokens, key))
+        raw_levels.append(raw)
         order = torch.argsort(key, descending=True, stable=True)[:num_nodes]
         kept = order[key[order] >= log_min]
         if kept.numel() == 0:
@@ -446,16 +455,19 @@ def grow_tree(
     order = reserved + [c for c in order.tolist() if c not in taken][: num_nodes - len(reserved)]
     chosen = sorted(order, key=lambda c: (int(level_of[c]), -float(keys[c]), c))
     node_of = {c: w + 1 for w, c in enumerate(chosen)}
-    parents, node_tokens = [-1], []
+    parents, node_tokens, node_scores = [-1], [], []
     for c in chosen:
         d = int(level_of[c])
         local = c - int(offset[d])
         parent_local = int(levels[d][0][local])
         parents.append(0 if d == 0 else node_of[int(offset[d - 1]) + parent_local])
         node_tokens.append(levels[d][1][:, local])
+        node_scores.append(raw_levels[d][:, local])
     if not node_tokens:
-        return tuple(parents), tokens.new_zeros(batch, 0)
-    return tuple(parents), torch.stack(node_tokens, dim=1).to(tokens.device)
+        found = (tuple(parents), tokens.new_zeros(batch, 0))
+        return (*found, torch.zeros(batch, 0)) if return_log_scores else found
+    found = (tuple(parents), torch.stack(node_tokens, dim=1).to(tokens.device))
+    return (*found, torch.stack(node_scores, dim=1).float()) if return_log_scores else found
 
 
 def _expand_by_path(ctx: DraftContext, k: int, depth: int, paths: torch.LongTensor) -> tuple[torch.Tensor, ...]:
