@@ -170,6 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1.0,
         help="train on this share of the cached chat sequences (data-scaling runs); raw windows in full",
     )
+    p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train on batches of similar lengths, each cut after its last target (same loss, fewer columns to run)",
+    )
     p.add_argument("--heads-epochs", type=float, default=4.0)
     p.add_argument("--heads-batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -592,6 +598,7 @@ def stage_heads(args: argparse.Namespace) -> None:
         report_to="none",
         bf16=args.dtype == "bfloat16",
         per_device_train_batch_size=args.heads_batch,
+        train_sampling_strategy="group_by_length" if args.group_by_length else "random",
         per_device_eval_batch_size=args.heads_batch,
         max_steps=int(args.heads_epochs * steps_per_epoch),
         learning_rate=args.lr,

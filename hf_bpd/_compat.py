@@ -123,6 +123,7 @@ TRAINER_PRIVATE_METHODS = {
     "_load_best_model": (),
     "_push_from_checkpoint": ("checkpoint_folder",),
     "_set_signature_columns_if_needed": (),  # keeps the cached soft-target columns in the batches
+    "_get_train_sampler": ("train_dataset",),  # group_by_length over cached features (their lengths)
 }
 
 

@@ -355,6 +355,13 @@ class CachedFeatures(Dataset):
     def hidden_size(self) -> int:
         return self.hidden.shape[-1]
 
+    def lengths(self) -> list[int]:
+        """Each row's length up to its last target (what `collate_features` keeps): the `lengths` that
+        `train_sampling_strategy="group_by_length"` groups by ([`BPDTrainer`] passes them)."""
+        valid = self.targets != IGNORE
+        last = torch.where(valid, torch.arange(valid.shape[1]), -1).max(dim=1).values
+        return (last + 1).clamp(min=1).tolist()
+
     def num_target_tokens(self) -> int:
         return int((self.targets != IGNORE).sum())
 
@@ -365,8 +372,19 @@ class CachedFeatures(Dataset):
 
 
 def collate_features(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack [`CachedFeatures`] rows (all the same length) into a batch."""
-    return {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    """
+    Stack [`CachedFeatures`] rows (all the same length) into a batch, cut after the batch's last target: the columns
+    after it hold no target of any head, so the loss is unchanged and the heads' cost is that of the real tokens
+    (with `train_sampling_strategy="group_by_length"`, batches of similar lengths: see `CachedFeatures.lengths`).
+    """
+    batch = {key: torch.stack([r[key] for r in rows]) for key in rows[0]}
+    labels = batch.get("labels")
+    if labels is not None and labels.dim() == 2:
+        columns = (labels != IGNORE).any(dim=0).nonzero()
+        width = int(columns.max()) + 1 if columns.numel() else 1
+        if width < labels.shape[1]:
+            batch = {key: value[:, :width] for key, value in batch.items()}
+    return batch
 
 
 def draft_vocab_from_counts(counts: torch.Tensor, size: int, always: Sequence[int] = ()) -> torch.LongTensor:

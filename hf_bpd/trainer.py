@@ -403,6 +403,21 @@ class BPDTrainer(Trainer):
             return greedy_targets(teacher, labels), teacher
         return "greedy", None
 
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """`train_sampling_strategy="group_by_length"` on cached features: transformers' `LengthGroupedSampler`
+        with each row's length up to its last target (it would otherwise read an `input_ids` column the rows do not
+        have); `collate_features` then cuts each batch after its last target. Anything else: `Trainer`'s own."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if isinstance(dataset, CachedFeatures) and self.args.train_sampling_strategy == "group_by_length":
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                dataset=dataset,
+                lengths=dataset.lengths(),
+            )
+        return super()._get_train_sampler(train_dataset)
+
     def _set_signature_columns_if_needed(self) -> None:
         # the cached top-k soft targets are read by `compute_loss`, not by the model's forward: keep them in batches
         super()._set_signature_columns_if_needed()

@@ -704,3 +704,71 @@ def test_extract_features_refuses_a_nonsense_top_k(cached, blocks, tmp_path):
     for bad in (-1, VOCAB + 1, 2.5):
         with pytest.raises(ValueError, match="top_k must be"):
             extract_features(cached.base, blocks.train["input_ids"][:2], tmp_path / "bad", seq_len=SEQ, top_k=bad)
+
+
+@pytest.fixture
+def varied(cached, blocks, tmp_path):
+    """Cached features of 48 rows of 6 to 31 tokens (right-padded to SEQ), with top-2 soft targets."""
+    from hf_bpd.features import CachedFeatures, extract_features
+
+    rows = [blocks.train["input_ids"][i][: 6 + (7 * i) % 26] for i in range(48)]
+    return rows, CachedFeatures(extract_features(cached.base, rows, tmp_path / "varied", seq_len=SEQ, top_k=2))
+
+
+@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
+@pytest.mark.parametrize("distillation", ["hard", "soft"])
+def test_batches_are_cut_after_their_last_target_with_the_same_loss(varied, base_dir, head_type, distillation):
+    """`collate_features` drops the columns after a batch's last target: every head's loss (hard and soft, both head
+    kinds: the conditioned heads read the tokens after each position) is what the full-width batch gives."""
+    from conftest import randomize_heads
+
+    from hf_bpd.features import collate_features
+
+    rows, features = varied
+    assert features.lengths() == [len(r) for r in rows]
+    picked = [features[i] for i in (0, 3, 5)]
+    cut = collate_features(picked)
+    full = {key: torch.stack([r[key] for r in picked]) for key in picked[0]}
+    longest = max(len(rows[i]) for i in (0, 3, 5))
+    assert cut["labels"].shape[1] == longest < SEQ and cut["base_hidden_states"].shape[1] == longest
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2, head_type=head_type)
+    randomize_heads(model, std=0.1)
+    losses = []
+    for b in (cut, full):
+        out = model(base_hidden_states=b["base_hidden_states"], labels=b["labels"], draft_full_vocab=True)
+        if distillation == "hard":
+            losses.append(out.head_losses)
+        else:
+            from hf_bpd.losses import topk_distillation_loss
+
+            soft = topk_distillation_loss(
+                out.draft_logits, b["teacher_topk_ids"], b["teacher_topk_logprobs"], b["labels"]
+            )
+            losses.append(soft[1])
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_group_by_length_groups_cached_features_by_their_lengths(varied, base_dir, tmp_path):
+    """`train_sampling_strategy="group_by_length"` (transformers' flag) works on cached features: batches of similar
+    lengths (transformers' `LengthGroupedSampler` over `CachedFeatures.lengths`), and training runs on them."""
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    rows, features = varied
+    model = BPDForCausalLM.from_base(str(base_dir), num_draft_heads=2)
+    args = training_args(
+        tmp_path, max_steps=3, per_device_train_batch_size=4, train_sampling_strategy="group_by_length"
+    )
+    trainer = BPDTrainer(model, args, train_dataset=features)
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(rows)))
+    lengths = features.lengths()
+    batches = [order[s : s + 4] for s in range(0, len(order), 4)]
+    spreads = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+    # random batches of 4 would span 3/5 of the range on average
+    assert sum(spreads) / len(spreads) < (max(lengths) - min(lengths)) / 2
+    trainer.train()
+    assert trainer.state.global_step == 3
+    plain = BPDTrainer(model, training_args(tmp_path, max_steps=1), train_dataset=features)
+    assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)
