@@ -168,7 +168,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--train-fraction",
         type=float,
         default=1.0,
-        help="train on this share of the cached chat sequences (data-scaling runs); raw windows in full",
+        help="train on this share of the chat feature shards, in order: extracted, then captured (data-scaling "
+        "runs); raw windows in full",
     )
     p.add_argument(
         "--group-by-length",
@@ -375,7 +376,7 @@ def stage_answers(args: argparse.Namespace) -> None:
     prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
     out_path = args.work_dir / "answers.jsonl"
     done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
-    next_shard = _captured_features(args.work_dir, done)[1]
+    next_shard = _captured_features(args.work_dir, done, args.seq_len, repair=True)[1]
     todo = [r for r in prompts if r.get("id") not in done]
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
     model.eval()
@@ -408,14 +409,14 @@ def stage_answers(args: argparse.Namespace) -> None:
                     with recorder:
                         gen = model.generate(**enc, max_new_tokens=args.answer_tokens, do_sample=False)
                     lines, kept = [], {"chat": [], "eval": []}
-                    for i, (j, seq) in enumerate(zip(batch, gen[:, enc["input_ids"].shape[1] :])):
+                    for r, (j, seq) in enumerate(zip(batch, gen[:, enc["input_ids"].shape[1] :])):
                         answer = tok.decode(seq, skip_special_tokens=True)
                         n = int((seq != tok.pad_token_id).sum())
                         counts["tokens"] += n
                         counts["answers"] += 1
                         counts["empty"] += int(not answer.strip())
                         if answer.strip():
-                            kept["eval" if _held_out(rows[j]) else "chat"].append(i)
+                            kept["eval" if _held_out(rows[j]) else "chat"].append(r)
                         lines.append(json.dumps({**rows[j], "answer": answer, "answer_tokens": n}, ensure_ascii=False))
                     if args.capture_features:
                         # the shards first, then the answers: a crash between leaves shards whose answers are not in
@@ -426,7 +427,7 @@ def stage_answers(args: argparse.Namespace) -> None:
                             enc["attention_mask"],
                             gen,
                             recorder.states,
-                            eos_token_id=tok.eos_token_id,
+                            eos_token_id=model.generation_config.eos_token_id,  # what stopped generate
                             seq_len=args.seq_len,
                             train_start=[_system_tokens(tok, texts[j]) for j in batch],
                         )
@@ -436,7 +437,10 @@ def stage_answers(args: argparse.Namespace) -> None:
                                 save_feature_shard(
                                     feats / GEN_FOLDERS[split] / f"gen-{next_shard:05d}.safetensors",
                                     {k: v[index].contiguous() for k, v in rows_feats.items()},
-                                    metadata={"ids": [rows[batch[i]].get("id") for i in picked]},
+                                    metadata={
+                                        "ids": [rows[batch[i]].get("id") for i in picked],
+                                        "seq_len": args.seq_len,
+                                    },
                                 )
                         next_shard += 1
                     handle.write("".join(line + "\n" for line in lines))
@@ -467,30 +471,78 @@ def _system_tokens(tok, text: str) -> int:
     return len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
 
 
-def _captured_features(work_dir: Path, answered: set) -> tuple[set, int]:
+def _captured_features(work_dir: Path, answered: set, seq_len: int, repair: bool = False) -> tuple[set, int, dict]:
     """
-    The prompt ids whose features the answers stage captured, and the next shard number. A captured shard holding an
-    id that answers.jsonl lacks (a crash between writing the shard and the answers) is deleted, as is a leftover
-    `.tmp`: those prompts are answered again, and an answer of a deleted shard that did land is extracted by the
-    features stage instead, so no answer is trained on twice or never.
-    """
-    from hf_bpd.features import shard_metadata
+    What the answers stage captured: `(covered ids, next shard number, {split: usable shard paths})`.
 
-    covered, last = set(), -1
-    for name in GEN_FOLDERS.values():
+    A shard is written before its answers are appended, so a crash between the two (or a stage reading while the
+    answers stage writes) leaves a shard holding ids that answers.jsonl lacks. Such a shard is not usable for
+    training; with `repair` (only the answers stage, which owns the folder) it is rewritten with the rows whose
+    answers did land (deleted when none did), and a leftover `.tmp` is removed, so every answer keeps its features
+    exactly once and the answers that did not land are made again. Read-only callers count every id of every shard
+    as covered (the features stage never extracts what a shard holds) and use only complete shards.
+
+    Raises:
+        `SystemExit` for a shard that cannot be read, carries no ids, or was captured at another `--seq-len`.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_bpd.features import save_feature_shard, shard_metadata
+
+    covered, last, usable = set(), -1, {}
+    for split, name in GEN_FOLDERS.items():
         folder = work_dir / "features" / name
-        for path in sorted(folder.glob("*.tmp")):
-            path.unlink()
-        for path in sorted(folder.glob("*.safetensors")):
-            meta = shard_metadata(path)
-            ids = None if meta is None else meta.get("ids")
-            if ids is None or not set(ids) <= answered:
-                logger.warning("captured feature shard %s holds answers missing from answers.jsonl: deleted", path)
+        usable[split] = []
+        if repair:
+            for path in sorted(folder.glob("*.tmp")):
                 path.unlink()
-                continue
-            covered |= set(ids)
+        for path in sorted(folder.glob("*.safetensors")):
+            try:
+                meta = shard_metadata(path) or {}
+            except Exception as err:
+                raise SystemExit(
+                    f"Captured feature shard {path} cannot be read ({err}): restore or remove it."
+                ) from err
+            ids = meta.get("ids")
+            if not isinstance(ids, list):
+                raise SystemExit(
+                    f"{path} carries no prompt ids (not written by the answers stage): move it out of {folder}."
+                )
+            if meta.get("seq_len", seq_len) != seq_len:
+                raise SystemExit(
+                    f"Captured feature shard {path} holds rows of seq_len {meta['seq_len']}; this run uses --seq-len "
+                    f"{seq_len}. Run with --seq-len {meta['seq_len']}, or move {folder} aside."
+                )
             last = max(last, int(path.stem.rsplit("-", 1)[-1]))
-    return covered, last + 1
+            missing = [i for i in ids if i not in answered]
+            if not missing:
+                covered |= set(ids)
+                usable[split].append(path)
+                continue
+            if not repair:
+                covered |= set(ids)
+                logger.warning(
+                    "captured feature shard %s has %d answers not yet in answers.jsonl: skipped", path, len(missing)
+                )
+                continue
+            keep = [r for r, i in enumerate(ids) if i in answered]
+            logger.warning(
+                "captured feature shard %s holds %d answers missing from answers.jsonl (a crash before they were "
+                "written): %s",
+                path,
+                len(missing),
+                f"kept its other {len(keep)} rows" if keep else "deleted",
+            )
+            if keep:
+                index = torch.as_tensor(keep, dtype=torch.long)
+                tensors = {k: v[index].contiguous() for k, v in load_file(str(path)).items()}
+                save_feature_shard(path, tensors, metadata={**meta, "ids": [ids[r] for r in keep]})
+                covered |= {ids[r] for r in keep}
+                usable[split].append(path)
+            else:
+                path.unlink()
+    return covered, last + 1, usable
 
 
 def _chat_sequences(tok, rows: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
@@ -529,7 +581,7 @@ def stage_features(args: argparse.Namespace) -> None:
     answers = [r for r in _read_jsonl(args.work_dir / "answers.jsonl") if r.get("answer", "").strip()]
     if not answers:
         raise SystemExit("No answers yet: run the `answers` stage first.")
-    captured = _captured_features(args.work_dir, {r.get("id") for r in answers})[0]
+    captured = _captured_features(args.work_dir, {r.get("id") for r in answers}, args.seq_len)[0]
     logger.info("features: %d of %d answers were captured while answering", len(captured), len(answers))
     answers = [r for r in answers if r.get("id") not in captured]
     held = [_held_out(r) for r in answers]
@@ -564,12 +616,18 @@ def stage_heads(args: argparse.Namespace) -> None:
     from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments
 
     feats = args.work_dir / "features"
-    _captured_features(args.work_dir, {r.get("id") for r in _read_jsonl(args.work_dir / "answers.jsonl")})
-    chat = sorted((feats / "chat").glob("*.safetensors")) + sorted((feats / GEN_FOLDERS["chat"]).glob("*.safetensors"))
-    chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards: a data-scaling run's subset
+    answered = {r.get("id") for r in _read_jsonl(args.work_dir / "answers.jsonl")}
+    captured = _captured_features(args.work_dir, answered, args.seq_len)[2]
+    if args.distillation == "soft" and (captured["chat"] or captured["eval"]):
+        raise SystemExit(
+            "--distillation soft needs the base's top-k at every position, which features captured while answering "
+            f"do not keep ({feats / GEN_FOLDERS['chat']}): answer with --no-capture-features and extract with "
+            "--stages features --soft-top-k 16, or train with --distillation hard."
+        )
+    chat = sorted((feats / "chat").glob("*.safetensors")) + captured["chat"]
+    chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards (extracted, then captured)
     train = CachedFeatures([*chat, feats / "raw"])
-    held = [f for name in ("eval", GEN_FOLDERS["eval"]) for f in sorted((feats / name).glob("*.safetensors"))]
-    evaluation = CachedFeatures(held)
+    evaluation = CachedFeatures(sorted((feats / "eval").glob("*.safetensors")) + captured["eval"])
     base, tok = load_smollm2(dtype=torch.float32)
     vocab = base.config.vocab_size
     counts = train.target_counts(vocab)

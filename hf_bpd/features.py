@@ -102,7 +102,8 @@ def extract_features(
             valid = attn.bool()
             if masks is not None:
                 for j, i in enumerate(picked):
-                    valid[j, : len(masks[i])] &= torch.as_tensor(masks[i], dtype=torch.bool)
+                    mask = masks[i][:width]  # a mask longer than its row masks nothing more
+                    valid[j, : len(mask)] &= torch.as_tensor(mask, dtype=torch.bool)
             index = torch.as_tensor(picked)
             hidden[index, :width] = (outputs.hidden_states[-1] * attn[..., None].to(device)).to(storage_dtype).cpu()
             targets[index, :width] = step_targets.masked_fill(~valid, IGNORE).to(torch.int32)
@@ -132,12 +133,15 @@ def save_feature_shard(
 
 
 def shard_metadata(path: str | os.PathLike) -> dict | None:
-    """The metadata [`save_feature_shard`] stored in a shard, or `None` (none stored, or the file is unreadable)."""
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("hf_bpd")
-    except Exception:  # torn or foreign file: the caller treats it as having no (valid) metadata
-        return None
+    """
+    The metadata [`save_feature_shard`] stored in a shard, or `None` when it stored none.
+
+    Raises:
+        `OSError` / `safetensors.SafetensorError` when the file cannot be read (left to the caller: a shard is never
+        torn under its real name, so an unreadable one is a problem to look at, not data to throw away).
+    """
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get("hf_bpd")
     return None if raw is None else json.loads(raw)
 
 
@@ -195,7 +199,8 @@ def generation_features(
     Args:
         input_ids, attention_mask (`torch.LongTensor` of shape `(B, P)`): the left-padded prompts given to `generate`.
         sequences (`torch.LongTensor` of shape `(B, P + G)`): what greedy `generate` returned.
-        states: the recorder's tensors: `(B, P, d)` then `G - 1` (or fewer, when every row stopped) `(B, 1, d)`.
+        states: the recorder's tensors: `(B, P, d)` then one `(B, 1, d)` per generated token but the last (`G` is
+            what `generate` returned: fewer than `max_new_tokens` when every row stopped early).
         eos_token_id (`int` or a sequence of them): ends an answer (what follows it is `generate`'s padding).
         seq_len (`int`): stored length `T`.
         train_start: per row, the first position that gets a target (e.g. after a chat template's system block).
@@ -208,7 +213,8 @@ def generation_features(
     batch, width = input_ids.shape
     recorded = torch.cat(list(states), dim=1) if states else None
     generated = sequences[:, width:]
-    if recorded is None or recorded.shape[0] != batch or not width <= recorded.shape[1] <= width + generated.shape[1]:
+    # greedy `generate`: the prefill, then one forward per generated token but the last
+    if recorded is None or tuple(recorded.shape[:2]) != (batch, width + max(generated.shape[1] - 1, 0)):
         raise ValueError(
             f"The recorded states ({None if recorded is None else tuple(recorded.shape)}) do not match {batch} prompts "
             f"of {width} tokens and {generated.shape[1]} generated: record exactly one greedy `generate` call."
@@ -288,6 +294,7 @@ class CachedFeatures(Dataset):
             raise ValueError(f"No feature shards (*.safetensors) found in {list(map(str, paths))}.")
         hidden, targets, topk_ids, topk_logprobs = [], [], [], []
         soft = soft_targets
+        hard_only = []  # shards without soft targets (e.g. captured while generating)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"Feature shard {f} does not exist.")
@@ -298,12 +305,22 @@ class CachedFeatures(Dataset):
                         f"{f} is not a feature shard (tensors {sorted(keys)}, expected hidden, targets and optionally "
                         "topk_ids, topk_logprobs)."
                     )
+                if not _SOFT <= keys:
+                    hard_only.append(f)
                 soft = soft and _SOFT <= keys
                 hidden.append(handle.get_tensor("hidden"))
                 targets.append(handle.get_tensor("targets").long())
                 if soft:
                     topk_ids.append(handle.get_tensor("topk_ids").long())
                     topk_logprobs.append(handle.get_tensor("topk_logprobs"))
+        if soft_targets and hard_only and len(hard_only) < len(files):
+            logger.warning(
+                "%d of %d feature shards have no soft (top-k) targets (e.g. %s): soft targets are not loaded for any "
+                "shard; distillation='soft' needs them all (extract with top_k > 0).",
+                len(hard_only),
+                len(files),
+                hard_only[0],
+            )
         self.hidden = torch.cat(hidden)
         self.targets = torch.cat(targets)
         self.topk_ids = torch.cat(topk_ids) if soft else None

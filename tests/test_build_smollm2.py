@@ -144,6 +144,11 @@ def test_generation_features_refuse_states_of_another_call():
         generation_features(base, ids, mask, gen, recorder.states, 2, 16)
     with pytest.raises(ValueError, match="do not match"):
         generation_features(base, ids, mask, gen, [], 2, 16)
+    with LastHiddenStateRecorder(base) as recorder:
+        gen = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        base(input_ids=gen[:, -1:], attention_mask=torch.ones_like(gen[:, -1:]))  # one forward too many
+    with pytest.raises(ValueError, match="do not match"):
+        generation_features(base, ids, mask, gen, recorder.states, 2, 16)
 
 
 def test_answers_stage_captures_features_and_a_crash_between_shard_and_answers_is_repaired(
@@ -171,14 +176,35 @@ def test_answers_stage_captures_features_and_a_crash_between_shard_and_answers_i
     assert got == answered and {i for f in held for i in shard_metadata(f)["ids"]} <= {"q20"}
     assert len(CachedFeatures(chat + held)) == len(answered)
 
+    assert all(shard_metadata(f)["seq_len"] == args.seq_len for f in chat + held)
+    first = shard_metadata(chat[0])["ids"]
+    stored = load_file(chat[0])
+    assert stored["hidden"].shape[0] == len(first) and (stored["targets"] != -100).any(dim=1).all()
+
+    # a crash after a shard was written, before (all) its answers were: the last answer of chat[0] never landed,
+    # and a whole shard's answers never did; a half-written .tmp is left behind
+    landed = answered - {first[-1]}
     orphan = tmp_path / "features" / "chat-gen" / "gen-00099.safetensors"
-    save_feature_shard(orphan, load_file(chat[0]), metadata={"ids": ["ghost"]})
-    (tmp_path / "features" / "eval-gen" / "gen-00100.tmp").write_bytes(b"torn")
+    save_feature_shard(orphan, {k: v[:1] for k, v in stored.items()}, metadata={"ids": ["ghost"]})
+    torn = tmp_path / "features" / "eval-gen" / "gen-00100.tmp"
+    torn.write_bytes(b"torn")
+    stamp = chat[0].stat().st_mtime_ns
+    covered, _, usable = build._captured_features(tmp_path, landed, args.seq_len)  # a reader changes nothing
+    assert orphan.exists() and torn.exists() and chat[0].stat().st_mtime_ns == stamp
+    assert chat[0] not in usable["chat"] and orphan not in usable["chat"] and "ghost" in covered
     with caplog.at_level(logging.WARNING):
-        covered, next_shard = build._captured_features(tmp_path, answered)
-    assert not orphan.exists() and "missing from answers.jsonl" in caplog.text
-    assert not list((tmp_path / "features").rglob("*.tmp"))
-    assert covered == answered and next_shard == max(int(f.stem[-5:]) for f in chat + held) + 1
+        covered, next_shard, usable = build._captured_features(tmp_path, landed, args.seq_len, repair=True)
+    assert not orphan.exists() and not torn.exists() and "missing from answers.jsonl" in caplog.text
+    assert shard_metadata(chat[0])["ids"] == first[:-1] and load_file(chat[0])["hidden"].shape[0] == len(first) - 1
+    torch.testing.assert_close(load_file(chat[0])["hidden"], stored["hidden"][:-1])
+    assert covered == landed and chat[0] in usable["chat"] and next_shard == 100  # never reuses a number
+
+    with pytest.raises(SystemExit, match="seq-len 64"):  # shards captured at another length are not mixed in
+        build._captured_features(tmp_path, landed, 64)
+    chat[0].write_bytes(b"not a shard")
+    with pytest.raises(SystemExit, match="cannot be read"):  # never thrown away silently
+        build._captured_features(tmp_path, landed, args.seq_len, repair=True)
+    chat[0].unlink()
 
     seen = {}
     monkeypatch.setattr(
@@ -186,4 +212,30 @@ def test_answers_stage_captures_features_and_a_crash_between_shard_and_answers_i
     )
     monkeypatch.setattr(build, "_raw_windows", lambda *a, **k: [])
     build.stage_features(args)
-    assert seen["chat"] == [] and seen["eval"] == []  # every answer's features were captured
+    # the answers of the shard removed above lost their captured features: they, and only they, are extracted
+    assert len(seen["chat"]) == len(first) and seen["eval"] == []
+
+
+def test_soft_targets_are_not_silently_dropped(tmp_path, caplog, build):
+    """Captured shards carry no top-k: `CachedFeatures` says so when they are mixed with soft shards, and the heads
+    stage refuses `--distillation soft` while captured shards are in its data."""
+    from hf_bpd.features import CachedFeatures, extract_features, save_feature_shard
+
+    base = tiny_base("llama")
+    seqs = [list(range(3, 3 + n)) for n in (10, 12)]
+    (soft,) = extract_features(base, seqs, tmp_path / "soft", seq_len=16, top_k=2)
+    hard = save_feature_shard(
+        tmp_path / "hard.safetensors", {k: v for k, v in load_file(soft).items() if not k.startswith("topk")}
+    )
+    assert CachedFeatures(soft).has_soft_targets
+    with caplog.at_level(logging.WARNING):
+        assert not CachedFeatures([soft, hard]).has_soft_targets
+    assert "1 of 2 feature shards have no soft (top-k) targets" in caplog.text
+
+    work = tmp_path / "work"
+    (work / "features" / "chat-gen").mkdir(parents=True)
+    save_feature_shard(work / "features" / "chat-gen" / "gen-00000.safetensors", load_file(hard), {"ids": ["a", "b"]})
+    (work / "answers.jsonl").write_text('{"id": "a", "answer": "x"}\n{"id": "b", "answer": "y"}\n')
+    args = build.parse_args(["--work-dir", str(work), "--distillation", "soft", "--seq-len", "16"])
+    with pytest.raises(SystemExit, match="--distillation soft needs"):
+        build.stage_heads(args)
