@@ -1,0 +1,189 @@
+"""Does a draft head that attends over the context predict x_{t+2} better? A training-only probe (issue 18).
+
+    HF_HUB_OFFLINE=1 python bench/probe_context_head.py --train-shards 28 --steps 376 --threads 1 \
+        --json bench/results/smollm2_context_head_probe.json
+
+Our heads see the base model's last hidden state `h_t` and the embedding of `x_{t+1}` only; the base model predicts
+`x_{t+2}` from `h_{t+1}`, which attends over the whole context. EAGLE (and Hydra++, "one decoder layer over the base
+hidden states") give the draft model that attention: one decoder layer over `fc([h_s; E(x_{s+1})])` for `s <= t`,
+causal, then the base's (frozen) output projection restricted to the draft vocabulary. This script trains exactly
+that first-depth predictor on the same cached features, data, draft vocabulary, batch, steps and learning-rate
+schedule as the shipped recipe's heads (`build_smollm2.py --stages heads`), and reports held-out top-1 of `x_{t+2}`
+(head 1's target) beside that of given heads folders on the same positions. The decoder layer is transformers' own
+Llama layer (a 1-layer `LlamaModel` fed `inputs_embeds`), sized like the base's layers. It is a probe, not a head
+kind: there is no decoding with it (that needs a draft KV cache in the loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaModel
+
+from hf_bpd import BPDForCausalLM, metrics
+from hf_bpd.features import IGNORE, CachedFeatures, collate_features, draft_vocab_from_counts
+
+WORK = Path("~/.cache/hf_bpd/smollm2_work").expanduser()
+
+
+class ContextHead(nn.Module):
+    """`x_{t+2}` from `fc([h_t; E(x_{t+1})])` through `layers` causal decoder layers over the positions `<= t`."""
+
+    def __init__(self, base_config, embed: nn.Module, projection: torch.Tensor, layers: int):
+        super().__init__()
+        d = base_config.hidden_size
+        config = LlamaConfig(
+            vocab_size=1,  # the layer is fed inputs_embeds; its own embedding is unused
+            bos_token_id=None,
+            eos_token_id=None,
+            pad_token_id=None,
+            hidden_size=d,
+            intermediate_size=base_config.intermediate_size,
+            num_hidden_layers=layers,
+            num_attention_heads=base_config.num_attention_heads,
+            num_key_value_heads=base_config.num_key_value_heads,
+            max_position_embeddings=base_config.max_position_embeddings,
+            rope_theta=getattr(base_config, "rope_theta", 10000.0),
+            rms_norm_eps=base_config.rms_norm_eps,
+        )
+        self.fc = nn.Linear(2 * d, d)
+        self.layers = LlamaModel(config)
+        self.embed = embed  # frozen: the base model's own input embedding
+        self.register_buffer("projection", projection)  # frozen: the base lm_head's draft-vocabulary rows (K, d)
+
+    def forward(self, hidden: torch.Tensor, next_tokens: torch.LongTensor, mask: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            e = self.embed(next_tokens.clamp(min=0))
+        x = self.fc(torch.cat([hidden.to(e.dtype), e], dim=-1))
+        out = self.layers(inputs_embeds=x, attention_mask=mask).last_hidden_state
+        return out @ self.projection.T  # (B, T, K)
+
+
+def batches(features: CachedFeatures, batch: int, generator: torch.Generator):
+    """Length-grouped random batches (as the recipe's group_by_length), cut after their last target."""
+    order = torch.randperm(len(features), generator=generator).tolist()
+    lengths = features.lengths()
+    mega = batch * 50
+    out = []
+    for s in range(0, len(order), mega):
+        chunk = sorted(order[s : s + mega], key=lambda i: -lengths[i])
+        out += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+    perm = torch.randperm(len(out), generator=generator).tolist()
+    return [out[i] for i in perm]
+
+
+def inputs(rows: dict, to_draft: torch.Tensor):
+    hidden, labels = rows["base_hidden_states"].float(), rows["labels"]
+    nxt = torch.full_like(labels, 0)
+    nxt[:, :-1] = labels[:, 1:].clamp(min=0)  # x_{t+1}: the base's greedy token after t
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-2] = labels[:, 2:]  # x_{t+2}
+    valid = target != IGNORE
+    draft_target = torch.where(valid, to_draft[target.clamp(min=0)], IGNORE)
+    # right padding under a causal mask: a real position never attends to the padding after it
+    return hidden, nxt, torch.ones_like(labels), draft_target, target
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", type=Path, default=WORK)
+    p.add_argument("--train-shards", type=int, default=28, help="first N chat feature shards (the 3,744 run: 28)")
+    p.add_argument("--steps", type=int, default=376)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--draft-vocab-size", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--heads", type=Path, nargs="*", default=[], help="heads folders to score on the same positions")
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    feats = args.work_dir / "features"
+    train = CachedFeatures(sorted((feats / "chat").glob("*.safetensors"))[: args.train_shards] + [feats / "raw"])
+    held = CachedFeatures(feats / "eval", soft_targets=False)
+    from hf_bpd.smollm2 import load_smollm2
+
+    base, tok = load_smollm2(dtype=torch.float32)
+    counts = train.target_counts(base.config.vocab_size)
+    token_map = draft_vocab_from_counts(counts, args.draft_vocab_size, always=[tok.eos_token_id])
+    to_draft = torch.full((base.config.vocab_size,), IGNORE, dtype=torch.long)
+    to_draft[token_map] = torch.arange(len(token_map))
+    embed = base.get_input_embeddings().requires_grad_(False)
+    projection = base.get_output_embeddings().weight.detach()[token_map].clone()
+    model = ContextHead(base.config, embed, projection, args.layers)
+    trainable = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("embed")]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    schedule = lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))  # noqa: E731
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    gen = torch.Generator().manual_seed(args.seed)
+    plan = []
+    while len(plan) < args.steps:
+        plan += batches(train, args.batch, gen)
+    start, log = time.perf_counter(), []
+    model.train()
+    for step, picked in enumerate(plan[: args.steps]):
+        rows = collate_features([train[i] for i in picked])
+        hidden, nxt, mask, target, _ = inputs(rows, to_draft)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(hidden, nxt, mask)
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if (step + 1) % 25 == 0:
+            with torch.no_grad():
+                ok = (logits.argmax(-1) == target) & (target != IGNORE)
+                top1 = float(ok.sum() / (target != IGNORE).sum())
+            log.append({"step": step + 1, "loss": round(float(loss.detach()), 4), "train_top1": round(top1, 4)})
+            print(log[-1], f"{time.perf_counter() - start:.0f} s", flush=True)
+    seconds = time.perf_counter() - start
+    # held out: top-1 of x_{t+2} over every position with a target (a token outside the draft vocabulary is a miss)
+    model.eval()
+    hits = total = 0
+    with torch.no_grad():
+        for s in range(0, len(held), 16):
+            rows = collate_features([held[i] for i in range(s, min(len(held), s + 16))])
+            hidden, nxt, mask, _, target = inputs(rows, to_draft)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = token_map[model(hidden, nxt, mask).argmax(-1)]
+            valid = target != IGNORE
+            hits += int(((pred == target) & valid).sum())
+            total += int(valid.sum())
+    report = {
+        "probe": f"{args.layers} Llama decoder layer(s) over fc([h_s; E(x_s+1)]), s <= t (EAGLE / Hydra++ style)",
+        "train_sequences": len(train),
+        "train_target_tokens": train.num_target_tokens(),
+        "steps": args.steps,
+        "batch": args.batch,
+        "seconds": round(seconds),
+        "threads": args.threads,
+        "held_out_positions": total,
+        "held_out_top1_x_t2": round(hits / max(total, 1), 4),
+        "log": log,
+        "heads_on_the_same_features": {},
+    }
+    for folder in args.heads:
+        heads = BPDForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        with torch.no_grad():
+            acc = metrics.depth_accuracy(heads, held.hidden.float(), held.targets)
+        report["heads_on_the_same_features"][str(folder)] = {
+            k: [round(float(x), 4) for x in v] for k, v in acc.items()
+        }
+    print(json.dumps({k: v for k, v in report.items() if k != "log"}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
