@@ -216,13 +216,14 @@ class PathStates:
         self.model, self.hidden, self.last_tokens = model, hidden, last_tokens
         self.levels: dict[int, tuple[torch.LongTensor, torch.LongTensor, torch.Tensor]] = {}  # depth -> rows, paths, s
 
-    def logits(self, paths: torch.LongTensor, rows: torch.LongTensor) -> torch.Tensor:
+    def logits(self, paths: torch.LongTensor, rows: torch.LongTensor, full_vocab: bool = True) -> torch.Tensor:
         """
         Args:
             paths (`torch.LongTensor` of shape `(N, d)`): draft tokens after `x_{t+1}`.
             rows (`torch.LongTensor` of shape `(N,)`): the row of each path.
+            full_vocab (`bool`): `(N, V)` base-vocabulary scores, or `(N, K)` over the draft vocabulary.
         Returns:
-            `(N, V)`: the scores of the token after each path.
+            `(N, V)` (or `(N, K)`): the scores of the token after each path.
         """
         depth = paths.shape[1]
         rows = rows.to(self.hidden.device)
@@ -231,7 +232,7 @@ class PathStates:
             state, token = None, self.last_tokens[rows]
         else:
             state, token = self._parent_states(paths, rows), paths[:, -1]
-        logits, state = step_logits(self.model, self.hidden[rows], token, state, depth)
+        logits, state = step_logits(self.model, self.hidden[rows], token, state, depth, full_vocab=full_vocab)
         previous = self.levels.get(depth)
         if previous is not None:
             rows, paths, state = (torch.cat([a, b]) for a, b in zip(previous, (rows, paths, state)))

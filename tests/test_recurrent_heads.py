@@ -230,6 +230,26 @@ def ctx_for(model, hidden, last, sampling=False):
     )
 
 
+@pytest.mark.parametrize("head_type", ["recurrent", "resblock"])
+def test_path_topk_over_the_draft_vocabulary_equals_the_full_ranking(head_type):
+    """`DraftContext.path_topk` ranks the draft vocabulary only (what trees and chains read): the same
+    log-probabilities and base ids as the top-k of the full-vocabulary `path_logits`, at every depth."""
+    base = tiny_base()
+    draft_vocab = torch.arange(3, VOCAB, 2)
+    model = BPDForCausalLM.from_base(base, num_draft_heads=H, head_type=head_type, draft_vocab_size=len(draft_vocab))
+    model.set_draft_vocab(draft_vocab)
+    model = randomize_heads(model, std=0.3)
+    hidden, last = torch.randn(3, 32), torch.randint(3, VOCAB, (3,))
+    for depth in range(H):
+        ctx = ctx_for(model, hidden, last)
+        paths = torch.randint(3, VOCAB, (6, depth))
+        rows = torch.tensor([0, 1, 2, 0, 1, 2])
+        want = torch.log_softmax(ctx.path_logits(paths, rows).float(), dim=-1).topk(4, dim=-1)
+        values, ids = ctx_for(model, hidden, last).path_topk(paths, 4, rows)
+        torch.testing.assert_close(values, want.values)
+        assert torch.equal(ids, want.indices) and bool((ids % 2 == 1).all())  # draft-vocabulary ids only
+
+
 def test_greedy_chain_is_the_heads_argmax_path_in_h_steps(monkeypatch):
     model = randomize_heads(recurrent(), std=0.3)
     hidden, last = torch.randn(3, 32), torch.randint(3, VOCAB, (3,))

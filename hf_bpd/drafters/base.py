@@ -258,6 +258,34 @@ class DraftContext:
         prev = torch.cat([self.last_tokens()[rows][:, None], paths], dim=1)  # (N, d + 1)
         return self.heads.logits(self.hidden[rows], prev)[:, depth]
 
+    def path_topk(
+        self, paths: torch.LongTensor, k: int, rows: torch.LongTensor | None = None
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """
+        The `k` most probable tokens after each path: float32 log-probabilities `(N, k)` and base ids `(N, k)`, the
+        top-k of `log_softmax(path_logits(paths, rows))` computed over the draft vocabulary when there is one
+        (nothing of the base vocabulary's size is built: a token outside it has probability 0 either way).
+        """
+        rows = torch.arange(paths.shape[0], device=paths.device) if rows is None else rows
+        ids = self.heads.draft_token_map if self.heads is not None else None
+        depth = paths.shape[1]
+        if ids is None or k > ids.numel():
+            top = torch.log_softmax(self.path_logits(paths, rows).float(), dim=-1).topk(k, dim=-1)
+            return top.values, top.indices
+        if self.independent:
+            log_probs, _ = self.draft_log_probs(depth + 1)
+            top = log_probs[rows, depth].topk(k, dim=-1)
+        else:
+            if self._path_states is None:
+                self._path_states = self.heads.path_states(self.hidden, self.last_tokens()) or False
+            if self._path_states:
+                compact = self._path_states.logits(paths, rows, full_vocab=False)
+            else:
+                prev = torch.cat([self.last_tokens()[rows][:, None], paths], dim=1)
+                compact = self.heads.logits(self.hidden[rows], prev, full_vocab=False)[:, depth]
+            top = torch.log_softmax(compact.float(), dim=-1).topk(k, dim=-1)
+        return top.values, ids.to(top.indices.device)[top.indices]
+
     def proposal_probs(self, scores: torch.Tensor) -> torch.FloatTensor:
         """
         The proposal distribution of scores `(..., vocab)`: the generation's position-free warpers, then softmax, in
@@ -311,7 +339,7 @@ def greedy_chain(ctx: DraftContext, length: int) -> torch.LongTensor:
     """The heads' greedy chain `(batch, length)`, each token given the chain so far (token-conditioned heads)."""
     path = ctx.tokens.new_zeros(ctx.batch_size, 0)
     for _ in range(length):
-        path = torch.cat([path, ctx.path_logits(path).argmax(-1)[:, None]], dim=1)
+        path = torch.cat([path, ctx.path_topk(path, 1)[1]], dim=1)
     return path
 
 

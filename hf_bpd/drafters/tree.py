@@ -217,7 +217,7 @@ def _conditioned_ranks(ctx: DraftContext, layout: Any, rank: torch.LongTensor, t
         parent = parents[w]
         if parent not in top:
             path = _node_path(tokens, parents, parent)
-            top[parent] = ctx.path_logits(path).topk(top_k, dim=-1).indices.to(tokens.device)  # (B, k)
+            top[parent] = ctx.path_topk(path, top_k)[1].to(tokens.device)  # (B, k)
         tokens[:, w - 1] = top[parent][:, ranks[w - 1]]
     return tokens
 
@@ -474,8 +474,8 @@ def _expand_by_path(ctx: DraftContext, k: int, depth: int, paths: torch.LongTens
     """`grow_tree`'s `expand` for token-conditioned heads: the top-k children of each node `(B, m, k)`."""
     batch, m, _ = paths.shape
     rows = torch.arange(batch, device=paths.device).repeat_interleave(m)
-    logits = ctx.path_logits(paths.reshape(batch * m, depth).to(ctx.tokens.device), rows.to(ctx.tokens.device))
-    logprobs, tokens = torch.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+    flat = paths.reshape(batch * m, depth).to(ctx.tokens.device)
+    logprobs, tokens = ctx.path_topk(flat, k, rows.to(ctx.tokens.device))
     return logprobs.view(batch, m, k), tokens.view(batch, m, k)
 
 
