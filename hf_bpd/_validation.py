@@ -160,10 +160,11 @@ def prepare_arguments(
     for key, what in _OTHER_METHODS:
         if _setting(key, generation_config, kwargs, model.generation_config):
             raise ValueError(f"`use_bpd=True` cannot be combined with {what} (`{key}`): pick one decoding method.")
-    if drafter is not None and not isinstance(drafter, Drafter):
+    if drafter is not None and not isinstance(drafter, (Drafter, str, dict)):
         raise ValueError(
             f"`drafter` must be a hf_bpd Drafter (e.g. HeadsDrafter, a lattice rescorer, a tree drafter, an "
-            f"OracleDrafter, or a DraftRescorer subclass wrapping a function), got {type(drafter).__name__}."
+            f"OracleDrafter, or a DraftRescorer subclass wrapping a function), a registered drafter name (e.g. "
+            f"'heads', 'tree', 'auto') or a spec dict {{'type': name, **options}}; got {type(drafter).__name__}."
         )
     if options.compare_unrefined and drafter is None:
         raise ValueError("`compare_unrefined=True` compares a drafter's drafts with the heads' own: pass `drafter=`.")

@@ -88,8 +88,10 @@ class BPDGenerationMixin(GenerationMixin):
             inputs (`torch.LongTensor` of shape `(batch, prompt_len)`, *optional*): the prompt, left-padded.
             use_bpd (`bool`, *optional*): decode blockwise (draft -> verify -> accept). Defaults to
                 `generation_config.use_bpd` if set there, else `False` (the base model's own `generate`).
-            drafter ([`~hf_bpd.logits.Drafter`], *optional*): proposes the drafts (never changes the output).
-                Defaults to the checkpoint's recommended drafter (`config.drafter`), else the heads' own argmax.
+            drafter ([`~hf_bpd.logits.Drafter`], `str` or `dict`, *optional*): proposes the drafts (never changes
+                the output): an instance, a registered name (`"heads"`, `"tree"`, `"auto"`, ...) or a spec dict
+                `{"type": name, **options}` (`hf_bpd.drafters.build_drafter`). Defaults to the checkpoint's
+                recommended drafter (`config.drafter`), else the heads' own argmax.
                 `draft_rescorer=` is its older name.
             compare_unrefined (`bool`, *optional*): with a `drafter`, also verify the heads' own argmax draft in the
                 same call and report its accepted lengths (`unrefined_accepted_lengths`) beside the drafter's.

@@ -138,3 +138,19 @@ def test_drafter_without_get_drafts_and_rescorer_without_call_explain_themselves
         model.generate(ids, max_new_tokens=4, use_bpd=True, draft_rescorer=Drafter())
     with pytest.raises(NotImplementedError, match="get_drafts"):
         model.generate(ids, max_new_tokens=4, use_bpd=True, draft_rescorer=DraftRescorer())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_takes_a_drafter_by_name_or_spec(batch):
+    """`drafter=` also takes what `BPDConfig.drafter` takes (a registered name or a spec dict, built by the registry
+    against the model's heads); the output is the base model's own greedy output either way."""
+    model = make()
+    ids, mask = batch_prompts(batch)
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    for spec in ("heads", {"type": "tree", "num_nodes": 4, "top_k": 2}, {"type": "context-ngram"}):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, use_bpd=True, drafter=spec)
+        assert torch.equal(out, ref), spec
+    with pytest.raises(ValueError, match="Unknown drafter spec 'no-such-drafter'"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, use_bpd=True, drafter="no-such-drafter")
+    with pytest.raises(ValueError, match="a registered drafter name"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, use_bpd=True, drafter=3)
