@@ -98,7 +98,7 @@ _HANDLED_MODEL_KWARGS = {"cache", "attention_mask", "position_ids", "use_cache",
 class BPDOptions:
     """The BPD-only arguments of one `generate(use_bpd=True)` call, checked."""
 
-    drafter: Drafter | None = None
+    drafter: Drafter | str | dict | None = None  # an instance or a registry spec (`build_drafter` builds it)
     compare_unrefined: bool = False
     sampling: str = "speculative"
     streamer: Any = None
@@ -140,8 +140,8 @@ def prepare_arguments(
     Returns:
         `(inputs, kwargs, options)`: the arguments to pass on to the base's `generate`, and the BPD options.
     Raises:
-        `ValueError` for other decoding methods, a drafter that is not a `Drafter`, `compare_unrefined` without a
-        drafter, a streamer with batch size > 1, and `stop_strings` / `token_healing` without a `tokenizer`.
+        `ValueError` for other decoding methods, a drafter that is neither a `Drafter` nor a registry name or spec,
+        `compare_unrefined` without a drafter, a streamer with batch size > 1, and `stop_strings` / `token_healing` without a `tokenizer`.
     """
     kwargs = dict(kwargs)
     check_prompt(inputs, kwargs)
@@ -172,7 +172,10 @@ def prepare_arguments(
     if options.streamer is not None and isinstance(prompt, torch.Tensor) and prompt.dim() == 2 and prompt.shape[0] > 1:
         raise ValueError("A `streamer` with `use_bpd=True` supports batch size 1 (rows advance at different speeds).")
     inputs, kwargs = _tokenizer_arguments(model, inputs, kwargs, generation_config)
-    if drafter is None and heads_are_untrained(model):
+    uses_heads_chain = (
+        drafter is None or drafter == "heads" or (isinstance(drafter, dict) and drafter.get("type") == "heads")
+    )
+    if uses_heads_chain and heads_are_untrained(model):
         warnings.warn(UNTRAINED_HEADS_WARNING, UserWarning, stacklevel=4)
     return inputs, kwargs, options
 

@@ -154,3 +154,11 @@ def test_generate_takes_a_drafter_by_name_or_spec(batch):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, use_bpd=True, drafter="no-such-drafter")
     with pytest.raises(ValueError, match="a registered drafter name"):
         model.generate(ids, attention_mask=mask, max_new_tokens=4, use_bpd=True, drafter=3)
+    with pytest.raises(ValueError, match="Bad option in the drafter spec.*num_node"):  # a typo, not a TypeError
+        model.generate(
+            ids, attention_mask=mask, max_new_tokens=4, use_bpd=True, drafter={"type": "tree", "num_node": 4}
+        )
+    untrained = BPDForCausalLM.from_base(tiny_base(), num_draft_heads=H)
+    for spec in (None, "heads", {"type": "heads"}):  # the heads' own chain from untrained heads: warned
+        with pytest.warns(UserWarning, match="untrained"):
+            untrained.generate(ids, attention_mask=mask, max_new_tokens=2, use_bpd=True, drafter=spec)

@@ -248,6 +248,9 @@ def test_path_topk_over_the_draft_vocabulary_equals_the_full_ranking(head_type):
         values, ids = ctx_for(model, hidden, last).path_topk(paths, 4, rows)
         torch.testing.assert_close(values, want.values)
         assert torch.equal(ids, want.indices) and bool((ids % 2 == 1).all())  # draft-vocabulary ids only
+        again = ctx.path_topk(paths, 4, rows)  # on the context whose full logits exist already: the same
+        torch.testing.assert_close(again[0], want.values)
+        assert torch.equal(again[1], want.indices)
 
 
 def test_greedy_chain_is_the_heads_argmax_path_in_h_steps(monkeypatch):

@@ -273,8 +273,9 @@ class DraftContext:
             top = torch.log_softmax(self.path_logits(paths, rows).float(), dim=-1).topk(k, dim=-1)
             return top.values, top.indices
         if self.independent:
-            log_probs, _ = self.draft_log_probs(depth + 1)
+            log_probs, columns = self.draft_log_probs(depth + 1)  # columns None: the full logits were there first
             top = log_probs[rows, depth].topk(k, dim=-1)
+            return top.values, top.indices if columns is None else columns.to(top.indices.device)[top.indices]
         else:
             if self._path_states is None:
                 self._path_states = self.heads.path_states(self.hidden, self.last_tokens()) or False

@@ -141,6 +141,14 @@ def build_drafter(model: Any, spec: Any = None) -> Drafter:
                 f"Unknown drafter spec {spec!r}: use one of {sorted(DRAFTERS)} (a name, or a dict with 'type'), a "
                 "hf_bpd.drafters.Drafter instance, or None for the heads' own chain."
             )
-        drafter = DRAFTERS[name](model, **options)
+        try:
+            drafter = DRAFTERS[name](model, **options)
+        except TypeError as err:
+            if "unexpected keyword argument" not in str(err):
+                raise
+            raise ValueError(
+                f"Bad option in the drafter spec {spec!r}: {err}. See the options of the {name!r} drafter's class "
+                "(hf_bpd.drafters)."
+            ) from err
     check_drafter_heads(drafter, DraftHeadsView(model))
     return drafter
