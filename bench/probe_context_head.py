@@ -9,7 +9,8 @@ hidden states") give the draft model that attention: one decoder layer over `fc(
 causal, then the base's (frozen) output projection restricted to the draft vocabulary. This script trains exactly
 that first-depth predictor on the same cached features, data, draft vocabulary, batch, steps and learning-rate
 schedule as the shipped recipe's heads (`build_smollm2.py --stages heads`), and reports held-out top-1 of `x_{t+2}`
-(head 1's target) beside that of given heads folders on the same positions. The decoder layer is transformers' own
+(head 1's target) beside that of given heads folders on the same positions (over the targets inside the draft
+vocabulary, as `hf_bpd.metrics.depth_accuracy` counts, and over all targets). The decoder layer is transformers' own
 Llama layer (a 1-layer `LlamaModel` fed `inputs_embeds`), sized like the base's layers. It is a probe, not a head
 kind: there is no decoding with it (that needs a draft KV cache in the loop).
 """
@@ -150,7 +151,7 @@ def main(argv=None) -> None:
     seconds = time.perf_counter() - start
     # held out: top-1 of x_{t+2} over every position with a target (a token outside the draft vocabulary is a miss)
     model.eval()
-    hits = total = 0
+    hits = total = in_vocab = 0
     with torch.no_grad():
         for s in range(0, len(held), 16):
             rows = collate_features([held[i] for i in range(s, min(len(held), s + 16))])
@@ -160,6 +161,7 @@ def main(argv=None) -> None:
             valid = target != IGNORE
             hits += int(((pred == target) & valid).sum())
             total += int(valid.sum())
+            in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
     report = {
         "probe": f"{args.layers} Llama decoder layer(s) over fc([h_s; E(x_s+1)]), s <= t (EAGLE / Hydra++ style)",
         "train_sequences": len(train),
@@ -170,6 +172,9 @@ def main(argv=None) -> None:
         "threads": args.threads,
         "held_out_positions": total,
         "held_out_top1_x_t2": round(hits / max(total, 1), 4),
+        # what `metrics.depth_accuracy` reports for heads: targets outside the draft vocabulary are left out
+        "held_out_top1_x_t2_in_draft_vocab": round(hits / max(in_vocab, 1), 4),
+        "held_out_positions_in_draft_vocab": in_vocab,
         "log": log,
         "heads_on_the_same_features": {},
     }
