@@ -11,6 +11,7 @@ Each stage is resumable: rerun the same command after an interruption and it con
 Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
             chat prompts from validation texts -> reference/prompts/smollm2_{validation,tune}.jsonl
+  followups multi-turn prompts: training answers with a second user turn, appended to WORK/train_prompts.jsonl
   answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable);
             with --capture-features (the default) the hidden states generate computes anyway are kept as the answers'
             feature cache -> WORK/features/{chat,eval}-gen/ (no second forward over them)
@@ -114,6 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=3000,
         help="more training prompts per task kind (other templates, passage lengths 150-1200 chars), "
         "drawn with their own random stream so the first prompts and the validation prompts never change",
+    )
+    p.add_argument(
+        "--followups", type=int, default=3000, help="multi-turn prompts made from training answers (followups stage)"
     )
     p.add_argument("--val-prompts-per-kind", type=int, default=10)
     p.add_argument("--tune-prompts-per-kind", type=int, default=3)
@@ -273,6 +277,27 @@ EXTRA_TEMPLATES = {
     ),
 }
 
+# second user turns for multi-turn prompts (`followups` stage), per task kind of the first turn
+FOLLOWUPS = {
+    "continue": (
+        "Continue for one more paragraph.",
+        "Now rewrite what you wrote in a more formal tone.",
+        "Make it shorter.",
+    ),
+    "code": (
+        "Explain that more simply.",
+        "How would you test this code?",
+        "What would you name this function, and why?",
+    ),
+    "modernize": (
+        "Now make it shorter.",
+        "Explain the hardest word in the original.",
+        "Say it again in one sentence.",
+    ),
+    "summarize": ("Summarize your summary in one sentence.", "What detail did you leave out?", "Give it a title."),
+    "qa": ("Why do you think so?", "Give one more example from the passage.", "Answer again in one sentence."),
+}
+
 
 def stage_prompts(args: argparse.Namespace) -> None:
     from hf_bpd_bench.reference import split_reference_corpora
@@ -317,6 +342,45 @@ def stage_prompts(args: argparse.Namespace) -> None:
         len(extra),
         len(val),
         len(tune),
+    )
+
+
+def stage_followups(args: argparse.Namespace) -> None:
+    """
+    Multi-turn prompts: `--followups` training answers (in answers.jsonl order) get a second user turn (a follow-up
+    of their task kind, chosen by a hash of the prompt id) and are appended to WORK/train_prompts.jsonl as
+    `{parent id}/f`, answered by the next `answers` run. Only answers that are not held out are used, and a follow-up
+    is held out exactly when its parent is (`_held_out` reads the parent id), so no held-out answer reaches training.
+    Idempotent: a follow-up already in the file is not added again.
+    """
+    path = args.work_dir / "train_prompts.jsonl"
+    prompts = _read_jsonl(path)
+    have = {r.get("id") for r in prompts}
+    rows = []
+    for answer in _read_jsonl(args.work_dir / "answers.jsonl"):
+        if len(rows) >= args.followups:
+            break
+        text = answer.get("answer", "").strip()
+        pid = str(answer.get("id"))
+        if not text or "/" in pid or _held_out(answer) or f"{pid}/f" in have:
+            continue
+        options = FOLLOWUPS.get(answer.get("domain"), FOLLOWUPS["qa"])
+        followup = options[zlib.crc32(pid.encode()) % len(options)]
+        messages = answer["messages"] + [{"role": "assistant", "content": text}, {"role": "user", "content": followup}]
+        rows.append(
+            {
+                "messages": messages,
+                "domain": answer.get("domain"),
+                "source": answer.get("source"),
+                "split": "train",
+                "id": f"{pid}/f",
+            }
+        )
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    logger.info(
+        "followups: %d multi-turn prompts appended to %s (%d prompts now)", len(rows), path, len(prompts) + len(rows)
     )
 
 
@@ -462,7 +526,7 @@ def _held_out(row: dict) -> bool:
     1 answer in 20, chosen by a hash of its prompt id: held out for the per-head accuracy. Stable as answers.jsonl
     grows across sessions, so the feature shards of earlier sessions stay valid (only the last shard grows).
     """
-    return zlib.crc32(str(row.get("id")).encode()) % 20 == 0
+    return zlib.crc32(str(row.get("id")).split("/")[0].encode()) % 20 == 0  # a follow-up goes with its parent
 
 
 def _system_tokens(tok, text: str) -> int:
@@ -949,6 +1013,7 @@ def cpu_name() -> str:
 
 STAGES = {
     "prompts": stage_prompts,
+    "followups": stage_followups,
     "answers": stage_answers,
     "features": stage_features,
     "heads": stage_heads,

@@ -239,3 +239,26 @@ def test_soft_targets_are_not_silently_dropped(tmp_path, caplog, build):
     args = build.parse_args(["--work-dir", str(work), "--distillation", "soft", "--seq-len", "16"])
     with pytest.raises(SystemExit, match="--distillation soft needs"):
         build.stage_heads(args)
+
+
+def test_followups_make_multi_turn_prompts_from_training_answers_only(build, tmp_path):
+    """The followups stage appends `{id}/f` prompts (first turn, its answer, a follow-up of its task kind) made from
+    answers that are not held out, is idempotent, skips empty answers, and a follow-up is held out with its parent."""
+    held_id = next(f"q{i}" for i in range(200) if build._held_out({"id": f"q{i}"}))
+    ids = ["q0", "q1", held_id, "q3"]
+    prompts = [
+        {"id": i, "domain": "summarize", "messages": [{"role": "user", "content": f"Sum up {i}."}]} for i in ids
+    ]
+    (tmp_path / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    answers = [{**p, "answer": "" if p["id"] == "q3" else f"It says {p['id']}.", "answer_tokens": 3} for p in prompts]
+    (tmp_path / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers))
+    args = build.parse_args(["--work-dir", str(tmp_path), "--followups", "10"])
+    build.stage_followups(args)
+    build.stage_followups(args)  # again: nothing new
+    rows = build._read_jsonl(tmp_path / "train_prompts.jsonl")
+    made = [r for r in rows if "/" in r["id"]]
+    assert [r["id"] for r in made] == ["q0/f", "q1/f"]  # not the held-out one, not the empty answer
+    first = made[0]["messages"]
+    assert [m["role"] for m in first] == ["user", "assistant", "user"] and first[1]["content"] == "It says q0."
+    assert first[2]["content"] in build.FOLLOWUPS["summarize"]
+    assert build._held_out({"id": f"{held_id}/f"}) and not build._held_out({"id": "q0/f"})
