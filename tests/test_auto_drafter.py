@@ -55,6 +55,22 @@ def repetitive_prompts(batch: int):
     return ids, mask
 
 
+def lossless_run(model, drafter, ids, mask, new: int = 24):
+    """`generate(use_bpd=True)` with `drafter`, checked identical to the base model's greedy output; the output."""
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new,
+        do_sample=False,
+        use_bpd=True,
+        drafter=drafter,
+        return_dict_in_generate=True,
+    )
+    assert torch.equal(out.sequences, ref)
+    return out
+
+
 SPECS = {
     "context-alone": lambda: {"type": "context-ngram"},
     "context-merge-tree": lambda: {
@@ -85,17 +101,7 @@ def test_greedy_lossless(name, arch, batch):
     model = make(arch)
     ids, mask = repetitive_prompts(batch)
     drafter = build_drafter(model, SPECS[name]())
-    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=24,
-        do_sample=False,
-        use_bpd=True,
-        drafter=drafter,
-        return_dict_in_generate=True,
-    )
-    assert torch.equal(out.sequences, ref)
+    out = lossless_run(model, drafter, ids, mask)
     if name == "auto-steep":  # no node pays for itself: every step is a plain greedy step
         assert out.mean_verify_width == 0.0 and int(out.accepted_lengths.max()) == 0
     elif name == "auto-flat":  # width is free: the whole candidate tree (6 nodes and the match branch) is verified
@@ -365,17 +371,7 @@ def test_recurrent_heads_get_width_from_cost_and_stay_lossless(cost, width, batc
     model = make_recurrent()
     ids, mask = repetitive_prompts(batch)
     drafter = build_drafter(model, auto_spec(cost))
-    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    out = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=24,
-        do_sample=False,
-        use_bpd=True,
-        drafter=drafter,
-        return_dict_in_generate=True,
-    )
-    assert torch.equal(out.sequences, ref)
+    out = lossless_run(model, drafter, ids, mask)
     if width == "full":
         assert out.mean_verify_width >= 6.0
     else:  # uncalibrated, the fixed budget would be verified whatever the cost
