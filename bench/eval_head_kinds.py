@@ -24,12 +24,22 @@ from hf_bpd.features import CachedFeatures
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--features", type=Path, required=True, help="held-out feature shards (a folder)")
+    p.add_argument(
+        "--features",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="held-out feature shards: folders or files (e.g. features/eval features/eval-gen)",
+    )
     p.add_argument("--heads", type=Path, nargs="+", required=True, help="trained heads folders")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     features = CachedFeatures(args.features, soft_targets=False)
-    report = {"features": str(args.features), "eval_target_tokens": features.num_target_tokens(), "heads": {}}
+    report = {
+        "features": [str(f) for f in args.features],
+        "eval_target_tokens": features.num_target_tokens(),
+        "heads": {},
+    }
     for folder in args.heads:
         model = BPDForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
