@@ -434,7 +434,7 @@ def stage_answers(args: argparse.Namespace) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from hf_bpd.features import LastHiddenStateRecorder, generation_features, save_feature_shard
+    from hf_bpd.features import LastHiddenStateRecorder
     from hf_bpd.smollm2 import load_smollm2
 
     prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
@@ -482,30 +482,20 @@ def stage_answers(args: argparse.Namespace) -> None:
                         if answer.strip():
                             kept["eval" if _held_out(rows[j]) else "chat"].append(r)
                         lines.append(json.dumps({**rows[j], "answer": answer, "answer_tokens": n}, ensure_ascii=False))
-                    if args.capture_features:
-                        # the shards first, then the answers: a crash between leaves shards whose answers are not in
-                        # answers.jsonl, deleted on the next run (_captured_features), never half a record
-                        rows_feats = generation_features(
+                    if args.capture_features:  # the shards first, then the answers (see _captured_features)
+                        ids = {split: [rows[batch[r]].get("id") for r in picked] for split, picked in kept.items()}
+                        _write_captured(
+                            args,
                             model,
-                            enc["input_ids"],
-                            enc["attention_mask"],
+                            tok,
+                            enc,
                             gen,
                             recorder.states,
-                            eos_token_id=model.generation_config.eos_token_id,  # what stopped generate
-                            seq_len=args.seq_len,
-                            train_start=[_system_tokens(tok, texts[j]) for j in batch],
+                            [texts[j] for j in batch],
+                            kept,
+                            ids,
+                            next_shard,
                         )
-                        for split, picked in kept.items():
-                            if picked:
-                                index = torch.as_tensor(picked)
-                                save_feature_shard(
-                                    feats / GEN_FOLDERS[split] / f"gen-{next_shard:05d}.safetensors",
-                                    {k: v[index].contiguous() for k, v in rows_feats.items()},
-                                    metadata={
-                                        "ids": [rows[batch[i]].get("id") for i in picked],
-                                        "seq_len": args.seq_len,
-                                    },
-                                )
                         next_shard += 1
                     handle.write("".join(line + "\n" for line in lines))
                     handle.flush()
@@ -515,6 +505,33 @@ def stage_answers(args: argparse.Namespace) -> None:
             break
     elapsed = time.monotonic() - start
     logger.info("answers: %s in %.0f s (%.1f answer tok/s)", counts, elapsed, counts["tokens"] / max(1e-9, elapsed))
+
+
+def _write_captured(args, model, tok, enc, gen, states, texts, kept: dict, ids: dict, shard: int) -> None:
+    """One answers batch's captured feature rows -> `features/{chat,eval}-gen/gen-{shard}` (rows `kept[split]`,
+    tagged with their prompt `ids[split]` and the seq_len)."""
+    import torch
+
+    from hf_bpd.features import generation_features, save_feature_shard
+
+    rows = generation_features(
+        model,
+        enc["input_ids"],
+        enc["attention_mask"],
+        gen,
+        states,
+        eos_token_id=model.generation_config.eos_token_id,  # what stopped generate
+        seq_len=args.seq_len,
+        train_start=[_system_tokens(tok, text) for text in texts],
+    )
+    for split, picked in kept.items():
+        if picked:
+            index = torch.as_tensor(picked)
+            save_feature_shard(
+                args.work_dir / "features" / GEN_FOLDERS[split] / f"gen-{shard:05d}.safetensors",
+                {k: v[index].contiguous() for k, v in rows.items()},
+                metadata={"ids": ids[split], "seq_len": args.seq_len},
+            )
 
 
 # --------------------------------------------------------------------------------------------- features
@@ -1027,6 +1044,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     if not 0 < args.train_fraction <= 1:
         raise SystemExit(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
+    if args.followups < 0:
+        raise SystemExit(f"--followups must be >= 0 (how many multi-turn prompts to add), got {args.followups}.")
     if args.soft_top_k < 0:
         raise SystemExit(f"--soft-top-k must be >= 0 (0: greedy targets only), got {args.soft_top_k}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

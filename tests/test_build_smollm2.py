@@ -262,3 +262,5 @@ def test_followups_make_multi_turn_prompts_from_training_answers_only(build, tmp
     assert [m["role"] for m in first] == ["user", "assistant", "user"] and first[1]["content"] == "It says q0."
     assert first[2]["content"] in build.FOLLOWUPS["summarize"]
     assert build._held_out({"id": f"{held_id}/f"}) and not build._held_out({"id": "q0/f"})
+    with pytest.raises(SystemExit, match="--followups must be >= 0"):
+        build.main(["--work-dir", str(tmp_path), "--stages", "followups", "--followups", "-1"])

@@ -493,18 +493,14 @@ def _tree_log_conditional(ctx: DraftContext, tree: DraftTree, calibration: Confi
     depth = tree.layout.depth[1:].cpu()
     if tree.log_scores is not None:
         own = tree.log_scores.cpu()
-        cal = torch.empty(ctx.batch_size, depth.numel(), dtype=torch.float64)
-        for d in depth.unique().tolist():
-            at = depth == d
-            cal[:, at] = calibration.log_confidence(int(d) - 1, own[:, at]).double()
-        return cal
-    logp, ids = ctx.draft_log_probs(int(depth.max()))  # (B, D, K): the heads' tokens are draft-vocabulary ids
-    tokens = tree.tokens.to(logp.device)
-    column = tokens if ids is None else ctx.heads.draft_inverse_map.to(logp.device)[tokens]
-    own = logp[:, depth.to(logp.device) - 1].gather(2, column.clamp(min=0)[:, :, None])[:, :, 0]
-    if ids is not None:  # a token outside the draft vocabulary (none from the heads) has probability 0
-        own = torch.where(column >= 0, own, torch.finfo(own.dtype).min)
-    own = own.cpu()
+    else:
+        logp, ids = ctx.draft_log_probs(int(depth.max()))  # (B, D, K): the heads' tokens are draft-vocabulary ids
+        tokens = tree.tokens.to(logp.device)
+        column = tokens if ids is None else ctx.heads.draft_inverse_map.to(logp.device)[tokens]
+        own = logp[:, depth.to(logp.device) - 1].gather(2, column.clamp(min=0)[:, :, None])[:, :, 0]
+        if ids is not None:  # a token outside the draft vocabulary (none from the heads) has probability 0
+            own = torch.where(column >= 0, own, torch.finfo(own.dtype).min)
+        own = own.cpu()
     cal = torch.empty(ctx.batch_size, depth.numel(), dtype=torch.float64)
     for d in depth.unique().tolist():  # one calibration lookup per depth, not per node
         at = depth == d
