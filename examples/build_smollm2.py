@@ -552,6 +552,13 @@ def _system_tokens(tok, text: str) -> int:
     return len(tok(text[:start], add_special_tokens=False)["input_ids"]) if start > 0 else 0
 
 
+def _has_soft_targets(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return "topk_ids" in handle.keys()
+
+
 def _captured_features(work_dir: Path, answered: set, seq_len: int, repair: bool = False) -> tuple[set, int, dict]:
     """
     What the answers stage captured: `(covered ids, next shard number, {split: usable shard paths})`.
@@ -654,7 +661,9 @@ def _raw_windows(tok, corpora: Path, count: int, seq_len: int, rng: random.Rando
 
 
 def stage_features(args: argparse.Namespace) -> None:
-    from hf_bpd.features import extract_features
+    from tqdm.auto import tqdm
+
+    from hf_bpd.features import add_soft_targets, extract_features
     from hf_bpd.smollm2 import load_smollm2
 
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
@@ -662,8 +671,18 @@ def stage_features(args: argparse.Namespace) -> None:
     answers = [r for r in _read_jsonl(args.work_dir / "answers.jsonl") if r.get("answer", "").strip()]
     if not answers:
         raise SystemExit("No answers yet: run the `answers` stage first.")
-    captured = _captured_features(args.work_dir, {r.get("id") for r in answers}, args.seq_len)[0]
+    captured, _, captured_shards = _captured_features(args.work_dir, {r.get("id") for r in answers}, args.seq_len)
     logger.info("features: %d of %d answers were captured while answering", len(captured), len(answers))
+    if args.soft_top_k:  # captured shards hold hard targets only: their top-k from the stored hidden states
+        start = time.monotonic()
+        shards = captured_shards["chat"] + captured_shards["eval"]
+        add_soft_targets(model, tqdm(shards, desc=f"top-{args.soft_top_k} of captured shards"), args.soft_top_k)
+        logger.info(
+            "features: top-%d soft targets on %d captured shards in %.0f s",
+            args.soft_top_k,
+            len(shards),
+            time.monotonic() - start,
+        )
     answers = [r for r in answers if r.get("id") not in captured]
     held = [_held_out(r) for r in answers]
     train_rows = [r for r, h in zip(answers, held) if not h]
@@ -699,11 +718,12 @@ def stage_heads(args: argparse.Namespace) -> None:
     feats = args.work_dir / "features"
     answered = {r.get("id") for r in _read_jsonl(args.work_dir / "answers.jsonl")}
     captured = _captured_features(args.work_dir, answered, args.seq_len)[2]
-    if args.distillation == "soft" and (captured["chat"] or captured["eval"]):
+    hard_only = [p for p in captured["chat"] + captured["eval"] if not _has_soft_targets(p)]
+    if args.distillation == "soft" and hard_only:
         raise SystemExit(
-            "--distillation soft needs the base's top-k at every position, which features captured while answering "
-            f"do not keep ({feats / GEN_FOLDERS['chat']}): answer with --no-capture-features and extract with "
-            "--stages features --soft-top-k 16, or train with --distillation hard."
+            f"--distillation soft needs the base's top-k at every position; {len(hard_only)} shards captured while "
+            f"answering hold only greedy targets (e.g. {hard_only[0]}): run --stages features --soft-top-k 16 first "
+            "(it adds them from the stored hidden states), or train with --distillation hard."
         )
     chat = sorted((feats / "chat").glob("*.safetensors")) + captured["chat"]
     chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards (extracted, then captured)

@@ -130,6 +130,55 @@ def test_generation_features_equal_a_second_forward(arch):
     assert not recorder.decoder._forward_hooks  # the hook is gone after the block
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_add_soft_targets_equal_extracted_top_k(arch, tmp_path):
+    """Soft targets computed from a shard's stored hidden states (`add_soft_targets`, how captured shards get them)
+    are `extract_features(top_k=...)`'s at every position with a target (fp32 storage: to rounding); the hard
+    targets, hidden states and metadata are kept; a shard that has them is left alone; bad input is refused."""
+    from hf_bpd.features import (
+        CachedFeatures,
+        add_soft_targets,
+        extract_features,
+        save_feature_shard,
+        shard_metadata,
+    )
+
+    base = tiny_base(arch)
+    seqs = [list(range(3 + i, 3 + i + n)) for i, n in enumerate((10, 12, 9, 11))]
+    masks = [[0, 0, 0] + [1] * (len(s) - 3) for s in seqs]  # no target in a "system block"
+    kw = dict(seq_len=16, train_mask=masks, storage_dtype=torch.float32)
+    (soft,) = extract_features(base, seqs, tmp_path / "soft", top_k=3, **kw)
+    (hard,) = extract_features(base, seqs, tmp_path / "hard", **kw)
+    tensors = load_file(hard)
+    save_feature_shard(hard, tensors, {"ids": ["a", "b", "c", "d"]})
+    assert add_soft_targets(base, [hard], top_k=3) == [hard]
+    got, want = load_file(hard), load_file(soft)
+    assert torch.equal(got["hidden"], tensors["hidden"]) and torch.equal(got["targets"], tensors["targets"])
+    assert shard_metadata(hard) == {"ids": ["a", "b", "c", "d"]}
+    valid = got["targets"] != -100
+    assert int(valid.sum()) > 20
+    assert torch.equal(got["topk_ids"][valid], want["topk_ids"][valid])
+    torch.testing.assert_close(got["topk_logprobs"][valid], want["topk_logprobs"][valid], atol=2e-3, rtol=1e-3)
+    assert (got["topk_logprobs"][~valid] == float("-inf")).all()
+    assert CachedFeatures([hard]).has_soft_targets
+    stamp = hard.stat().st_mtime_ns
+    add_soft_targets(base, [hard], top_k=3)  # already there: not rewritten
+    assert hard.stat().st_mtime_ns == stamp
+    add_soft_targets(base, [hard], top_k=2)  # another k: rewritten
+    assert load_file(hard)["topk_ids"].shape[-1] == 2
+    with pytest.raises(ValueError, match="top_k must be"):
+        add_soft_targets(base, [hard], top_k=0)
+    base.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        add_soft_targets(base, [hard], top_k=3)
+    del base.config.final_logit_softcapping
+    with pytest.raises(ValueError, match="hidden states of size"):
+        add_soft_targets(tiny_base(arch, hidden_size=64, intermediate_size=64), [hard], top_k=3)
+    save_feature_shard(tmp_path / "x.safetensors", {"hidden": torch.zeros(1, 2, 3)})
+    with pytest.raises(ValueError, match="not a feature shard"):
+        add_soft_targets(base, [tmp_path / "x.safetensors"], top_k=3)
+
+
 def test_generation_features_refuse_states_of_another_call():
     from conftest import batch_prompts
 
@@ -214,12 +263,15 @@ def test_answers_stage_captures_features_and_a_crash_between_shard_and_answers_i
     build.stage_features(args)
     # the answers of the shard removed above lost their captured features: they, and only they, are extracted
     assert len(seen["chat"]) == len(first) and seen["eval"] == []
+    # --soft-top-k (16 by default): the captured shards got the base's top-k from their stored hidden states
+    shards = build._captured_features(tmp_path, landed, args.seq_len)[2]
+    assert shards["chat"] and all(load_file(p)["topk_ids"].shape[-1] == 16 for p in shards["chat"] + shards["eval"])
 
 
 def test_soft_targets_are_not_silently_dropped(tmp_path, caplog, build):
     """Captured shards carry no top-k: `CachedFeatures` says so when they are mixed with soft shards, and the heads
-    stage refuses `--distillation soft` while captured shards are in its data."""
-    from hf_bpd.features import CachedFeatures, extract_features, save_feature_shard
+    stage refuses `--distillation soft` while captured shards without top-k are in its data."""
+    from hf_bpd.features import CachedFeatures, add_soft_targets, extract_features, save_feature_shard
 
     base = tiny_base("llama")
     seqs = [list(range(3, 3 + n)) for n in (10, 12)]
@@ -239,6 +291,9 @@ def test_soft_targets_are_not_silently_dropped(tmp_path, caplog, build):
     args = build.parse_args(["--work-dir", str(work), "--distillation", "soft", "--seq-len", "16"])
     with pytest.raises(SystemExit, match="--distillation soft needs"):
         build.stage_heads(args)
+    assert not build._has_soft_targets(work / "features" / "chat-gen" / "gen-00000.safetensors")
+    add_soft_targets(base, [work / "features" / "chat-gen" / "gen-00000.safetensors"], top_k=2)
+    assert build._has_soft_targets(work / "features" / "chat-gen" / "gen-00000.safetensors")
 
 
 def test_followups_make_multi_turn_prompts_from_training_answers_only(build, tmp_path):
