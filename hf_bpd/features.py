@@ -370,9 +370,13 @@ class CachedFeatures(Dataset):
             files += sorted(p.glob("*.safetensors")) if p.is_dir() else [p]
         if not files:
             raise ValueError(f"No feature shards (*.safetensors) found in {list(map(str, paths))}.")
-        hidden, targets, topk_ids, topk_logprobs = [], [], [], []
-        soft = soft_targets
-        hard_only = []  # shards without soft targets (e.g. captured while generating)
+        # two passes: shapes first, then each shard copied into tensors allocated once (torch.cat of the shards
+        # would hold every shard twice at its peak: 2x the features' size, ~18 GiB for SmolLM2's 2M tokens)
+        shapes, hard_only, dtypes = (
+            [],
+            [],
+            set(),
+        )  # hard_only: shards without soft targets (e.g. captured while generating)
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"Feature shard {f} does not exist.")
@@ -385,12 +389,16 @@ class CachedFeatures(Dataset):
                     )
                 if not _SOFT <= keys:
                     hard_only.append(f)
-                soft = soft and _SOFT <= keys
-                hidden.append(handle.get_tensor("hidden"))
-                targets.append(handle.get_tensor("targets").long())
-                if soft:
-                    topk_ids.append(handle.get_tensor("topk_ids").long())
-                    topk_logprobs.append(handle.get_tensor("topk_logprobs"))
+                shape = handle.get_slice("hidden").get_shape()
+                dtypes.add(handle.get_slice("hidden").get_dtype())
+                k = handle.get_slice("topk_ids").get_shape()[-1] if _SOFT <= keys else 0
+            if shapes and (shape[1:] != shapes[0][1][1:] or (k and shapes[0][2] and k != shapes[0][2])):
+                raise ValueError(
+                    f"{f} holds rows of shape {shape[1:]} (top-k {k}); {files[0]} holds {shapes[0][1][1:]} (top-k "
+                    f"{shapes[0][2]}): shards of one dataset share seq_len, hidden size and k."
+                )
+            shapes.append((f, shape, k))
+        soft = soft_targets and not hard_only
         if soft_targets and hard_only and len(hard_only) < len(files):
             logger.warning(
                 "%d of %d feature shards have no soft (top-k) targets (e.g. %s): soft targets are not loaded for any "
@@ -399,10 +407,25 @@ class CachedFeatures(Dataset):
                 len(files),
                 hard_only[0],
             )
-        self.hidden = torch.cat(hidden)
-        self.targets = torch.cat(targets)
-        self.topk_ids = torch.cat(topk_ids) if soft else None
-        self.topk_logprobs = torch.cat(topk_logprobs) if soft else None
+        rows = sum(shape[0] for _, shape, _ in shapes)
+        self.hidden = self.targets = self.topk_ids = self.topk_logprobs = None
+        at = 0
+        for f, shape, k in shapes:
+            with safe_open(str(f), framework="pt") as handle:
+                hidden = handle.get_tensor("hidden")
+                if self.hidden is None:  # shards stored in different dtypes: fp32, as torch.cat would promote
+                    dtype = hidden.dtype if len(dtypes) == 1 else torch.float32
+                    self.hidden = torch.empty(rows, *shape[1:], dtype=dtype)
+                    self.targets = torch.empty(rows, shape[1], dtype=torch.long)
+                    if soft:
+                        self.topk_ids = torch.empty(rows, shape[1], k, dtype=torch.long)
+                        self.topk_logprobs = torch.empty(rows, shape[1], k, dtype=torch.float16)
+                self.hidden[at : at + shape[0]] = hidden
+                self.targets[at : at + shape[0]] = handle.get_tensor("targets")
+                if soft:
+                    self.topk_ids[at : at + shape[0]] = handle.get_tensor("topk_ids")
+                    self.topk_logprobs[at : at + shape[0]] = handle.get_tensor("topk_logprobs")
+            at += shape[0]
         self.files = files
 
     def __len__(self) -> int:

@@ -698,6 +698,33 @@ def test_keep_least_certain_masks_the_most_certain_targets(cached, blocks, tmp_p
         CachedFeatures(paths, soft_targets=False).keep_least_certain(0.5)
 
 
+def test_cached_features_load_shards_in_order_without_copies(cached, blocks, tmp_path):
+    """`CachedFeatures` fills tensors allocated once, shard after shard: the rows equal the shards' in order (soft
+    targets too), shards of two storage dtypes are promoted as torch.cat would, and shards of another seq_len are
+    refused with both names."""
+    from safetensors.torch import load_file
+
+    from hf_bpd.features import CachedFeatures, extract_features, save_feature_shard
+
+    seqs = blocks.train["input_ids"][:10]
+    paths = extract_features(cached.base, seqs, tmp_path / "a", seq_len=SEQ, shard_size=4, top_k=2)
+    data = CachedFeatures(paths)
+    shards = [load_file(p) for p in paths]
+    assert [s["hidden"].shape[0] for s in shards] == [4, 4, 2] and len(data) == 10
+    assert torch.equal(data.hidden, torch.cat([s["hidden"] for s in shards]))
+    assert torch.equal(data.targets, torch.cat([s["targets"] for s in shards]).long())
+    assert torch.equal(data.topk_ids, torch.cat([s["topk_ids"] for s in shards]).long())
+    assert torch.equal(data.topk_logprobs, torch.cat([s["topk_logprobs"] for s in shards]))
+    wide = save_feature_shard(tmp_path / "fp32.safetensors", {**shards[2], "hidden": shards[2]["hidden"].float()})
+    mixed = CachedFeatures([paths[0], wide])
+    assert mixed.hidden.dtype == torch.float32 and torch.equal(mixed.hidden[4:], shards[2]["hidden"].float())
+    short = save_feature_shard(
+        tmp_path / "short.safetensors", {k: v[:, :8].contiguous() for k, v in shards[0].items()}
+    )
+    with pytest.raises(ValueError, match="short.safetensors holds rows of shape"):
+        CachedFeatures([paths[0], short])
+
+
 def test_extract_features_refuses_a_nonsense_top_k(cached, blocks, tmp_path):
     from hf_bpd.features import extract_features
 
