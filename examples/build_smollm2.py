@@ -576,15 +576,14 @@ def _captured_features(work_dir: Path, answered: set, seq_len: int, repair: bool
     import torch
     from safetensors.torch import load_file
 
-    from hf_bpd.features import save_feature_shard, shard_metadata
+    from hf_bpd.features import remove_stale_temporaries, save_feature_shard, shard_metadata
 
     covered, last, usable = set(), -1, {}
     for split, name in GEN_FOLDERS.items():
         folder = work_dir / "features" / name
         usable[split] = []
-        if repair:
-            for path in sorted(folder.glob("*.tmp")):
-                path.unlink()
+        if repair:  # a crash's leftovers; not a running features stage's shard being rewritten
+            remove_stale_temporaries(folder)
         for path in sorted(folder.glob("*.safetensors")):
             try:
                 meta = shard_metadata(path) or {}
@@ -722,13 +721,14 @@ def stage_heads(args: argparse.Namespace) -> None:
     if args.distillation == "soft" and hard_only:
         raise SystemExit(
             f"--distillation soft needs the base's top-k at every position; {len(hard_only)} shards captured while "
-            f"answering hold only greedy targets (e.g. {hard_only[0]}): run --stages features --soft-top-k 16 first "
+            f"answering hold only greedy targets (e.g. {hard_only[0]}): run --stages features (--soft-top-k, 16 by default) "
             "(it adds them from the stored hidden states), or train with --distillation hard."
         )
     chat = sorted((feats / "chat").glob("*.safetensors")) + captured["chat"]
     chat = chat[: max(1, round(len(chat) * args.train_fraction))]  # whole shards (extracted, then captured)
-    train = CachedFeatures([*chat, feats / "raw"])
-    evaluation = CachedFeatures(sorted((feats / "eval").glob("*.safetensors")) + captured["eval"])
+    soft = args.distillation == "soft"  # top-k soft targets are loaded only when trained on (memory)
+    train = CachedFeatures([*chat, feats / "raw"], soft_targets=soft)
+    evaluation = CachedFeatures(sorted((feats / "eval").glob("*.safetensors")) + captured["eval"], soft_targets=soft)
     base, tok = load_smollm2(dtype=torch.float32)
     vocab = base.config.vocab_size
     counts = train.target_counts(vocab)

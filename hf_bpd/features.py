@@ -51,8 +51,10 @@ def extract_features(
     """
     Run the frozen base once over `sequences` and store its last hidden states and greedy next tokens.
 
-    Resumable and appendable: a shard already on disk with the rows, length and top-k this call would write is
-    skipped; any other (a last shard that has grown since, an unreadable file) is extracted again. A shard is
+    Resumable and appendable: a shard already on disk with the rows and length this call would write is skipped
+    (with `top_k = 0`, whatever soft targets it has); one that lacks this `top_k` gets it from its stored hidden
+    states ([`add_soft_targets`], no forward; by a forward when the architecture transforms its logits); any other
+    (a last shard that has grown since, an unreadable file) is extracted again. A shard is
     written to a temporary name, then renamed, so a crash never leaves half a shard under its real name.
 
     Args:
@@ -72,11 +74,19 @@ def extract_features(
     pad = 0
     device = next(base.parameters()).device
     paths = []
+    transforms = None  # checked once, when a shard on disk only lacks this top-k
+    pending = []  # shards that get this top-k from their stored hidden states
     for shard_index, start in enumerate(tqdm(range(0, len(sequences), shard_size), desc=f"features {name}")):
         path = out / f"{name}-{shard_index:05d}.safetensors"
         paths.append(path)
         rows = [list(s)[:seq_len] for s in sequences[start : start + shard_size]]
-        if path.exists() and _shard_matches(path, len(rows), seq_len, top_k):
+        state = _shard_state(path, len(rows), seq_len, top_k)
+        if state == "top-k" and transforms is None:
+            transforms = _logit_transforms(base)
+        if state == "ok":
+            continue
+        if state == "top-k" and not transforms:
+            pending.append(path)  # after the loop, in one call
             continue
         masks = None if train_mask is None else [list(m)[:seq_len] for m in train_mask[start : start + shard_size]]
         d = base.get_output_embeddings().weight.shape[1]
@@ -115,6 +125,8 @@ def extract_features(
         if top_k:
             tensors.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs)
         save_feature_shard(path, tensors)
+    if pending:
+        add_soft_targets(base, pending, top_k)
     return paths
 
 
@@ -126,10 +138,38 @@ def save_feature_shard(
     shard under its real name. `metadata` (JSON-serialisable) goes into the safetensors header (`shard_metadata`).
     """
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")  # one writer's own: `remove_stale_temporaries` spares it
     save_file(tensors, str(tmp), metadata=None if metadata is None else {"hf_bpd": json.dumps(metadata)})
-    tmp.rename(path)
+    os.replace(tmp, path)
     return path
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """
+    Delete the `*.tmp` files [`save_feature_shard`] left in `folder` when its process died before the rename; a
+    temporary of a process still running (another stage rewriting a shard right now) is left alone.
+
+    Returns:
+        The paths deleted.
+    """
+    removed = []
+    for tmp in sorted(Path(folder).glob("*.tmp")):
+        pid = tmp.stem.rsplit(".", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid)):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: an existence check, nothing is sent
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def shard_metadata(path: str | os.PathLike) -> dict | None:
@@ -248,7 +288,33 @@ _SOFT = {"topk_ids", "topk_logprobs"}
 
 # config fields through which an architecture transforms `lm_head(hidden)` before its logits (Gemma 2/3's soft cap,
 # Cohere's scale, Granite's divisor): soft targets from stored hidden states would miss the transform
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+    "output_multiplier",
+)
+
+
+def _logit_transforms(base: Any) -> list[str]:
+    """The config fields (top level or text config) by which `base` transforms `lm_head(hidden)` into its logits,
+    and `"forward"` when a one-token forward's logits are not its output embeddings' product of its last hidden
+    state for another reason."""
+    configs = [getattr(base, "config", None)]
+    if hasattr(configs[0], "get_text_config"):
+        configs.append(configs[0].get_text_config())
+    found = sorted({a for c in configs for a in _LOGIT_TRANSFORMS if getattr(c, a, None) not in (None, 1, 1.0)})
+    if found:
+        return found
+    device = base.get_output_embeddings().weight.device
+    ids = torch.tensor([[0, 1]], device=device)
+    try:
+        out = base(input_ids=ids, output_hidden_states=True)
+    except Exception:  # a model that cannot run on token ids alone: the config check is what there is
+        return []
+    direct = base.get_output_embeddings()(out.hidden_states[-1]).float()
+    return [] if torch.allclose(direct, out.logits.float(), atol=1e-3, rtol=1e-3) else ["forward"]
 
 
 @torch.inference_mode()
@@ -279,19 +345,20 @@ def add_soft_targets(
         The shard paths, in order.
     Raises:
         `ValueError` for a `top_k` outside `[1, vocab]`, for an architecture whose logits are not its output
-        embeddings' product (its config sets one of `final_logit_softcapping`, `logit_scale`, `logits_scaling`:
-        use `extract_features(top_k=...)`), or for a file that is not a feature shard of the base's hidden size.
+        embeddings' product (its config, or its text config, sets one of `final_logit_softcapping`, `logit_scale`,
+        `logits_scaling`, `lm_head_multiplier`, `output_multiplier`, or a one-token forward disagrees: use
+        `extract_features(top_k=...)`), or for a file that is not a feature shard of the base's hidden size.
     """
     lm_head = base.get_output_embeddings()
     vocab, d = lm_head.weight.shape
     if not isinstance(top_k, int) or not 1 <= top_k <= vocab:
         raise ValueError(f"top_k must be an int in [1, {vocab}], got {top_k!r}.")
-    config = getattr(base, "config", None)
-    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(config, a, None) not in (None, 1, 1.0)]
+    transforms = _logit_transforms(base)
     if transforms:
         raise ValueError(
-            f"{type(base).__name__} transforms its logits ({', '.join(transforms)} in its config): soft targets from "
-            "stored hidden states would miss that; extract the shards with `extract_features(top_k=...)` instead."
+            f"{type(base).__name__} transforms its logits beyond its output embeddings ({', '.join(transforms)}): "
+            "soft targets from stored hidden states would miss that; extract the shards with "
+            "`extract_features(top_k=...)` instead."
         )
     weight_dtype = lm_head.weight.dtype
     device = lm_head.weight.device
@@ -317,16 +384,20 @@ def add_soft_targets(
         for start in range(0, rows.numel(), chunk_positions):
             r, c = rows[start : start + chunk_positions], cols[start : start + chunk_positions]
             logits = lm_head(hidden[r, c - 1].to(device=device, dtype=weight_dtype)).float()
-            best = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
+            best = logits.topk(top_k, dim=-1)  # log-softmax of the top k only: no second (positions, vocab) copy
             topk_ids[r, c] = best.indices.cpu().to(torch.int32)
-            topk_logprobs[r, c] = best.values.cpu().to(torch.float16)
+            topk_logprobs[r, c] = (best.values - logits.logsumexp(-1, keepdim=True)).cpu().to(torch.float16)
         tensors = {"hidden": hidden, "targets": targets, "topk_ids": topk_ids, "topk_logprobs": topk_logprobs}
         out.append(save_feature_shard(path, tensors, shard_metadata(path)))
     return out
 
 
-def _shard_matches(path: Path, rows: int, seq_len: int, top_k: int) -> bool:
-    """Whether a shard on disk holds what this call would write (a last shard grows when more sequences come)."""
+def _shard_state(path: Path, rows: int, seq_len: int, top_k: int) -> str:
+    """What a shard on disk needs for this call: `"ok"` (it holds these rows, and top-k soft targets when asked:
+    any `k` when none are asked), `"top-k"` (the rows, but not this `k`: `add_soft_targets` supplies it without a
+    forward) or `"extract"` (missing, unreadable, or other rows: a last shard grows when more sequences come)."""
+    if not path.exists():
+        return "extract"
     try:
         with safe_open(str(path), framework="pt") as handle:
             shape = handle.get_slice("targets").get_shape()
@@ -334,18 +405,11 @@ def _shard_matches(path: Path, rows: int, seq_len: int, top_k: int) -> bool:
             k = handle.get_slice("topk_ids").get_shape()[-1] if soft else 0
     except Exception as err:  # unreadable (torn by a crash before the rename, or foreign): rebuilt
         logger.warning("feature shard %s is unreadable (%s): extracting it again", path, err)
-        return False
-    if list(shape) != [rows, seq_len] or k != top_k:
-        logger.info(
-            "feature shard %s holds %s rows/top-%d, expected %d/top-%d: extracting it again",
-            path,
-            shape,
-            k,
-            rows,
-            top_k,
-        )
-        return False
-    return True
+        return "extract"
+    if list(shape) != [rows, seq_len]:
+        logger.info("feature shard %s holds %s rows, expected %d: extracting it again", path, shape, rows)
+        return "extract"
+    return "ok" if k == top_k or not top_k else "top-k"
 
 
 class CachedFeatures(Dataset):
@@ -392,13 +456,18 @@ class CachedFeatures(Dataset):
                 shape = handle.get_slice("hidden").get_shape()
                 dtypes.add(handle.get_slice("hidden").get_dtype())
                 k = handle.get_slice("topk_ids").get_shape()[-1] if _SOFT <= keys else 0
-            if shapes and (shape[1:] != shapes[0][1][1:] or (k and shapes[0][2] and k != shapes[0][2])):
+            if shapes and shape[1:] != shapes[0][1][1:]:
                 raise ValueError(
-                    f"{f} holds rows of shape {shape[1:]} (top-k {k}); {files[0]} holds {shapes[0][1][1:]} (top-k "
-                    f"{shapes[0][2]}): shards of one dataset share seq_len, hidden size and k."
+                    f"{f} holds rows of (seq_len, hidden) {tuple(shape[1:])}; {files[0]} holds "
+                    f"{tuple(shapes[0][1][1:])}: shards of one dataset share seq_len and hidden size."
                 )
             shapes.append((f, shape, k))
         soft = soft_targets and not hard_only
+        if soft and len({k for _, _, k in shapes}) > 1:
+            raise ValueError(
+                f"The shards hold top-k soft targets of different k ({sorted({k for _, _, k in shapes})}): add them "
+                "again with one k (`add_soft_targets`), or load with `soft_targets=False`."
+            )
         if soft_targets and hard_only and len(hard_only) < len(files):
             logger.warning(
                 "%d of %d feature shards have no soft (top-k) targets (e.g. %s): soft targets are not loaded for any "
@@ -418,7 +487,7 @@ class CachedFeatures(Dataset):
                     self.hidden = torch.empty(rows, *shape[1:], dtype=dtype)
                     self.targets = torch.empty(rows, shape[1], dtype=torch.long)
                     if soft:
-                        self.topk_ids = torch.empty(rows, shape[1], k, dtype=torch.long)
+                        self.topk_ids = torch.empty(rows, shape[1], k, dtype=torch.int32)  # long per row
                         self.topk_logprobs = torch.empty(rows, shape[1], k, dtype=torch.float16)
                 self.hidden[at : at + shape[0]] = hidden
                 self.targets[at : at + shape[0]] = handle.get_tensor("targets")
@@ -427,14 +496,17 @@ class CachedFeatures(Dataset):
                     self.topk_logprobs[at : at + shape[0]] = handle.get_tensor("topk_logprobs")
             at += shape[0]
         self.files = files
+        self.inputs: torch.LongTensor | None = None  # the unmasked tokens once `keep_least_certain` masked some
 
     def __len__(self) -> int:
         return self.hidden.shape[0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = {"base_hidden_states": self.hidden[index], "labels": self.targets[index]}
+        if self.inputs is not None:  # a selection masked some targets: heads still read every token
+            row["draft_input_ids"] = self.inputs[index]
         if self.topk_ids is not None:
-            row["teacher_topk_ids"] = self.topk_ids[index]
+            row["teacher_topk_ids"] = self.topk_ids[index].long()
             row["teacher_topk_logprobs"] = self.topk_logprobs[index]
         return row
 
@@ -448,7 +520,9 @@ class CachedFeatures(Dataset):
         Keep the targets of the `fraction` of positions where the base model was least certain (lowest top-1
         probability, i.e. the flattest next-token distribution) and mask the rest (`-100`), in place. Data selection
         by target flatness ("train where the target is least certain", arXiv 2601.18902, reported to keep ~96% of
-        the speedup at half the data). Needs soft targets (`extract_features(top_k=...)`).
+        the speedup at half the data). Needs soft targets (`extract_features(top_k=...)`). Only the loss is masked:
+        rows then also give `"draft_input_ids"`, every token, which token-conditioned heads read under teacher
+        forcing, and `lengths()` (so the batches' order) is unchanged.
 
         Args:
             fraction (`float`): share of the valid target positions kept, in `(0, 1]`.
@@ -466,6 +540,8 @@ class CachedFeatures(Dataset):
         keep = int(round(fraction * int(valid.sum())))
         if keep < int(valid.sum()):
             threshold = certainty[valid].kthvalue(max(keep, 1)).values
+            if self.inputs is None:
+                self.inputs = self.targets
             self.targets = self.targets.masked_fill(certainty > threshold, IGNORE)
         return self
 
@@ -476,7 +552,7 @@ class CachedFeatures(Dataset):
     def lengths(self) -> list[int]:
         """Each row's length up to its last target (what `collate_features` keeps): the `lengths` that
         `train_sampling_strategy="group_by_length"` groups by ([`BPDTrainer`] passes them)."""
-        valid = self.targets != IGNORE
+        valid = (self.targets if self.inputs is None else self.inputs) != IGNORE  # a selection keeps the order
         last = torch.where(valid, torch.arange(valid.shape[1]), -1).max(dim=1).values
         return (last + 1).clamp(min=1).tolist()
 

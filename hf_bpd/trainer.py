@@ -350,9 +350,12 @@ class BPDTrainer(Trainer):
         # Cached features carry the teacher's greedy tokens as labels already: nothing to distil on the fly.
         distillation = "none" if "base_hidden_states" in inputs else args.distillation
         teacher = None
+        given = model_inputs.pop("draft_input_ids", None)  # cached features whose loss a selection masked
         if not unwrapped.independent_heads:  # teacher forcing: the conditioning tokens are the targets
-            model_inputs["draft_input_ids"], teacher = self._conditioning_tokens(
-                model, model_inputs, labels, distillation
+            model_inputs["draft_input_ids"], teacher = (
+                (given, None)
+                if given is not None
+                else self._conditioning_tokens(model, model_inputs, labels, distillation)
             )
         outputs = model(**model_inputs, return_draft_logits=True, draft_full_vocab=not compact)
         model_inputs.pop("draft_input_ids", None)

@@ -172,11 +172,61 @@ def test_add_soft_targets_equal_extracted_top_k(arch, tmp_path):
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         add_soft_targets(base, [hard], top_k=3)
     del base.config.final_logit_softcapping
+    forward = base.forward
+
+    def scaled(*args, **kwargs):  # logits that are not the output embeddings' product (a scale no config names)
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 2
+        return out
+
+    base.forward = scaled
+    with pytest.raises(ValueError, match=r"beyond its output embeddings \(forward\)"):
+        add_soft_targets(base, [hard], top_k=3)
+    base.forward = forward
     with pytest.raises(ValueError, match="hidden states of size"):
         add_soft_targets(tiny_base(arch, hidden_size=64, intermediate_size=64), [hard], top_k=3)
     save_feature_shard(tmp_path / "x.safetensors", {"hidden": torch.zeros(1, 2, 3)})
     with pytest.raises(ValueError, match="not a feature shard"):
         add_soft_targets(base, [tmp_path / "x.safetensors"], top_k=3)
+
+
+def test_extract_features_adds_a_missing_top_k_without_a_forward(tmp_path):
+    """A shard on disk that lacks the asked top-k gets it from its stored hidden states (no base forward); asked for
+    none, a shard with soft targets is kept as it is."""
+    from hf_bpd.features import extract_features
+
+    base = tiny_base("llama")
+    seqs = [list(range(3 + i, 11 + i)) for i in range(4)]
+    kw = dict(seq_len=16, shard_size=2, storage_dtype=torch.float32)
+    paths = extract_features(base, seqs, tmp_path / "a", **kw)
+    want = extract_features(base, seqs, tmp_path / "b", top_k=2, **kw)
+    calls = []
+    base.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape[-1]), with_kwargs=True)
+    assert extract_features(base, seqs, tmp_path / "a", top_k=2, **kw) == paths
+    assert calls and max(calls) <= 2  # only the logit-transform check's two-token forwards, no extraction
+    for got, ref in zip(paths, want):
+        got, ref = load_file(got), load_file(ref)
+        valid = got["targets"] != -100
+        assert torch.equal(got["topk_ids"][valid], ref["topk_ids"][valid])
+    stamps = [p.stat().st_mtime_ns for p in paths]
+    extract_features(base, seqs, tmp_path / "a", **kw)  # top_k=0: the soft targets stay
+    assert [p.stat().st_mtime_ns for p in paths] == stamps and max(calls) <= 2
+
+
+def test_stale_temporaries_are_removed_but_not_a_running_writer_s(tmp_path):
+    import os
+
+    from hf_bpd.features import remove_stale_temporaries, save_feature_shard
+
+    save_feature_shard(tmp_path / "s.safetensors", {"x": torch.zeros(2)})
+    assert [p.name for p in tmp_path.iterdir()] == ["s.safetensors"]  # the temporary was renamed
+    alive = tmp_path / f"gen-00001.{os.getppid()}.tmp"  # the parent process: running
+    dead = tmp_path / "gen-00002.999999999.tmp"
+    old_style, own = tmp_path / "gen-00003.tmp", tmp_path / f"gen-00004.{os.getpid()}.tmp"
+    for p in (alive, dead, old_style, own):
+        p.write_bytes(b"half a shard")
+    assert set(remove_stale_temporaries(tmp_path)) == {dead, old_style, own}
+    assert alive.exists()
 
 
 def test_generation_features_refuse_states_of_another_call():

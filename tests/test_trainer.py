@@ -696,6 +696,16 @@ def test_keep_least_certain_masks_the_most_certain_targets(cached, blocks, tmp_p
     assert float(top1[kept].max()) <= float(top1[valid & ~kept].min())  # every kept target is less certain
     with pytest.raises(ValueError, match="top-k"):
         CachedFeatures(paths, soft_targets=False).keep_least_certain(0.5)
+    # only the loss is masked: heads still read every token, and the batches' order is the full data's
+    assert half.lengths() == full.lengths()
+    assert torch.equal(half[3]["draft_input_ids"], full.targets[3]) and "draft_input_ids" not in full[3]
+    seen = []
+    model = BPDForCausalLM.from_base(cached.base, num_draft_heads=2, head_type="recurrent")
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("draft_input_ids")), with_kwargs=True)
+    BPDTrainer(model, training_args(tmp_path, max_steps=1, per_device_train_batch_size=16), train_dataset=half).train()
+    width = seen[0].shape[1]
+    unmasked = {tuple(full.targets[i, :width].tolist()) for i in range(len(full))}
+    assert all(tuple(row.tolist()) in unmasked for row in seen[0])  # the tokens, not the masked labels
 
 
 def test_cached_features_load_shards_in_order_without_copies(cached, blocks, tmp_path):
@@ -721,8 +731,12 @@ def test_cached_features_load_shards_in_order_without_copies(cached, blocks, tmp
     short = save_feature_shard(
         tmp_path / "short.safetensors", {k: v[:, :8].contiguous() for k, v in shards[0].items()}
     )
-    with pytest.raises(ValueError, match="short.safetensors holds rows of shape"):
+    with pytest.raises(ValueError, match=r"short.safetensors holds rows of \(seq_len, hidden\) \(8, 32\)"):
         CachedFeatures([paths[0], short])
+    (k3,) = extract_features(cached.base, seqs[:4], tmp_path / "k3", seq_len=SEQ, top_k=3)
+    with pytest.raises(ValueError, match=r"different k \(\[2, 3\]\)"):
+        CachedFeatures([paths[0], k3])
+    assert CachedFeatures([paths[0], k3], soft_targets=False).topk_ids is None  # not loaded: no conflict
 
 
 def test_extract_features_refuses_a_nonsense_top_k(cached, blocks, tmp_path):
