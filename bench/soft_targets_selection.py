@@ -12,7 +12,10 @@ bf16 autocast, cosine schedule):
 - `hard`: the base's greedy tokens (the shipped recipe);
 - `soft`: cross-entropy to the base's top-k distribution (`distillation="soft"`);
 - `flat-<f>`: hard targets at only the `f` least certain positions (`CachedFeatures.keep_least_certain`, the
-  "flatness" selection of arXiv 2601.18902, reported to keep ~96% of the speedup at half the data).
+  "flatness" selection of arXiv 2601.18902, reported to keep ~96% of the speedup at half the data). Only the loss is
+  masked: token-conditioned heads still read every token, and the batches come in the same order.
+
+`--arms` runs some of them; with `--json`, arms already in the file are kept (a run per arm adds up).
 
 Reported: held-out top-1 per depth (`hf_bpd.metrics.depth_accuracy`, hard greedy targets of the held-out answers in
 `features/eval` + `features/eval-gen`), the targets each arm trained on, and its wall time.
@@ -89,6 +92,11 @@ def main(argv=None) -> None:
         "threads": torch.get_num_threads(),
         "arms": {},
     }
+    if args.json and args.json.exists():  # earlier runs' arms, when they trained on the same data and budget
+        earlier = json.loads(args.json.read_text())
+        same = ("shards", "steps", "batch", "lr", "head_type", "top_k", "eval_rows")
+        if all(earlier.get(k) == report[k] for k in same):
+            report["arms"] = earlier.get("arms", {})
     for arm in args.arms.split(","):
         data = CachedFeatures(shards)
         if arm == "flat":
