@@ -126,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-batch", type=int, default=16)
     p.add_argument("--answers-max-minutes", type=float, default=30.0)
     p.add_argument(
+        "--followups-first",
+        action="store_true",
+        help="answer the multi-turn prompts (followups stage) before the remaining single-turn ones",
+    )
+    p.add_argument(
         "--capture-features",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -442,6 +447,8 @@ def stage_answers(args: argparse.Namespace) -> None:
     done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
     next_shard = _captured_features(args.work_dir, done, args.seq_len, repair=True)[1]
     todo = [r for r in prompts if r.get("id") not in done]
+    if args.followups_first:  # stable: each group keeps its order
+        todo.sort(key=lambda r: not str(r.get("id", "")).endswith("/f"))
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
     model.eval()
     tok.padding_side = "left"

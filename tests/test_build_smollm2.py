@@ -346,6 +346,23 @@ def test_soft_targets_are_not_silently_dropped(tmp_path, caplog, build):
     assert build._has_soft_targets(work / "features" / "chat-gen" / "gen-00000.safetensors")
 
 
+@pytest.mark.parametrize("first", [False, True])
+def test_followups_first_answers_multi_turn_prompts_in_the_first_chunks(
+    build, tokenizer, tmp_path, monkeypatch, first
+):
+    model = tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=0)
+    monkeypatch.setattr("hf_bpd.smollm2.load_smollm2", lambda dtype=None: (model, tokenizer))
+    ids = [f"q{i}" for i in range(20)] + ["q0/f", "q1/f"]  # one chunk is 16 prompts at --answer-batch 1
+    prompts = [{"id": i, "messages": [{"role": "user", "content": f"Say {i}."}]} for i in ids]
+    (tmp_path / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    flags = ["--work-dir", str(tmp_path), "--answer-tokens", "2", "--answer-batch", "1", "--dtype", "float32"]
+    build.stage_answers(build.parse_args(flags + ["--no-capture-features"] + ["--followups-first"] * first))
+    order = [r["id"] for r in build._read_jsonl(tmp_path / "answers.jsonl")]
+    assert sorted(order) == sorted(ids)
+    where = [order.index(i) for i in ("q0/f", "q1/f")]
+    assert (max(where) < 16) if first else (min(where) >= 16)
+
+
 def test_followups_make_multi_turn_prompts_from_training_answers_only(build, tmp_path):
     """The followups stage appends `{id}/f` prompts (first turn, its answer, a follow-up of its task kind) made from
     answers that are not held out, is idempotent, skips empty answers, and a follow-up is held out with its parent."""
