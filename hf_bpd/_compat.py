@@ -124,6 +124,7 @@ TRAINER_PRIVATE_METHODS = {
     "_push_from_checkpoint": ("checkpoint_folder",),
     "_set_signature_columns_if_needed": (),  # keeps the cached soft-target columns in the batches
     "_get_train_sampler": ("train_dataset",),  # group_by_length over cached features (their lengths)
+    "_get_eval_sampler": ("eval_dataset",),  # the same for evaluation
 }
 
 

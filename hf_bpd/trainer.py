@@ -421,6 +421,18 @@ class BPDTrainer(Trainer):
             )
         return super()._get_train_sampler(train_dataset)
 
+    def _get_eval_sampler(self, eval_dataset: Any) -> Any:
+        """Evaluation under `group_by_length` on cached features: transformers groups evaluation batches by length
+        too, reading an `input_ids` column cached rows do not have (it raised at the first `evaluate`); the rows'
+        own lengths instead. Anything else: `Trainer`'s own."""
+        if isinstance(eval_dataset, CachedFeatures) and self.args.train_sampling_strategy == "group_by_length":
+            from transformers.trainer_pt_utils import LengthGroupedSampler
+
+            return LengthGroupedSampler(
+                self.args.eval_batch_size, dataset=eval_dataset, lengths=eval_dataset.lengths()
+            )
+        return super()._get_eval_sampler(eval_dataset)
+
     def _set_signature_columns_if_needed(self) -> None:
         # the cached top-k soft targets are read by `compute_loss`, not by the model's forward: keep them in batches
         super()._set_signature_columns_if_needed()

@@ -811,5 +811,9 @@ def test_group_by_length_groups_cached_features_by_their_lengths(varied, base_di
     assert sum(spreads) / len(spreads) < (max(lengths) - min(lengths)) / 2
     trainer.train()
     assert trainer.state.global_step == 3
+    # evaluation under the same flag groups by the rows' lengths too (transformers' default read `input_ids`)
+    trainer = BPDTrainer(model, args, train_dataset=features, eval_dataset=features)
+    assert isinstance(trainer._get_eval_sampler(features), LengthGroupedSampler)
+    assert trainer.evaluate()["eval_head1_loss"] > 0
     plain = BPDTrainer(model, training_args(tmp_path, max_steps=1), train_dataset=features)
     assert not isinstance(plain._get_train_sampler(), LengthGroupedSampler)
