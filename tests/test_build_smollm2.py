@@ -168,6 +168,8 @@ def test_add_soft_targets_equal_extracted_top_k(arch, tmp_path):
     assert load_file(hard)["topk_ids"].shape[-1] == 2
     with pytest.raises(ValueError, match="top_k must be"):
         add_soft_targets(base, [hard], top_k=0)
+    with pytest.raises(ValueError, match="chunk_positions must be"):
+        add_soft_targets(base, [hard], top_k=2, chunk_positions=0)
     base.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         add_soft_targets(base, [hard], top_k=3)
