@@ -6,8 +6,10 @@
 
 For each heads folder: `hf_bpd.metrics.depth_accuracy` on the features' hidden states and the base's greedy targets
 (top-1 per depth, and top-1 given a correct prefix: the chance a greedy chain accepted so far is accepted one token
-further), plus the ratio of the second folder's figures to the first's. The heads' training record (steps, tokens,
-seconds) is read from their `bpd_training.json`.
+further), the greedy chain's block efficiency replayed on the held-out answers (`metrics.greedy_chain_counts`: what
+`generate(use_bpd=True)` with these heads scores on that text, up to the verify forward's numerics), plus the ratio
+of the second folder's figures to the first's. The heads' training record (steps, tokens, seconds) is read from
+their `bpd_training.json`.
 """
 
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv=None) -> None:
             "head_type": model.config.head_type,
             "top1": [round(x, 4) for x in acc["top1"]],
             "top1_given_prefix": [round(x, 4) for x in acc["top1_given_prefix"]],
+            "replayed_chain_block_efficiency": round(
+                metrics.block_efficiency(acc["chain_tokens"], acc["chain_calls"]), 4
+            ),
             "training": {k: info[k] for k in keep if k in info},
         }
         print(folder.name, model.config.head_type, report["heads"][str(folder)])

@@ -95,6 +95,79 @@ def share_of_ideal(speedup_value: float, block_efficiency_value: float) -> float
     return speedup_value / block_efficiency_value if block_efficiency_value > 0 else 0.0
 
 
+def leading_correct(
+    draft_logits: torch.Tensor, labels: torch.LongTensor, ignore_index: int = -100
+) -> torch.LongTensor:
+    """
+    How many draft heads in a row, from the first, predict their token at each position: the drafts a greedy chain
+    drafted there would have accepted.
+
+    Args:
+        draft_logits (`torch.Tensor` of shape `(batch, seq_len, h, vocab)`): draft logits at every position (token-
+            conditioned heads teacher-forced on `labels`, which is what a greedy chain feeds them while its prefix is
+            right).
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`): unshifted targets in the logits' vocabulary (head `i`
+            at position `t` is scored against `labels[t + i + 2]`), `ignore_index` where masked or outside a draft
+            vocabulary: such a target is never predicted.
+    Returns:
+        `torch.LongTensor` of shape `(batch, seq_len)`, values in `0 .. h`.
+    """
+    batch, seq_len, num_heads, _ = draft_logits.shape
+    best = draft_logits.argmax(-1)  # (B, T, h)
+    right = torch.zeros(batch, seq_len, num_heads, dtype=torch.long, device=draft_logits.device)
+    for i in range(num_heads):
+        span = seq_len - i - 2
+        if span <= 0:
+            break
+        target = labels[:, i + 2 :]
+        right[:, :span, i] = ((best[:, :span, i] == target) & (target != ignore_index)).long()
+    return right.cumprod(-1).sum(-1)
+
+
+def greedy_chain_counts(
+    leading: torch.LongTensor, labels: torch.LongTensor, ignore_index: int = -100
+) -> tuple[int, int]:
+    """
+    Tokens and serial calls of greedy chain BPD (Stern et al., 2018, section 3) replayed on known greedy text: the
+    block efficiency of the heads without running the decode loop, from the heads' teacher-forced predictions.
+
+    Every maximal run of valid labels `labels[s:e]` is one generation whose prompt ends at `s - 1` (a run starting at
+    position 0 starts at 1: the first token has no position before it). The prefill is a call at `s - 1`; the call
+    at position `t` (the last accepted one) commits the base's token `t + 1` and makes the drafts that the next
+    call accepts, `leading[t]` of them, so the next call's position is `t + 1 + leading[t]`; the run is done once
+    the token `e - 1` is committed. The counts equal what `generate(use_bpd=True)` reports for the same heads on
+    the same text (`num_generated_tokens`, `num_serial_calls`) where the verify forward's hidden states equal the
+    ones `leading` was computed from (tested in fp32). Unlike the mean accepted length over *all* positions, this
+    weights positions as the decode visits them: a stretch the chain crosses in few steps counts for few steps.
+
+    Args:
+        leading (`torch.LongTensor` of shape `(batch, seq_len)`): from [`leading_correct`].
+        labels (`torch.LongTensor` of shape `(batch, seq_len)`): the same unshifted targets.
+    Returns:
+        `(tokens, calls)`; `tokens / calls` is the block efficiency.
+    """
+    tokens = calls = 0
+    for valid, accepted in zip((labels != ignore_index).tolist(), leading.tolist()):
+        end = 0
+        while end < len(valid):
+            start = end
+            while start < len(valid) and not valid[start]:
+                start += 1
+            end = start
+            while end < len(valid) and valid[end]:
+                end += 1
+            start = max(start, 1)
+            if end <= start:
+                continue
+            tokens += end - start
+            position = start - 1  # the prefill's last position
+            calls += 1
+            while position + 1 < end - 1:  # the token `end - 1` is not committed yet
+                position += 1 + accepted[position]
+                calls += 1
+    return tokens, calls
+
+
 def _total(value: int | Sequence[int] | torch.Tensor) -> float:
     if isinstance(value, torch.Tensor):
         return float(value.sum())
@@ -120,12 +193,14 @@ def depth_accuracy(
         targets (`torch.LongTensor` of shape `(n, seq_len)`): unshifted targets, `-100` where masked (the base's
             greedy tokens for what greedy BPD accepts).
     Returns:
-        `{"top1": [h floats], "top1_given_prefix": [h floats]}`.
+        `{"top1": [h floats], "top1_given_prefix": [h floats], "chain_tokens": int, "chain_calls": int}`: the last
+        two from [`greedy_chain_counts`] (their ratio is the greedy chain's block efficiency on this text).
     """
     from .losses import head_accuracy_counts, prefix_accuracy_counts
 
     h = model.config.num_draft_heads
     sums = torch.zeros(4, h)
+    chain = [0, 0]
     for i in range(0, base_hidden_states.shape[0], batch_size):
         hidden, labels = base_hidden_states[i : i + batch_size], targets[i : i + batch_size]
         compact = model(base_hidden_states=hidden, draft_input_ids=labels, draft_full_vocab=False).draft_logits
@@ -133,7 +208,13 @@ def depth_accuracy(
         top1, _, total = head_accuracy_counts(compact, labels, top_k=1)
         hits, given = prefix_accuracy_counts(compact, labels)
         sums += torch.stack([top1, total, hits, given]).float().cpu()
+        # runs of text from the base-vocabulary targets: a token outside a draft vocabulary ends a chain, not a run
+        leading = leading_correct(compact, labels).cpu()
+        for j, count in enumerate(greedy_chain_counts(leading, targets[i : i + batch_size].cpu())):
+            chain[j] += count
     return {
         "top1": (sums[0] / sums[1].clamp(min=1)).tolist(),
         "top1_given_prefix": (sums[2] / sums[3].clamp(min=1)).tolist(),
+        "chain_tokens": chain[0],
+        "chain_calls": chain[1],
     }

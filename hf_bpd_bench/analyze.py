@@ -8,7 +8,9 @@
 - oracle top-k block efficiency for several k (the heads' top-k lattice with a perfect chooser);
 - accepted-length histograms of plain BPD;
 - per-depth top-1 accuracy of the heads on the model's own greedy continuations, and the same given a correct prefix
-  (the chance a greedy chain accepted so far is accepted one token further), for either head kind.
+  (the chance a greedy chain accepted so far is accepted one token further), for either head kind;
+- the greedy chain's block efficiency replayed on those continuations from the heads' teacher-forced predictions
+  (`metrics.greedy_chain_counts`) beside the decode's own: equal up to the verify forward's numerics.
 For token-conditioned heads the entropies are those of each depth along the heads' own greedy chain, and the oracle
 top-k lattice (exact only for independent heads) is skipped.
 Plots are written as PNG files with matplotlib.
@@ -111,6 +113,7 @@ def analyze(
         recorder = DraftRecorder(compare)
         pad = res.tokenizer.pad_token_id if res.tokenizer.pad_token_id is not None else 0
         accepted, entropies, drafts, compared, depth = [], [], [], [], []
+        decoded = [0, 0]  # the decode's own tokens and serial calls
         oracle = {k: [0, 0] for k in top_ks}
         for batch in inputs:
             out = model.generate(
@@ -122,6 +125,8 @@ def analyze(
                 return_dict_in_generate=True,
             )
             accepted.append(out.accepted_lengths.flatten())
+            decoded[0] += out.num_generated_tokens
+            decoded[1] += int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())  # calls per row
             entropies += recorder.entropies
             drafts += recorder.drafts
             compared += recorder.compared
@@ -140,6 +145,7 @@ def analyze(
             "repetition_plain": repetition_stats(torch.cat(drafts)),
             "oracle_block_efficiency": eff,
             "oracle_gain_vs_k1": {k: round(v / eff[top_ks[0]] - 1, 3) for k, v in eff.items()} if eff else {},
+            "block_efficiency": round(metrics.block_efficiency(*decoded), 3),
             **_depth_figures(model, depth),
             "mean_accepted_length": round(stats["mean"] or 0.0, 3),
         }
@@ -187,17 +193,22 @@ def _greedy_features(
     return out.hidden_states[-1], targets
 
 
-def _depth_figures(model: Any, depth: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, list[float]]:
+def _depth_figures(model: Any, depth: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
     figures: dict[str, list[float]] = {}
+    chain = [0, 0]
     for hidden, targets in depth:  # batches differ in length: score each, weight by its valid targets
         acc = metrics.depth_accuracy(model, hidden, targets)
+        chain[0] += acc.pop("chain_tokens")
+        chain[1] += acc.pop("chain_calls")
         weight = int((targets != -100).sum())
         for key, values in acc.items():
             total = figures.setdefault(key, [0.0] * (len(values) + 1))
             for i, v in enumerate(values):
                 total[i] += v * weight
             total[-1] += weight
-    return {f"depth_{k}": [round(x / max(v[-1], 1), 3) for x in v[:-1]] for k, v in figures.items()}
+    out: dict[str, Any] = {f"depth_{k}": [round(x / max(v[-1], 1), 3) for x in v[:-1]] for k, v in figures.items()}
+    out["replayed_chain_block_efficiency"] = round(metrics.block_efficiency(*chain), 3)
+    return out
 
 
 def plot(report: dict[str, Any], out_dir: str | Path) -> list[Path]:

@@ -189,6 +189,8 @@ def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
         assert len(figures["depth_top1"]) == 3 and len(figures["depth_top1_given_prefix"]) == 3
         assert len(figures["mean_entropy_per_head"]) == 3
         assert bool(figures["oracle_block_efficiency"]) == model.independent_heads
+        # fp32: the chain replayed from the heads' teacher-forced predictions is the decode's own
+        assert figures["replayed_chain_block_efficiency"] == figures["block_efficiency"] >= 1.0
         # the same figures from the library function on the same greedy continuation
         ids = res.tokenizer([PROMPTS[0]["prompt"]], return_tensors="pt")
         seq = model.generate(**ids, max_new_tokens=12, do_sample=False)

@@ -1,0 +1,78 @@
+"""The greedy chain replayed from teacher-forced head predictions (`metrics.greedy_chain_counts`) against the decode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PAD, batch_prompts, tiny_base
+
+from hf_bpd import BPDForCausalLM, metrics
+from hf_bpd.losses import draft_head_loss
+from hf_bpd_bench.analyze import _greedy_features
+
+H = 3
+M = -100  # masked
+
+
+def test_leading_correct_counts_heads_in_a_row():
+    labels = torch.tensor([[5, 6, 7, 8, 9, 10, M]])
+    logits = torch.zeros(1, 7, 2, 11)  # all-zero logits: argmax 0, never a label
+    logits[0, 0, 0, 7] = logits[0, 0, 1, 8] = 1  # head 0 vs labels[2], head 1 vs labels[3]: both right
+    logits[0, 1, 0, 8] = 1  # first right, second wrong
+    logits[0, 2, 1, 10] = 1  # first wrong, second right: nothing in a row
+    logits[0, 3, 0, 10] = 1  # first right, the second's target is masked
+    logits[0, 4, 0, 1] = 1  # masked target
+    assert metrics.leading_correct(logits, labels).tolist() == [[2, 1, 0, 1, 0, 0, 0]]
+
+
+def test_greedy_chain_counts_walks_the_positions_the_decode_visits():
+    # one run, tokens 2..7 (prompt ends at 1): the prefill at 1 commits 2; at 1 the heads' first 2 drafts are right,
+    # so the next call commits 3, 4 and the base's 5 (last accepted position 4); 4 -> 0 right -> 6; 5 -> 1 right ->
+    # 7 (and the base's 8, past the end): 4 calls for 6 tokens.
+    labels = torch.tensor([[M, M, 10, 11, 12, 13, 14, 15]])
+    leading = torch.tensor([[0, 2, 9, 9, 0, 1, 9, 9]])
+    assert metrics.greedy_chain_counts(leading, labels) == (6, 4)
+    # nothing accepted: one call per token; a run at position 0 starts at 1; two runs in a row are two generations
+    labels = torch.tensor([[10, 11, 12, M, M, 13, 14, 15, 16]])
+    assert metrics.greedy_chain_counts(torch.zeros_like(labels), labels) == (2 + 4, 2 + 4)
+    everything = torch.full_like(labels, 8)  # all right: the prefill, then the rest of a run in one call
+    assert metrics.greedy_chain_counts(everything, labels) == (6, 2 + 2)
+    assert metrics.greedy_chain_counts(torch.zeros(1, 3, dtype=torch.long), torch.full((1, 3), M)) == (0, 0)
+
+
+def _fit_heads(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
+    """A few optimizer steps of the heads on the base's greedy text: drafts that are right part of the time."""
+    seq = model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    hidden, targets = _greedy_features(model, seq, mask, PAD)
+    optimizer = torch.optim.Adam(model.heads.parameters(), lr=3e-2)
+    for _ in range(steps):
+        logits = model(base_hidden_states=hidden, draft_input_ids=targets, draft_full_vocab=False).draft_logits
+        loss, _ = draft_head_loss(logits, model.to_draft_ids(targets))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_replayed_chain_equals_the_decode(arch, head_type, batch):
+    """fp32: the replay's tokens and calls are the decode's, for both head kinds, batch 1 and > 1 (left padding)."""
+    model = BPDForCausalLM.from_base(tiny_base(arch, seed=2), num_draft_heads=H, head_type=head_type)
+    model.generation_config.eos_token_id = None
+    ids, mask = batch_prompts(batch, seed=4)
+    _fit_heads(model, ids, mask, steps=12)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=40, do_sample=False, use_bpd=True, return_dict_in_generate=True
+    )
+    assert torch.equal(
+        out.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    )
+    calls = int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
+    accepted = out.accepted_lengths[out.accepted_lengths >= 0]
+    assert 0 < int(accepted.sum()) < H * accepted.numel()  # partly accepted: the walk is really exercised
+    hidden, targets = _greedy_features(model, out.sequences, mask, PAD)
+    with torch.no_grad():
+        acc = metrics.depth_accuracy(model, hidden, targets)
+    assert (acc["chain_tokens"], acc["chain_calls"]) == (out.num_generated_tokens, calls)
