@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -821,9 +822,13 @@ def stage_heads(args: argparse.Namespace) -> None:
             "eval_target_tokens": evaluation.num_target_tokens(),
             "draft_vocab_coverage": cover,
             "seconds_this_session": round(seconds),
+            # a resumed run's wall time covers only the steps after its checkpoint: the card says so
+            "resumed_from_step": int(Path(last).name.rsplit("-", 1)[1]) if last else 0,
+            "epochs": args.heads_epochs,
             "machine": cpu_name(),
             "dtype": args.dtype,
             "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads,select",
+            "command": "python examples/build_smollm2.py " + " ".join(getattr(args, "argv", [])),
         }
     )
     model.save_pretrained(out, training_info=info)
@@ -1069,6 +1074,7 @@ STAGES = {
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded with the trained heads
     if not 0 < args.train_fraction <= 1:
         raise SystemExit(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
     if args.followups < 0:

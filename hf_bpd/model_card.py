@@ -114,11 +114,15 @@ def render_model_card(
         ("global_step", "optimizer steps"),
         ("num_input_tokens_seen", "training tokens"),
         ("train_target_tokens", "cached target tokens (one epoch)"),
+        ("epochs", "epochs over the cached targets"),
         ("seconds_this_session", "training wall time (s)"),
         ("machine", "machine"),
+        ("command", "command"),
     ):
         if info.get(key) not in (None, ""):
-            lines.append(f"| {label} | {info[key]} |")
+            if key == "seconds_this_session" and info.get("resumed_from_step"):
+                label = f"training wall time (s) of the run resumed at step {info['resumed_from_step']}"
+            lines.append(f"| {label} | {info[key] if key != 'command' else f'`{info[key]}`'} |")
     lines += ["", "## Training data", ""]
     lines += [f"- `{d}`" for d in data] if data else ["Not recorded."]
     lines += ["", "## Measured per-head accuracy", ""]

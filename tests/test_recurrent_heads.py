@@ -104,7 +104,10 @@ def test_save_load_strict_first_heads_and_model_card(tmp_path):
                 "top1": [0.5, 0.4, 0.3],
                 "top5": [0.9, 0.8, 0.7],
                 "top1_given_prefix": [0.5, 0.6, 0.7],
-            }
+            },
+            "seconds_this_session": 120,
+            "resumed_from_step": 855,
+            "command": "python examples/build_smollm2.py --stages heads",
         },
     )
     loaded = BPDForCausalLM.from_pretrained(tmp_path / "heads", base_model=model.base)
@@ -113,6 +116,9 @@ def test_save_load_strict_first_heads_and_model_card(tmp_path):
     assert not any("embed" in k for k in loaded.heads_state_dict())  # E is the base's, never saved
     card = (tmp_path / "heads" / "README.md").read_text()
     assert "token-conditioned" in card and "given a correct prefix" in card
+    # a resumed run's wall time is labelled as covering only the steps after its checkpoint
+    assert "| training wall time (s) of the run resumed at step 855 | 120 |" in card
+    assert "`python examples/build_smollm2.py --stages heads`" in card
     two = model.first_heads(2)
     torch.testing.assert_close(two.draft_logits(hidden, prev[:, :2]), model.draft_logits(hidden, prev)[:, :2])
     # strict: a resblock config cannot read these heads, and the error names the head type
