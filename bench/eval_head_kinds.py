@@ -4,6 +4,9 @@
         --heads ~/.cache/hf_bpd/smollm2_work/heads-trained-resblock ~/.cache/hf_bpd/smollm2_work/heads-trained-recurrent \
         --json bench/results/smollm2_head_kinds_accuracy.json
 
+`--answers <work>/answers.jsonl` (with shards captured while answering, `features/eval-gen`) scores the answers
+alone: the chat prompts' positions, whose targets are the base's predictions of the prompt, are masked.
+
 For each heads folder: `hf_bpd.metrics.depth_accuracy` on the features' hidden states and the base's greedy targets
 (top-1 per depth, and top-1 given a correct prefix: the chance a greedy chain accepted so far is accepted one token
 further), the greedy chain's block efficiency replayed on the held-out answers (`metrics.greedy_chain_counts`: what
@@ -34,18 +37,31 @@ def main(argv=None) -> None:
         help="held-out feature shards: folders or files (e.g. features/eval features/eval-gen)",
     )
     p.add_argument("--heads", type=Path, nargs="+", required=True, help="trained heads folders")
+    p.add_argument(
+        "--answers",
+        type=Path,
+        default=None,
+        help="answers.jsonl: score the answers only (each row's chat prompt, found from its shard's ids, masked: "
+        "the shards must have been captured while answering, e.g. features/eval-gen); default: every target",
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     features = CachedFeatures(args.features, soft_targets=False)
+    targets = features.targets
+    if args.answers is not None:
+        from transformers import AutoTokenizer
+
+        targets = answer_targets(args.features, targets, args.answers, AutoTokenizer.from_pretrained(args.heads[0]))
     report = {
         "features": [str(f) for f in args.features],
-        "eval_target_tokens": features.num_target_tokens(),
+        "scope": "answers" if args.answers is not None else "every target (chat prompts included)",
+        "eval_target_tokens": int((targets != -100).sum()),
         "heads": {},
     }
     for folder in args.heads:
         model = BPDForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         with torch.no_grad():
-            acc = metrics.depth_accuracy(model, features.hidden.float(), features.targets)
+            acc = metrics.depth_accuracy(model, features.hidden.float(), targets)
         info = (
             json.loads((folder / "bpd_training.json").read_text()) if (folder / "bpd_training.json").exists() else {}
         )
@@ -72,6 +88,33 @@ def main(argv=None) -> None:
         print("ratio (second / first), top-1 given a correct prefix:", report["ratio_given_prefix"])
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def answer_targets(paths: list[Path], targets: torch.Tensor, answers: Path, tok) -> torch.Tensor:
+    """`targets` with every row's chat prompt masked: the answers alone, as `generate` produces them. The rows are
+    those of the shards in `CachedFeatures`' order; each shard's ids (stored while answering) name its prompts,
+    rendered with `tok`'s chat template."""
+    from hf_bpd.features import shard_metadata
+
+    prompts = {}
+    with answers.open() as f:
+        for line in f:
+            record = json.loads(line)
+            prompts[record["id"]] = record["messages"]
+    files = [f for p in paths for f in (sorted(p.glob("*.safetensors")) if p.is_dir() else [p])]
+    ids = []
+    for f in files:
+        meta = shard_metadata(f) or {}
+        if "ids" not in meta:
+            raise SystemExit(f"{f} stores no prompt ids: --answers needs shards captured while answering (*-gen).")
+        ids += meta["ids"]
+    if len(ids) != targets.shape[0]:
+        raise SystemExit(f"The shards name {len(ids)} prompts for {targets.shape[0]} rows.")
+    out = targets.clone()
+    for row, key in enumerate(ids):
+        text = tok.apply_chat_template(prompts[key], add_generation_prompt=True, tokenize=False)
+        out[row, : len(tok(text, add_special_tokens=False)["input_ids"])] = -100
+    return out
 
 
 if __name__ == "__main__":

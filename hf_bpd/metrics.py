@@ -128,17 +128,20 @@ def greedy_chain_counts(
     leading: torch.LongTensor, labels: torch.LongTensor, ignore_index: int = -100
 ) -> tuple[int, int]:
     """
-    Tokens and serial calls of greedy chain BPD (Stern et al., 2018, section 3) replayed on known greedy text: the
-    block efficiency of the heads without running the decode loop, from the heads' teacher-forced predictions.
+    Tokens and serial calls of greedy chain BPD (Stern et al., 2018, sections 3-4: predict, verify, accept, with
+    the verify call also proposing the next block) replayed on known greedy text: the block efficiency of the heads'
+    own argmax chain (`drafter="heads"`) without running the decode loop, from their teacher-forced predictions.
 
     Every maximal run of valid labels `labels[s:e]` is one generation whose prompt ends at `s - 1` (a run starting at
     position 0 starts at 1: the first token has no position before it). The prefill is a call at `s - 1`; the call
     at position `t` (the last accepted one) commits the base's token `t + 1` and makes the drafts that the next
     call accepts, `leading[t]` of them, so the next call's position is `t + 1 + leading[t]`; the run is done once
-    the token `e - 1` is committed. The counts equal what `generate(use_bpd=True)` reports for the same heads on
-    the same text (`num_generated_tokens`, `num_serial_calls`) where the verify forward's hidden states equal the
-    ones `leading` was computed from (tested in fp32). Unlike the mean accepted length over *all* positions, this
-    weights positions as the decode visits them: a stretch the chain crosses in few steps counts for few steps.
+    the token `e - 1` is committed. The counts equal what `generate(use_bpd=True, drafter="heads")` reports
+    (`num_generated_tokens`, and the serial calls each row took part in) when the labels are the decode's own
+    output, each run starts right after its prompt, and the verify forward's hidden states equal the ones
+    `leading` was computed from (tested in fp32). Unlike the mean accepted length over *all* positions, which
+    usually overstates it, this weights positions as the decode visits them: a stretch the chain crosses in few
+    steps counts for few steps.
 
     Args:
         leading (`torch.LongTensor` of shape `(batch, seq_len)`): from [`leading_correct`].
@@ -179,7 +182,7 @@ def _total(value: int | Sequence[int] | torch.Tensor) -> float:
 @torch.no_grad()
 def depth_accuracy(
     model: torch.nn.Module, base_hidden_states: torch.Tensor, targets: torch.LongTensor, batch_size: int = 8
-) -> dict[str, list[float]]:
+) -> dict[str, list[float] | int]:
     """
     Per-depth top-1 accuracy of a model's draft heads on known targets, for either head kind: `top1` (head `i`
     against the token `i + 2` ahead; token-conditioned heads teacher-forced on `targets`) and `top1_given_prefix`

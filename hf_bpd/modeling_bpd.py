@@ -365,7 +365,7 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         Args:
             input_ids (`torch.LongTensor` of shape `(batch, seq_len)`): input tokens.
             labels (`torch.LongTensor` of shape `(batch, seq_len)`, *optional*): the usual causal-LM labels
-                (`-100` is ignored); head `i` is trained against `labels[:, t + 1 + i]`.
+                (`-100` is ignored); head `i` (0-based) is trained against `labels[:, t + 2 + i]`.
             return_draft_logits (`bool`, defaults to `True`): compute the `(batch, seq_len, h, vocab)` draft logits.
             base_hidden_states (`torch.Tensor` of shape `(batch, seq_len, hidden)`, *optional*): the frozen base
                 model's last hidden states, computed earlier (cached features, [`~hf_bpd.features`]); the base is

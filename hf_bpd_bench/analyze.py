@@ -130,7 +130,9 @@ def analyze(
             entropies += recorder.entropies
             drafts += recorder.drafts
             compared += recorder.compared
-            hidden, targets = _greedy_features(model, out.sequences, batch.get("attention_mask"), pad)
+            hidden, targets = _greedy_features(
+                model, out.sequences, batch.get("attention_mask"), model.generation_config.eos_token_id
+            )
             depth.append((hidden, targets))
             if model.independent_heads:  # the top-k lattice is exact only for independent heads
                 _add_oracle_counts(oracle, model, batch, out.sequences, pad, max_new_tokens)
@@ -175,15 +177,18 @@ def _add_oracle_counts(
 
 
 def _greedy_features(
-    model: Any, sequences: torch.LongTensor, prompt_mask: torch.LongTensor | None, pad: int
+    model: Any, sequences: torch.LongTensor, prompt_mask: torch.LongTensor | None, eos_token_id: int | list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The base's last hidden states over prompt + greedy output and the output tokens as unshifted targets (`-100`
-    on the prompt and after a row's end): what `metrics.depth_accuracy` scores the heads on."""
+    on the prompt and after a row's first EOS, which stays a target: the decode generated it, also where the pad
+    token is the EOS): what `metrics.depth_accuracy` scores the heads on."""
     prompt_len = sequences.shape[1] if prompt_mask is None else prompt_mask.shape[1]
     if prompt_mask is None:
         prompt_mask = torch.ones_like(sequences[:, :prompt_len])
     generated = sequences[:, prompt_len:]
-    ended = (generated == pad).long().cumsum(1) > 0  # padding after a row's end (the pad may also be its EOS)
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    is_eos = torch.isin(generated, torch.as_tensor(eos, dtype=generated.dtype)).long()
+    ended = (is_eos.cumsum(1) - is_eos) > 0  # after the first EOS (the padding generate adds once a row ended)
     mask = torch.cat([prompt_mask.long(), (~ended).long()], dim=1)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     with torch.no_grad():

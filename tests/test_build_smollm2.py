@@ -388,3 +388,38 @@ def test_followups_make_multi_turn_prompts_from_training_answers_only(build, tmp
     assert build._held_out({"id": f"{held_id}/f"}) and not build._held_out({"id": "q0/f"})
     with pytest.raises(SystemExit, match="--followups must be >= 0"):
         build.main(["--work-dir", str(tmp_path), "--stages", "followups", "--followups", "-1"])
+
+
+def test_eval_head_kinds_answer_scope_masks_each_row_s_prompt(build, tokenizer, tmp_path, monkeypatch):
+    """`bench/eval_head_kinds.py --answers`: the rows of shards captured while answering keep the answer's targets
+    only, from the first answer position (the prompt's length under the chat template) on."""
+    from hf_bpd.features import CachedFeatures, save_feature_shard, shard_metadata
+
+    spec = importlib.util.spec_from_file_location("eval_head_kinds", REPO / "bench" / "eval_head_kinds.py")
+    evaluation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluation)
+    model = tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=0)
+    monkeypatch.setattr("hf_bpd.smollm2.load_smollm2", lambda dtype=None: (model, tokenizer))
+    prompts = [{"id": f"q{i}", "messages": [{"role": "user", "content": "Say it " * (i + 1)}]} for i in range(4)]
+    (tmp_path / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    args = build.parse_args(
+        ["--work-dir", str(tmp_path), "--answer-tokens", "6", "--answer-batch", "4", "--dtype", "float32"]
+    )
+    build.stage_answers(args)
+    folder = tmp_path / "features" / "chat-gen"
+    targets = CachedFeatures([folder]).targets
+    masked = evaluation.answer_targets([folder], targets, tmp_path / "answers.jsonl", tokenizer)
+    answers = {r["id"]: r for r in build._read_jsonl(tmp_path / "answers.jsonl")}
+    rows = [i for f in sorted(folder.glob("*.safetensors")) for i in shard_metadata(f)["ids"]]
+    assert len(rows) == targets.shape[0] == 4
+    for row, key in enumerate(rows):
+        text = tokenizer.apply_chat_template(answers[key]["messages"], add_generation_prompt=True, tokenize=False)
+        start = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        kept = (masked[row] != -100).nonzero().flatten()
+        assert kept[0] == start and (targets[row, :start] != -100).any()  # the prompt had targets; now masked
+        assert len(kept) - answers[key]["answer_tokens"] in (0, 1)  # the answer, and its EOS where it stopped
+        assert torch.equal(masked[row, kept], targets[row, kept])
+    extracted = tmp_path / "x.safetensors"  # a shard without prompt ids (extracted from text) is refused
+    save_feature_shard(extracted, {k: v[:1] for k, v in load_file(next(folder.glob("*.safetensors"))).items()})
+    with pytest.raises(SystemExit, match="stores no prompt ids"):
+        evaluation.answer_targets([extracted], targets[:1], tmp_path / "answers.jsonl", tokenizer)

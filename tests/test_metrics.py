@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PAD, batch_prompts, tiny_base
+from conftest import VOCAB, batch_prompts, tiny_base
 
 from hf_bpd import BPDForCausalLM, metrics
 from hf_bpd.losses import draft_head_loss
@@ -43,7 +43,7 @@ def test_greedy_chain_counts_walks_the_positions_the_decode_visits():
 def _fit_heads(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
     """A few optimizer steps of the heads on the base's greedy text: drafts that are right part of the time."""
     seq = model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-    hidden, targets = _greedy_features(model, seq, mask, PAD)
+    hidden, targets = _greedy_features(model, seq, mask, None)
     optimizer = torch.optim.Adam(model.heads.parameters(), lr=3e-2)
     for _ in range(steps):
         logits = model(base_hidden_states=hidden, draft_input_ids=targets, draft_full_vocab=False).draft_logits
@@ -54,25 +54,59 @@ def _fit_heads(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.Tensor, ste
     model.eval()
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
-@pytest.mark.parametrize("batch", [1, 3])
-def test_replayed_chain_equals_the_decode(arch, head_type, batch):
-    """fp32: the replay's tokens and calls are the decode's, for both head kinds, batch 1 and > 1 (left padding)."""
-    model = BPDForCausalLM.from_base(tiny_base(arch, seed=2), num_draft_heads=H, head_type=head_type)
-    model.generation_config.eos_token_id = None
-    ids, mask = batch_prompts(batch, seed=4)
-    _fit_heads(model, ids, mask, steps=12)
+def _model(arch: str, head_type: str, ids: torch.Tensor, draft_vocab: bool) -> BPDForCausalLM:
+    base = tiny_base(arch, seed=2)
+    if not draft_vocab:
+        return BPDForCausalLM.from_base(base, num_draft_heads=H, head_type=head_type)
+    # a draft vocabulary without the second most frequent greedy token: its targets can never be drafted
+    greedy = base.generate(ids, max_new_tokens=40, do_sample=False)[:, ids.shape[1] :]
+    by_count = torch.bincount(greedy.flatten(), minlength=VOCAB).argsort(descending=True)
+    model = BPDForCausalLM.from_base(base, num_draft_heads=H, head_type=head_type, draft_vocab_size=48)
+    model.set_draft_vocab(torch.cat([by_count[:1], by_count[2:49]]))
+    return model
+
+
+def _replayed_and_decoded(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.Tensor):
     out = model.generate(
         ids, attention_mask=mask, max_new_tokens=40, do_sample=False, use_bpd=True, return_dict_in_generate=True
     )
-    assert torch.equal(
-        out.sequences, model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-    )
-    calls = int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
+    ref = model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    assert torch.equal(out.sequences, ref)
     accepted = out.accepted_lengths[out.accepted_lengths >= 0]
     assert 0 < int(accepted.sum()) < H * accepted.numel()  # partly accepted: the walk is really exercised
-    hidden, targets = _greedy_features(model, out.sequences, mask, PAD)
+    hidden, targets = _greedy_features(model, out.sequences, mask, model.generation_config.eos_token_id)
     with torch.no_grad():
         acc = metrics.depth_accuracy(model, hidden, targets)
-    assert (acc["chain_tokens"], acc["chain_calls"]) == (out.num_generated_tokens, calls)
+    calls = int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
+    return (acc["chain_tokens"], acc["chain_calls"]), (out.num_generated_tokens, calls), targets
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("draft_vocab", [False, True])
+def test_replayed_chain_equals_the_decode(arch, head_type, batch, draft_vocab):
+    """fp32: the replay's tokens and calls are the decode's, for both head kinds, batch 1 and > 1 (left padding),
+    with and without a draft vocabulary that leaves out a frequent target."""
+    ids, mask = batch_prompts(batch, seed=4)
+    model = _model(arch, head_type, ids, draft_vocab)
+    model.generation_config.eos_token_id = None
+    _fit_heads(model, ids, mask, steps=12)
+    replayed, decoded, targets = _replayed_and_decoded(model, ids, mask)
+    assert replayed == decoded
+    if draft_vocab:
+        assert (model.to_draft_ids(targets) == -100).sum() > (targets == -100).sum()  # targets outside it exist
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_replay_counts_the_eos_a_row_stops_at_also_when_it_is_the_pad(batch):
+    ids, mask = batch_prompts(batch, seed=4)
+    model = _model("llama", "resblock", ids, draft_vocab=False)
+    model.generation_config.eos_token_id = None
+    _fit_heads(model, ids, mask, steps=12)
+    free = model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
+    eos = int(free[0, ids.shape[1] + 30])  # a token row 0 produces mid-way: rows stop at different steps
+    model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
+    replayed, decoded, targets = _replayed_and_decoded(model, ids, mask)
+    assert replayed == decoded
+    assert (targets[0] == eos).sum() == 1 and decoded[0] < 40 * batch  # row 0 stopped at its EOS, counted once
