@@ -130,7 +130,7 @@ def analyze(
             entropies += recorder.entropies
             drafts += recorder.drafts
             compared += recorder.compared
-            hidden, targets = _greedy_features(
+            hidden, targets = greedy_features(
                 model, out.sequences, batch.get("attention_mask"), model.generation_config.eos_token_id
             )
             depth.append((hidden, targets))
@@ -176,7 +176,7 @@ def _add_oracle_counts(
         counts[1] += int(calls.sum())
 
 
-def _greedy_features(
+def greedy_features(
     model: Any, sequences: torch.LongTensor, prompt_mask: torch.LongTensor | None, eos_token_id: int | list[int] | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The base's last hidden states over prompt + greedy output and the output tokens as unshifted targets (`-100`

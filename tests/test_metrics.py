@@ -8,7 +8,7 @@ from conftest import VOCAB, batch_prompts, tiny_base
 
 from hf_bpd import BPDForCausalLM, metrics
 from hf_bpd.losses import draft_head_loss
-from hf_bpd_bench.analyze import _greedy_features
+from hf_bpd_bench.analyze import greedy_features
 
 H = 3
 M = -100  # masked
@@ -43,7 +43,7 @@ def test_greedy_chain_counts_walks_the_positions_the_decode_visits():
 def _fit_heads(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
     """A few optimizer steps of the heads on the base's greedy text: drafts that are right part of the time."""
     seq = model.base.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
-    hidden, targets = _greedy_features(model, seq, mask, None)
+    hidden, targets = greedy_features(model, seq, mask, None)
     optimizer = torch.optim.Adam(model.heads.parameters(), lr=3e-2)
     for _ in range(steps):
         logits = model(base_hidden_states=hidden, draft_input_ids=targets, draft_full_vocab=False).draft_logits
@@ -74,7 +74,7 @@ def _replayed_and_decoded(model: BPDForCausalLM, ids: torch.Tensor, mask: torch.
     assert torch.equal(out.sequences, ref)
     accepted = out.accepted_lengths[out.accepted_lengths >= 0]
     assert 0 < int(accepted.sum()) < H * accepted.numel()  # partly accepted: the walk is really exercised
-    hidden, targets = _greedy_features(model, out.sequences, mask, model.generation_config.eos_token_id)
+    hidden, targets = greedy_features(model, out.sequences, mask, model.generation_config.eos_token_id)
     with torch.no_grad():
         acc = metrics.depth_accuracy(model, hidden, targets)
     calls = int(metrics.rows_from_accepted(out.accepted_lengths)[1].sum())
@@ -110,3 +110,45 @@ def test_replay_counts_the_eos_a_row_stops_at_also_when_it_is_the_pad(batch):
     replayed, decoded, targets = _replayed_and_decoded(model, ids, mask)
     assert replayed == decoded
     assert (targets[0] == eos).sum() == 1 and decoded[0] < 40 * batch  # row 0 stopped at its EOS, counted once
+
+
+def test_replay_script_equals_the_bench_decode_on_the_reference_stack(tmp_path):
+    """`bench/replay_chain.py` (one greedy pass, then the replay) against `hf-bpd bench`'s decode of the heads' own
+    chain (`bpd-heads`) on the same validation prompts, fp32, batch 1: the same block efficiency per domain."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from hf_bpd_bench.cli import main as cli
+    from hf_bpd_bench.reference import find_reference
+
+    heads = find_reference("heads")
+    if heads is None:
+        pytest.skip("the reference stack is not present")
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("replay_chain", repo / "bench" / "replay_chain.py")
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    common = ["--max-prompts", "1", "--max-new-tokens", "24"]
+    replay.main(
+        [
+            "--stack",
+            "reference",
+            "--heads",
+            str(heads),
+            "--batch-size",
+            "1",
+            "--json",
+            str(tmp_path / "r.json"),
+            *common,
+        ]
+    )
+    args = ["bench", "--stack", "reference", "--methods", "greedy", "bpd-heads", "--repeats", "1", "--no-progress"]
+    assert cli([*args, *common, "--json", str(tmp_path / "b.json")]) == 0
+    replayed = json.loads((tmp_path / "r.json").read_text())["heads"][str(heads)]
+    decoded = json.loads((tmp_path / "b.json").read_text())
+    for domain, figures in replayed["kinds"].items():
+        bpd = decoded["domains"][domain]["methods"]["bpd-heads"]
+        assert bpd["identical_to_greedy"]
+        assert figures["replayed_chain_block_efficiency"] == pytest.approx(bpd["block_efficiency"], abs=1e-3)
+    assert replayed["replayed_chain_block_efficiency"] > 1.0  # the shipped heads accept: a real walk
