@@ -195,6 +195,8 @@ def load_smollm2(dtype: Any = None, cache_dir: str | os.PathLike | None = None) 
 
     folder = convert_smollm2(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32)
+    # heads trained on it record the Hub id (which resolves to this copy offline), not this machine's cache folder
+    model.name_or_path = model.config._name_or_path = SMOLLM2_HUB_ID
     return model, AutoTokenizer.from_pretrained(folder)
 
 

@@ -172,6 +172,18 @@ def test_converted_copy_is_where_transformers_resolves_the_hub_id_offline(tmp_pa
     assert Path(config) == folder / "config.json" and Path(weights) == folder / "model.safetensors"
 
 
+def test_heads_built_on_load_smollm2_record_the_hub_id(tmp_path, fake_gguf):
+    """The build script's heads once recorded the converted copy's cache folder (relative to where they were saved),
+    which the model card then named as the base model."""
+    from hf_bpd import BPDForCausalLM
+
+    base, _ = smollm2.load_smollm2(cache_dir=tmp_path / "hub")
+    assert base.name_or_path == SMOLLM2_HUB_ID
+    BPDForCausalLM.from_base(base, num_draft_heads=2).save_pretrained(tmp_path / "heads")
+    assert json.loads((tmp_path / "heads" / "config.json").read_text())["base_model_name_or_path"] == SMOLLM2_HUB_ID
+    assert f"base model | `{SMOLLM2_HUB_ID}`" in (tmp_path / "heads" / "README.md").read_text()
+
+
 def test_a_real_download_keeps_refs_main(tmp_path, fake_gguf):
     repo = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct"
     real = "0123456789abcdef0123456789abcdef01234567"
