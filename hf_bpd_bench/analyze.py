@@ -62,7 +62,9 @@ class DraftRecorder(Drafter):
         self.entropies.append(-(logp.exp() * logp).sum(-1))
         self.drafts.append(drafts)
         if self.compare is not None:
-            self.compared.append(self.compare.propose(ctx).path_drafts()[:, 0])
+            other = self.compare.propose(ctx).path_drafts()[:, 0]
+            if other.shape[-1] == drafts.shape[-1]:  # near a generation's end a drafter drafts fewer tokens: skipped
+                self.compared.append(other)
         return DraftTree.from_chains(drafts[:, None])
 
     def update(self, accepted_lengths: torch.LongTensor, chosen: torch.LongTensor) -> None:
@@ -152,7 +154,9 @@ def analyze(
             "mean_accepted_length": round(stats["mean"] or 0.0, 3),
         }
         if compare is not None:
-            figures["repetition_rescored"] = repetition_stats(torch.cat(compared))
+            figures["repetition_rescored"] = repetition_stats(
+                torch.cat(compared) if compared else torch.zeros(0, 1, dtype=torch.long)
+            )
         report["domains"][domain] = figures
         report["_raw"][domain] = {"entropies": entropies, "accepted": accepted[accepted >= 0].tolist()}
     return report

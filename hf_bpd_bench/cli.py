@@ -209,10 +209,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     _resolve_defaults(args, fill={"ngram_path"} if args.ngram is None else set(), required=set())
     res = _load_resources(args, need_small=False, need_ngram=bool(args.ngram))
     compare = None
-    if res.ngram_path:
+    if res.ngram_path and res.model.independent_heads:  # Kim et al.'s n-gram rescoring of the heads' lattice
         from hf_bpd.logits import NgramRescorer
 
         compare = NgramRescorer(res.ngram_path, top_k=args.top_k, alpha=args.alpha_ngram, num_drafts=1)
+    elif res.ngram_path:  # token-conditioned heads have no lattice: the same rescoring along the searched path
+        from hf_bpd.drafters import SearchDrafter
+        from hf_bpd.logits import NgramHook
+
+        hook = NgramHook(res.ngram_path, alpha=args.alpha_ngram, vocab_size=res.model.config.base_vocab_size)
+        compare = SearchDrafter(top_k=args.top_k, num_drafts=1, hooks=[hook])
     prompts = load_prompts(args.prompts, res.tokenizer, args.max_prompts)
     report = analyze(res, prompts, args.max_new_tokens, compare=compare)
     paths = plot(report, args.out)

@@ -171,6 +171,27 @@ def test_cli_analyze_writes_plots(setup, tmp_path):
     assert eff["16"] >= eff["1"] >= 1.0
 
 
+@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
+def test_cli_analyze_compares_an_ngram_rescorer_for_both_head_kinds(setup, tmp_path, head_type):
+    """With an n-gram (the stacks' default) the repetition comparison rescored Kim et al.'s lattice, which
+    token-conditioned heads do not have: `hf-bpd analyze --stack smollm2` crashed on the recurrent heads shipped in
+    stop 25. They get the same rescoring along the searched path."""
+    res, folder = setup
+    model = randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type=head_type), std=0.05)
+    model.config.base_model_name_or_path = str(folder / "base")
+    model.save_pretrained(tmp_path / "heads")
+    arpa = tmp_path / "tiny.arpa"
+    arpa.write_text(
+        "\\data\\\nngram 1=5\nngram 2=1\n\n\\1-grams:\n-1.0\t<unk>\t0\n-99\t<s>\t0\n-1.0\t</s>\t0\n"
+        "-0.5\t17\t-0.1\n-0.7\t42\t0\n\n\\2-grams:\n-0.1\t17 42\n\n\\end\\\n"
+    )
+    argv = ["analyze", "--model", str(tmp_path / "heads"), "--prompts", str(folder / "prompts.jsonl")]
+    argv += ["--max-new-tokens", "8", "--out", str(tmp_path / "an"), "--ngram", str(arpa)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert all("repetition_rescored" in figures for figures in report["domains"].values())
+
+
 def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
     """Per-depth top-1 given a correct prefix, for independent and token-conditioned heads (issue 17); the oracle
     top-k lattice (exact only for independent heads) is skipped for the conditioned kind."""
