@@ -40,6 +40,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        p.error(f"--max-prompts must be >= 1 (prompts per task kind), got {args.max_prompts}.")
+    if args.dtype not in ("float32", "bfloat16", "float16"):
+        p.error(f"--dtype must be float32, bfloat16 or float16, got {args.dtype!r}.")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -75,32 +82,38 @@ def main(argv=None) -> None:
     print(f"{len(prompts)} prompts, {sum(tokens.values())} answer tokens in {answered:.0f} s")
     for folder in args.heads:
         model = first if folder == args.heads[0] else BPDForCausalLM.from_pretrained(folder, base_model=base)
-        model = model.to(dtype).eval()
-        entry = {"head_type": model.config.head_type, "num_draft_heads": model.config.num_draft_heads, "kinds": {}}
-        total = [0, 0]
-        top1 = torch.zeros(model.config.num_draft_heads)
-        for kind, batches in answers.items():
-            counts = [0, 0]
-            kind_top1 = torch.zeros_like(top1)
-            for hidden, targets in batches:
-                with torch.no_grad():
-                    acc = metrics.depth_accuracy(model, hidden, targets)
-                counts[0] += acc["chain_tokens"]
-                counts[1] += acc["chain_calls"]
-                kind_top1 += torch.tensor(acc["top1"]) * int((targets != -100).sum())
-            entry["kinds"][kind] = {
-                "replayed_chain_block_efficiency": round(metrics.block_efficiency(*counts), 3),
-                "top1": [round(x, 4) for x in (kind_top1 / tokens[kind]).tolist()],
-            }
-            total = [total[0] + counts[0], total[1] + counts[1]]
-            top1 += kind_top1
-        entry["replayed_chain_block_efficiency"] = round(metrics.block_efficiency(*total), 3)
-        entry["top1"] = [round(x, 4) for x in (top1 / sum(tokens.values())).tolist()]
+        entry = score_heads(model.to(dtype).eval(), answers, tokens)
         report["heads"][str(folder)] = entry
         per_kind = {k: v["replayed_chain_block_efficiency"] for k, v in entry["kinds"].items()}
         print(f"{folder}: chain {entry['replayed_chain_block_efficiency']} {per_kind}, top-1 {entry['top1']}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
+
+
+def score_heads(
+    model: BPDForCausalLM, answers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], tokens: dict[str, int]
+) -> dict:
+    """Replayed chain block efficiency and top-1 per depth of one heads folder, per task kind and overall."""
+    entry = {"head_type": model.config.head_type, "num_draft_heads": model.config.num_draft_heads, "kinds": {}}
+    total = [0, 0]
+    top1 = torch.zeros(model.config.num_draft_heads)
+    for kind, batches in answers.items():
+        counts = [0, 0]
+        kind_top1 = torch.zeros_like(top1)
+        for hidden, targets in batches:
+            with torch.no_grad():
+                acc = metrics.depth_accuracy(model, hidden, targets)
+            counts = [counts[0] + acc["chain_tokens"], counts[1] + acc["chain_calls"]]
+            kind_top1 += torch.tensor(acc["top1"]) * int((targets != -100).sum())
+        entry["kinds"][kind] = {
+            "replayed_chain_block_efficiency": round(metrics.block_efficiency(*counts), 3),
+            "top1": [round(x, 4) for x in (kind_top1 / tokens[kind]).tolist()],
+        }
+        total = [total[0] + counts[0], total[1] + counts[1]]
+        top1 += kind_top1
+    entry["replayed_chain_block_efficiency"] = round(metrics.block_efficiency(*total), 3)
+    entry["top1"] = [round(x, 4) for x in (top1 / sum(tokens.values())).tolist()]
+    return entry
 
 
 if __name__ == "__main__":

@@ -152,3 +152,20 @@ def test_replay_script_equals_the_bench_decode_on_the_reference_stack(tmp_path):
         assert bpd["identical_to_greedy"]
         assert figures["replayed_chain_block_efficiency"] == pytest.approx(bpd["block_efficiency"], abs=1e-3)
     assert replayed["replayed_chain_block_efficiency"] > 1.0  # the shipped heads accept: a real walk
+
+
+@pytest.mark.parametrize(
+    "bad", [["--batch-size", "0"], ["--max-new-tokens", "0"], ["--max-prompts", "0"], ["--dtype", "float8"]]
+)
+def test_replay_script_refuses_nonsense_arguments(bad, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "replay_chain", Path(__file__).resolve().parents[1] / "bench" / "replay_chain.py"
+    )
+    replay = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(replay)
+    with pytest.raises(SystemExit):
+        replay.main(["--heads", "unused", *bad])
+    assert bad[0] in capsys.readouterr().err
