@@ -50,7 +50,9 @@ def test_reference_table_counts_the_smollm2_parts_and_rewrites_both_files(tmp_pa
     assert "old table" not in readme and "| old |" not in bench
     assert readme.startswith("intro\n") and readme.endswith("after\n") and bench.endswith("## Batch size 1\nkept\n")
     for text in (readme, bench):
-        rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| `reference", "| all of"))}
+        rows = {
+            line.split(" | ")[0]: line for line in text.splitlines() if line.startswith(("| `reference", "| all of"))
+        }
         heads = rows["| `reference/smollm2-heads`"]
         assert "token-conditioned" in heads and "1.50M target tokens, 300 steps, 2.5 epochs" in heads
         assert "resumed from step 100" in heads and "0.50, 0.25" in heads and "2.0 MB" in heads
