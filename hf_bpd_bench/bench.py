@@ -222,10 +222,12 @@ def benchmark(
     if REFERENCE_METHOD not in methods:
         methods = [REFERENCE_METHOD, *methods]  # the reference for identity and speedup
     unsupported = _unsupported(methods, res, cfg)
+    by_reason: dict[str, list[str]] = {}
+    for m, why in unsupported.items():
+        by_reason.setdefault(why, []).append(m)
+    for why, skipped in by_reason.items():
+        logger.warning("Batch size %d: skipping %s: %s.", cfg.batch_size, ", ".join(skipped), why)
     if unsupported:
-        logger.warning(
-            "Batch size %d: skipping %s (%s).", cfg.batch_size, ", ".join(unsupported), "; ".join(unsupported.values())
-        )
         methods = [m for m in methods if m not in unsupported]
     domains = sorted({p.get("domain", "all") for p in prompts})
     report: dict[str, Any] = {"config": cfg.__dict__ | {"num_prompts": len(prompts)}, "domains": {}}
@@ -258,8 +260,19 @@ def benchmark(
 
 
 def _unsupported(methods: list[str], res: Resources, cfg: BenchConfig) -> dict[str, str]:
-    """The methods that cannot run here, with why: batch size 1 only, or a static tree the heads do not carry."""
+    """
+    The methods that cannot run here, with why: batch size 1 only, a static tree the heads do not carry, or a search
+    of the heads' top-k lattice with token-conditioned heads (exact only for independent ones).
+    """
     unsupported = {m: METHODS[m].batch1_only for m in methods if METHODS[m].batch1_only and cfg.batch_size > 1}
+    if not res.model.independent_heads:
+        for m in methods:
+            if METHODS[m].lattice:
+                unsupported[m] = (
+                    "searches the heads' top-k lattice (Kim et al.), exact only for independent heads; "
+                    f"head_type={res.model.config.head_type!r} heads read the drafted tokens: bpd-tree and "
+                    "bpd-tree-ngram rank the searched paths instead"
+                )
     for m in methods:
         if "draft_tree" in METHODS[m].parts() and res.draft_tree is None:
             unsupported[m] = (

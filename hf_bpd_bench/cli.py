@@ -331,7 +331,10 @@ def _rescorer_options(p: argparse.ArgumentParser) -> None:
 
 
 def _bench_parser(sub: Any) -> None:
-    methods_help = "\n".join(f"  {name:<16} {spec.help}" for name, spec in METHODS.items())
+    methods_help = "\n".join(
+        f"  {name:<16} {spec.help}" + (" [independent heads only]" if spec.lattice else "")
+        for name, spec in METHODS.items()
+    )
     bench = sub.add_parser(
         "bench",
         help="compare decoding methods on prompts (interleaved repeats, medians)",

@@ -67,6 +67,8 @@ class MethodSpec:
         needs (`tuple[str]`): parts it needs besides the `Part`s of its spec (e.g. `"draft_tree"`).
         batch1_only (`str`, *optional*): why it cannot run at batch size > 1 (reported as unsupported there).
         timed (`bool`): False for a headroom measure with no meaningful wall clock (the oracle).
+        lattice (`bool`): its drafter searches the heads' top-k lattice (Kim et al.), exact only for independent
+            heads: reported as unsupported for token-conditioned heads (`head_type="recurrent"`).
         group (`str`): one of `GROUPS`, how reports gather methods (e.g. the refined variants, the peers).
     """
 
@@ -77,6 +79,7 @@ class MethodSpec:
     needs: tuple[str, ...] = ()
     batch1_only: str | None = None
     timed: bool = True
+    lattice: bool = False
 
     def __post_init__(self) -> None:
         if self.group not in GROUPS:
@@ -125,6 +128,7 @@ METHODS: dict[str, MethodSpec] = {
     "bpd-ngram": MethodSpec(
         "global KenLM n-gram rescoring of the heads' top-k lattice, best path (needs --ngram)",
         "refined",
+        lattice=True,
         drafter={
             "type": "ngram",
             "model": Part("ngram_path"),
@@ -136,11 +140,13 @@ METHODS: dict[str, MethodSpec] = {
     "bpd-neural": MethodSpec(
         "local rescoring with the small LM (needs --small-lm)",
         "refined",
+        lattice=True,
         drafter={"type": "neural", "lm": Part("small_lm"), "top_k": Cfg("top_k"), "alpha": Cfg("alpha_neural")},
     ),
     "bpd-pbest": MethodSpec(
         "the p best n-gram paths verified together (needs --ngram)",
         "refined",
+        lattice=True,
         drafter={
             "type": "ngram",
             "model": Part("ngram_path"),
@@ -152,6 +158,7 @@ METHODS: dict[str, MethodSpec] = {
     "bpd-pbest0": MethodSpec(
         "the p best lattice paths by head scores alone",
         "refined",
+        lattice=True,
         drafter={"type": "pbest", "top_k": Cfg("top_k"), "num_drafts": Cfg("num_drafts")},
     ),
     "bpd-tree": MethodSpec(
@@ -199,6 +206,7 @@ METHODS: dict[str, MethodSpec] = {
         "headroom",
         drafter={"type": "oracle", "reference": Part("reference"), "top_k": Cfg("oracle_top_k")},
         timed=False,
+        lattice=True,
     ),
 }
 

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from hf_bpd import BPDForCausalLM
 from hf_bpd.data import load_prompts
 from hf_bpd_bench.analyze import h_max, repetition_stats
-from hf_bpd_bench.bench import BenchConfig, Resources, benchmark
+from hf_bpd_bench.bench import BenchConfig, Resources, benchmark, make_drafter
 from hf_bpd_bench.cli import main
 from hf_bpd_bench.methods import DEFAULT_BPD_METHOD, METHODS, REFERENCE_METHOD, methods_in
 
@@ -48,9 +48,15 @@ def setup(tmp_path_factory):
     return Resources(model=model, tokenizer=tok, small_lm=small), folder
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-def test_benchmark_methods_identical_and_keyed(setup, batch_size):
+@pytest.mark.parametrize(("batch_size", "head_type"), [(1, "resblock"), (2, "resblock"), (2, "recurrent")])
+def test_benchmark_methods_identical_and_keyed(setup, batch_size, head_type):
+    """Every registered method runs and matches greedy, or is reported unsupported with why: batch size 1 only, no
+    static tree, or (token-conditioned heads) a search of the heads' top-k lattice; `hf-bpd bench --stack smollm2`
+    with every method aborted on the recurrent heads shipped in stop 25."""
     res, _ = setup
+    if head_type != "resblock":
+        model = BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type=head_type)
+        res = Resources(model=randomize_heads(model, std=0.05), tokenizer=res.tokenizer, small_lm=res.small_lm)
     methods = list(METHODS)  # every registered method; the heads carry no static tree: that one is unsupported
     cfg = BenchConfig(max_new_tokens=12, batch_size=batch_size, repeats=2, top_k=3, num_drafts=3, oracle_top_k=4)
     arpa = setup[1] / "tiny.arpa"
@@ -72,8 +78,18 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
     no_tree = {m for m in methods if "draft_tree" in METHODS[m].parts()}
     for name in no_tree:
         assert "static tree" in report["methods"][name]["unsupported"]
+    lattice = {m for m in methods if METHODS[m].lattice} - batch1_only
+    assert lattice
+    for name in lattice:
+        if head_type == "resblock":  # the flag names exactly the drafters that refuse token-conditioned heads
+            drafter = res.rescorers.get(name) or make_drafter({"type": "oracle", "reference": None, "top_k": 4}, res)
+            assert drafter.requires_independent_heads, name
+        else:
+            assert "top-k lattice" in report["methods"][name]["unsupported"]
+    checked = {m for m in methods if METHODS[m].uses_bpd and not METHODS[m].lattice and m not in no_tree}
+    assert all(not getattr(res.rescorers.get(m), "requires_independent_heads", False) for m in checked)
     for name, fig in report["methods"].items():
-        if name in batch1_only | no_tree:
+        if name in batch1_only | no_tree | (lattice if head_type != "resblock" else set()):
             continue
         assert fig["identical_to_greedy"] is True, name
         assert {
@@ -85,6 +101,8 @@ def test_benchmark_methods_identical_and_keyed(setup, batch_size):
         } <= set(fig)
     assert report["methods"][REFERENCE_METHOD]["block_efficiency"] == pytest.approx(1.0)
     for oracle in methods_in("headroom"):
+        if "unsupported" in report["methods"][oracle]:  # the top-k lattice's, with token-conditioned heads
+            continue
         assert (
             report["methods"][oracle]["block_efficiency"] >= report["methods"][DEFAULT_BPD_METHOD]["block_efficiency"]
         )
