@@ -1,6 +1,6 @@
 """Train blockwise-parallel-decoding draft heads for a base model on local text / jsonl files.
 
-One process (frozen base, 4 heads):
+One process (frozen base, 4 heads; `--head_type recurrent` for heads that read the tokens they follow):
 
     python examples/train_heads.py --base_model reference/base --train_files data/train.jsonl \
         --output_dir runs/heads --num_draft_heads 4 --seq_len 256 --per_device_train_batch_size 8 \
@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser  
 
 from hf_bpd import BPDForCausalLM  # noqa: E402
 from hf_bpd.data import load_packed_dataset  # noqa: E402
+from hf_bpd.heads import HEAD_TYPES  # noqa: E402
 from hf_bpd.trainer import BPDTrainer, BPDTrainingArguments, check_tokenizer_matches  # noqa: E402
 
 logger = logging.getLogger("train_heads")
@@ -44,10 +45,20 @@ class ModelArguments:
     tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer to use; defaults to --base_model's."})
     num_draft_heads: int = field(default=4, metadata={"help": "h, the number of draft heads."})
     head_type: str = field(
-        default="resblock", metadata={"help": "Draft head architecture.", "choices": ["resblock", "ffn", "lora"]}
+        default="resblock",
+        metadata={
+            "help": "Draft head architecture: independent ('resblock', 'ffn', 'lora') or token-conditioned "
+            "('recurrent': each head also reads the tokens drafted before it; hf_bpd.recurrent_heads).",
+            "choices": sorted(HEAD_TYPES),
+        },
     )
     head_num_layers: int = field(default=1, metadata={"help": "Blocks per head."})
-    head_hidden_size: int | None = field(default=None, metadata={"help": "Inner width of 'ffn' heads."})
+    head_hidden_size: int | None = field(
+        default=None, metadata={"help": "Inner width of 'ffn' heads; state width of 'recurrent' heads."}
+    )
+    head_intermediate_size: int | None = field(
+        default=None, metadata={"help": "'recurrent' heads: FFN blocks of this inner width instead of ResBlocks."}
+    )
     head_rank: int = field(default=16, metadata={"help": "Rank of 'lora' heads."})
     share_lm_head: bool = field(default=True, metadata={"help": "Heads project with the base model's lm_head."})
     dtype: str = field(
@@ -87,6 +98,7 @@ def main() -> None:
         head_type=model_args.head_type,
         head_num_layers=model_args.head_num_layers,
         head_hidden_size=model_args.head_hidden_size,
+        head_intermediate_size=model_args.head_intermediate_size,
         head_rank=model_args.head_rank,
         share_lm_head=model_args.share_lm_head,
     )

@@ -573,6 +573,31 @@ def test_two_process_accelerate_launch_trains_and_saves_loadable_heads(base_dir,
     assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False, use_bpd=True), ref)
 
 
+def test_train_heads_script_trains_token_conditioned_heads(base_dir, corpus, tmp_path, monkeypatch):
+    """`examples/train_heads.py --head_type recurrent` (the head kind SmolLM2 ships) trains, saves and decodes
+    losslessly; the script's choices are the head registry's, so a new head type needs no change here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_heads", REPO / "examples" / "train_heads.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_heads", script)  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    out = tmp_path / "recurrent"
+    argv = ["train_heads.py", "--base_model", str(base_dir), "--train_files", str(corpus.train)]
+    argv += ["--output_dir", str(out), "--num_draft_heads", "2", "--head_type", "recurrent", "--seq_len", str(SEQ)]
+    argv += ["--head_intermediate_size", "24", "--per_device_train_batch_size", "4", "--max_steps", "2"]
+    argv += ["--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true", "--use_cpu", "true"]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    loaded = BPDForCausalLM.from_pretrained(out).eval()
+    assert loaded.config.head_type == "recurrent" and not loaded.independent_heads
+    assert loaded.config.head_intermediate_size == 24 and loaded.num_draft_heads == 2
+    assert json.loads((out / "bpd_training.json").read_text())["global_step"] == 2
+    ids = torch.tensor([arithmetic_ids(3, 2, 8)])
+    ref = loaded.base.generate(ids, max_new_tokens=12, do_sample=False)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12, do_sample=False, use_bpd=True), ref)
+
+
 # --------------------------------------------------------------------------------------------- cached features
 @pytest.fixture(scope="module")
 def cached(base_dir, blocks, tmp_path_factory):
