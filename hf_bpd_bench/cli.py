@@ -4,7 +4,7 @@ The `hf-bpd` command.
     hf-bpd bench   [--model DIR] [--prompts FILE.jsonl] [--methods ...] [--max-new-tokens N] [--batch-size B ...] [--json OUT]
     hf-bpd analyze [--model DIR] [--prompts FILE.jsonl] [--out DIR]
     hf-bpd build-ngram ...   (KenLM n-gram over token ids; see hf_bpd/logits/ngram_build.py)
-    hf-bpd tune ...          (alpha / k / p search; see hf_bpd_bench/tune.py)
+    hf-bpd tune ...          (alpha / k / p search; --auto: the default drafter; --tree: a static tree)
     hf-bpd export --format medusa OUT   (heads for vLLM's Medusa proposer; see hf_bpd/export.py)
 
 Defaults come from a shipped stack (heads, small LM, n-gram, prompts) in $HF_BPD_REFERENCE or ./reference: the one

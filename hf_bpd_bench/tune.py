@@ -277,7 +277,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         from .tree_tune import main as tree_main
 
         return tree_main([a for a in args_list if a != "--tree"])
-    parser = argparse.ArgumentParser(description="Tune a draft rescorer by block efficiency.", prog="tune")
+    parser = argparse.ArgumentParser(
+        description="Tune a draft rescorer by block efficiency. Two other modes: `hf-bpd tune --auto ...` fits the "
+        "checkpoint's default drafter (`hf-bpd tune --auto --help`), `hf-bpd tune --tree ...` calibrates a static "
+        "draft tree (`hf-bpd tune --tree --help`).",
+        prog="tune",
+    )
     add_arguments(parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
