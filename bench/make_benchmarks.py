@@ -111,13 +111,14 @@ def smollm2_rows(ref: Path, size) -> list[str]:
         info = json.loads(info_path.read_text())
         kind = {"recurrent": "token-conditioned (recurrent)", "resblock": "ResBlock"}.get(info["head_type"], "")
         top1 = ", ".join(f"{v:.2f}" for v in info["head_metrics"]["top1"])
-        resumed = f" (the run resumed from step {info['resumed_from_step']})" if info.get("resumed_from_step") else ""
+        resumed = f" from step {info['resumed_from_step']} on" if info.get("resumed_from_step") else ""
         epochs = f", {float(info['epochs']):g} epochs" if info.get("epochs") else ""
         lines.append(
             f"| `reference/{name}` | {info['num_draft_heads']} {kind} heads on SmolLM2-135M-Instruct, frozen base, "
             f"hard self-distillation | {int(info['train_target_tokens']) / 1e6:.2f}M target tokens, "
             f"{info['global_step']} steps{epochs}, {int(info['seconds_this_session']) / 60:.0f} min{resumed} | "
-            f"top-1 per head on held-out answers: {top1} | {size(ref / name)} |"
+            f"held-out top-1 per head (the run's eval chats, prompt and answer positions): {top1} | "
+            f"{size(ref / name)} |"
         )
     log_path = ref / "smollm2-small" / "training_log.json"
     if log_path.exists():

@@ -55,9 +55,9 @@ def test_reference_table_counts_the_smollm2_parts_and_rewrites_both_files(tmp_pa
         }
         heads = rows["| `reference/smollm2-heads`"]
         assert "token-conditioned" in heads and "1.50M target tokens, 300 steps, 2.5 epochs" in heads
-        assert "resumed from step 100" in heads and "0.50, 0.25" in heads and "2.0 MB" in heads
+        assert "10 min from step 100 on" in heads and "0.50, 0.25" in heads and "2.0 MB" in heads
         assert "ResBlock" in rows["| `reference/smollm2-medusa-heads`"]
-        assert "resumed" not in rows["| `reference/smollm2-medusa-heads`"]
+        assert "from step" not in rows["| `reference/smollm2-medusa-heads`"]
         assert "KenLM 4-gram over SmolLM2 token ids" in rows["| `reference/smollm2-ngram`"]
         # the total is every file under reference/, the SmolLM2 parts included
         total = sum(f.stat().st_size for f in ref.rglob("*") if f.is_file())
