@@ -4,9 +4,13 @@ Everything is made from the *training split* of ../shared/corpora (the same dete
 reference stack) and from SmolLM2's own outputs; the validation split only gives the benchmark's chat prompts.
 Each stage is resumable: rerun the same command after an interruption and it continues where it stopped.
 
-    python examples/build_smollm2.py --stages prompts,answers --answers-max-minutes 40
-    python examples/build_smollm2.py --stages features,heads,select --heads-max-minutes 60
+    python examples/build_smollm2.py --stages prompts,answers --answer-batch 128 --answers-max-minutes 170 --threads 2
+    python examples/build_smollm2.py --stages features --soft-top-k 0
+    python examples/build_smollm2.py --stages heads,select --heads-max-minutes 180 --threads 2
     python examples/build_smollm2.py --stages ngram,small
+
+The defaults are the shipped heads' recipe (recurrent heads, draft vocabulary 4096, lr 2e-3, 2.5 epochs, 200 raw
+windows; docs/smollm2.md says how the shipped run itself went).
 
 Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
@@ -140,7 +144,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", help="dtype for answers/features (bfloat16 or float32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     # features / heads (see those stages)
-    p.add_argument("--raw-sequences", type=int, default=400, help="raw training-text windows for features")
+    p.add_argument("--raw-sequences", type=int, default=200, help="raw training-text windows for features")
     p.add_argument(
         "--soft-top-k",
         type=int,
@@ -155,11 +159,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--seq-len", type=int, default=384)
     p.add_argument("--heads", type=int, default=5, help="heads to train (select keeps the first h)")
-    p.add_argument("--draft-vocab-size", type=int, default=8192)
+    p.add_argument("--draft-vocab-size", type=int, default=4096)
     p.add_argument("--heads-max-minutes", type=float, default=60.0)
     p.add_argument(
         "--head-type",
-        default="resblock",
+        default="recurrent",
         help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)",
     )
     p.add_argument("--head-num-layers", type=int, default=1, help="blocks per head (BPDConfig.head_num_layers)")
@@ -187,9 +191,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=True,
         help="train on batches of similar lengths, each cut after its last target (same loss, fewer columns to run)",
     )
-    p.add_argument("--heads-epochs", type=float, default=4.0)
+    p.add_argument("--heads-epochs", type=float, default=2.5)
     p.add_argument("--heads-batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--select-tokens", type=int, default=64, help="new tokens per tuning prompt when choosing h")
     p.add_argument(
         "--heads-out",
