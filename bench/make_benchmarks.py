@@ -65,25 +65,18 @@ def table(methods: dict, domain_cols: tuple[str, ...] = COLS) -> list[str]:
 def reference_table() -> list[str]:
     """Sizes, training budgets and held-out perplexities of the shipped reference stack (from its own logs)."""
     ref = REPO / "reference"
-
-    def size(path: Path) -> str:
-        files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
-        return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
-
     lines = ["| part | what | training | held-out | size on disk |", "|---|---|---|---|---|"]
     for name in ("base", "small"):
-        log_path = ref / name / "training_log.json"
-        if log_path.exists():
-            log = json.loads(log_path.read_text())
+        log = _log(ref / name / "training_log.json")
+        if log:
             ppl = ", ".join(f"{d} {v:.1f}" for d, v in log["validation_perplexity"].items())
             lines.append(
                 f"| `reference/{name}` | Llama, {log['num_parameters'] / 1e6:.2f}M parameters | {log['steps']} steps, "
                 f"{log['tokens_seen'] / 1e6:.2f}M tokens, {log['wall_time_s'] / 60:.0f} min | perplexity: {ppl} | "
-                f"{size(ref / name)} |"
+                f"{_size(ref / name)} |"
             )
-    info_path = ref / "heads" / "bpd_training.json"
-    if info_path.exists():
-        info = json.loads(info_path.read_text())
+    info = _log(ref / "heads" / "bpd_training.json")
+    if info:
         metrics = info.get("validation_metrics", {})
         top1 = ", ".join(f"{metrics[k]:.2f}" for k in sorted(metrics) if k.endswith("_top1"))
         sel = "; ".join(
@@ -93,22 +86,32 @@ def reference_table() -> list[str]:
             f"| `reference/heads` | {info['chosen_h']} ResBlock heads (of {info['trained_heads']} trained), frozen "
             f"base, hard self-distillation | {info['global_step']} steps, {info['wall_time_s'] / 60:.0f} min | "
             f"top-1 per head (of {info['trained_heads']}): {top1}; h chosen by measured speed: {sel} | "
-            f"{size(ref / 'heads')} |"
+            f"{_size(ref / 'heads')} |"
         )
     lines += _ngram_row(ref, "ngram", "token ids")
-    lines += smollm2_rows(ref, size)
-    lines.append(f"| all of `reference/` | | | | {size(ref)} |")
+    lines += smollm2_rows(ref)
+    lines.append(f"| all of `reference/` | | | | {_size(ref)} |")
     return lines
 
 
-def smollm2_rows(ref: Path, size) -> list[str]:
+def _size(path: Path) -> str:
+    """Bytes on disk of a file or a folder, in MB."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    return f"{sum(f.stat().st_size for f in files) / 1e6:.1f} MB"
+
+
+def _log(path: Path) -> dict | None:
+    """A part's JSON log, or None when the part was not built."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def smollm2_rows(ref: Path) -> list[str]:
     """The SmolLM2 stack's parts (heads, small LM, KenLM model) from their own logs; none when not built."""
     lines = []
     for name in ("smollm2-heads", "smollm2-medusa-heads"):
-        info_path = ref / name / "bpd_training.json"
-        if not info_path.exists():
+        info = _log(ref / name / "bpd_training.json")
+        if not info:
             continue
-        info = json.loads(info_path.read_text())
         kind = {"recurrent": "token-conditioned (recurrent)", "resblock": "ResBlock"}.get(info["head_type"], "")
         top1 = ", ".join(f"{v:.2f}" for v in info["head_metrics"]["top1"])
         resumed = f" from step {info['resumed_from_step']} on" if info.get("resumed_from_step") else ""
@@ -118,24 +121,22 @@ def smollm2_rows(ref: Path, size) -> list[str]:
             f"hard self-distillation | {int(info['train_target_tokens']) / 1e6:.2f}M target tokens, "
             f"{info['global_step']} steps{epochs}, {int(info['seconds_this_session']) / 60:.0f} min{resumed} | "
             f"held-out top-1 per head (the run's eval chats, prompt and answer positions): {top1} | "
-            f"{size(ref / name)} |"
+            f"{_size(ref / name)} |"
         )
-    log_path = ref / "smollm2-small" / "training_log.json"
-    if log_path.exists():
-        log = json.loads(log_path.read_text())
+    log = _log(ref / "smollm2-small" / "training_log.json")
+    if log:
         lines.append(
             f"| `reference/smollm2-small` | Llama, {log['params'] / 1e6:.2f}M parameters, SmolLM2's tokenizer | "
-            f"{log['steps']} steps, {log['seconds_this_session'] / 60:.0f} min | – | {size(ref / 'smollm2-small')} |"
+            f"{log['steps']} steps, {log['seconds_this_session'] / 60:.0f} min | – | {_size(ref / 'smollm2-small')} |"
         )
     return lines + _ngram_row(ref, "smollm2-ngram", "SmolLM2 token ids")
 
 
 def _ngram_row(ref: Path, name: str, over: str) -> list[str]:
     """The table row of the KenLM model in `reference/{name}` (none when not built)."""
-    info_path = ref / name / "ngram_info.json"
-    if not info_path.exists():
+    info = _log(ref / name / "ngram_info.json")
+    if not info:
         return []
-    info = json.loads(info_path.read_text())
     return [
         f"| `reference/{name}` | KenLM {info['order']}-gram over {over}, prune {info['prune']}, "
         f"{info['quantize_bits']}-bit {info['binary_type']} | {info['build_time_s']:.0f} s | – | "

@@ -265,15 +265,13 @@ def _unsupported(methods: list[str], res: Resources, cfg: BenchConfig) -> dict[s
     of the heads' top-k lattice with token-conditioned heads (exact only for independent ones).
     """
     unsupported = {m: METHODS[m].batch1_only for m in methods if METHODS[m].batch1_only and cfg.batch_size > 1}
-    if not res.model.independent_heads:
-        for m in methods:
-            if METHODS[m].lattice:
-                unsupported[m] = (
-                    "searches the heads' top-k lattice (Kim et al.), exact only for independent heads; "
-                    f"head_type={res.model.config.head_type!r} heads read the drafted tokens: bpd-tree and "
-                    "bpd-tree-ngram rank the searched paths instead"
-                )
     for m in methods:
+        if METHODS[m].lattice and not res.model.independent_heads:
+            unsupported[m] = (
+                "searches the heads' top-k lattice (Kim et al.), exact only for independent heads; "
+                f"head_type={res.model.config.head_type!r} heads read the drafted tokens: bpd-tree and "
+                "bpd-tree-ngram rank the searched paths instead"
+            )
         if "draft_tree" in METHODS[m].parts() and res.draft_tree is None:
             unsupported[m] = (
                 "the heads carry no static tree (BPDConfig.draft_tree): calibrate one with "
