@@ -174,6 +174,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="recurrent heads only: FFN blocks of this inner width instead of ResBlocks (BPDConfig)",
     )
     p.add_argument(
+        "--init-heads",
+        type=Path,
+        default=None,
+        help="start from these trained heads (a heads folder of the same kind and draft vocabulary); narrower "
+        "blocks are widened to --head-intermediate-size, computing what they computed (hf_bpd.heads.load_grown_heads)",
+    )
+    p.add_argument(
         "--heads-tag",
         default="",
         help="suffix of the work folders of this run (e.g. 'recurrent-25pct'), so runs can sit side by side",
@@ -760,6 +767,8 @@ def stage_heads(args: argparse.Namespace) -> None:
         base_model_name_or_path=SMOLLM2_HUB_ID,
     )
     model.set_draft_vocab(token_map)
+    if args.init_heads is not None:
+        _init_heads(model, args.init_heads)
     steps_per_epoch = max(1, len(train) // args.heads_batch)
     tag = f"-{args.heads_tag}" if args.heads_tag else ""
     ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}{tag}"
@@ -838,6 +847,25 @@ def stage_heads(args: argparse.Namespace) -> None:
     model.save_pretrained(out, training_info=info)
     tok.save_pretrained(out)
     logger.info("heads saved to %s", out)
+
+
+def _init_heads(model, folder: Path) -> None:
+    """Load trained heads into `model`'s fresh ones (widening narrower blocks); the draft vocabularies must agree."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_bpd.heads import load_grown_heads
+    from hf_bpd.saving import HEADS_WEIGHTS_NAME
+
+    tensors = load_file(str(folder / HEADS_WEIGHTS_NAME))
+    source_map = tensors.get("draft_token_map")
+    if source_map is None or not torch.equal(source_map.to(model.draft_token_map), model.draft_token_map):
+        raise SystemExit(
+            f"--init-heads {folder}: its draft vocabulary differs from this run's (same features and "
+            "--draft-vocab-size give the same one); heads trained on another vocabulary cannot be continued."
+        )
+    grown = load_grown_heads(model.heads, {k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+    logger.info("heads: started from %s (%d tensors widened)", folder, len(grown))
 
 
 # --------------------------------------------------------------------------------------------- ngram

@@ -203,3 +203,67 @@ def teacher_tokens(tokens: torch.LongTensor, num_heads: int, fill: int = 0) -> t
     padded = torch.where(padded < 0, fill, padded)
     positions = torch.arange(tokens.shape[1], device=tokens.device)[:, None]
     return padded[:, positions + 1 + torch.arange(num_heads, device=tokens.device)]
+
+
+def load_grown_heads(heads: DraftHeads, state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """
+    Start `heads` from trained heads of the same kind with narrower blocks, computing exactly what they computed
+    (Net2Net's function-preserving widening: Chen, Goodfellow and Shlens, 2016, section 2.1).
+
+    A trained [`ResBlock`] `x + SiLU(W x + b)` becomes the first `d` inner units of an [`FFNBlock`]
+    `x + W_2 SiLU(W_1 x + b_1) + b_2`: `W_1[:d] = W`, `b_1[:d] = b`, `W_2[:, :d] = I`, `b_2 = 0`. The FFN's other
+    inner units keep their fresh initialisation in `W_1` and their zero columns of `W_2`, so they add nothing until
+    trained. A trained FFN block of inner width `m` fills the first `m` units the same way. Every other tensor must
+    match in name and shape and is copied.
+
+    Args:
+        heads ([`DraftHeads`]): freshly built heads (e.g. `head_type="recurrent"` with `head_intermediate_size`).
+        state_dict (`dict[str, torch.Tensor]`): the trained heads' tensors, keys relative to the heads module
+            (`"0.blocks.0.linear.weight"`, ...), as `heads.state_dict()` names them.
+    Returns:
+        `list[str]`: the keys of `heads` that were widened rather than copied.
+    Raises:
+        `ValueError`: a tensor of `heads` has no source, a source tensor has no place in `heads`, or a source is
+            wider than its target.
+    """
+    own = heads.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    grown: list[str] = []
+    used: set[str] = set()
+    for name, module in heads.named_modules():
+        if not isinstance(module, FFNBlock):
+            continue
+        prefix = f"{name}."
+        up, down = module.up.weight, module.down.weight
+        d, inner = up.shape[1], up.shape[0]
+        if f"{prefix}linear.weight" in state_dict:  # a ResBlock: W, b and an identity W_2 of width d
+            w, b = state_dict[f"{prefix}linear.weight"], state_dict[f"{prefix}linear.bias"]
+            w2, b2 = torch.eye(d, dtype=w.dtype), torch.zeros(d, dtype=w.dtype)
+            used |= {f"{prefix}linear.weight", f"{prefix}linear.bias"}
+        elif f"{prefix}up.weight" in state_dict:
+            w, b = state_dict[f"{prefix}up.weight"], state_dict[f"{prefix}up.bias"]
+            w2, b2 = state_dict[f"{prefix}down.weight"], state_dict[f"{prefix}down.bias"]
+            used |= {f"{prefix}{k}" for k in ("up.weight", "up.bias", "down.weight", "down.bias")}
+        else:
+            continue  # left to the name-and-shape check below
+        m = w.shape[0]
+        if m > inner or w.shape[1] != d:
+            raise ValueError(f"{prefix[:-1]}: the trained block ({m} x {w.shape[1]}) is wider than {inner} x {d}.")
+        new[f"{prefix}up.weight"] = torch.cat([w.to(up.dtype), up.detach()[m:]])
+        new[f"{prefix}up.bias"] = torch.cat([b.to(up.dtype), module.up.bias.detach()[m:]])
+        new[f"{prefix}down.weight"] = torch.cat([w2.to(down.dtype), torch.zeros_like(down)[:, m:]], dim=1)
+        new[f"{prefix}down.bias"] = b2.to(down.dtype)
+        grown += [f"{prefix}up.weight", f"{prefix}up.bias", f"{prefix}down.weight", f"{prefix}down.bias"]
+    for key, tensor in own.items():
+        if key in new:
+            continue
+        if key not in state_dict or state_dict[key].shape != tensor.shape:
+            have = tuple(state_dict[key].shape) if key in state_dict else "nothing"
+            raise ValueError(f"heads tensor {key} {tuple(tensor.shape)} has no source of that shape (got {have}).")
+        new[key] = state_dict[key]
+        used.add(key)
+    extra = sorted(set(state_dict) - used)
+    if extra:
+        raise ValueError(f"trained tensors with no place in these heads: {extra[:4]} ({len(extra)} in all).")
+    heads.load_state_dict(new)
+    return grown

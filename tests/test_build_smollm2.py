@@ -423,3 +423,31 @@ def test_eval_head_kinds_answer_scope_masks_each_row_s_prompt(build, tokenizer, 
     save_feature_shard(extracted, {k: v[:1] for k, v in load_file(next(folder.glob("*.safetensors"))).items()})
     with pytest.raises(SystemExit, match="stores no prompt ids"):
         evaluation.answer_targets([extracted], targets[:1], tmp_path / "answers.jsonl", tokenizer)
+
+
+def test_init_heads_widens_trained_heads_and_refuses_another_draft_vocabulary(build, tmp_path):
+    """`--init-heads`: the heads stage starts from a trained heads folder, wider FFN blocks computing what the
+    narrow heads computed; a folder trained on another draft vocabulary is refused, not silently mixed."""
+    from conftest import VOCAB, randomize_heads
+
+    from hf_bpd import BPDForCausalLM
+
+    base = tiny_base("llama")
+    vocab = torch.arange(3, 3 + 40)
+    trained = BPDForCausalLM.from_base(base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40)
+    trained.set_draft_vocab(vocab)
+    randomize_heads(trained, std=0.3)
+    trained.save_pretrained(tmp_path / "trained")
+    wide = BPDForCausalLM.from_base(
+        base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, head_intermediate_size=64
+    )
+    wide.set_draft_vocab(vocab)
+    build._init_heads(wide, tmp_path / "trained")
+    hidden, prev = torch.randn(2, 4, 32), torch.randint(0, VOCAB, (2, 4, 3))
+    torch.testing.assert_close(wide.draft_logits(hidden, prev), trained.draft_logits(hidden, prev))
+    other = BPDForCausalLM.from_base(
+        base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, head_intermediate_size=64
+    )
+    other.set_draft_vocab(torch.arange(5, 5 + 40))
+    with pytest.raises(SystemExit, match="draft vocabulary differs"):
+        build._init_heads(other, tmp_path / "trained")

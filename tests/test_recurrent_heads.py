@@ -76,6 +76,34 @@ def test_ffn_blocks_start_as_the_identity_learn_and_round_trip(tmp_path):
         BPDConfig(head_type="recurrent", head_intermediate_size=0)
 
 
+def test_grown_heads_compute_what_the_narrow_heads_computed_and_then_learn():
+    """`load_grown_heads` (Net2Net widening): trained ResBlock heads, or narrower FFN heads, loaded into wider FFN
+    heads give the same logits, the new inner units get gradient, and mismatches are refused with the tensor named."""
+    from hf_bpd.heads import load_grown_heads
+
+    base = tiny_base("llama")
+    hidden, prev = torch.randn(2, 5, 32), torch.randint(0, VOCAB, (2, 5, H))
+    for source_config in ({}, {"head_intermediate_size": 40}):
+        narrow = randomize_heads(recurrent(base, head_num_layers=2, **source_config), std=0.3)
+        wide = recurrent(base, head_num_layers=2, head_intermediate_size=64)
+        grown = load_grown_heads(wide.heads, narrow.heads.state_dict())
+        assert len(grown) == H * 2 * 4  # up/down weight and bias of every block
+        torch.testing.assert_close(wide.draft_logits(hidden, prev), narrow.draft_logits(hidden, prev))
+        wide(base_hidden_states=hidden, labels=torch.randint(0, VOCAB, (2, 5))).loss.backward()
+        # the new units' output columns start at zero but learn (their inputs W_1[m:] are random)
+        assert wide.heads[0].blocks[0].down.weight.grad[:, 40:].abs().sum() > 0
+    with pytest.raises(ValueError, match="wider than 16 x 32"):
+        load_grown_heads(recurrent(base, head_intermediate_size=16).heads, recurrent(base).heads.state_dict())
+    with pytest.raises(ValueError, match="no source of that shape"):  # one block trained, two wanted
+        load_grown_heads(
+            recurrent(base, head_num_layers=2, head_intermediate_size=64).heads, recurrent(base).heads.state_dict()
+        )
+    with pytest.raises(ValueError, match="no place in these heads"):  # two blocks trained, one wanted
+        load_grown_heads(
+            recurrent(base, head_intermediate_size=64).heads, recurrent(base, head_num_layers=2).heads.state_dict()
+        )
+
+
 def test_output_j_reads_only_its_prefix_and_steps_match_forward():
     model = randomize_heads(recurrent(), std=0.3)
     hidden = torch.randn(4, 32)
