@@ -72,7 +72,11 @@ class BPDConfig(PretrainedConfig):
             The checkpoint's recommended drafter, a small JSON spec `{"type": name, **options}` naming an entry of
             `hf_bpd.drafters.DRAFTERS` (e.g. `{"type": "tree", "num_nodes": 16, "top_k": 8}`); paths inside it
             (a KenLM file, a small LM folder) are relative to the checkpoint folder. `generate(use_bpd=True)` builds
-            it unless `drafter=` is passed. `None` (default): the heads' own chain (`"heads"`).
+            it unless `drafter=` is passed. `None` (default): the heads' own chain (`"heads"`). An optional
+            `"by_dtype"` entry, `{dtype name: overrides}` (e.g. `{"float32": {"tree": {"num_nodes": 16}}}`, written
+            by `hf-bpd tune --auto --dtype-override`), is merged into the spec (nested dicts key by key, any other
+            value replaced) when the base model runs in that dtype: what drafts fastest differs between dtypes and
+            machines ([`drafter_spec_for_dtype`]).
     """
 
     model_type = "bpd"
@@ -172,9 +176,50 @@ class BPDConfig(PretrainedConfig):
             raise ValueError(
                 f"BPDConfig.drafter must be None or a dict like {{'type': 'tree', 'num_nodes': 16}}, got {spec!r}."
             )
+        drafter_spec_for_dtype(spec, None)  # checks `by_dtype`
         try:
             json.dumps(spec)
         except TypeError as err:
             raise ValueError(
                 f"BPDConfig.drafter must hold JSON values only (it is saved in config.json): {err}"
             ) from None
+
+
+def drafter_spec_for_dtype(spec: Any, dtype: Any) -> Any:
+    """
+    A drafter spec with its `"by_dtype"` overrides for `dtype` merged in (see `BPDConfig.drafter`), without the
+    `"by_dtype"` entry; specs without one (names, `None`, drafter objects) come back unchanged.
+
+    Args:
+        spec: a drafter spec.
+        dtype (`torch.dtype` or `str`, *optional*): the base model's dtype (`None`: only check the overrides).
+    Returns:
+        The spec to build.
+    Raises:
+        `ValueError`: `by_dtype` is not a dict of dicts keyed by torch dtype names (`"float32"`, `"bfloat16"`, ...).
+    """
+    if not isinstance(spec, dict) or "by_dtype" not in spec:
+        return spec
+    import torch
+
+    overrides = spec["by_dtype"]
+    if not isinstance(overrides, dict) or not all(
+        isinstance(getattr(torch, str(k), None), torch.dtype) and isinstance(v, dict) for k, v in overrides.items()
+    ):
+        raise ValueError(
+            "The drafter spec's 'by_dtype' must map torch dtype names to overrides of the spec, e.g. "
+            f"{{'float32': {{'tree': {{'num_nodes': 16}}}}}}, got {overrides!r}."
+        )
+    resolved = {k: v for k, v in spec.items() if k != "by_dtype"}
+    if dtype is None:
+        return resolved
+    return _merged(resolved, overrides.get(str(dtype).removeprefix("torch."), {}))
+
+
+def _merged(spec: dict, overrides: dict) -> dict:
+    """`spec` with `overrides` applied: nested dicts merged key by key, any other value replaced."""
+    out = dict(spec)
+    for key, value in overrides.items():
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = _merged(out[key], value) if both_dicts else value
+    return out

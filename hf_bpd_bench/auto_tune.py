@@ -127,10 +127,13 @@ def tune_auto(
     max_new_tokens: int = 64,
     repeats: int = 2,
     rules: Sequence[str] = ("merge", "both"),
+    spec: dict[str, Any] | None = None,
 ) -> tuple[dict, dict, dict]:
     """The fastest `"auto"` spec over the candidates ([`candidate_specs`]), the median seconds of each and all the
-    timings (interleaved repeats: every repeat visits every candidate, in a rotated order)."""
-    spec = auto_spec(model, prompts, max(max(num_nodes), 1), top_k, max_depth, max_new_tokens)
+    timings (interleaved repeats: every repeat visits every candidate, in a rotated order). `spec`: an already
+    fitted `"auto"` spec whose calibrations the candidates keep (default: fitted here, [`auto_spec`])."""
+    if spec is None:
+        spec = auto_spec(model, prompts, max(max(num_nodes), 1), top_k, max_depth, max_new_tokens)
     specs = candidate_specs(spec, num_nodes, rules)
     names = list(specs)
     for name in names:  # warm up each (and measure the cost curve once)
@@ -146,12 +149,41 @@ def tune_auto(
 
 def write_config(folder: str | Path, spec: dict[str, Any], tuning: dict[str, Any] | None = None) -> Path:
     """Set `drafter` (and `drafter_tuning`: what it was tuned with, when given) in the checkpoint's `config.json`
-    (the rest unchanged)."""
+    (the rest unchanged; a `by_dtype` already in the spec is kept, its entry for `tuning["dtype"]` dropped: this
+    spec is now tuned for that dtype)."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
+    old = config.get("drafter") if isinstance(config.get("drafter"), dict) else {}
+    spec = dict(spec)
+    by_dtype = {k: v for k, v in (old.get("by_dtype") or {}).items() if tuning is None or k != tuning.get("dtype")}
+    if by_dtype:
+        spec["by_dtype"] = by_dtype
     config["drafter"] = _rounded(spec)
     if tuning is not None:
-        config["drafter_tuning"] = _rounded(tuning)
+        kept = {
+            k: v
+            for k, v in (config.get("drafter_tuning") or {}).get("by_dtype", {}).items()
+            if k != tuning.get("dtype") and k in by_dtype
+        }
+        config["drafter_tuning"] = _rounded({**tuning, **({"by_dtype": kept} if kept else {})})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def dtype_override(best: dict[str, Any]) -> dict[str, Any]:
+    """What a tuned candidate changes in a checkpoint's spec: its tree width and rule (`{"tree": None}`: no tree)."""
+    if best.get("tree") is None:
+        return {"tree": None}
+    return {"tree": {"num_nodes": int(best["tree"]["num_nodes"])}, "rule": best.get("rule", "merge")}
+
+
+def write_dtype_override(folder: str | Path, dtype: str, best: dict[str, Any], tuning: dict[str, Any]) -> Path:
+    """Record the fastest candidate for `dtype` as `drafter["by_dtype"][dtype]` (and its timings under
+    `drafter_tuning["by_dtype"][dtype]`) in the checkpoint's `config.json`; the spec itself is unchanged."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["drafter"].setdefault("by_dtype", {})[dtype] = dtype_override(best)
+    config.setdefault("drafter_tuning", {}).setdefault("by_dtype", {})[dtype] = _rounded(tuning)
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
@@ -206,25 +238,50 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--json", default=None, help="Write every timing here (JSON).")
     parser.add_argument("--write-config", action="store_true", help="Write the spec into the checkpoint's config.")
+    parser.add_argument(
+        "--dtype-override",
+        action="store_true",
+        help="Keep the checkpoint's 'auto' spec (and its calibrations); time its tree widths and rules in --dtype and "
+        "write the fastest as the spec's override for that dtype (drafter.by_dtype), used whenever the base runs in "
+        "it. For machines or dtypes other than the one the spec was tuned on.",
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
+    from hf_bpd import BPDConfig
     from hf_bpd.data import load_prompts, tokenize_prompts
     from hf_bpd.modeling_bpd import BPDForCausalLM, tokenizer_source
 
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    fitted = None
+    if args.dtype_override:
+        current = BPDConfig.from_pretrained(args.model).drafter
+        if not (isinstance(current, dict) and current.get("type") == "auto" and current.get("tree")):
+            raise SystemExit(
+                f"--dtype-override keeps the checkpoint's 'auto' spec with its heads tree, but {args.model}'s config "
+                f"holds drafter={current!r}: run `tune --auto --write-config` first."
+            )
+        fitted = {k: v for k, v in current.items() if k != "by_dtype"}
     model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, None, None))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
     batches = tokenize_prompts(rows, tokenizer, batch_size=1, max_prompt_tokens=args.max_prompt_tokens)
     prompts = [batch["input_ids"] for batch in batches if batch["input_ids"].numel()]
     spec, medians, times = tune_auto(
-        model, prompts, args.num_nodes, args.top_k, args.max_depth, args.max_new_tokens, args.repeats, args.rules
+        model,
+        prompts,
+        args.num_nodes,
+        args.top_k,
+        args.max_depth,
+        args.max_new_tokens,
+        args.repeats,
+        args.rules,
+        spec=fitted,
     )
     best = min(medians, key=medians.get)
     for name, seconds in medians.items():
@@ -245,7 +302,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if args.json:
         Path(args.json).write_text(json.dumps({**tuning, "times_s": times, "spec": _rounded(spec)}, indent=1) + "\n")
-    if args.write_config:
+    if args.dtype_override:
+        print(
+            f"wrote {args.dtype}: {dtype_override(spec)} to {write_dtype_override(args.model, args.dtype, spec, tuning)}"
+        )
+    elif args.write_config:
         print(f"wrote {write_config(args.model, spec, tuning)}")
     else:
         print(json.dumps(_rounded(spec)))

@@ -415,3 +415,50 @@ def test_recorded_node_scores_equal_the_heads_log_probabilities(monkeypatch):
             ids, attention_mask=mask, max_new_tokens=12, use_bpd=True, drafter=build_drafter(model, auto_spec(FLAT))
         )
     assert True in seen and False in seen
+
+
+def test_by_dtype_overrides_pick_the_spec_for_the_base_dtype_and_tune_writes_them(tmp_path):
+    """`BPDConfig.drafter["by_dtype"]`: the overrides for the base model's dtype are merged in when the drafter is
+    built (here: a wider tree in fp32, no tree in bf16), decoding stays lossless, malformed overrides are refused; the
+    tuner's `--dtype-override` records a width per dtype and `--write-config` keeps the other dtypes' entries."""
+    from hf_bpd import BPDConfig
+    from hf_bpd_bench.auto_tune import write_config, write_dtype_override
+
+    spec = auto_spec(FLAT, by_dtype={"float32": {"tree": {"num_nodes": 2}}, "bfloat16": {"tree": None}})
+    model = make("llama")
+    drafter = build_drafter(model, spec)
+    assert drafter.tree.num_nodes == 2 and drafter.tree.top_k == 3  # merged key by key: top_k kept
+    ids, mask = repetitive_prompts(3)
+    lossless_run(model, spec, ids, mask)
+    assert build_drafter(model.to(torch.bfloat16), spec).tree is None
+    assert build_drafter(model.to(torch.float16), spec).tree.num_nodes == 6  # no entry: the spec as written
+    for bad in ({"fp32": {}}, {"float32": 16}, [("float32", {})]):
+        with pytest.raises(ValueError, match="'by_dtype' must map torch dtype names"):
+            BPDConfig(drafter={"type": "auto", "tree": {}, "by_dtype": bad})
+
+    model.to(torch.float32).save_pretrained(tmp_path, save_base=True)
+    tuned = {k: v for k, v in auto_spec(FLAT).items() if k != "cost"}
+    write_config(tmp_path, tuned, {"dtype": "bfloat16", "best": "n6-merge"})
+    candidate = {**tuned, "tree": {**tuned["tree"], "num_nodes": 16}, "rule": "both"}
+    write_dtype_override(tmp_path, "float32", candidate, {"dtype": "float32", "best": "n16-both"})
+    write_dtype_override(tmp_path, "float16", {k: v for k, v in tuned.items() if k != "tree"}, {"dtype": "float16"})
+    config = BPDConfig.from_pretrained(tmp_path)
+    assert config.drafter["by_dtype"] == {
+        "float32": {"tree": {"num_nodes": 16}, "rule": "both"},
+        "float16": {"tree": None},
+    }
+    assert (
+        config.drafter["tree"]["num_nodes"] == 6 and config.drafter_tuning["by_dtype"]["float32"]["best"] == "n16-both"
+    )
+    loaded = BPDForCausalLM.from_pretrained(tmp_path).eval()
+    assert build_drafter(loaded, loaded.config.drafter).tree.num_nodes == 16
+    from hf_bpd_bench.auto_tune import main
+
+    plain = tmp_path / "plain"
+    make("llama").save_pretrained(plain, save_base=True)
+    with pytest.raises(SystemExit, match="run `tune --auto --write-config` first"):
+        main(["--model", str(plain), "--prompts", "unused.jsonl", "--dtype-override"])
+    write_config(tmp_path, tuned, {"dtype": "float32", "best": "n6-merge"})  # re-tuned for fp32: its override goes
+    config = BPDConfig.from_pretrained(tmp_path)
+    assert config.drafter["by_dtype"] == {"float16": {"tree": None}}
+    assert set(config.drafter_tuning["by_dtype"]) == {"float16"} and config.drafter_tuning["dtype"] == "float32"

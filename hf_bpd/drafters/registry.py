@@ -11,7 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..configuration_bpd import drafter_spec_for_dtype
 from .base import Drafter, DraftHeadsView, HeadsDrafter, check_drafter_heads
+
+
+def _base_dtype(model: Any) -> Any:
+    """The dtype the base model runs in (what a spec's `by_dtype` is keyed by); `None` when it has no parameters."""
+    base = getattr(model, "base", model)
+    param = next(iter(base.parameters()), None) if hasattr(base, "parameters") else None
+    return param.dtype if param is not None else None
 
 
 def _path(model: Any, value: Any) -> Any:
@@ -121,12 +129,14 @@ def build_drafter(model: Any, spec: Any = None) -> Drafter:
     Args:
         model ([`~hf_bpd.BPDForCausalLM`]): the model whose heads draft (and whose checkpoint folder anchors paths).
         spec: None (the heads' own chain), a registry name (`"tree"`), a dict `{"type": name, **options}` (options
-            are the factory's keyword arguments, e.g. `{"type": "ngram", "path": "ngram.bin", "top_k": 8}`), or a
+            are the factory's keyword arguments, e.g. `{"type": "ngram", "path": "ngram.bin", "top_k": 8}`; a
+            `"by_dtype"` entry is resolved for the base model's dtype first, see `BPDConfig.drafter`), or a
             [`Drafter`] instance (used as is).
     Raises:
         ValueError: for an unknown name or a bad spec, naming the registered drafters; or when the drafter needs
             independent heads and the model's are token-conditioned.
     """
+    spec = drafter_spec_for_dtype(spec, _base_dtype(model))
     if spec is None:
         drafter: Drafter = HeadsDrafter()
     elif isinstance(spec, Drafter):
