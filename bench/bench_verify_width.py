@@ -19,6 +19,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
+from hf_bpd.configuration_bpd import drafter_spec_for_dtype
 from hf_bpd.cost import cpu_model
 from hf_bpd.data import load_prompts, tokenize_prompts
 from hf_bpd.drafters import build_drafter
@@ -33,7 +34,7 @@ torch.set_num_threads(1)
 model = BPDForCausalLM.from_pretrained("reference/heads", dtype=torch.float32).eval()
 tok = AutoTokenizer.from_pretrained("reference/heads")
 rows = load_prompts("reference/prompts/validation.jsonl", tok, args.per_domain)
-spec = dict(model.config.drafter)
+spec = dict(drafter_spec_for_dtype(model.config.drafter, model.base.dtype))  # this dtype's overrides merged in
 tree = spec.get("tree") or {**dict(json.load(open("bench/results/tune_auto_10M.json"))["spec"]).get("tree", {})}
 base = {k: v for k, v in spec.items() if k != "tree"}
 variants = {"cost": spec}

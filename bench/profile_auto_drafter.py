@@ -13,6 +13,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_bpd import BPDForCausalLM
+from hf_bpd.configuration_bpd import drafter_spec_for_dtype
 from hf_bpd.data import load_prompts, tokenize_prompts
 from hf_bpd.drafters import build_drafter
 
@@ -27,7 +28,7 @@ for r in rows:
         seen.add(r["domain"])
         picked.append(r)
 inputs = tokenize_prompts(picked, tok, 1)
-spec = dict(model.config.drafter)
+spec = dict(drafter_spec_for_dtype(model.config.drafter, model.base.dtype))  # this dtype's overrides merged in
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 if args:
     n = int(args[0])

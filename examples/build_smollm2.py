@@ -855,18 +855,32 @@ def _init_heads(model, folder: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
+    from hf_bpd import BPDConfig
     from hf_bpd.heads import load_grown_heads
     from hf_bpd.saving import HEADS_WEIGHTS_NAME
 
+    source = BPDConfig.from_pretrained(folder)
+    want = (model.config.head_type, model.config.num_draft_heads, model.config.share_lm_head)
+    have = (source.head_type, source.num_draft_heads, source.share_lm_head)
+    if have != want:
+        raise SystemExit(
+            f"--init-heads {folder} holds {have[1]} {have[0]!r} heads (share_lm_head={have[2]}), this run builds "
+            f"{want[1]} {want[0]!r} heads (share_lm_head={want[2]}): pass --head-type and --heads to match it."
+        )
     tensors = load_file(str(folder / HEADS_WEIGHTS_NAME))
     source_map = tensors.get("draft_token_map")
-    if source_map is None or not torch.equal(source_map.to(model.draft_token_map), model.draft_token_map):
+    if source_map is None:
+        raise SystemExit(
+            f"--init-heads {folder}: its heads project to the whole vocabulary; this run's to a draft "
+            f"vocabulary of {model.config.draft_vocab_size}: continue only heads of the same kind."
+        )
+    if not torch.equal(source_map.to(model.draft_token_map), model.draft_token_map):
         raise SystemExit(
             f"--init-heads {folder}: its draft vocabulary differs from this run's (same features and "
             "--draft-vocab-size give the same one); heads trained on another vocabulary cannot be continued."
         )
     grown = load_grown_heads(model.heads, {k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
-    logger.info("heads: started from %s (%d tensors widened)", folder, len(grown))
+    logger.info("heads: started from %s (%d tensors widened, the rest copied)", folder, len(grown))
 
 
 # --------------------------------------------------------------------------------------------- ngram

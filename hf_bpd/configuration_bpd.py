@@ -188,7 +188,8 @@ class BPDConfig(PretrainedConfig):
 def drafter_spec_for_dtype(spec: Any, dtype: Any) -> Any:
     """
     A drafter spec with its `"by_dtype"` overrides for `dtype` merged in (see `BPDConfig.drafter`), without the
-    `"by_dtype"` entry; specs without one (names, `None`, drafter objects) come back unchanged.
+    `"by_dtype"` entry; specs without one (names, `None`, drafter objects) come back unchanged. Nested specs (a
+    `"context-ngram"` drafter's `"inner"`) are checked here and resolved when they are built.
 
     Args:
         spec: a drafter spec.
@@ -196,15 +197,21 @@ def drafter_spec_for_dtype(spec: Any, dtype: Any) -> Any:
     Returns:
         The spec to build.
     Raises:
-        `ValueError`: `by_dtype` is not a dict of dicts keyed by torch dtype names (`"float32"`, `"bfloat16"`, ...).
+        `ValueError`: `by_dtype` is not a dict of dicts keyed by torch dtype names (`"float32"`, `"torch.bfloat16"`,
+            aliases such as `"float"` included).
     """
-    if not isinstance(spec, dict) or "by_dtype" not in spec:
+    if not isinstance(spec, dict):
         return spec
-    import torch
-
+    if "inner" in spec:
+        drafter_spec_for_dtype(spec["inner"], None)
+    if "by_dtype" not in spec:
+        return spec
     overrides = spec["by_dtype"]
-    if not isinstance(overrides, dict) or not all(
-        isinstance(getattr(torch, str(k), None), torch.dtype) and isinstance(v, dict) for k, v in overrides.items()
+    names = {k: _dtype_name(k) for k in overrides} if isinstance(overrides, dict) else {}
+    if (
+        not isinstance(overrides, dict)
+        or None in names.values()
+        or not all(isinstance(v, dict) for v in overrides.values())
     ):
         raise ValueError(
             "The drafter spec's 'by_dtype' must map torch dtype names to overrides of the spec, e.g. "
@@ -213,7 +220,21 @@ def drafter_spec_for_dtype(spec: Any, dtype: Any) -> Any:
     resolved = {k: v for k, v in spec.items() if k != "by_dtype"}
     if dtype is None:
         return resolved
-    return _merged(resolved, overrides.get(str(dtype).removeprefix("torch."), {}))
+    wanted = _dtype_name(dtype)
+    for key, override in overrides.items():
+        if names[key] == wanted:
+            resolved = _merged(resolved, override)
+    return resolved
+
+
+def _dtype_name(value: Any) -> str | None:
+    """`torch.float32`, `"float32"`, `"torch.float32"` or an alias (`"float"`) -> `"float32"`; `None` if no dtype."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    dtype = getattr(torch, str(value).removeprefix("torch."), None)
+    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else None
 
 
 def _merged(spec: dict, overrides: dict) -> dict:

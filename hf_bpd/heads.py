@@ -221,10 +221,11 @@ def load_grown_heads(heads: DraftHeads, state_dict: dict[str, torch.Tensor]) -> 
         state_dict (`dict[str, torch.Tensor]`): the trained heads' tensors, keys relative to the heads module
             (`"0.blocks.0.linear.weight"`, ...), as `heads.state_dict()` names them.
     Returns:
-        `list[str]`: the keys of `heads` that were widened rather than copied.
+        `list[str]`: the keys of `heads` that were widened (from a ResBlock, or from fewer inner units) rather than
+            copied.
     Raises:
-        `ValueError`: a tensor of `heads` has no source, a source tensor has no place in `heads`, or a source is
-            wider than its target.
+        `ValueError`: a tensor of `heads` has no source, a source tensor has no place in `heads`, or a source block
+            is wider than its target or reads another hidden size.
     """
     own = heads.state_dict()
     new: dict[str, torch.Tensor] = {}
@@ -238,7 +239,7 @@ def load_grown_heads(heads: DraftHeads, state_dict: dict[str, torch.Tensor]) -> 
         d, inner = up.shape[1], up.shape[0]
         if f"{prefix}linear.weight" in state_dict:  # a ResBlock: W, b and an identity W_2 of width d
             w, b = state_dict[f"{prefix}linear.weight"], state_dict[f"{prefix}linear.bias"]
-            w2, b2 = torch.eye(d, dtype=w.dtype), torch.zeros(d, dtype=w.dtype)
+            w2, b2 = torch.eye(d, dtype=w.dtype, device=w.device), torch.zeros(d, dtype=w.dtype, device=w.device)
             used |= {f"{prefix}linear.weight", f"{prefix}linear.bias"}
         elif f"{prefix}up.weight" in state_dict:
             w, b = state_dict[f"{prefix}up.weight"], state_dict[f"{prefix}up.bias"]
@@ -247,13 +248,16 @@ def load_grown_heads(heads: DraftHeads, state_dict: dict[str, torch.Tensor]) -> 
         else:
             continue  # left to the name-and-shape check below
         m = w.shape[0]
-        if m > inner or w.shape[1] != d:
-            raise ValueError(f"{prefix[:-1]}: the trained block ({m} x {w.shape[1]}) is wider than {inner} x {d}.")
-        new[f"{prefix}up.weight"] = torch.cat([w.to(up.dtype), up.detach()[m:]])
-        new[f"{prefix}up.bias"] = torch.cat([b.to(up.dtype), module.up.bias.detach()[m:]])
-        new[f"{prefix}down.weight"] = torch.cat([w2.to(down.dtype), torch.zeros_like(down)[:, m:]], dim=1)
-        new[f"{prefix}down.bias"] = b2.to(down.dtype)
-        grown += [f"{prefix}up.weight", f"{prefix}up.bias", f"{prefix}down.weight", f"{prefix}down.bias"]
+        if w.shape[1] != d:
+            raise ValueError(f"{prefix[:-1]}: the trained block reads width {w.shape[1]}, these heads {d}.")
+        if m > inner:
+            raise ValueError(f"{prefix[:-1]}: the trained block ({m} inner units) is wider than {inner} x {d}.")
+        new[f"{prefix}up.weight"] = torch.cat([w.to(up), up.detach()[m:]])
+        new[f"{prefix}up.bias"] = torch.cat([b.to(up), module.up.bias.detach()[m:]])
+        new[f"{prefix}down.weight"] = torch.cat([w2.to(down), torch.zeros_like(down)[:, m:]], dim=1)
+        new[f"{prefix}down.bias"] = b2.to(down)
+        if m < inner or f"{prefix}linear.weight" in state_dict:
+            grown += [f"{prefix}up.weight", f"{prefix}up.bias", f"{prefix}down.weight", f"{prefix}down.bias"]
     for key, tensor in own.items():
         if key in new:
             continue

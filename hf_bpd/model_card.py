@@ -163,7 +163,7 @@ def render_model_card(
         "",
         "```python",
         "from hf_bpd import BPDForCausalLM",
-        *[str(line) for line in info.get("usage_setup") or []],
+        *_lines(info.get("usage_setup")),
         "",
         'model = BPDForCausalLM.from_pretrained("<this repo or folder>")  # loads the base model it references'
         + (" and the LoRA adapters" if adapter_config is not None else ""),
@@ -172,6 +172,13 @@ def render_model_card(
         "",
     ]
     return "\n".join(yaml + lines)
+
+
+def _lines(value: Any) -> list[str]:
+    """Code lines given as one string or a list of strings."""
+    if not value:
+        return []
+    return str(value).splitlines() if isinstance(value, str) else [str(line) for line in value]
 
 
 def write_model_card(

@@ -149,8 +149,8 @@ def tune_auto(
 
 def write_config(folder: str | Path, spec: dict[str, Any], tuning: dict[str, Any] | None = None) -> Path:
     """Set `drafter` (and `drafter_tuning`: what it was tuned with, when given) in the checkpoint's `config.json`
-    (the rest unchanged; a `by_dtype` already in the spec is kept, its entry for `tuning["dtype"]` dropped: this
-    spec is now tuned for that dtype)."""
+    (the rest unchanged). The `by_dtype` overrides of the config's previous spec are kept (those of `spec`, if any,
+    are replaced by them), except the one for `tuning["dtype"]`: the new spec is tuned for that dtype."""
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text())
     old = config.get("drafter") if isinstance(config.get("drafter"), dict) else {}
@@ -171,10 +171,11 @@ def write_config(folder: str | Path, spec: dict[str, Any], tuning: dict[str, Any
 
 
 def dtype_override(best: dict[str, Any]) -> dict[str, Any]:
-    """What a tuned candidate changes in a checkpoint's spec: its tree width and rule (`{"tree": None}`: no tree)."""
+    """What a tuned candidate changes in a checkpoint's spec: its whole tree (width, `top_k` and calibration, so the
+    override stands whatever later happens to the spec's own tree; `None`: no tree) and its rule."""
     if best.get("tree") is None:
         return {"tree": None}
-    return {"tree": {"num_nodes": int(best["tree"]["num_nodes"])}, "rule": best.get("rule", "merge")}
+    return {"tree": dict(best["tree"]), "rule": best.get("rule", "merge")}
 
 
 def write_dtype_override(folder: str | Path, dtype: str, best: dict[str, Any], tuning: dict[str, Any]) -> Path:
@@ -231,19 +232,20 @@ def _parser() -> argparse.ArgumentParser:
         choices=["merge", "both"],
         help="How the prompt-lookup match joins the tree: merge, or both (switch when long).",
     )
-    parser.add_argument("--top-k", type=count(1), default=4)
-    parser.add_argument("--max-depth", type=count(1), default=10, help="Deepest prompt-lookup draft.")
+    parser.add_argument("--top-k", type=count(1), default=None, help="Tree branching (default 4).")
+    parser.add_argument("--max-depth", type=count(1), default=None, help="Deepest prompt-lookup draft (default 10).")
     parser.add_argument("--repeats", type=count(1), default=2)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--json", default=None, help="Write every timing here (JSON).")
-    parser.add_argument("--write-config", action="store_true", help="Write the spec into the checkpoint's config.")
-    parser.add_argument(
+    write = parser.add_mutually_exclusive_group()
+    write.add_argument("--write-config", action="store_true", help="Write the spec into the checkpoint's config.")
+    write.add_argument(
         "--dtype-override",
         action="store_true",
-        help="Keep the checkpoint's 'auto' spec (and its calibrations); time its tree widths and rules in --dtype and "
-        "write the fastest as the spec's override for that dtype (drafter.by_dtype), used whenever the base runs in "
-        "it. For machines or dtypes other than the one the spec was tuned on.",
+        help="Keep the checkpoint's 'auto' spec (its calibrations, top-k and depth); time its tree widths and rules "
+        "in --dtype and write the fastest as the spec's override for that dtype (drafter.by_dtype), used whenever "
+        "the base runs in it. For machines or dtypes other than the one the spec was tuned on.",
     )
     return parser
 
@@ -261,10 +263,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     fitted = None
     if args.dtype_override:
         current = BPDConfig.from_pretrained(args.model).drafter
-        if not (isinstance(current, dict) and current.get("type") == "auto" and current.get("tree")):
+        if args.top_k is not None or args.max_depth is not None:
             raise SystemExit(
-                f"--dtype-override keeps the checkpoint's 'auto' spec with its heads tree, but {args.model}'s config "
-                f"holds drafter={current!r}: run `tune --auto --write-config` first."
+                "--dtype-override keeps the checkpoint's fitted spec, its top-k and depth included: drop --top-k and "
+                "--max-depth, or re-tune the whole spec with --write-config."
+            )
+        if not (isinstance(current, dict) and current.get("type") == "auto"):
+            raise SystemExit(
+                f"--dtype-override keeps the checkpoint's 'auto' spec, but {args.model}'s config holds "
+                f"drafter={current!r}: run `tune --auto --write-config` first."
+            )
+        if not current.get("tree"):
+            raise SystemExit(
+                f"--dtype-override times the heads tree widths of the checkpoint's spec, but {args.model}'s spec has "
+                "no heads tree (prompt lookup alone won when it was tuned): re-tune it with --write-config (its "
+                "calibrations are fitted for the tree candidates of --num-nodes) and then override."
             )
         fitted = {k: v for k, v in current.items() if k != "by_dtype"}
     model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
@@ -276,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         model,
         prompts,
         args.num_nodes,
-        args.top_k,
-        args.max_depth,
+        4 if args.top_k is None else args.top_k,
+        10 if args.max_depth is None else args.max_depth,
         args.max_new_tokens,
         args.repeats,
         args.rules,

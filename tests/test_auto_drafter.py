@@ -432,9 +432,15 @@ def test_by_dtype_overrides_pick_the_spec_for_the_base_dtype_and_tune_writes_the
     lossless_run(model, spec, ids, mask)
     assert build_drafter(model.to(torch.bfloat16), spec).tree is None
     assert build_drafter(model.to(torch.float16), spec).tree.num_nodes == 6  # no entry: the spec as written
+    # dtype aliases and the "torch." prefix name the same dtype
+    for key in ("float", "torch.float32"):
+        aliased = auto_spec(FLAT, by_dtype={key: {"tree": {"num_nodes": 3}}})
+        assert build_drafter(model.to(torch.float32), aliased).tree.num_nodes == 3
     for bad in ({"fp32": {}}, {"float32": 16}, [("float32", {})]):
         with pytest.raises(ValueError, match="'by_dtype' must map torch dtype names"):
             BPDConfig(drafter={"type": "auto", "tree": {}, "by_dtype": bad})
+        with pytest.raises(ValueError, match="'by_dtype' must map torch dtype names"):  # a nested spec's too
+            BPDConfig(drafter={"type": "context-ngram", "inner": {"type": "tree", "by_dtype": bad}})
 
     model.to(torch.float32).save_pretrained(tmp_path, save_base=True)
     tuned = {k: v for k, v in auto_spec(FLAT).items() if k != "cost"}
@@ -443,10 +449,9 @@ def test_by_dtype_overrides_pick_the_spec_for_the_base_dtype_and_tune_writes_the
     write_dtype_override(tmp_path, "float32", candidate, {"dtype": "float32", "best": "n16-both"})
     write_dtype_override(tmp_path, "float16", {k: v for k, v in tuned.items() if k != "tree"}, {"dtype": "float16"})
     config = BPDConfig.from_pretrained(tmp_path)
-    assert config.drafter["by_dtype"] == {
-        "float32": {"tree": {"num_nodes": 16}, "rule": "both"},
-        "float16": {"tree": None},
-    }
+    # an override holds its whole tree (calibration included): it stands whatever the spec's own tree becomes
+    assert config.drafter["by_dtype"]["float32"] == {"tree": candidate["tree"], "rule": "both"}
+    assert config.drafter["by_dtype"]["float16"] == {"tree": None}
     assert (
         config.drafter["tree"]["num_nodes"] == 6 and config.drafter_tuning["by_dtype"]["float32"]["best"] == "n16-both"
     )
@@ -458,6 +463,10 @@ def test_by_dtype_overrides_pick_the_spec_for_the_base_dtype_and_tune_writes_the
     make("llama").save_pretrained(plain, save_base=True)
     with pytest.raises(SystemExit, match="run `tune --auto --write-config` first"):
         main(["--model", str(plain), "--prompts", "unused.jsonl", "--dtype-override"])
+    with pytest.raises(SystemExit, match="drop --top-k and --max-depth"):
+        main(["--model", str(tmp_path), "--prompts", "unused.jsonl", "--dtype-override", "--top-k", "8"])
+    with pytest.raises(SystemExit):  # argparse: one way to write the config at a time
+        main(["--model", str(tmp_path), "--prompts", "unused.jsonl", "--dtype-override", "--write-config"])
     write_config(tmp_path, tuned, {"dtype": "float32", "best": "n6-merge"})  # re-tuned for fp32: its override goes
     config = BPDConfig.from_pretrained(tmp_path)
     assert config.drafter["by_dtype"] == {"float16": {"tree": None}}

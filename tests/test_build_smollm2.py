@@ -451,3 +451,6 @@ def test_init_heads_widens_trained_heads_and_refuses_another_draft_vocabulary(bu
     other.set_draft_vocab(torch.arange(5, 5 + 40))
     with pytest.raises(SystemExit, match="draft vocabulary differs"):
         build._init_heads(other, tmp_path / "trained")
+    four = BPDForCausalLM.from_base(base, num_draft_heads=4, head_type="recurrent", draft_vocab_size=40)
+    with pytest.raises(SystemExit, match="holds 3 'recurrent' heads .* this run builds 4"):
+        build._init_heads(four, tmp_path / "trained")

@@ -86,13 +86,14 @@ def test_grown_heads_compute_what_the_narrow_heads_computed_and_then_learn():
     for source_config in ({}, {"head_intermediate_size": 40}):
         narrow = randomize_heads(recurrent(base, head_num_layers=2, **source_config), std=0.3)
         wide = recurrent(base, head_num_layers=2, head_intermediate_size=64)
-        grown = load_grown_heads(wide.heads, narrow.heads.state_dict())
+        # the source's dtype (here float64) and device are the target's after loading
+        grown = load_grown_heads(wide.heads, {k: v.double() for k, v in narrow.heads.state_dict().items()})
         assert len(grown) == H * 2 * 4  # up/down weight and bias of every block
         torch.testing.assert_close(wide.draft_logits(hidden, prev), narrow.draft_logits(hidden, prev))
         wide(base_hidden_states=hidden, labels=torch.randint(0, VOCAB, (2, 5))).loss.backward()
         # the new units' output columns start at zero but learn (their inputs W_1[m:] are random)
         assert wide.heads[0].blocks[0].down.weight.grad[:, 40:].abs().sum() > 0
-    with pytest.raises(ValueError, match="wider than 16 x 32"):
+    with pytest.raises(ValueError, match=r"32 inner units\) is wider than 16 x 32"):
         load_grown_heads(recurrent(base, head_intermediate_size=16).heads, recurrent(base).heads.state_dict())
     with pytest.raises(ValueError, match="no source of that shape"):  # one block trained, two wanted
         load_grown_heads(

@@ -275,6 +275,8 @@ def test_heads_only_checkpoint_round_trip_and_model_card(frozen_run, base_dir, c
     loaded.save_pretrained(plain, training_info={"usage_setup": ["import os", "", "os.getcwd()  # setup"]})
     usage = (plain / "README.md").read_text().split("## Usage")[1]
     assert usage.index("os.getcwd()  # setup") < usage.index("BPDForCausalLM.from_pretrained")
+    loaded.save_pretrained(plain, training_info={"usage_setup": "import os\nos.getcwd()"})  # one string: its lines
+    assert "\nimport os\nos.getcwd()\n" in (plain / "README.md").read_text()
     frozen_run.trainer.create_model_card()  # Trainer.push_to_hub's hook writes the BPD card, not a generic one
     assert "## Measured per-head accuracy" in (frozen_run.out / "README.md").read_text()
 

@@ -16,10 +16,13 @@ from .base import Drafter, DraftHeadsView, HeadsDrafter, check_drafter_heads
 
 
 def _base_dtype(model: Any) -> Any:
-    """The dtype the base model runs in (what a spec's `by_dtype` is keyed by); `None` when it has no parameters."""
+    """The dtype the base model computes its logits in (what a spec's `by_dtype` is keyed by, and what the heads are
+    aligned to): its output embedding's, else its `dtype`; `None` when it has neither."""
     base = getattr(model, "base", model)
-    param = next(iter(base.parameters()), None) if hasattr(base, "parameters") else None
-    return param.dtype if param is not None else None
+    get = getattr(base, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    weight = getattr(head, "weight", None)
+    return weight.dtype if weight is not None else getattr(base, "dtype", None)
 
 
 def _path(model: Any, value: Any) -> Any:
