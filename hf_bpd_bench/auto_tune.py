@@ -250,36 +250,41 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _spec_to_override(args: argparse.Namespace) -> dict[str, Any]:
+    """`--dtype-override`: the checkpoint's fitted `"auto"` spec (without its overrides), or a `SystemExit` saying why
+    it cannot be kept."""
+    from hf_bpd import BPDConfig
+
+    current = BPDConfig.from_pretrained(args.model).drafter
+    if args.top_k is not None or args.max_depth is not None:
+        raise SystemExit(
+            "--dtype-override keeps the checkpoint's fitted spec, its top-k and depth included: drop --top-k and "
+            "--max-depth, or re-tune the whole spec with --write-config."
+        )
+    if not (isinstance(current, dict) and current.get("type") == "auto"):
+        raise SystemExit(
+            f"--dtype-override keeps the checkpoint's 'auto' spec, but {args.model}'s config holds "
+            f"drafter={current!r}: run `tune --auto --write-config` first."
+        )
+    if not current.get("tree"):
+        raise SystemExit(
+            f"--dtype-override times the heads tree widths of the checkpoint's spec, but {args.model}'s spec has "
+            "no heads tree (prompt lookup alone won when it was tuned): re-tune it with --write-config (its "
+            "calibrations are fitted for the tree candidates of --num-nodes) and then override."
+        )
+    return {k: v for k, v in current.items() if k != "by_dtype"}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from transformers import AutoTokenizer
 
-    from hf_bpd import BPDConfig
     from hf_bpd.data import load_prompts, tokenize_prompts
     from hf_bpd.modeling_bpd import BPDForCausalLM, tokenizer_source
 
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    fitted = None
-    if args.dtype_override:
-        current = BPDConfig.from_pretrained(args.model).drafter
-        if args.top_k is not None or args.max_depth is not None:
-            raise SystemExit(
-                "--dtype-override keeps the checkpoint's fitted spec, its top-k and depth included: drop --top-k and "
-                "--max-depth, or re-tune the whole spec with --write-config."
-            )
-        if not (isinstance(current, dict) and current.get("type") == "auto"):
-            raise SystemExit(
-                f"--dtype-override keeps the checkpoint's 'auto' spec, but {args.model}'s config holds "
-                f"drafter={current!r}: run `tune --auto --write-config` first."
-            )
-        if not current.get("tree"):
-            raise SystemExit(
-                f"--dtype-override times the heads tree widths of the checkpoint's spec, but {args.model}'s spec has "
-                "no heads tree (prompt lookup alone won when it was tuned): re-tune it with --write-config (its "
-                "calibrations are fitted for the tree candidates of --num-nodes) and then override."
-            )
-        fitted = {k: v for k, v in current.items() if k != "by_dtype"}
+    fitted = _spec_to_override(args) if args.dtype_override else None
     model = BPDForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source(args.model, model, None, None))
     rows = load_prompts(args.prompts, tokenizer)[: args.max_prompts]
