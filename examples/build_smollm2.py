@@ -177,8 +177,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--init-heads",
         type=Path,
         default=None,
-        help="start from these trained heads (a heads folder of the same kind and draft vocabulary); narrower "
-        "blocks are widened to --head-intermediate-size, computing what they computed (hf_bpd.heads.load_grown_heads)",
+        help="start from these trained heads (a heads folder of the same kind, h and draft vocabulary size; their "
+        "draft vocabulary is kept); narrower blocks are widened to --head-intermediate-size, computing what they "
+        "computed (hf_bpd.heads.load_grown_heads)",
     )
     p.add_argument(
         "--heads-tag",
@@ -769,6 +770,8 @@ def stage_heads(args: argparse.Namespace) -> None:
     model.set_draft_vocab(token_map)
     if args.init_heads is not None:
         _init_heads(model, args.init_heads)
+        cover["used"] = round(coverage(counts, model.draft_token_map.cpu()), 4)
+        logger.info("coverage of the training targets by the continued heads' draft vocabulary: %s", cover["used"])
     steps_per_epoch = max(1, len(train) // args.heads_batch)
     tag = f"-{args.heads_tag}" if args.heads_tag else ""
     ckpt_dir = args.work_dir / f"heads-h{args.heads}-k{args.draft_vocab_size}{tag}"
@@ -851,7 +854,12 @@ def stage_heads(args: argparse.Namespace) -> None:
 
 
 def _init_heads(model, folder: Path) -> None:
-    """Load trained heads into `model`'s fresh ones (widening narrower blocks); the draft vocabularies must agree."""
+    """Load trained heads into `model`'s fresh ones (widening narrower blocks), with their draft vocabulary.
+
+    Continued heads keep the draft vocabulary their output rows were trained on: a recount over grown data would
+    re-order it (the caller logs its coverage of this run's targets). Own output projections
+    (`share_lm_head=False`) are copied too. Another kind, `h`, `share_lm_head` or draft vocabulary size is refused.
+    """
     import torch
     from safetensors.torch import load_file
 
@@ -869,17 +877,20 @@ def _init_heads(model, folder: Path) -> None:
         )
     tensors = load_file(str(folder / HEADS_WEIGHTS_NAME))
     source_map = tensors.get("draft_token_map")
-    if source_map is None:
+    if source_map is None or source_map.numel() != model.config.draft_vocab_size:
+        size = "the whole vocabulary" if source_map is None else f"a draft vocabulary of {source_map.numel()}"
         raise SystemExit(
-            f"--init-heads {folder}: its heads project to the whole vocabulary; this run's to a draft "
-            f"vocabulary of {model.config.draft_vocab_size}: continue only heads of the same kind."
+            f"--init-heads {folder}: its heads project to {size}, this run's to a draft vocabulary of "
+            f"{model.config.draft_vocab_size}: pass the same --draft-vocab-size (heads of another output size "
+            "cannot be continued)."
         )
     if not torch.equal(source_map.to(model.draft_token_map), model.draft_token_map):
-        raise SystemExit(
-            f"--init-heads {folder}: its draft vocabulary differs from this run's (same features and "
-            "--draft-vocab-size give the same one); heads trained on another vocabulary cannot be continued."
-        )
+        model.set_draft_vocab(source_map)
+        logger.info("heads: kept the draft vocabulary of %s (this run's data would count another one)", folder)
     grown = load_grown_heads(model.heads, {k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+    if not model.config.share_lm_head:
+        own = {k[len("draft_lm_heads.") :]: v for k, v in tensors.items() if k.startswith("draft_lm_heads.")}
+        model.draft_lm_heads.load_state_dict(own, strict=True)
     logger.info("heads: started from %s (%d tensors widened, the rest copied)", folder, len(grown))
 
 

@@ -425,32 +425,47 @@ def test_eval_head_kinds_answer_scope_masks_each_row_s_prompt(build, tokenizer, 
         evaluation.answer_targets([extracted], targets[:1], tmp_path / "answers.jsonl", tokenizer)
 
 
-def test_init_heads_widens_trained_heads_and_refuses_another_draft_vocabulary(build, tmp_path):
+def test_init_heads_widens_trained_heads_and_keeps_their_draft_vocabulary(build, tmp_path):
     """`--init-heads`: the heads stage starts from a trained heads folder, wider FFN blocks computing what the
-    narrow heads computed; a folder trained on another draft vocabulary is refused, not silently mixed."""
+    narrow heads computed; the folder's draft vocabulary replaces the one this run counted (its output rows were
+    trained on it), own projections come along, and another head kind, `h` or vocabulary size is refused."""
     from conftest import VOCAB, randomize_heads
 
     from hf_bpd import BPDForCausalLM
 
     base = tiny_base("llama")
-    vocab = torch.arange(3, 3 + 40)
-    trained = BPDForCausalLM.from_base(base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40)
-    trained.set_draft_vocab(vocab)
-    randomize_heads(trained, std=0.3)
-    trained.save_pretrained(tmp_path / "trained")
-    wide = BPDForCausalLM.from_base(
-        base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, head_intermediate_size=64
-    )
-    wide.set_draft_vocab(vocab)
-    build._init_heads(wide, tmp_path / "trained")
     hidden, prev = torch.randn(2, 4, 32), torch.randint(0, VOCAB, (2, 4, 3))
-    torch.testing.assert_close(wide.draft_logits(hidden, prev), trained.draft_logits(hidden, prev))
-    other = BPDForCausalLM.from_base(
-        base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, head_intermediate_size=64
-    )
-    other.set_draft_vocab(torch.arange(5, 5 + 40))
-    with pytest.raises(SystemExit, match="draft vocabulary differs"):
-        build._init_heads(other, tmp_path / "trained")
+    for share in (True, False):
+        trained = BPDForCausalLM.from_base(
+            base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, share_lm_head=share
+        )
+        trained.set_draft_vocab(torch.arange(3, 3 + 40).flip(0))
+        randomize_heads(trained, std=0.3)
+        if not share:
+            with torch.no_grad():
+                for proj in trained.draft_lm_heads:
+                    proj.weight.normal_(std=0.3)
+        trained.save_pretrained(tmp_path / f"trained-{share}")
+        wide = BPDForCausalLM.from_base(
+            base,
+            num_draft_heads=3,
+            head_type="recurrent",
+            draft_vocab_size=40,
+            head_intermediate_size=64,
+            share_lm_head=share,
+        )
+        wide.set_draft_vocab(torch.arange(5, 5 + 40))  # as if more data had counted another vocabulary
+        build._init_heads(wide, tmp_path / f"trained-{share}")
+        assert torch.equal(wide.draft_token_map, trained.draft_token_map)
+        torch.testing.assert_close(wide.draft_logits(hidden, prev), trained.draft_logits(hidden, prev))
+    other_size = BPDForCausalLM.from_base(base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=48)
+    with pytest.raises(SystemExit, match="draft vocabulary of 40, this run's to a draft vocabulary of 48"):
+        build._init_heads(other_size, tmp_path / "trained-True")
     four = BPDForCausalLM.from_base(base, num_draft_heads=4, head_type="recurrent", draft_vocab_size=40)
     with pytest.raises(SystemExit, match="holds 3 'recurrent' heads .* this run builds 4"):
-        build._init_heads(four, tmp_path / "trained")
+        build._init_heads(four, tmp_path / "trained-True")
+    unshared = BPDForCausalLM.from_base(
+        base, num_draft_heads=3, head_type="recurrent", draft_vocab_size=40, share_lm_head=False
+    )
+    with pytest.raises(SystemExit, match="share_lm_head=True.*share_lm_head=False"):
+        build._init_heads(unshared, tmp_path / "trained-True")
