@@ -887,10 +887,13 @@ def _init_heads(model, folder: Path) -> None:
     if not torch.equal(source_map.to(model.draft_token_map), model.draft_token_map):
         model.set_draft_vocab(source_map)
         logger.info("heads: kept the draft vocabulary of %s (this run's data would count another one)", folder)
-    grown = load_grown_heads(model.heads, {k[6:]: v for k, v in tensors.items() if k.startswith("heads.")})
+
+    def submodule(prefix: str) -> dict:
+        return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+    grown = load_grown_heads(model.heads, submodule("heads."))
     if not model.config.share_lm_head:
-        own = {k[len("draft_lm_heads.") :]: v for k, v in tensors.items() if k.startswith("draft_lm_heads.")}
-        model.draft_lm_heads.load_state_dict(own, strict=True)
+        model.draft_lm_heads.load_state_dict(submodule("draft_lm_heads."), strict=True)
     logger.info("heads: started from %s (%d tensors widened, the rest copied)", folder, len(grown))
 
 
