@@ -3,6 +3,12 @@
     HF_HUB_OFFLINE=1 python bench/probe_context_head.py --train-shards 28 --steps 376 --threads 1 \
         --json bench/results/smollm2_context_head_probe.json
 
+    # many epochs over every training shard (also those captured while answering), EAGLE's feature loss,
+    # checkpointed every 200 steps and resumable (--resume), a held-out curve every 500 steps
+    HF_HUB_OFFLINE=1 python bench/probe_context_head.py --train-shards all --steps 9000 --feature-loss-weight 1 \
+        --threads 2 --minutes 95 --checkpoint ~/.cache/hf_bpd/smollm2_work/context-probe.pt --resume \
+        --eval-every 500 --json bench/results/smollm2_context_head_long.json
+
 Our heads see the base model's last hidden state `h_t` and the embedding of `x_{t+1}` only; the base model predicts
 `x_{t+2}` from `h_{t+1}`, which attends over the whole context. EAGLE (and Hydra++, "one decoder layer over the base
 hidden states") give the draft model that attention: one decoder layer over `fc([h_s; E(x_{s+1})])` for `s <= t`,
@@ -13,6 +19,11 @@ schedule as the shipped recipe's heads (`build_smollm2.py --stages heads`), and 
 vocabulary, as `hf_bpd.metrics.depth_accuracy` counts, and over all targets). The decoder layer is transformers' own
 Llama layer (a 1-layer `LlamaModel` fed `inputs_embeds`), sized like the base's layers. It is a probe, not a head
 kind: there is no decoding with it (that needs a draft KV cache in the loop).
+
+`--feature-loss-weight w` adds EAGLE's feature regression (Li et al. 2024, "EAGLE", section 4.2): the layer's output
+at position t also regresses, by smooth L1, onto the base's own next hidden state `h_{t+1}` (post final norm, the
+vector the base's `lm_head` reads), which the cache already holds: a 576-dimensional target per position instead of
+one token.
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ class ContextHead(nn.Module):
             e = self.embed(next_tokens.clamp(min=0))
         x = self.fc(torch.cat([hidden.to(e.dtype), e], dim=-1))
         out = self.layers(inputs_embeds=x, attention_mask=mask).last_hidden_state
-        return out @ self.projection.T  # (B, T, K)
+        return out @ self.projection.T, out  # (B, T, K) draft logits, (B, T, d) the predicted h_{t+1}
 
 
 def batches(features: CachedFeatures, batch: int, generator: torch.Generator):
@@ -80,6 +91,7 @@ def batches(features: CachedFeatures, batch: int, generator: torch.Generator):
 
 
 def inputs(rows: dict, to_draft: torch.Tensor):
+    """(h_t, x_{t+1}, mask, x_{t+2} as draft ids, x_{t+2}, h_{t+1}, where h_{t+1} is a real answer position)."""
     hidden, labels = rows["base_hidden_states"].float(), rows["labels"]
     nxt = torch.full_like(labels, 0)
     nxt[:, :-1] = labels[:, 1:].clamp(min=0)  # x_{t+1}: the base's greedy token after t
@@ -87,21 +99,58 @@ def inputs(rows: dict, to_draft: torch.Tensor):
     target[:, :-2] = labels[:, 2:]  # x_{t+2}
     valid = target != IGNORE
     draft_target = torch.where(valid, to_draft[target.clamp(min=0)], IGNORE)
+    next_hidden = torch.zeros_like(hidden)
+    next_hidden[:, :-1] = hidden[:, 1:]
     # right padding under a causal mask: a real position never attends to the padding after it
-    return hidden, nxt, torch.ones_like(labels), draft_target, target
+    return hidden, nxt, torch.ones_like(labels), draft_target, target, next_hidden, valid
+
+
+def held_out_top1(model, held, to_draft, token_map, rows: int | None = None) -> dict:
+    """Top-1 of x_{t+2} on the first `rows` held-out rows (all by default): over every target, and in-vocabulary."""
+    model.eval()
+    hits = total = in_vocab = 0
+    end = len(held) if rows is None else min(rows, len(held))
+    with torch.no_grad():
+        for s in range(0, end, 16):
+            batch = collate_features([held[i] for i in range(s, min(end, s + 16))])
+            hidden, nxt, mask, _, target, _, _ = inputs(batch, to_draft)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                pred = token_map[model(hidden, nxt, mask)[0].argmax(-1)]
+            valid = target != IGNORE
+            hits += int(((pred == target) & valid).sum())
+            total += int(valid.sum())
+            in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
+    model.train()
+    return {
+        "positions": total,
+        "top1": round(hits / max(total, 1), 4),
+        "top1_in_draft_vocab": round(hits / max(in_vocab, 1), 4),
+        "positions_in_draft_vocab": in_vocab,
+    }
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=WORK)
-    p.add_argument("--train-shards", type=int, default=28, help="first N chat feature shards (the 3,744 run: 28)")
-    p.add_argument("--steps", type=int, default=376)
+    p.add_argument(
+        "--train-shards",
+        default="28",
+        help="first N extracted chat feature shards (the 3,744 run: 28), or 'all': every extracted shard and every "
+        "shard captured while answering (features/chat-gen), as the recipe's heads stage trains on",
+    )
+    p.add_argument("--steps", type=int, default=376, help="length of the cosine schedule, in optimizer steps")
+    p.add_argument("--minutes", type=float, default=None, help="stop (checkpointed) after this many minutes")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--feature-loss-weight", type=float, default=0.0, help="EAGLE's smooth-L1 onto h_{t+1} (0: off)")
     p.add_argument("--draft-vocab-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--checkpoint", type=Path, default=None, help="save model, optimizer and step here every 200 steps")
+    p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out top-1 on --eval-rows rows every N steps")
+    p.add_argument("--eval-rows", type=int, default=256)
     p.add_argument("--heads", type=Path, nargs="*", default=[], help="heads folders to score on the same positions")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -109,8 +158,16 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     feats = args.work_dir / "features"
-    train = CachedFeatures(sorted((feats / "chat").glob("*.safetensors"))[: args.train_shards] + [feats / "raw"])
-    held = CachedFeatures(feats / "eval", soft_targets=False)
+    if args.train_shards == "all":
+        chat = sorted((feats / "chat").glob("*.safetensors")) + sorted((feats / "chat-gen").glob("*.safetensors"))
+        held_paths = sorted((feats / "eval").glob("*.safetensors")) + sorted(
+            (feats / "eval-gen").glob("*.safetensors")
+        )
+    else:
+        chat = sorted((feats / "chat").glob("*.safetensors"))[: int(args.train_shards)]
+        held_paths = [feats / "eval"]
+    train = CachedFeatures(chat + [feats / "raw"], soft_targets=False)
+    held = CachedFeatures(held_paths, soft_targets=False)
     from hf_bpd.smollm2 import load_smollm2
 
     base, tok = load_smollm2(dtype=torch.float32)
@@ -129,16 +186,45 @@ def main(argv=None) -> None:
     plan = []
     while len(plan) < args.steps:
         plan += batches(train, args.batch, gen)
-    start, log = time.perf_counter(), []
+    first, log, curve, seconds_before = 0, [], [], 0.0
+    if args.resume and args.checkpoint is not None and args.checkpoint.exists():
+        state = torch.load(args.checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        first, log, curve, seconds_before = state["step"], state["log"], state["curve"], state["seconds"]
+        print(f"resumed at step {first} ({seconds_before:.0f} s trained)", flush=True)
+
+    def save(step: int) -> None:
+        if args.checkpoint is None:
+            return
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "log": log,
+            "curve": curve,
+            "seconds": seconds_before + time.perf_counter() - start,
+        }
+        torch.save(state, args.checkpoint.with_suffix(".tmp"))
+        args.checkpoint.with_suffix(".tmp").replace(args.checkpoint)  # never a half-written checkpoint
+
+    start = time.perf_counter()
     model.train()
-    for step, picked in enumerate(plan[: args.steps]):
-        rows = collate_features([train[i] for i in picked])
-        hidden, nxt, mask, target, _ = inputs(rows, to_draft)
+    step = first
+    for step in range(first, args.steps):
+        if args.minutes is not None and time.perf_counter() - start > 60 * args.minutes:
+            break
+        rows = collate_features([train[i] for i in plan[step]])
+        hidden, nxt, mask, target, _, next_hidden, valid = inputs(rows, to_draft)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(hidden, nxt, mask)
+            logits, out = model(hidden, nxt, mask)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
+        feature_loss = nn.functional.smooth_l1_loss(out.float()[valid], next_hidden[valid])
+        total_loss = loss + args.feature_loss_weight * feature_loss if args.feature_loss_weight else loss
         optimizer.zero_grad()
-        loss.backward()
+        total_loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
         scheduler.step()
@@ -146,35 +232,43 @@ def main(argv=None) -> None:
             with torch.no_grad():
                 ok = (logits.argmax(-1) == target) & (target != IGNORE)
                 top1 = float(ok.sum() / (target != IGNORE).sum())
-            log.append({"step": step + 1, "loss": round(float(loss.detach()), 4), "train_top1": round(top1, 4)})
-            print(log[-1], f"{time.perf_counter() - start:.0f} s", flush=True)
-    seconds = time.perf_counter() - start
-    # held out: top-1 of x_{t+2} over every position with a target (a token outside the draft vocabulary is a miss)
-    model.eval()
-    hits = total = in_vocab = 0
-    with torch.no_grad():
-        for s in range(0, len(held), 16):
-            rows = collate_features([held[i] for i in range(s, min(len(held), s + 16))])
-            hidden, nxt, mask, _, target = inputs(rows, to_draft)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                pred = token_map[model(hidden, nxt, mask).argmax(-1)]
-            valid = target != IGNORE
-            hits += int(((pred == target) & valid).sum())
-            total += int(valid.sum())
-            in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
+            log.append(
+                {
+                    "step": step + 1,
+                    "loss": round(float(loss.detach()), 4),
+                    "feature_loss": round(float(feature_loss.detach()), 4),
+                    "train_top1": round(top1, 4),
+                }
+            )
+            print(log[-1], f"{seconds_before + time.perf_counter() - start:.0f} s", flush=True)
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            curve.append({"step": step + 1, **held_out_top1(model, held, to_draft, token_map, args.eval_rows)})
+            print("held out", curve[-1], flush=True)
+        if (step + 1) % 200 == 0:
+            save(step + 1)
+    else:
+        step = args.steps
+    save(step)
+    seconds = seconds_before + time.perf_counter() - start
+    result = held_out_top1(model, held, to_draft, token_map)
     report = {
         "probe": f"{args.layers} Llama decoder layer(s) over fc([h_s; E(x_s+1)]), s <= t (EAGLE / Hydra++ style)",
+        "feature_loss_weight": args.feature_loss_weight,
         "train_sequences": len(train),
         "train_target_tokens": train.num_target_tokens(),
-        "steps": args.steps,
+        "steps_planned": args.steps,
+        "steps": step,
+        "epochs": round(step * args.batch / len(train), 3),
         "batch": args.batch,
         "seconds": round(seconds),
         "threads": args.threads,
-        "held_out_positions": total,
-        "held_out_top1_x_t2": round(hits / max(total, 1), 4),
+        "held_out_sequences": len(held),
+        "held_out_positions": result["positions"],
+        "held_out_top1_x_t2": result["top1"],
         # what `metrics.depth_accuracy` reports for heads: targets outside the draft vocabulary are left out
-        "held_out_top1_x_t2_in_draft_vocab": round(hits / max(in_vocab, 1), 4),
-        "held_out_positions_in_draft_vocab": in_vocab,
+        "held_out_top1_x_t2_in_draft_vocab": result["top1_in_draft_vocab"],
+        "held_out_positions_in_draft_vocab": result["positions_in_draft_vocab"],
+        "held_out_curve": curve,
         "log": log,
         "heads_on_the_same_features": {},
     }
