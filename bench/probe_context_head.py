@@ -277,7 +277,7 @@ def main(argv=None) -> None:
         with torch.no_grad():
             acc = metrics.depth_accuracy(heads, held.hidden.float(), held.targets)
         report["heads_on_the_same_features"][str(folder)] = {
-            k: [round(float(x), 4) for x in v] for k, v in acc.items()
+            k: [round(float(x), 4) for x in v] if isinstance(v, list) else v for k, v in acc.items()
         }
     print(json.dumps({k: v for k, v in report.items() if k != "log"}, indent=1))
     if args.json:
