@@ -9,6 +9,12 @@
         --threads 2 --minutes 95 --checkpoint ~/.cache/hf_bpd/smollm2_work/context-probe.pt --resume \
         --eval-every 500 --json bench/results/smollm2_context_head_long.json
 
+    # the trained probe on the base's own answers to the validation chat prompts, beside heads folders on the same
+    # answers (what bench/replay_chain.py reports for heads: top-1 of head 1 per task kind)
+    HF_HUB_OFFLINE=1 python bench/probe_context_head.py --train-shards all --validation --threads 2 \
+        --checkpoint ~/.cache/hf_bpd/smollm2_work/context-probe-long.pt --heads reference/smollm2-heads \
+        --json bench/results/smollm2_context_head_validation.json
+
 Our heads see the base model's last hidden state `h_t` and the embedding of `x_{t+1}` only; the base model predicts
 `x_{t+2}` from `h_{t+1}`, which attends over the whole context. EAGLE (and Hydra++, "one decoder layer over the base
 hidden states") give the draft model that attention: one decoder layer over `fc([h_s; E(x_{s+1})])` for `s <= t`,
@@ -35,6 +41,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import LlamaConfig, LlamaModel
 
@@ -129,6 +136,83 @@ def held_out_top1(model, held, to_draft, token_map, rows: int | None = None) -> 
     }
 
 
+def target_counts(files: list[Path], vocab_size: int) -> torch.LongTensor:
+    """`CachedFeatures(files).target_counts(vocab_size)` without loading the hidden states (the draft vocabulary of
+    --validation, beside a training run that holds them)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for f in files:
+        with safe_open(str(f), framework="pt") as handle:
+            targets = handle.get_tensor("targets")
+        counts += torch.bincount(targets[targets != IGNORE], minlength=vocab_size)
+    return counts
+
+
+def validation_replay(
+    model, base, tok, to_draft, token_map, heads: list[Path], max_new_tokens: int, max_prompts: int | None
+) -> dict:
+    """
+    Top-1 of `x_{t+2}` per task kind on the base's greedy answers to the SmolLM2 validation chat prompts (fp32,
+    answered and featurised as `bench/replay_chain.py` does), beside the given heads folders on the same answers.
+
+    The probe reads each row without its left padding, with the real next token at every position (prompt tokens
+    too: in a decode loop the drafter knows them), and is scored on the answer's positions.
+    """
+    from replay_chain import score_heads  # bench/ is the script's folder, on sys.path
+
+    from hf_bpd.data import load_prompts, tokenize_prompts
+    from hf_bpd_bench.analyze import greedy_features
+    from hf_bpd_bench.reference import find_reference, get_stack
+
+    first = BPDForCausalLM.from_pretrained(heads[0], base_model=base).eval()
+    prompts = load_prompts(find_reference(get_stack("smollm2").prompts), tok, max_prompts)
+    kinds = sorted({p.get("domain", "all") for p in prompts})
+    answers, probe = {}, {}
+    model.eval()
+    for kind in kinds:
+        hits = total = in_vocab = 0
+        for batch in tokenize_prompts([p for p in prompts if p.get("domain", "all") == kind], tok, 10):
+            with torch.no_grad():
+                seq = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+            hidden, targets = greedy_features(
+                first, seq, batch["attention_mask"], first.generation_config.eos_token_id
+            )
+            answers.setdefault(kind, []).append((hidden, targets))
+            prompt_mask = torch.zeros_like(seq)
+            prompt_mask[:, : batch["attention_mask"].shape[1]] = batch["attention_mask"]
+            real = (prompt_mask == 1) | (targets != IGNORE)
+            for b in range(seq.shape[0]):
+                keep = real[b].nonzero().flatten()
+                h, ids, tgt = hidden[b, keep][None], seq[b, keep][None], targets[b, keep][None]
+                nxt = torch.zeros_like(ids)
+                nxt[:, :-1] = ids[:, 1:]
+                target = torch.full_like(tgt, IGNORE)
+                target[:, :-2] = tgt[:, 2:]
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    pred = token_map[model(h.float(), nxt, torch.ones_like(ids))[0].argmax(-1)]
+                valid = target != IGNORE
+                hits += int(((pred == target) & valid).sum())
+                total += int(valid.sum())
+                in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
+        probe[kind] = {
+            "positions": total,
+            "top1": hits / max(total, 1),
+            "top1_in_draft_vocab": hits / max(in_vocab, 1),
+        }
+    tokens = {k: sum(int((t != IGNORE).sum()) for _, t in v) for k, v in answers.items()}
+    report = {
+        "answer_tokens": tokens,
+        "probe_head1_top1_in_draft_vocab": round(
+            sum(v["top1_in_draft_vocab"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
+        ),
+        "probe_per_kind": {k: {n: round(x, 4) for n, x in v.items()} for k, v in probe.items()},
+        "heads": {},
+    }
+    for folder in heads:
+        other = first if folder == heads[0] else BPDForCausalLM.from_pretrained(folder, base_model=base).eval()
+        report["heads"][str(folder)] = score_heads(other, answers, tokens)
+    return report
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=WORK)
@@ -152,9 +236,18 @@ def main(argv=None) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="held-out top-1 on --eval-rows rows every N steps")
     p.add_argument("--eval-rows", type=int, default=256)
     p.add_argument("--heads", type=Path, nargs="*", default=[], help="heads folders to score on the same positions")
+    p.add_argument(
+        "--validation",
+        action="store_true",
+        help="score the --checkpoint's probe on the base's answers to the validation chat prompts (no training)",
+    )
+    p.add_argument("--max-new-tokens", type=int, default=128, help="answer length for --validation")
+    p.add_argument("--max-prompts", type=int, default=None, help="--validation prompts per task kind (default: all)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.validation and (args.checkpoint is None or not args.checkpoint.exists() or not args.heads):
+        p.error("--validation needs a trained --checkpoint and at least one --heads folder to compare with.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     feats = args.work_dir / "features"
@@ -166,12 +259,11 @@ def main(argv=None) -> None:
     else:
         chat = sorted((feats / "chat").glob("*.safetensors"))[: int(args.train_shards)]
         held_paths = [feats / "eval"]
-    train = CachedFeatures(chat + [feats / "raw"], soft_targets=False)
-    held = CachedFeatures(held_paths, soft_targets=False)
+    train_files = chat + sorted((feats / "raw").glob("*.safetensors"))
     from hf_bpd.smollm2 import load_smollm2
 
     base, tok = load_smollm2(dtype=torch.float32)
-    counts = train.target_counts(base.config.vocab_size)
+    counts = target_counts(train_files, base.config.vocab_size)  # what CachedFeatures.target_counts gives
     token_map = draft_vocab_from_counts(counts, args.draft_vocab_size, always=[tok.eos_token_id])
     to_draft = torch.full((base.config.vocab_size,), IGNORE, dtype=torch.long)
     to_draft[token_map] = torch.arange(len(token_map))
@@ -182,6 +274,17 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     schedule = lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    if args.validation:
+        model.load_state_dict(torch.load(args.checkpoint, weights_only=False)["model"])
+        report = validation_replay(
+            model, base, tok, to_draft, token_map, args.heads, args.max_new_tokens, args.max_prompts
+        )
+        print(json.dumps(report, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return
+    train = CachedFeatures(train_files, soft_targets=False)
+    held = CachedFeatures(held_paths, soft_targets=False)
     gen = torch.Generator().manual_seed(args.seed)
     plan = []
     while len(plan) < args.steps:
