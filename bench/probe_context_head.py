@@ -83,6 +83,37 @@ class ContextHead(nn.Module):
         out = self.layers(inputs_embeds=x, attention_mask=mask).last_hidden_state
         return out @ self.projection.T, out  # (B, T, K) draft logits, (B, T, d) the predicted h_{t+1}
 
+    def chained(self, hidden: torch.Tensor, next_tokens: torch.LongTensor, after_tokens: torch.LongTensor):
+        """
+        Depth 1 as `forward`, and depth 2 chained as EAGLE drafts (section 4.1): at position `t+1` the layer reads
+        `fc([ĥ_{t+1}; E(x_{t+2})])`, its own predicted feature with the token after, attending to the real positions
+        `<= t` and itself (one extra query per position, through a 4D mask; EAGLE-3's "training-time test" trains
+        exactly these queries). Rows are right-padded: a real position never attends to the padding after it.
+
+        Args: hidden `(B, n, d)`, next_tokens `x_{t+1}` and after_tokens `x_{t+2}`, `(B, n)`.
+        Returns: draft logits `(B, n, K)` of `x_{t+2}`, the predicted `h_{t+1}` `(B, n, d)`, draft logits of
+        `x_{t+3}` and the predicted `h_{t+2}`.
+        """
+        n = hidden.shape[1]
+        with torch.no_grad():
+            e1, e2 = self.embed(next_tokens.clamp(min=0)), self.embed(after_tokens.clamp(min=0))
+        x = self.fc(torch.cat([hidden.to(e1.dtype), e1], dim=-1))
+        out = self.layers(inputs_embeds=x, attention_mask=torch.ones_like(next_tokens)).last_hidden_state
+        chain = self.fc(torch.cat([out.to(e2.dtype), e2.to(out.dtype)], dim=-1))
+        i = torch.arange(n, device=hidden.device)
+        causal = i[:, None] >= i[None, :]
+        mask = torch.zeros(2 * n, 2 * n, dtype=torch.bool, device=hidden.device)
+        mask[:n, :n] = causal
+        mask[n:, :n] = causal
+        mask[n:, n:] = torch.eye(n, dtype=torch.bool, device=hidden.device)
+        both = self.layers(
+            inputs_embeds=torch.cat([x, chain.to(x.dtype)], dim=1),
+            attention_mask=mask[None, None].expand(hidden.shape[0], 1, -1, -1),
+            position_ids=torch.cat([i, i + 1])[None].expand(hidden.shape[0], -1),
+        ).last_hidden_state
+        out2 = both[:, n:]
+        return out @ self.projection.T, out, out2 @ self.projection.T, out2
+
 
 def batches(features: CachedFeatures, batch: int, generator: torch.Generator):
     """Length-grouped random batches (as the recipe's group_by_length), cut after their last target."""
@@ -110,6 +141,20 @@ def inputs(rows: dict, to_draft: torch.Tensor):
     next_hidden[:, :-1] = hidden[:, 1:]
     # right padding under a causal mask: a real position never attends to the padding after it
     return hidden, nxt, torch.ones_like(labels), draft_target, target, next_hidden, valid
+
+
+def chain_inputs(rows: dict, to_draft: torch.Tensor):
+    """Depth 2's (x_{t+2} as input, x_{t+3} as draft ids, h_{t+2}, where x_{t+3} is a target)."""
+    hidden, labels = rows["base_hidden_states"].float(), rows["labels"]
+    after = torch.zeros_like(labels)
+    after[:, :-2] = labels[:, 2:].clamp(min=0)
+    target = torch.full_like(labels, IGNORE)
+    target[:, :-3] = labels[:, 3:]
+    valid = target != IGNORE
+    draft_target = torch.where(valid, to_draft[target.clamp(min=0)], IGNORE)
+    next2_hidden = torch.zeros_like(hidden)
+    next2_hidden[:, :-2] = hidden[:, 2:]
+    return after, draft_target, next2_hidden, valid
 
 
 def held_out_top1(model, held, to_draft, token_map, rows: int | None = None) -> dict:
@@ -169,7 +214,7 @@ def validation_replay(
     answers, probe = {}, {}
     model.eval()
     for kind in kinds:
-        hits = total = in_vocab = 0
+        hits = total = in_vocab = hits2 = total2 = given = right1 = 0
         for batch in tokenize_prompts([p for p in prompts if p.get("domain", "all") == kind], tok, 10):
             with torch.no_grad():
                 seq = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -183,26 +228,37 @@ def validation_replay(
             for b in range(seq.shape[0]):
                 keep = real[b].nonzero().flatten()
                 h, ids, tgt = hidden[b, keep][None], seq[b, keep][None], targets[b, keep][None]
-                nxt = torch.zeros_like(ids)
-                nxt[:, :-1] = ids[:, 1:]
-                target = torch.full_like(tgt, IGNORE)
-                target[:, :-2] = tgt[:, 2:]
+                nxt, after = torch.zeros_like(ids), torch.zeros_like(ids)
+                nxt[:, :-1], after[:, :-2] = ids[:, 1:], ids[:, 2:]
+                target, target2 = torch.full_like(tgt, IGNORE), torch.full_like(tgt, IGNORE)
+                target[:, :-2], target2[:, :-3] = tgt[:, 2:], tgt[:, 3:]
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                    pred = token_map[model(h.float(), nxt, torch.ones_like(ids))[0].argmax(-1)]
-                valid = target != IGNORE
-                hits += int(((pred == target) & valid).sum())
+                    logits1, _, logits2, _ = model.chained(h.float(), nxt, after)
+                pred, pred2 = token_map[logits1.argmax(-1)], token_map[logits2.argmax(-1)]
+                valid, valid2 = target != IGNORE, target2 != IGNORE
+                right = (pred == target) & valid
+                hits += int(right.sum())
                 total += int(valid.sum())
                 in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
+                hits2 += int(((pred2 == target2) & valid2).sum())
+                total2 += int(valid2.sum())
+                given += int(((pred2 == target2) & valid2 & right).sum())
+                right1 += int((right & valid2).sum())
         probe[kind] = {
             "positions": total,
             "top1": hits / max(total, 1),
             "top1_in_draft_vocab": hits / max(in_vocab, 1),
+            "depth2_top1": hits2 / max(total2, 1),
+            "depth2_top1_given_depth1": given / max(right1, 1),
         }
     tokens = {k: sum(int((t != IGNORE).sum()) for _, t in v) for k, v in answers.items()}
     report = {
         "answer_tokens": tokens,
         "probe_head1_top1_in_draft_vocab": round(
             sum(v["top1_in_draft_vocab"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
+        ),
+        "probe_depth2_top1": round(
+            sum(v["depth2_top1"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
         ),
         "probe_per_kind": {k: {n: round(x, 4) for n, x in v.items()} for k, v in probe.items()},
         "heads": {},
@@ -233,6 +289,14 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--checkpoint", type=Path, default=None, help="save model, optimizer and step here every 200 steps")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint when it exists")
+    p.add_argument("--init-from", type=Path, default=None, help="start from this checkpoint's weights (new schedule)")
+    p.add_argument(
+        "--chain-depth",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="2: also train depth 2 on the probe's own predicted features (EAGLE-3's training-time test, one step)",
+    )
     p.add_argument("--eval-every", type=int, default=0, help="held-out top-1 on --eval-rows rows every N steps")
     p.add_argument("--eval-rows", type=int, default=256)
     p.add_argument("--heads", type=Path, nargs="*", default=[], help="heads folders to score on the same positions")
@@ -274,8 +338,18 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     schedule = lambda s: min(1.0, (s + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps)))  # noqa: E731
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    def load(path: Path) -> dict:
+        state = torch.load(path, weights_only=False)
+        if "token_map" in state and not torch.equal(state["token_map"], token_map):
+            raise SystemExit(
+                f"{path} was trained on another draft vocabulary (its shards' targets differ from these): use the "
+                "--train-shards it was trained with, on the same feature shards."
+            )
+        return state
+
     if args.validation:
-        model.load_state_dict(torch.load(args.checkpoint, weights_only=False)["model"])
+        model.load_state_dict(load(args.checkpoint)["model"])
         report = validation_replay(
             model, base, tok, to_draft, token_map, args.heads, args.max_new_tokens, args.max_prompts
         )
@@ -290,8 +364,10 @@ def main(argv=None) -> None:
     while len(plan) < args.steps:
         plan += batches(train, args.batch, gen)
     first, log, curve, seconds_before = 0, [], [], 0.0
+    if args.init_from is not None:
+        model.load_state_dict(load(args.init_from)["model"])
     if args.resume and args.checkpoint is not None and args.checkpoint.exists():
-        state = torch.load(args.checkpoint, weights_only=False)
+        state = load(args.checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -309,6 +385,7 @@ def main(argv=None) -> None:
             "log": log,
             "curve": curve,
             "seconds": seconds_before + time.perf_counter() - start,
+            "token_map": token_map,
         }
         torch.save(state, args.checkpoint.with_suffix(".tmp"))
         args.checkpoint.with_suffix(".tmp").replace(args.checkpoint)  # never a half-written checkpoint
@@ -322,9 +399,17 @@ def main(argv=None) -> None:
         rows = collate_features([train[i] for i in plan[step]])
         hidden, nxt, mask, target, _, next_hidden, valid = inputs(rows, to_draft)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, out = model(hidden, nxt, mask)
+            if args.chain_depth == 2:
+                after, target2, next2_hidden, valid2 = chain_inputs(rows, to_draft)
+                logits, out, logits2, out2 = model.chained(hidden, nxt, after)
+            else:
+                logits, out = model(hidden, nxt, mask)
         loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE)
         feature_loss = nn.functional.smooth_l1_loss(out.float()[valid], next_hidden[valid])
+        if args.chain_depth == 2:  # EAGLE-3's training-time test, one step: depth 2 from its own feature
+            loss2 = nn.functional.cross_entropy(logits2.float().flatten(0, 1), target2.flatten(), ignore_index=IGNORE)
+            loss = loss + loss2
+            feature_loss = feature_loss + nn.functional.smooth_l1_loss(out2.float()[valid2], next2_hidden[valid2])
         total_loss = loss + args.feature_loss_weight * feature_loss if args.feature_loss_weight else loss
         optimizer.zero_grad()
         total_loss.backward()
@@ -343,6 +428,10 @@ def main(argv=None) -> None:
                     "train_top1": round(top1, 4),
                 }
             )
+            if args.chain_depth == 2:
+                with torch.no_grad():
+                    ok2 = (logits2.argmax(-1) == target2) & (target2 != IGNORE)
+                    log[-1]["train_top1_depth2"] = round(float(ok2.sum() / (target2 != IGNORE).sum()), 4)
             print(log[-1], f"{seconds_before + time.perf_counter() - start:.0f} s", flush=True)
         if args.eval_every and (step + 1) % args.eval_every == 0:
             curve.append({"step": step + 1, **held_out_top1(model, held, to_draft, token_map, args.eval_rows)})
@@ -357,6 +446,8 @@ def main(argv=None) -> None:
     report = {
         "probe": f"{args.layers} Llama decoder layer(s) over fc([h_s; E(x_s+1)]), s <= t (EAGLE / Hydra++ style)",
         "feature_loss_weight": args.feature_loss_weight,
+        "chain_depth_trained": args.chain_depth,
+        "init_from": str(args.init_from) if args.init_from else None,
         "train_sequences": len(train),
         "train_target_tokens": train.num_target_tokens(),
         "steps_planned": args.steps,
