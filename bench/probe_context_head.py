@@ -214,7 +214,7 @@ def validation_replay(
     answers, probe = {}, {}
     model.eval()
     for kind in kinds:
-        hits = total = in_vocab = hits2 = total2 = given = right1 = 0
+        hits = total = in_vocab = hits2 = total2 = in_vocab2 = given = right1 = 0
         for batch in tokenize_prompts([p for p in prompts if p.get("domain", "all") == kind], tok, 10):
             with torch.no_grad():
                 seq = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -242,6 +242,7 @@ def validation_replay(
                 in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
                 hits2 += int(((pred2 == target2) & valid2).sum())
                 total2 += int(valid2.sum())
+                in_vocab2 += int((valid2 & (to_draft[target2.clamp(min=0)] != IGNORE)).sum())
                 given += int(((pred2 == target2) & valid2 & right).sum())
                 right1 += int((right & valid2).sum())
         probe[kind] = {
@@ -249,6 +250,7 @@ def validation_replay(
             "top1": hits / max(total, 1),
             "top1_in_draft_vocab": hits / max(in_vocab, 1),
             "depth2_top1": hits2 / max(total2, 1),
+            "depth2_top1_in_draft_vocab": hits2 / max(in_vocab2, 1),
             "depth2_top1_given_depth1": given / max(right1, 1),
         }
     tokens = {k: sum(int((t != IGNORE).sum()) for _, t in v) for k, v in answers.items()}
@@ -256,6 +258,9 @@ def validation_replay(
         "answer_tokens": tokens,
         "probe_head1_top1_in_draft_vocab": round(
             sum(v["top1_in_draft_vocab"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
+        ),
+        "probe_depth2_top1_in_draft_vocab": round(
+            sum(v["depth2_top1_in_draft_vocab"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
         ),
         "probe_depth2_top1": round(
             sum(v["depth2_top1"] * tokens[k] for k, v in probe.items()) / sum(tokens.values()), 4
