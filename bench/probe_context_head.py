@@ -157,10 +157,17 @@ def chain_inputs(rows: dict, to_draft: torch.Tensor):
     return after, draft_target, next2_hidden, valid
 
 
+def hit_counts(pred: torch.Tensor, target: torch.Tensor, to_draft: torch.Tensor) -> torch.LongTensor:
+    """(hits, targets, targets inside the draft vocabulary) of predicted base token ids against targets."""
+    valid = target != IGNORE
+    in_vocab = valid & (to_draft[target.clamp(min=0)] != IGNORE)
+    return torch.stack([((pred == target) & valid).sum(), valid.sum(), in_vocab.sum()])
+
+
 def held_out_top1(model, held, to_draft, token_map, rows: int | None = None) -> dict:
     """Top-1 of x_{t+2} on the first `rows` held-out rows (all by default): over every target, and in-vocabulary."""
     model.eval()
-    hits = total = in_vocab = 0
+    counts = torch.zeros(3, dtype=torch.long)
     end = len(held) if rows is None else min(rows, len(held))
     with torch.no_grad():
         for s in range(0, end, 16):
@@ -168,11 +175,9 @@ def held_out_top1(model, held, to_draft, token_map, rows: int | None = None) -> 
             hidden, nxt, mask, _, target, _, _ = inputs(batch, to_draft)
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 pred = token_map[model(hidden, nxt, mask)[0].argmax(-1)]
-            valid = target != IGNORE
-            hits += int(((pred == target) & valid).sum())
-            total += int(valid.sum())
-            in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
+            counts += hit_counts(pred, target, to_draft)
     model.train()
+    hits, total, in_vocab = counts.tolist()
     return {
         "positions": total,
         "top1": round(hits / max(total, 1), 4),
@@ -214,7 +219,8 @@ def validation_replay(
     answers, probe = {}, {}
     model.eval()
     for kind in kinds:
-        hits = total = in_vocab = hits2 = total2 = in_vocab2 = given = right1 = 0
+        depth1, depth2 = torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+        given = right1 = 0  # depth 2 right where depth 1 was, and depth 1 right where depth 2 has a target
         for batch in tokenize_prompts([p for p in prompts if p.get("domain", "all") == kind], tok, 10):
             with torch.no_grad():
                 seq = base.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
@@ -235,16 +241,12 @@ def validation_replay(
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                     logits1, _, logits2, _ = model.chained(h.float(), nxt, after)
                 pred, pred2 = token_map[logits1.argmax(-1)], token_map[logits2.argmax(-1)]
-                valid, valid2 = target != IGNORE, target2 != IGNORE
-                right = (pred == target) & valid
-                hits += int(right.sum())
-                total += int(valid.sum())
-                in_vocab += int((valid & (to_draft[target.clamp(min=0)] != IGNORE)).sum())
-                hits2 += int(((pred2 == target2) & valid2).sum())
-                total2 += int(valid2.sum())
-                in_vocab2 += int((valid2 & (to_draft[target2.clamp(min=0)] != IGNORE)).sum())
+                depth1 += hit_counts(pred, target, to_draft)
+                depth2 += hit_counts(pred2, target2, to_draft)
+                right, valid2 = (pred == target) & (target != IGNORE), target2 != IGNORE
                 given += int(((pred2 == target2) & valid2 & right).sum())
                 right1 += int((right & valid2).sum())
+        (hits, total, in_vocab), (hits2, total2, in_vocab2) = depth1.tolist(), depth2.tolist()
         probe[kind] = {
             "positions": total,
             "top1": hits / max(total, 1),
