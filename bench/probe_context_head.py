@@ -317,6 +317,8 @@ def main(argv=None) -> None:
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1 (the length of the learning-rate schedule), got {args.steps}.")
     if args.validation and (args.checkpoint is None or not args.checkpoint.exists() or not args.heads):
         p.error("--validation needs a trained --checkpoint and at least one --heads folder to compare with.")
     torch.set_num_threads(args.threads)
