@@ -321,6 +321,15 @@ def main(argv=None) -> None:
         p.error(f"--steps must be >= 1 (the length of the learning-rate schedule), got {args.steps}.")
     if args.validation and (args.checkpoint is None or not args.checkpoint.exists() or not args.heads):
         p.error("--validation needs a trained --checkpoint and at least one --heads folder to compare with.")
+    for name in ("batch", "warmup", "layers", "threads", "eval_rows", "draft_vocab_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}.")
+    if args.minutes is not None and args.minutes <= 0:
+        p.error(f"--minutes must be > 0, got {args.minutes}.")
+    if args.eval_every < 0 or args.feature_loss_weight < 0 or args.lr <= 0:
+        p.error("--eval-every and --feature-loss-weight must be >= 0 and --lr > 0.")
+    if args.init_from is not None and not args.init_from.is_file():
+        p.error(f"--init-from {args.init_from} is not a checkpoint file.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     feats = args.work_dir / "features"
