@@ -276,7 +276,8 @@ def validation_replay(
     return report
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line, refused with a usage error (exit 2) for nonsense values before anything loads."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", type=Path, default=WORK)
     p.add_argument(
@@ -330,6 +331,11 @@ def main(argv=None) -> None:
         p.error("--eval-every and --feature-loss-weight must be >= 0 and --lr > 0.")
     if args.init_from is not None and not args.init_from.is_file():
         p.error(f"--init-from {args.init_from} is not a checkpoint file.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     feats = args.work_dir / "features"
