@@ -94,6 +94,9 @@ def extract_features(
         d = base.get_output_embeddings().weight.shape[1]
         hidden = torch.zeros(len(rows), seq_len, d, dtype=storage_dtype)
         targets = torch.full((len(rows), seq_len), IGNORE, dtype=torch.int32)
+        inputs = torch.full((len(rows), seq_len), IGNORE, dtype=torch.int32)
+        for i, row in enumerate(rows):
+            inputs[i, : len(row)] = torch.as_tensor(row, dtype=torch.int32)
         if top_k:
             topk_ids = torch.zeros(len(rows), seq_len, top_k, dtype=torch.int32)
             topk_logprobs = torch.full((len(rows), seq_len, top_k), float("-inf"), dtype=torch.float16)
@@ -123,7 +126,7 @@ def extract_features(
                 logp = torch.log_softmax(outputs.logits[:, :-1].float(), dim=-1).topk(top_k, dim=-1)
                 topk_ids[index, 1:width] = logp.indices.cpu().to(torch.int32)
                 topk_logprobs[index, 1:width] = logp.values.cpu().to(torch.float16)
-        tensors = {"hidden": hidden, "targets": targets}
+        tensors = {"hidden": hidden, "targets": targets, "input_ids": inputs}
         if top_k:
             tensors.update(topk_ids=topk_ids, topk_logprobs=topk_logprobs)
         save_feature_shard(path, tensors)
@@ -247,7 +250,9 @@ def generation_features(
         seq_len (`int`): stored length `T`.
         train_start: per row, the first position that gets a target (e.g. after a chat template's system block).
     Returns:
-        `{"hidden": (B, T, d) storage_dtype, "targets": (B, T) int32}` (`-100` where there is no target).
+        `{"hidden": (B, T, d) storage_dtype, "targets": (B, T) int32, "input_ids": (B, T) int32}` (`-100` where
+        there is no target, resp. no token): `input_ids` are the row's real tokens (the prompt's own, where `targets`
+        hold the base's argmax), which heads that read the committed tokens (`head_type="context"`) train on.
     Raises:
         `ValueError` when the recorded states do not match the prompts and sequences (another decoding strategy, or
         a recorder that saw other forwards).
@@ -265,6 +270,7 @@ def generation_features(
     eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     hidden = torch.zeros(batch, seq_len, recorded.shape[-1], dtype=storage_dtype)
     targets = torch.full((batch, seq_len), IGNORE, dtype=torch.int32)
+    inputs = torch.full((batch, seq_len), IGNORE, dtype=torch.int32)
     for b in range(batch):
         p = int(attention_mask[b].sum())
         left = width - p
@@ -282,11 +288,13 @@ def generation_features(
         if train_start is not None:
             row[: train_start[b]] = IGNORE
         targets[b, :length] = row.to(torch.int32)
-    return {"hidden": hidden, "targets": targets}
+        inputs[b, :length] = torch.as_tensor(tokens[:length], dtype=torch.int32)
+    return {"hidden": hidden, "targets": targets, "input_ids": inputs}
 
 
 _REQUIRED = {"hidden", "targets"}
 _SOFT = {"topk_ids", "topk_logprobs"}
+_OPTIONAL = {"input_ids"}  # the rows' real tokens (shards written before they were stored lack them)
 
 
 def _shard_state(path: Path, rows: int, seq_len: int, top_k: int) -> str:
@@ -312,7 +320,8 @@ def _shard_state(path: Path, rows: int, seq_len: int, top_k: int) -> str:
 class CachedFeatures(Dataset):
     """
     Rows of cached features: `{"base_hidden_states": (T, d), "labels": (T,)}` where `labels` are the base's greedy
-    tokens (unshifted, `-100` where masked). Feed to [`BPDTrainer`] with `distillation="hard"` (or `"none"`: the
+    tokens (unshifted, `-100` where masked), and `"draft_input_ids"` `(T,)`, the rows' real tokens, from shards that
+    stored them (`input_ids`, written since hf_bpd 0.30; token-conditioned heads are teacher-forced on them). Feed to [`BPDTrainer`] with `distillation="hard"` (or `"none"`: the
     labels already are the teacher's tokens). Shards written with `top_k > 0` also give `"teacher_topk_ids"` and
     `"teacher_topk_logprobs"` `(T, k)` (the base's top-k at each position), used by `distillation="soft"`.
 
@@ -333,23 +342,22 @@ class CachedFeatures(Dataset):
             raise ValueError(f"No feature shards (*.safetensors) found in {list(map(str, paths))}.")
         # two passes: shapes first, then each shard copied into tensors allocated once (torch.cat of the shards
         # would hold every shard twice at its peak: 2x the features' size, ~18 GiB for SmolLM2's 2M tokens)
-        shapes, hard_only, dtypes = (
-            [],
-            [],
-            set(),
-        )  # hard_only: shards without soft targets (e.g. captured while generating)
+        # hard_only: shards without soft targets (e.g. captured while generating); no_inputs: without input_ids
+        shapes, hard_only, no_inputs, dtypes = [], [], [], set()
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"Feature shard {f} does not exist.")
             with safe_open(str(f), framework="pt") as handle:
                 keys = set(handle.keys())
-                if not _REQUIRED <= keys <= _REQUIRED | _SOFT or len(keys & _SOFT) == 1:
+                if not _REQUIRED <= keys <= _REQUIRED | _SOFT | _OPTIONAL or len(keys & _SOFT) == 1:
                     raise ValueError(
                         f"{f} is not a feature shard (tensors {sorted(keys)}, expected hidden, targets and optionally "
                         "topk_ids, topk_logprobs)."
                     )
                 if not _SOFT <= keys:
                     hard_only.append(f)
+                if "input_ids" not in keys:
+                    no_inputs.append(f)
                 shape = handle.get_slice("hidden").get_shape()
                 dtypes.add(handle.get_slice("hidden").get_dtype())
                 k = handle.get_slice("topk_ids").get_shape()[-1] if _SOFT <= keys else 0
@@ -375,6 +383,8 @@ class CachedFeatures(Dataset):
             )
         rows = sum(shape[0] for _, shape, _ in shapes)
         self.hidden = self.targets = self.topk_ids = self.topk_logprobs = None
+        # the rows' real tokens, when every shard stored them (`-100` after a row's end)
+        self.input_ids: torch.LongTensor | None = None
         at = 0
         for f, shape, k in shapes:
             with safe_open(str(f), framework="pt") as handle:
@@ -383,11 +393,15 @@ class CachedFeatures(Dataset):
                     dtype = hidden.dtype if len(dtypes) == 1 else torch.float32
                     self.hidden = torch.empty(rows, *shape[1:], dtype=dtype)
                     self.targets = torch.empty(rows, shape[1], dtype=torch.long)
+                    if not no_inputs:
+                        self.input_ids = torch.empty(rows, shape[1], dtype=torch.long)
                     if soft:
                         self.topk_ids = torch.empty(rows, shape[1], k, dtype=torch.int32)  # long per row
                         self.topk_logprobs = torch.empty(rows, shape[1], k, dtype=torch.float16)
                 self.hidden[at : at + shape[0]] = hidden
                 self.targets[at : at + shape[0]] = handle.get_tensor("targets")
+                if self.input_ids is not None:
+                    self.input_ids[at : at + shape[0]] = handle.get_tensor("input_ids")
                 if soft:
                     self.topk_ids[at : at + shape[0]] = handle.get_tensor("topk_ids")
                     self.topk_logprobs[at : at + shape[0]] = handle.get_tensor("topk_logprobs")
@@ -400,8 +414,12 @@ class CachedFeatures(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         row = {"base_hidden_states": self.hidden[index], "labels": self.targets[index]}
-        if self.inputs is not None:  # a selection masked some targets: heads still read every token
-            row["draft_input_ids"] = self.inputs[index]
+        # what token-conditioned heads read under teacher forcing: the rows' real tokens when the shards stored them
+        # (inside a prompt the labels are the base's argmax, not the text that follows), else every target even
+        # where a selection masked its loss
+        tokens = self.input_ids if self.input_ids is not None else self.inputs
+        if tokens is not None:
+            row["draft_input_ids"] = tokens[index]
         if self.topk_ids is not None:
             row["teacher_topk_ids"] = self.topk_ids[index].long()
             row["teacher_topk_logprobs"] = self.topk_logprobs[index]

@@ -181,7 +181,11 @@ def _total(value: int | Sequence[int] | torch.Tensor) -> float:
 
 @torch.no_grad()
 def depth_accuracy(
-    model: torch.nn.Module, base_hidden_states: torch.Tensor, targets: torch.LongTensor, batch_size: int = 8
+    model: torch.nn.Module,
+    base_hidden_states: torch.Tensor,
+    targets: torch.LongTensor,
+    batch_size: int = 8,
+    input_ids: torch.LongTensor | None = None,
 ) -> dict[str, list[float] | int]:
     """
     Per-depth top-1 accuracy of a model's draft heads on known targets, for either head kind: `top1` (head `i`
@@ -195,6 +199,9 @@ def depth_accuracy(
             [`~hf_bpd.features.CachedFeatures.hidden`]).
         targets (`torch.LongTensor` of shape `(n, seq_len)`): unshifted targets, `-100` where masked (the base's
             greedy tokens for what greedy BPD accepts).
+        input_ids (`torch.LongTensor` of shape `(n, seq_len)`, *optional*): what token-conditioned heads read
+            (teacher forcing; e.g. [`~hf_bpd.features.CachedFeatures.input_ids`], the rows' real tokens); defaults
+            to `targets`.
     Returns:
         `{"top1": [h floats], "top1_given_prefix": [h floats], "chain_tokens": int, "chain_calls": int}`: the last
         two from [`greedy_chain_counts`] (their ratio is the greedy chain's block efficiency on this text).
@@ -206,7 +213,8 @@ def depth_accuracy(
     chain = [0, 0]
     for i in range(0, base_hidden_states.shape[0], batch_size):
         hidden, labels = base_hidden_states[i : i + batch_size], targets[i : i + batch_size]
-        compact = model(base_hidden_states=hidden, draft_input_ids=labels, draft_full_vocab=False).draft_logits
+        reads = labels if input_ids is None else input_ids[i : i + batch_size]
+        compact = model(base_hidden_states=hidden, draft_input_ids=reads, draft_full_vocab=False).draft_logits
         labels = model.to_draft_ids(labels)
         top1, _, total = head_accuracy_counts(compact, labels, top_k=1)
         hits, given = prefix_accuracy_counts(compact, labels)

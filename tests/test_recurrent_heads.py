@@ -70,7 +70,7 @@ def test_ffn_blocks_start_as_the_identity_learn_and_round_trip(tmp_path):
     loaded = BPDForCausalLM.from_pretrained(tmp_path / "ffn", base_model=base)
     assert loaded.config.head_intermediate_size == 48
     torch.testing.assert_close(loaded.draft_logits(hidden, prev), cond.draft_logits(hidden, prev))
-    with pytest.raises(ValueError, match="head_intermediate_size applies to head_type='recurrent' only"):
+    with pytest.raises(ValueError, match="head_intermediate_size applies to head_type='recurrent' or 'context' only"):
         BPDConfig(head_type="resblock", head_intermediate_size=48)
     with pytest.raises(ValueError, match="head_intermediate_size must be an integer >= 1"):
         BPDConfig(head_type="recurrent", head_intermediate_size=0)
@@ -532,7 +532,7 @@ def test_the_sampling_test_rejects_per_depth_proposals(monkeypatch):
 @pytest.mark.parametrize("mode", ["hard", "soft"])
 def test_trainer_on_cached_features_teacher_forces_the_greedy_labels(mode, tmp_path):
     """Cached features (hard: greedy labels; soft: top-k) train recurrent heads; the logs and training info carry
-    top-1 given a correct prefix; the conditioning tokens are the cached greedy labels."""
+    top-1 given a correct prefix; the conditioning tokens are the rows' real tokens the shards stored."""
     from test_trainer import training_args
 
     from hf_bpd.features import CachedFeatures, extract_features
@@ -560,14 +560,16 @@ def test_trainer_on_cached_features_teacher_forces_the_greedy_labels(mode, tmp_p
     assert after["eval_loss"] < before["eval_loss"], (before, after)
     assert after["eval_head1_top1"] > 1.5 * before["eval_head1_top1"], (before, after)
     assert "eval_head2_top1_given_prefix" in after
-    labels = torch.stack([features[i]["labels"] for i in range(len(features))])
+    # the shards store the rows' real tokens: teacher forcing reads them (not the labels, the base's argmax)
+    tokens = torch.stack([features[i]["draft_input_ids"] for i in range(len(features))])
+    assert torch.equal(tokens[:, : len(seqs[0])], torch.tensor(seqs))
     rows = seen[-1].shape[0]
-    assert any(torch.equal(seen[-1], teacher_tokens(labels[i : i + rows], 2)) for i in range(0, len(labels), rows))
+    assert any(torch.equal(seen[-1], teacher_tokens(tokens[i : i + rows], 2)) for i in range(0, len(tokens), rows))
     info = trainer.training_info()
     assert len(info["head_metrics"]["top1_given_prefix"]) == 2
     from hf_bpd.metrics import depth_accuracy
 
-    measured = depth_accuracy(model.eval(), features.hidden, features.targets)
+    measured = depth_accuracy(model.eval(), features.hidden, features.targets, input_ids=features.input_ids)
     assert measured["top1"] == pytest.approx([after["eval_head1_top1"], after["eval_head2_top1"]], abs=1e-3)
     assert measured["top1_given_prefix"][1] == pytest.approx(after["eval_head2_top1_given_prefix"], abs=1e-3)
 

@@ -727,15 +727,17 @@ def test_keep_least_certain_masks_the_most_certain_targets(cached, blocks, tmp_p
     assert float(top1[kept].max()) <= float(top1[valid & ~kept].min())  # every kept target is less certain
     with pytest.raises(ValueError, match="top-k"):
         CachedFeatures(paths, soft_targets=False).keep_least_certain(0.5)
-    # only the loss is masked: heads still read every token, and the batches' order is the full data's
+    # only the loss is masked: heads still read every token (the rows' real tokens, which the shards store), and the
+    # batches' order is the full data's
     assert half.lengths() == full.lengths()
-    assert torch.equal(half[3]["draft_input_ids"], full.targets[3]) and "draft_input_ids" not in full[3]
+    assert torch.equal(half[3]["draft_input_ids"], full.input_ids[3])
+    assert torch.equal(full[3]["draft_input_ids"], full.input_ids[3])
     seen = []
     model = BPDForCausalLM.from_base(cached.base, num_draft_heads=2, head_type="recurrent")
     model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("draft_input_ids")), with_kwargs=True)
     BPDTrainer(model, training_args(tmp_path, max_steps=1, per_device_train_batch_size=16), train_dataset=half).train()
     width = seen[0].shape[1]
-    unmasked = {tuple(full.targets[i, :width].tolist()) for i in range(len(full))}
+    unmasked = {tuple(full.input_ids[i, :width].tolist()) for i in range(len(full))}
     assert all(tuple(row.tolist()) in unmasked for row in seen[0])  # the tokens, not the masked labels
 
 
