@@ -33,6 +33,11 @@ class BPDConfig(PretrainedConfig):
               (FFN blocks of inner width `head_intermediate_size` when set), state width `head_hidden_size`
               (default the base hidden size). Zero-initialised like `"resblock"`.
               Drafted token by token (chains, beams, trees); the lattice drafters refuse them.
+            - `"context"`: EAGLE-style heads (`hf_bpd.context_heads`): one shared stack of `head_num_layers`
+              transformer decoder layers over `fc([h_t; E(x_{t+1})])` at every committed position, drafting `h`
+              tokens deep by feeding their own output back (trained as they draft: EAGLE-3's training-time test).
+              Inner width `head_intermediate_size` (default `8d/3`), `head_num_attention_heads` /
+              `head_num_key_value_heads` attention heads. Drafted token by token, like `"recurrent"`.
         head_num_layers (`int`, *optional*, defaults to 1):
             How many of those blocks each head stacks.
         head_hidden_size (`int`, *optional*):
@@ -42,7 +47,13 @@ class BPDConfig(PretrainedConfig):
         head_intermediate_size (`int`, *optional*):
             `"recurrent"` heads only: each head's blocks are FFN blocks `x + W_2 SiLU(W_1 x)` of this inner width
             (`W_2` zero-initialised) instead of ResBlocks, more capacity for the joint function of `h_t` and the
-            drafted tokens (EAGLE's draft layer has a `4d` MLP). `None` (default): ResBlocks.
+            drafted tokens (EAGLE's draft layer has a `4d` MLP). `None` (default): ResBlocks. `"context"` heads:
+            the decoder layers' MLP width (default `8d/3`).
+        head_num_attention_heads (`int`, *optional*):
+            `"context"` heads only: attention heads of their decoder layers (default: 64-wide heads, `d / 64`
+            rounded down to a divisor of `d`).
+        head_num_key_value_heads (`int`, *optional*):
+            `"context"` heads only: key/value heads (grouped-query attention; default `head_num_attention_heads`).
         share_lm_head (`bool`, *optional*, defaults to `True`):
             Whether heads project to the vocabulary with the base model's (frozen) `lm_head`. When `False` each head
             owns a projection, initialised as a copy of the base `lm_head`.
@@ -89,6 +100,8 @@ class BPDConfig(PretrainedConfig):
         head_hidden_size: int | None = None,
         head_rank: int = 16,
         head_intermediate_size: int | None = None,
+        head_num_attention_heads: int | None = None,
+        head_num_key_value_heads: int | None = None,
         share_lm_head: bool = True,
         base_model_name_or_path: str | None = None,
         base_hidden_size: int | None = None,
@@ -106,6 +119,8 @@ class BPDConfig(PretrainedConfig):
         self.head_hidden_size = head_hidden_size
         self.head_rank = head_rank
         self.head_intermediate_size = head_intermediate_size
+        self.head_num_attention_heads = head_num_attention_heads
+        self.head_num_key_value_heads = head_num_key_value_heads
         self.share_lm_head = share_lm_head
         self.base_model_name_or_path = base_model_name_or_path
         self.base_hidden_size = base_hidden_size
@@ -132,11 +147,15 @@ class BPDConfig(PretrainedConfig):
         positive_int("head_rank", self.head_rank)
         positive_int("head_hidden_size", self.head_hidden_size, allow_none=True)
         positive_int("head_intermediate_size", self.head_intermediate_size, allow_none=True)
-        if self.head_intermediate_size is not None and self.head_type != "recurrent":
+        if self.head_intermediate_size is not None and self.head_type not in ("recurrent", "context"):
             raise ValueError(
-                f"BPDConfig.head_intermediate_size applies to head_type='recurrent' only (got head_type="
+                f"BPDConfig.head_intermediate_size applies to head_type='recurrent' or 'context' only (got head_type="
                 f"{self.head_type!r}); an 'ffn' head's inner width is head_hidden_size."
             )
+        for name in ("head_num_attention_heads", "head_num_key_value_heads"):
+            positive_int(name, getattr(self, name), allow_none=True)
+            if getattr(self, name) is not None and self.head_type != "context":
+                raise ValueError(f"BPDConfig.{name} applies to head_type='context' only (got {self.head_type!r}).")
         positive_int("base_hidden_size", self.base_hidden_size, allow_none=True)
         positive_int("base_vocab_size", self.base_vocab_size, allow_none=True)
         positive_int("draft_vocab_size", self.draft_vocab_size, allow_none=True)

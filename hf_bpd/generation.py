@@ -258,7 +258,10 @@ class _BlockDecoder:
     ):
         self.model, self.bpd, self.cache, self.drafter = model, bpd, cache, drafter
         self.heads = DraftHeadsView(bpd)  # what drafters see of the model
-        self.wants_committed = getattr(drafter, "hidden_states", "last") == "committed"
+        # heads that attend over the context (`hf_bpd.context_heads`) read every committed position's state
+        self.reads_context = self.heads.reads_context
+        self.wants_committed = getattr(drafter, "hidden_states", "last") == "committed" or self.reads_context
+        self.prompt_hidden: torch.Tensor | None = None  # (B, F, d) the prefill's states, for context heads
         self.prompt_start: torch.LongTensor | None = None  # first real token of each row (from the attention mask)
         self.num_heads = bpd.config.num_draft_heads
         # drafters deeper than the heads (prompt lookup) declare `max_depth`; the token buffer leaves room for it
@@ -301,6 +304,7 @@ class _BlockDecoder:
                 self.step(state)
         finally:
             self.last_hidden.remove()
+            self.heads.context_cache = None  # the context heads' cache lives for one call
         return state
 
     def step(self, state: DecodeState) -> None:
@@ -363,7 +367,22 @@ class _BlockDecoder:
             state, self.scorer.select(scores), torch.zeros_like(lengths), _Prefill(logits=logits, scores=scores), root
         )
         state.hidden = hidden[:, -1]  # (B, d)
+        if self.reads_context:
+            self._start_context(state, feed, mask[:, -feed.shape[1] :])
         return state
+
+    def _start_context(self, state: DecodeState, feed: torch.LongTensor, mask: torch.LongTensor) -> None:
+        """
+        Heads that read the context: a fresh context (`heads.new_context`, e.g. a
+        [`~hf_bpd.context_heads.ContextCache`]) holding the prompt's pairs `(h_s, x_{s+1})`
+        but the last (its state predicted the first generated token: the first step adds it with that token). A
+        prompt given partly in `cache=` has no states for those tokens: the context starts at the first fed one.
+        """
+        context = self.bpd.heads.new_context(feed.shape[0], feed.device)
+        hidden, self.prompt_hidden = self.prompt_hidden, None
+        valid = mask[:, :-1].bool() & mask[:, 1:].bool()
+        context.append(hidden[:, :-1], feed[:, 1:], valid)
+        self.heads.context_cache = context
 
     def draft(self, state: DecodeState, num_tokens: int, max_tokens: int | None = None) -> DraftTree:
         """The drafter's [`~hf_bpd.tree.DraftTree`] for this step, cut to depth `max_tokens` (`num_tokens <= h` for
@@ -381,6 +400,11 @@ class _BlockDecoder:
         committed, count = state.committed_hidden, state.committed_count
         if self.wants_committed and committed is None:  # after the prefill: the state that predicted its token
             committed, count = state.hidden[:, None], torch.ones_like(state.lengths)
+        if self.reads_context:  # the pairs the last step completed: each committed token with the state before it
+            offsets = torch.arange(committed.shape[1], device=count.device)
+            index = (state.lengths - count)[:, None] + offsets
+            tokens = state.tokens.gather(1, index.clamp(min=0, max=state.tokens.shape[1] - 1))
+            self.heads.context_cache.append(committed, tokens, offsets[None] < count[:, None])
         return DraftContext(
             state.tokens,
             state.lengths,
@@ -549,6 +573,8 @@ class _BlockDecoder:
             **kwargs,
         )
         state.serial_calls += 1
+        if prefill and self.reads_context:
+            self.prompt_hidden = out.hidden_states[-1]
         hidden = self.last_hidden.take()
         if hidden is None:  # the model projects without calling its output module: read every layer's states
             self.last_hidden.remove()

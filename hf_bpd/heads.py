@@ -12,6 +12,11 @@ stays on the model (`BPDForCausalLM.draft_logits`). The class flag `independent`
   token at draft time), and output `j` of `(..., k, d)` predicts `x_{t+2+j}` given `x_{t+1..t+1+j}`. Training feeds
   the targets (teacher forcing); drafting feeds each node's own path.
 
+Token-conditioned heads that also attend over the committed context (`hf_bpd.context_heads`) set `reads_context =
+True`: the decode loop then keeps their context for one `generate` call (`new_context(batch, device)`, fed the
+committed pairs `(h_s, x_{s+1})` with `append`) and drafters score paths through `path_states(model, context,
+last_tokens)`.
+
 Adding a head type: subclass [`DraftHeads`], register it in `HEAD_TYPES`; nothing else in the library changes.
 """
 
@@ -82,9 +87,12 @@ class DraftHeads(nn.Module):
 
     Attributes:
         independent (`bool`, class attribute): whether head `i` reads only the hidden state (see the module doc).
+        reads_context (`bool`, class attribute): whether the decode loop keeps a context of the committed prefix for
+            these heads (see the module doc).
     """
 
     independent: ClassVar[bool] = True
+    reads_context: ClassVar[bool] = False
 
     def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__()
@@ -173,6 +181,10 @@ HEAD_TYPES: dict[str, type[DraftHeads]] = {"resblock": ResBlockHeads, "ffn": FFN
 from .recurrent_heads import RecurrentHeads  # noqa: E402  (token-conditioned heads; the module imports this one)
 
 HEAD_TYPES["recurrent"] = RecurrentHeads
+
+from .context_heads import ContextHeads  # noqa: E402  (attention over the committed context, EAGLE style)
+
+HEAD_TYPES["context"] = ContextHeads
 
 
 def build_heads(config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None) -> DraftHeads:

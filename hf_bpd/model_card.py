@@ -72,6 +72,9 @@ def render_model_card(
         + (
             " and the tokens `t + 1 .. t + i` (the base model's next token, then the drafted ones)"
             if config.head_type == "recurrent"
+            else " and, through attention, every earlier position (`hf_bpd.context_heads`, EAGLE style), with the "
+            "tokens `t + 1 .. t + i`"
+            if config.head_type == "context"
             else ""
         )
         + " and predicts token `t + 1 + i`; the base model's own head keeps predicting token `t + 1`. "
@@ -87,6 +90,8 @@ def render_model_card(
         + (
             " (token-conditioned: head `i` also reads the base's next token and the draft tokens before its own)"
             if config.head_type == "recurrent"
+            else f" decoder layer(s) shared by all {h} depths, attending over the committed context"
+            if config.head_type == "context"
             else ""
         )
         + (f", rank {config.head_rank}" if config.head_type == "lora" else "")
@@ -132,7 +137,11 @@ def render_model_card(
         given = metrics.get("top1_given_prefix")
         lines += [
             f"On {metrics.get('split', 'training')} data ({metrics.get('targets', 'labels')} as targets"
-            + ("; token-conditioned heads teacher-forced on them" if config.head_type == "recurrent" else "")
+            + (
+                "; token-conditioned heads teacher-forced on them"
+                if config.head_type in ("recurrent", "context")
+                else ""
+            )
             + ")."
             + (
                 " *Top-1 given a correct prefix*: among the positions where the heads before it were all "

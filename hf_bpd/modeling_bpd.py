@@ -269,7 +269,9 @@ class BPDForCausalLM(HeadsSavingMixin, PreTrainedModel, BPDGenerationMixin):
         keep = {
             k: v
             for k, v in self.heads_state_dict().items()
-            if k.split(".")[0] not in ("heads", "draft_lm_heads") or int(k.split(".")[1]) < num_heads
+            if k.split(".")[0] not in ("heads", "draft_lm_heads")
+            or not k.split(".")[1].isdigit()  # shared by every depth (context heads' layers)
+            or int(k.split(".")[1]) < num_heads
         }
         smaller.load_state_dict(keep, strict=False)
         smaller.generation_config = self.generation_config

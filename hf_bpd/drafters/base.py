@@ -50,6 +50,8 @@ class DraftHeadsView:
         self.head_type = config.head_type
         self.draft_tree = getattr(config, "draft_tree", None)
         self.position_limit = _position_limit(model)
+        self.reads_context = bool(getattr(model.heads, "reads_context", False))
+        self.context_cache: Any = None  # the decode loop's `ContextCache` for context heads
 
     @property
     def draft_token_map(self) -> torch.LongTensor | None:
@@ -75,7 +77,20 @@ class DraftHeadsView:
         return self._model.draft_argmax(hidden, prev_tokens)
 
     def path_states(self, hidden: torch.Tensor, last_tokens: torch.LongTensor) -> Any:
-        """Heads with a recurrent state (`hf_bpd.recurrent_heads`): a per-step cache scoring a node in one step."""
+        """
+        Heads with a recurrent state (`hf_bpd.recurrent_heads`) or a context cache (`hf_bpd.context_heads`): a
+        per-step cache scoring a node in one step.
+
+        Raises:
+            `ValueError` for context heads outside the decode loop (no `context_cache` was set on this view).
+        """
+        if getattr(self._model.heads, "reads_context", False):
+            if self.context_cache is None:
+                raise ValueError(
+                    f"head_type={self.head_type!r} heads attend over the committed context, which only the decode "
+                    "loop keeps (`generate(use_bpd=True)`); a DraftContext built by hand has none."
+                )
+            return self._model.heads.path_states(self._model, self.context_cache, last_tokens)
         if not hasattr(self._model.heads, "step"):
             return None
         from ..recurrent_heads import PathStates
