@@ -227,7 +227,7 @@ def validation_replay(
             hidden, targets = greedy_features(
                 first, seq, batch["attention_mask"], first.generation_config.eos_token_id
             )
-            answers.setdefault(kind, []).append((hidden, targets))
+            answers.setdefault(kind, []).append((hidden, targets, seq))  # (replay_chain.score_heads' rows)
             prompt_mask = torch.zeros_like(seq)
             prompt_mask[:, : batch["attention_mask"].shape[1]] = batch["attention_mask"]
             real = (prompt_mask == 1) | (targets != IGNORE)
@@ -255,7 +255,7 @@ def validation_replay(
             "depth2_top1_in_draft_vocab": hits2 / max(in_vocab2, 1),
             "depth2_top1_given_depth1": given / max(right1, 1),
         }
-    tokens = {k: sum(int((t != IGNORE).sum()) for _, t in v) for k, v in answers.items()}
+    tokens = {k: sum(int((t != IGNORE).sum()) for _, t, _ in v) for k, v in answers.items()}
     report = {
         "answer_tokens": tokens,
         "probe_head1_top1_in_draft_vocab": round(

@@ -5,7 +5,8 @@
         --json bench/results/smollm2_replayed_chain_validation.json
 
 The base model answers every prompt of the validation file (default: the stack's, 10 per task kind for SmolLM2)
-once, greedily, in left-padded batches; its last hidden states over prompt + answer come from one forward; then
+once, greedily, in left-padded batches; its last hidden states over each row's prompt + answer (padding removed)
+come from one forward; then
 each heads folder is scored on the answers with `hf_bpd.metrics.depth_accuracy`: top-1 per depth and the heads' own
 greedy chain replayed (`metrics.greedy_chain_counts`). In fp32 the replayed tokens and calls are what
 `generate(use_bpd=True, drafter="heads")` reports on the same prompts (tests/test_metrics.py), so this measures a
@@ -60,16 +61,21 @@ def main(argv=None) -> None:
     kinds = sorted({p.get("domain", "all") for p in prompts})
 
     start = time.monotonic()
-    answers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    answers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+    eos = first.generation_config.eos_token_id
     for kind in kinds:
         for batch in tokenize_prompts([p for p in prompts if p.get("domain", "all") == kind], tok, args.batch_size):
             with torch.no_grad():
                 seq = base.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False)
-            answers.setdefault(kind, []).append(
-                greedy_features(first, seq, batch["attention_mask"], first.generation_config.eos_token_id)
-            )
+            # one row at a time, its left padding removed: heads that attend over the context (head_type="context")
+            # see the row from its first token at position 0, as the decode does, and read its real tokens
+            for row, mask in zip(seq, batch["attention_mask"]):
+                left = int((mask == 0).sum())
+                ids = row[None, left:]
+                hidden, targets = greedy_features(first, ids, mask[None, left:], eos)
+                answers.setdefault(kind, []).append((hidden, targets, ids))
     answered = time.monotonic() - start
-    tokens = {k: sum(int((t != -100).sum()) for _, t in v) for k, v in answers.items()}
+    tokens = {k: sum(int((t != -100).sum()) for _, t, _ in v) for k, v in answers.items()}
     report = {
         "prompts": str(path),
         "num_prompts": len(prompts),
@@ -91,7 +97,9 @@ def main(argv=None) -> None:
 
 
 def score_heads(
-    model: BPDForCausalLM, answers: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], tokens: dict[str, int]
+    model: BPDForCausalLM,
+    answers: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]],
+    tokens: dict[str, int],
 ) -> dict:
     """Replayed chain block efficiency and top-1 per depth of one heads folder, per task kind and overall."""
     entry = {"head_type": model.config.head_type, "num_draft_heads": model.config.num_draft_heads, "kinds": {}}
@@ -100,9 +108,9 @@ def score_heads(
     for kind, batches in answers.items():
         counts = [0, 0]
         kind_top1 = torch.zeros_like(top1)
-        for hidden, targets in batches:
+        for hidden, targets, input_ids in batches:
             with torch.no_grad():
-                acc = metrics.depth_accuracy(model, hidden, targets)
+                acc = metrics.depth_accuracy(model, hidden, targets, input_ids=input_ids)
             counts = [counts[0] + acc["chain_tokens"], counts[1] + acc["chain_calls"]]
             kind_top1 += torch.tensor(acc["top1"]) * int((targets != -100).sum())
         entry["kinds"][kind] = {

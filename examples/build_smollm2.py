@@ -16,9 +16,12 @@ Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
             chat prompts from validation texts -> reference/prompts/smollm2_{validation,tune}.jsonl
   followups multi-turn prompts: training answers with a second user turn, appended to WORK/train_prompts.jsonl
-  answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable);
+  answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable;
+            answers archived in reference/smollm2-answers are restored first, without features);
             with --capture-features (the default) the hidden states generate computes anyway are kept as the answers'
             feature cache -> WORK/features/{chat,eval}-gen/ (no second forward over them)
+  archive   the answers not yet archived -> reference/smollm2-answers/answers-NNN.jsonl.gz (commit it: the work
+            folder does not survive a fresh machine)
   features  the frozen base's last hidden states + greedy next tokens over prompt+answer (answers without captured
             features) and raw training text, cached once (hf_bpd.features) -> WORK/features/{chat,eval,raw}/
   heads     draft heads trained with BPDTrainer on the cached features (no base forward per step) -> reference/smollm2-heads
@@ -164,14 +167,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--head-type",
         default="recurrent",
-        help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent) or recurrent (token-conditioned)",
+        help="head kind (hf_bpd.heads.HEAD_TYPES): resblock (independent), recurrent or context (token-conditioned)",
     )
     p.add_argument("--head-num-layers", type=int, default=1, help="blocks per head (BPDConfig.head_num_layers)")
     p.add_argument(
         "--head-intermediate-size",
         type=int,
         default=None,
-        help="recurrent heads only: FFN blocks of this inner width instead of ResBlocks (BPDConfig)",
+        help="recurrent heads: FFN blocks of this inner width instead of ResBlocks; context heads: the decoder "
+        "layers' MLP width (BPDConfig.head_intermediate_size)",
+    )
+    p.add_argument(
+        "--head-attention-heads",
+        type=int,
+        default=None,
+        help="context heads: attention heads of their decoder layers (BPDConfig.head_num_attention_heads)",
+    )
+    p.add_argument(
+        "--head-kv-heads",
+        type=int,
+        default=None,
+        help="context heads: key/value heads (BPDConfig.head_num_key_value_heads)",
     )
     p.add_argument(
         "--init-heads",
@@ -442,6 +458,67 @@ def _dtype(name: str):
     return {"bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
+ARCHIVE_FIELDS = ("id", "answer", "answer_tokens")  # the prompts are rebuilt by the deterministic prompts stage
+
+
+def _archive_dir(args: argparse.Namespace) -> Path:
+    return args.out / "smollm2-answers"
+
+
+def _archived(args: argparse.Namespace) -> list[dict]:
+    """Every answer in the committed archive (`reference/smollm2-answers/answers-*.jsonl.gz`), in chunk order."""
+    import gzip
+
+    rows = []
+    for path in sorted(_archive_dir(args).glob("answers-*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            rows += [json.loads(line) for line in handle if line.strip()]
+    return rows
+
+
+def stage_archive(args: argparse.Namespace) -> None:
+    """
+    The answers not yet archived -> one more gzip chunk under `reference/smollm2-answers/` (id, answer, token count;
+    a few MB per million answer tokens), to commit: the work folder lives in the user cache, which a fresh machine
+    does not have, and the answers are the hours of CPU time the rest is rebuilt from (the `answers` stage restores
+    them; the `features` stage extracts their features in one forward each).
+    """
+    import gzip
+
+    have = {r["id"] for r in _archived(args)}
+    rows = [r for r in _read_jsonl(args.work_dir / "answers.jsonl") if r.get("id") not in have]
+    if not rows:
+        logger.info("archive: nothing new (%d answers archived)", len(have))
+        return
+    folder = _archive_dir(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    numbers = [int(p.name.split("-")[1].split(".")[0]) for p in folder.glob("answers-*.jsonl.gz")]
+    path = folder / f"answers-{max(numbers, default=-1) + 1:03d}.jsonl.gz"
+    body = "".join(json.dumps({k: r.get(k) for k in ARCHIVE_FIELDS}, ensure_ascii=False) + "\n" for r in rows)
+    tmp = path.with_suffix(".tmp")
+    with (
+        open(tmp, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as handle,
+    ):  # reproducible bytes
+        handle.write(body.encode("utf-8"))
+    tmp.replace(path)
+    logger.info("archive: %d answers -> %s (%d archived in all)", len(rows), path, len(have) + len(rows))
+
+
+def _restore_archived(args: argparse.Namespace, prompts: list[dict], done: set) -> int:
+    """Append the archived answers that answers.jsonl lacks (their prompts rebuilt by the prompts stage); returns
+    how many. They carry no captured features: the `features` stage extracts them."""
+    by_id = {r.get("id"): r for r in prompts}
+    rows = [r for r in _archived(args) if r.get("id") not in done and r.get("id") in by_id]
+    if rows:
+        with (args.work_dir / "answers.jsonl").open("a") as handle:
+            for r in rows:
+                handle.write(json.dumps({**by_id[r["id"]], **r}, ensure_ascii=False) + "\n")
+        done |= {r["id"] for r in rows}
+        logger.info("answers: %d restored from %s (run the features stage for them)", len(rows), _archive_dir(args))
+    return len(rows)
+
+
 def stage_answers(args: argparse.Namespace) -> None:
     """
     SmolLM2's greedy answers, appended to WORK/answers.jsonl keyed by prompt id (resumable, any order). Prompts are
@@ -458,6 +535,7 @@ def stage_answers(args: argparse.Namespace) -> None:
     prompts = _read_jsonl(args.work_dir / "train_prompts.jsonl")
     out_path = args.work_dir / "answers.jsonl"
     done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
+    _restore_archived(args, prompts, done)
     next_shard = _captured_features(args.work_dir, done, args.seq_len, repair=True)[1]
     todo = [r for r in prompts if r.get("id") not in done]
     if args.followups_first:  # stable: each group keeps its order
@@ -766,6 +844,11 @@ def stage_heads(args: argparse.Namespace) -> None:
         head_num_layers=args.head_num_layers,
         head_intermediate_size=args.head_intermediate_size,
         base_model_name_or_path=SMOLLM2_HUB_ID,
+        **(
+            {"head_num_attention_heads": args.head_attention_heads, "head_num_key_value_heads": args.head_kv_heads}
+            if args.head_type == "context"
+            else {}
+        ),
     )
     model.set_draft_vocab(token_map)
     if args.init_heads is not None:
@@ -1134,6 +1217,7 @@ STAGES = {
     "prompts": stage_prompts,
     "followups": stage_followups,
     "answers": stage_answers,
+    "archive": stage_archive,
     "features": stage_features,
     "heads": stage_heads,
     "ngram": stage_ngram,

@@ -469,3 +469,34 @@ def test_init_heads_widens_trained_heads_and_keeps_their_draft_vocabulary(build,
     )
     with pytest.raises(SystemExit, match="share_lm_head=True.*share_lm_head=False"):
         build._init_heads(unshared, tmp_path / "trained-True")
+
+
+def test_archived_answers_are_restored_on_a_fresh_work_folder(build, tokenizer, tmp_path, monkeypatch, caplog):
+    """The work folder lives in the user cache, which a fresh machine lacks: `archive` writes the answers not yet
+    archived as one more gzip chunk (reproducible bytes), and `answers` on an empty work folder restores them
+    (prompt fields from the prompts file) instead of generating them again."""
+    model = tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=0)
+    monkeypatch.setattr("hf_bpd.smollm2.load_smollm2", lambda dtype=None: (model, tokenizer))
+    prompts = [{"id": f"q{i}", "kind": "qa", "messages": [{"role": "user", "content": f"Say {i}."}]} for i in range(3)]
+    old, fresh, out = tmp_path / "old", tmp_path / "fresh", tmp_path / "out"
+    for work in (old, fresh):
+        work.mkdir()
+        (work / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    answers = [{**p, "answer": f"answer {i}", "answer_tokens": 2} for i, p in enumerate(prompts)]
+    (old / "answers.jsonl").write_text("".join(json.dumps(a) + "\n" for a in answers[:2]))
+    flags = ["--out", str(out), "--dtype", "float32", "--answer-tokens", "2", "--no-capture-features"]
+    build.stage_archive(build.parse_args(["--work-dir", str(old), *flags]))
+    first = (out / "smollm2-answers" / "answers-000.jsonl.gz").read_bytes()
+    with caplog.at_level(logging.INFO):
+        build.stage_archive(build.parse_args(["--work-dir", str(old), *flags]))  # nothing new: no chunk
+    assert "nothing new" in caplog.text and len(list((out / "smollm2-answers").iterdir())) == 1
+    with (old / "answers.jsonl").open("a") as handle:
+        handle.write(json.dumps(answers[2]) + "\n")
+    build.stage_archive(build.parse_args(["--work-dir", str(old), *flags]))
+    assert [r["id"] for r in build._archived(build.parse_args(["--work-dir", str(old), *flags]))] == ["q0", "q1", "q2"]
+    build.stage_answers(build.parse_args(["--work-dir", str(fresh), *flags]))
+    restored = build._read_jsonl(fresh / "answers.jsonl")
+    assert restored == answers  # every field back, nothing generated again
+    (out / "smollm2-answers" / "answers-000.jsonl.gz").unlink()  # the same answers give the same bytes
+    build.stage_archive(build.parse_args(["--work-dir", str(fresh), *flags]))
+    assert (out / "smollm2-answers" / "answers-002.jsonl.gz").read_bytes() == first  # numbered after the last
