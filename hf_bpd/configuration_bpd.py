@@ -45,7 +45,7 @@ class BPDConfig(PretrainedConfig):
         head_rank (`int`, *optional*, defaults to 16):
             Rank of a `"lora"` head.
         head_intermediate_size (`int`, *optional*):
-            `"recurrent"` heads only: each head's blocks are FFN blocks `x + W_2 SiLU(W_1 x)` of this inner width
+            `"recurrent"` heads: each head's blocks are FFN blocks `x + W_2 SiLU(W_1 x)` of this inner width
             (`W_2` zero-initialised) instead of ResBlocks, more capacity for the joint function of `h_t` and the
             drafted tokens (EAGLE's draft layer has a `4d` MLP). `None` (default): ResBlocks. `"context"` heads:
             the decoder layers' MLP width (default `8d/3`).

@@ -16,9 +16,10 @@ to the real positions `<= t` and the depth-`1..j` queries of the same `t`. [`Con
 over a sequence, so the library's per-depth loss (`draft_head_loss`) trains output `j` against `x_{t+2+j}` like any
 token-conditioned head, teacher-forced on the real tokens.
 
-Why attention over the context, where the other head types read `h_t` alone: a measured probe on SmolLM2-135M
-(BENCHMARKS.md, "Attention over the context") gave first-draft top-1 0.68 against 0.52-0.56 for the best
-`h_t`-only heads trained on the same data.
+Why attention over the context, where the other head types read `h_t` alone: a probe of this architecture on
+SmolLM2-135M (`bench/probe_context_head.py`, with EAGLE's feature loss besides; BENCHMARKS.md, "Attention over the
+context") gave first-draft top-1 0.68 on the validation answers against 0.52-0.56 for the best `h_t`-only heads
+trained on the same data.
 
 The decoder layers are transformers' own `LlamaModel` (sized from the base: `head_num_layers` layers, inner width
 `head_intermediate_size` (default `8d/3`, Llama's ratio), `head_num_attention_heads` heads of which
@@ -75,7 +76,7 @@ def layer_config(config: BPDConfig, hidden_size: int) -> LlamaConfig:
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
-        attn_implementation="sdpa",  # the 4D masks below are boolean (True: attend), which sdpa reads as such
+        attn_implementation="sdpa",  # `attend` passes additive 4D masks; flash kernels would ignore them
     )
 
 
@@ -120,9 +121,11 @@ class ContextHeads(DraftHeads):
             )
         return super().embed(tokens).to(self.fc.weight.dtype)
 
-    def fuse(self, features: torch.Tensor, tokens: torch.LongTensor) -> torch.Tensor:
-        """`fc([features ; E(tokens)])`: `(..., d)` and `(...)` -> `(..., d)`, the layers' input."""
-        return self.fc(torch.cat([features.to(self.fc.weight.dtype), self.embed(tokens)], dim=-1))
+    def fuse(self, features: torch.Tensor, tokens: torch.LongTensor, checked: bool = True) -> torch.Tensor:
+        """`fc([features ; E(tokens)])`: `(..., d)` and `(...)` -> `(..., d)`, the layers' input. `checked=False`
+        skips the token-range check (two host syncs): the decode loop's tokens are base ids already."""
+        embedded = self.embed(tokens) if checked else DraftHeads.embed(self, tokens).to(self.fc.weight.dtype)
+        return self.fc(torch.cat([features.to(self.fc.weight.dtype), embedded], dim=-1))
 
     def attend(
         self, inputs: torch.Tensor, mask: torch.BoolTensor | None, positions: torch.LongTensor, cache: DynamicCache
@@ -133,13 +136,18 @@ class ContextHeads(DraftHeads):
         Args:
             inputs (`torch.Tensor` of shape `(B, n, d)`): fused inputs of the new positions.
             mask (`torch.BoolTensor` of shape `(B, 1, n, S + n)`, *optional*): True where a new position attends
-                (the `S` slots already cached, then the new ones); None: causal over the new positions alone.
+                (the `S` slots already cached, then the new ones), passed on as an additive mask; None: every cached
+                slot and causal over the new positions (transformers' own causal mask).
             positions (`torch.LongTensor` of shape `(B, n)`): rotary position of each new position.
             cache (`DynamicCache`): the layers' keys and values; grows by `n` slots.
         Returns:
             `torch.Tensor` of shape `(B, n, d)`: the outputs (after the stack's final norm), projected to the draft
             vocabulary by the model.
         """
+        if mask is not None:  # additive: sdpa and eager both read it so (eager would add a boolean mask as 0/1)
+            mask = torch.zeros(mask.shape, dtype=inputs.dtype, device=inputs.device).masked_fill(
+                ~mask, torch.finfo(inputs.dtype).min
+            )
         out = self.layers(
             inputs_embeds=inputs, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True
         )
@@ -242,7 +250,10 @@ class ContextCache:
         causal = (new[None, :, None] >= new[None, None, :]) & valid[:, None, :]  # (B, n, n)
         causal |= torch.eye(n, dtype=torch.bool, device=valid.device)  # a masked slot sees itself (no empty row)
         mask = torch.cat([self.valid[:, None, :].expand(-1, n, -1), causal], dim=2)[:, None]
-        out = self.heads.attend(self.heads.fuse(hidden, tokens), mask, positions.clamp(min=0), self.cache)
+        if self.valid.shape[1] == 0 and bool(valid.all()):
+            mask = None  # a prompt without padding: plain causal attention (the fast kernel)
+        inputs = self.heads.fuse(hidden, tokens, checked=False)
+        out = self.heads.attend(inputs, mask, positions.clamp(min=0), self.cache)
         self.valid = torch.cat([self.valid, valid], dim=1)
         self.committed = self.valid.shape[1]
         self.count = self.count + valid.long().sum(1)
@@ -268,7 +279,8 @@ class ContextPathStates:
     Args:
         model ([`BPDForCausalLM`]): with [`ContextHeads`].
         context ([`ContextCache`]): the generation's cache, up to date with the committed tokens.
-        last_tokens (`torch.LongTensor` of shape `(B,)`): each row's last committed token.
+        last_tokens (`torch.LongTensor` of shape `(B,)`): each row's last committed token (the interface's; the
+            cache already holds it, in each row's last pair).
     """
 
     def __init__(self, model: nn.Module, context: ContextCache, last_tokens: torch.LongTensor):
@@ -308,7 +320,7 @@ class ContextPathStates:
         offset = torch.cumsum(per_row, 0) - per_row
         column = torch.empty_like(rows)
         column[order] = torch.arange(rows.numel(), device=device) - offset[rows[order]]
-        inputs = heads.fuse(parent_features, paths[:, -1])
+        inputs = heads.fuse(parent_features, paths[:, -1], checked=False)
         grid = inputs.new_zeros(batch, width, inputs.shape[-1])
         grid[rows, column] = inputs
         draft = start - context.committed  # draft slots already cached this step

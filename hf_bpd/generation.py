@@ -523,11 +523,12 @@ class _BlockDecoder:
         batch, width = block.hidden.shape[0], block.layout.width
         rows = torch.arange(batch, device=n.device)
         state.hidden = block.hidden[rows, path[rows, n]]  # (B, d) where the base model predicted the bonus token
-        if self.wants_committed:  # the states that predicted each committed token: the root, then the accepted nodes
-            state.committed_hidden = block.hidden.gather(1, path[:, :, None].expand(-1, -1, block.hidden.shape[-1]))
-            state.committed_count = torch.where(was_live, n + 1, 0)
         keep = torch.where(was_live, n + 1, 0)  # the root and the accepted drafts of each row
         kept = int(keep.max())
+        if self.wants_committed:  # the states that predicted each committed token: the root, then the accepted nodes
+            index = path[:, :kept, None].expand(-1, -1, block.hidden.shape[-1])  # no row committed more than `kept`
+            state.committed_hidden = block.hidden.gather(1, index)
+            state.committed_count = keep
         if not block.layout.is_chain:  # a tree: move each row's kept nodes (its path's first `keep`) to the front
             depth = torch.arange(path.shape[1], device=n.device).expand(batch, -1)
             slot = torch.where(depth < keep[:, None], path, width)  # a path's padding goes to a spare column

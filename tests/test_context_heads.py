@@ -264,3 +264,59 @@ def test_bpd_trainer_trains_context_heads_on_cached_features_and_writes_a_card(t
     model.save_pretrained(tmp_path / "heads")
     card = (tmp_path / "heads" / "README.md").read_text()
     assert "`context`" in card
+
+
+@pytest.mark.parametrize("drafter", ["chain", "static-tree"])
+def test_drafts_inside_generate_equal_the_training_forward(drafter, monkeypatch):
+    """Every path the loop scores during a real `generate` (batch 3, left padding, rows accepting different numbers
+    of drafts, so holes) equals the training forward on that row's own unpadded text plus the path."""
+    import hf_bpd.generation as generation
+
+    base = tiny_base("llama", vocab_size=8, eos_token_id=None)  # a small vocabulary: drafts often accepted
+    base.generation_config.eos_token_id = None
+    model = randomize_heads(context(base), std=0.3).eval()
+    seen, now = [], {}
+    draft, features = generation._BlockDecoder.draft, ContextPathStates.features
+
+    def recording_draft(self, state, *args, **kwargs):
+        now.update(tokens=state.tokens.clone(), lengths=state.lengths.clone())
+        return draft(self, state, *args, **kwargs)
+
+    def recording_features(self, paths, rows):
+        out = features(self, paths, rows)
+        seen.append((now["tokens"], now["lengths"], paths.clone(), rows.clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(generation._BlockDecoder, "draft", recording_draft)
+    monkeypatch.setattr(ContextPathStates, "features", recording_features)
+    ids, mask = batch_prompts(3, vocab_size=8)
+    ref = base.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = model.generate(
+        ids, attention_mask=mask, max_new_tokens=16, do_sample=False, use_bpd=True, draft_rescorer=DRAFTERS[drafter]()
+    )
+    assert torch.equal(out, ref)
+    lengths_seen = {int(length) for _, lengths, *_ in seen for length in lengths}
+    assert len(seen) > 5 and len(lengths_seen) > 3  # rows at several lengths: holes between them
+    pads = (mask == 0).sum(1)
+    with torch.no_grad():
+        for tokens, lengths, paths, rows, got in seen:
+            for i in range(paths.shape[0]):
+                b = int(rows[i])
+                text = tokens[b, int(pads[b]) : int(lengths[b])]
+                hidden = base(text[None], output_hidden_states=True).hidden_states[-1][:, :-1]
+                sequence = torch.cat([text, paths[i]])[None]
+                want = model.heads(hidden, teacher_tokens(sequence, H)[:, : hidden.shape[1]])[0, -1, paths.shape[1]]
+                torch.testing.assert_close(got[i], want, rtol=1e-4, atol=1e-5)
+
+
+def test_masks_mean_the_same_under_eager_attention():
+    """The masks are additive: switching the wrapper (and so the heads' layers) to eager attention changes nothing
+    (a boolean mask would be added as 0/1 there, letting the chain queries see the future)."""
+    model = randomize_heads(context(tiny_base()), std=0.3).eval()
+    hidden, prev = torch.randn(2, 9, 32), torch.randint(3, 90, (2, 9, H))
+    with torch.no_grad():
+        sdpa = model.heads(hidden, prev)
+        model.heads.layers.set_attn_implementation("eager")
+        eager = model.heads(hidden, prev)
+    assert model.heads.layers.config._attn_implementation == "eager"
+    torch.testing.assert_close(eager, sdpa, rtol=1e-4, atol=1e-5)
