@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PAD, batch_prompts, randomize_heads, tiny_base
-from test_recurrent_heads import SAMPLED, chi_square_pvalue, exact_distribution
+from test_recurrent_heads import DRAFTERS, SAMPLED, chi_square_pvalue, exact_distribution
 from transformers import DynamicCache
 
 from hf_bpd import BPDConfig, BPDForCausalLM
 from hf_bpd.context_heads import ContextCache, ContextPathStates
-from hf_bpd.drafters import DraftContext, DraftHeadsView, SearchDrafter, StaticTreeDrafter
+from hf_bpd.drafters import DraftContext, DraftHeadsView
 from hf_bpd.heads import teacher_tokens
 from hf_bpd.losses import prefix_accuracy_counts
 
@@ -102,13 +102,7 @@ def test_config_save_load_first_heads_and_errors(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- lossless
-DRAFTERS = {
-    "chain": lambda: None,
-    "beam": lambda: SearchDrafter(top_k=3, num_drafts=3),
-    "static-tree": lambda: StaticTreeDrafter([[0], [1], [0, 0], [1, 0], [0, 0, 0]]),
-}
-
-
+# the recurrent heads' drafters (chain, beam, static tree): the same paths, scored through the context cache
 @pytest.mark.parametrize("drafter", sorted(DRAFTERS))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_random_context_heads_equal_base(arch, batch, drafter):
