@@ -97,14 +97,7 @@ class ContextHeads(DraftHeads):
 
     def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__(config, hidden_size, input_embeddings)
-        if input_embeddings is None:
-            raise ValueError(
-                "head_type='context' heads read the base model's input embedding of the committed and drafted "
-                "tokens: build them through BPDForCausalLM (which passes `base_model.get_input_embeddings()`)."
-            )
-        weight = getattr(input_embeddings, "weight", None)
-        embedding_size = int(weight.shape[1]) if weight is not None else hidden_size
-        self.embedding_vocab = int(weight.shape[0]) if weight is not None else None
+        embedding_size, self.embedding_vocab = self.token_embedding_shape(input_embeddings, "context")
         self.layer_config = layer_config(config, hidden_size)
         self.fc = nn.Linear(hidden_size + embedding_size, hidden_size, bias=False)
         self.layers = LlamaModel(self.layer_config)

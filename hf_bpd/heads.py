@@ -100,6 +100,19 @@ class DraftHeads(nn.Module):
         self.hidden_size = hidden_size
         self._embeddings = (input_embeddings,)  # a tuple: not registered, so neither saved nor moved by `.to()`
 
+    def token_embedding_shape(self, input_embeddings: nn.Module | None, head_type: str) -> tuple[int, int | None]:
+        """For heads that read tokens: `(embedding width, embedding vocabulary or None)` of the base's input
+        embedding; raises `ValueError` when it was not given."""
+        if input_embeddings is None:
+            raise ValueError(
+                f"head_type={head_type!r} heads read the base model's input embedding of the tokens they condition "
+                "on: build them through BPDForCausalLM (which passes `base_model.get_input_embeddings()`)."
+            )
+        weight = getattr(input_embeddings, "weight", None)
+        if weight is None:
+            return self.hidden_size, None
+        return int(weight.shape[1]), int(weight.shape[0])
+
     def embed(self, tokens: torch.LongTensor) -> torch.Tensor:
         """`E(tokens)`: the base model's input embedding of `tokens` `(...)` -> `(..., d)` (no gradient into `E`)."""
         embeddings = self._embeddings[0]

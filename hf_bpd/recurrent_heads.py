@@ -103,14 +103,7 @@ class RecurrentHeads(DraftHeads):
 
     def __init__(self, config: BPDConfig, hidden_size: int, input_embeddings: nn.Module | None = None):
         super().__init__(config, hidden_size, input_embeddings)
-        if input_embeddings is None:
-            raise ValueError(
-                "head_type='recurrent' heads read the base model's input embedding of the drafted tokens: build them "
-                "through BPDForCausalLM (which passes `base_model.get_input_embeddings()`)."
-            )
-        weight = getattr(input_embeddings, "weight", None)
-        embedding_size = int(weight.shape[1]) if weight is not None else hidden_size
-        self.embedding_vocab = int(weight.shape[0]) if weight is not None else None
+        embedding_size, self.embedding_vocab = self.token_embedding_shape(input_embeddings, "recurrent")
         state_size = config.head_hidden_size or hidden_size
         for k in range(self.num_heads):
             self.add_module(
