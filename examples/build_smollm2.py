@@ -923,7 +923,9 @@ def stage_heads(args: argparse.Namespace) -> None:
             "seconds_this_session": round(seconds),
             # a resumed run's wall time covers only the steps after its checkpoint: the card says so
             "resumed_from_step": int(Path(last).name.rsplit("-", 1)[1]) if last else 0,
-            "epochs": args.heads_epochs,
+            # what ran, not what was planned: the time budget may stop a run early
+            "epochs": round(trainer.state.global_step / steps_per_epoch, 2),
+            "epochs_planned": args.heads_epochs,
             "machine": cpu_name(),
             "usage_setup": USAGE_SETUP,
             "dtype": args.dtype,

@@ -121,6 +121,7 @@ def render_model_card(
         ("num_input_tokens_seen", "training tokens"),
         ("train_target_tokens", "cached target tokens (one epoch)"),
         ("epochs", "epochs over the cached targets"),
+        ("epochs_planned", "epochs planned (a time budget may stop a run before them)"),
         ("seconds_this_session", "training wall time (s)"),
         ("machine", "machine"),
         ("command", "command"),

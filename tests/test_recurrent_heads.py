@@ -136,6 +136,8 @@ def test_save_load_strict_first_heads_and_model_card(tmp_path):
             },
             "seconds_this_session": 120,
             "resumed_from_step": 855,
+            "epochs": 2.17,
+            "epochs_planned": 2.5,
             "command": "python examples/build_smollm2.py --stages heads",
         },
     )
@@ -148,6 +150,8 @@ def test_save_load_strict_first_heads_and_model_card(tmp_path):
     # a resumed run's wall time is labelled as covering only the steps after its checkpoint
     assert "| training wall time (s) of the run resumed at step 855 | 120 |" in card
     assert "`python examples/build_smollm2.py --stages heads`" in card
+    # a run stopped by its time budget says how far it got beside what was planned
+    assert "| epochs over the cached targets | 2.17 |" in card and "| epochs planned " in card
     two = model.first_heads(2)
     torch.testing.assert_close(two.draft_logits(hidden, prev[:, :2]), model.draft_logits(hidden, prev)[:, :2])
     # strict: a resblock config cannot read these heads, and the error names the head type
