@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import PAD, batch_prompts, randomize_heads, tiny_base
-from test_recurrent_heads import DRAFTERS, SAMPLED, chi_square_pvalue, exact_distribution
+from test_recurrent_heads import DRAFTERS, SAMPLED, assert_sampling_is_exact, sampling_base
 from transformers import DynamicCache
 
 from hf_bpd import BPDConfig, BPDForCausalLM
@@ -169,34 +169,12 @@ def test_greedy_fitted_context_heads_accept_every_draft(arch, batch):
 @pytest.mark.parametrize("drafter", sorted(SAMPLED))
 def test_speculative_sampling_with_context_proposals_is_exact(drafter):
     """Each node is drawn from, and accepted against, its own path's q (chi-square against the exact distribution
-    of 3 tokens over 4000 rows; as for the recurrent heads)."""
-    small, new = 8, 4
-    base = tiny_base("llama", vocab_size=small, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    base.generation_config.eos_token_id = None
-    model = context(base, num_draft_heads=2)
+    of 4 tokens over 4000 rows; as for the recurrent heads)."""
+    model = context(sampling_base(), num_draft_heads=2)
     torch.manual_seed(3)
     with torch.no_grad():  # proposals that really depend on the path and the context, and are often accepted
         model.heads.fc.weight.normal_(0, 0.5)
-    prompt, rows = [3, 5, 7], 4000
-    dist = exact_distribution(base, prompt, new)
-    torch.manual_seed(0)
-    out = model.generate(
-        torch.tensor([prompt] * rows),
-        max_new_tokens=new,
-        do_sample=True,
-        temperature=0.8,
-        top_k=5,
-        top_p=1.0,
-        use_bpd=True,
-        draft_rescorer=SAMPLED[drafter](),
-        return_dict_in_generate=True,
-    )
-    samples = out.sequences[:, len(prompt) :]
-    accepted = out.accepted_lengths[out.accepted_lengths >= 0]
-    assert int((accepted > 0).sum()) > rows // 8
-    assert int((accepted == 2).sum()) > rows // 20
-    assert chi_square_pvalue(samples, dist, key=lambda s: s) > 1e-3
-    assert chi_square_pvalue(samples, dist, key=lambda s: s[2:]) > 1e-3
+    assert_sampling_is_exact(model, SAMPLED[drafter](), new=4)
 
 
 def test_padding_token_never_reaches_the_embedding_check():

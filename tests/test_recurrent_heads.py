@@ -451,30 +451,29 @@ SAMPLED = {
 }
 
 
-@pytest.mark.parametrize("drafter", sorted(SAMPLED))
-def test_speculative_sampling_with_conditioned_proposals_is_exact(drafter):
-    """The proposal of a node depends on its path: every chain / tree node is drawn from, and accepted against, its
-    own path's q. Chi-square against the base's exact distribution of 3 tokens (4000 rows in one batch)."""
-    small = 8
-    base = tiny_base("llama", vocab_size=small, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
+def sampling_base():
+    """An 8-token base without an end token: every 3-token continuation is enumerable."""
+    base = tiny_base("llama", vocab_size=8, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
     base.generation_config.eos_token_id = None
-    model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
-    with torch.no_grad():  # heads whose drafts are often accepted, and whose q really depends on the path
-        for k in range(2):
-            model.heads[k].out_proj.weight.normal_(0, 2.0)
-            model.heads[k].blocks[0].linear.weight.normal_(0, 0.3)
+    return base
+
+
+def assert_sampling_is_exact(model, rescorer, new=NEW):
+    """Speculative sampling from `model` (4000 rows of one prompt, one batch) matches the base's exact distribution
+    of `new` tokens (chi-square over whole samples and over their last tokens), with drafts really accepted at depths
+    1 and 2."""
     prompt, rows = [3, 5, 7], 4000
-    dist = exact_distribution(base, prompt, NEW)
+    dist = exact_distribution(model.base, prompt, new)
     torch.manual_seed(0)
     out = model.generate(
         torch.tensor([prompt] * rows),
-        max_new_tokens=NEW,
+        max_new_tokens=new,
         do_sample=True,
         temperature=0.8,
         top_k=5,
         top_p=1.0,
         use_bpd=True,
-        draft_rescorer=SAMPLED[drafter](),
+        draft_rescorer=rescorer,
         return_dict_in_generate=True,
     )
     samples = out.sequences[:, len(prompt) :]
@@ -485,14 +484,24 @@ def test_speculative_sampling_with_conditioned_proposals_is_exact(drafter):
     assert chi_square_pvalue(samples, dist, key=lambda s: s[2:]) > 1e-3
 
 
+@pytest.mark.parametrize("drafter", sorted(SAMPLED))
+def test_speculative_sampling_with_conditioned_proposals_is_exact(drafter):
+    """The proposal of a node depends on its path: every chain / tree node is drawn from, and accepted against, its
+    own path's q. Chi-square against the base's exact distribution of NEW = 4 tokens (4000 rows in one batch)."""
+    model = BPDForCausalLM.from_base(sampling_base(), num_draft_heads=2, head_type="recurrent")
+    with torch.no_grad():  # heads whose drafts are often accepted, and whose q really depends on the path
+        for k in range(2):
+            model.heads[k].out_proj.weight.normal_(0, 2.0)
+            model.heads[k].blocks[0].linear.weight.normal_(0, 0.3)
+    assert_sampling_is_exact(model, SAMPLED[drafter]())
+
+
 def test_the_sampling_test_rejects_per_depth_proposals(monkeypatch):
     """A tree sampler that draws every node of a depth from one node's q (today's `sample_tree` for independent
     heads) while reporting each node's own q is biased: the chi-square test above would see it."""
     import hf_bpd.drafters.base as drafter_base
 
-    small = 8
-    base = tiny_base("llama", vocab_size=small, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
-    base.generation_config.eos_token_id = None
+    base = sampling_base()
     model = BPDForCausalLM.from_base(base, num_draft_heads=2, head_type="recurrent")
     with torch.no_grad():  # q depends strongly on the path: a wrong one is far from the right one
         for k in range(2):
