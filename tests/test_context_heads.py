@@ -169,12 +169,12 @@ def test_greedy_fitted_context_heads_accept_every_draft(arch, batch):
 @pytest.mark.parametrize("drafter", sorted(SAMPLED))
 def test_speculative_sampling_with_context_proposals_is_exact(drafter):
     """Each node is drawn from, and accepted against, its own path's q (chi-square against the exact distribution
-    of 4 tokens over 4000 rows; as for the recurrent heads)."""
+    of NEW = 4 tokens over 4000 rows; as for the recurrent heads)."""
     model = context(sampling_base(), num_draft_heads=2)
     torch.manual_seed(3)
     with torch.no_grad():  # proposals that really depend on the path and the context, and are often accepted
         model.heads.fc.weight.normal_(0, 0.5)
-    assert_sampling_is_exact(model, SAMPLED[drafter](), new=4)
+    assert_sampling_is_exact(model, SAMPLED[drafter]())
 
 
 def test_padding_token_never_reaches_the_embedding_check():

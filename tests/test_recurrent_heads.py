@@ -452,7 +452,7 @@ SAMPLED = {
 
 
 def sampling_base():
-    """An 8-token base without an end token: every 3-token continuation is enumerable."""
+    """An 8-token base without an end token: every NEW-token continuation is enumerable."""
     base = tiny_base("llama", vocab_size=8, seed=4, eos_token_id=None, pad_token_id=0, bos_token_id=None)
     base.generation_config.eos_token_id = None
     return base
@@ -460,7 +460,7 @@ def sampling_base():
 
 def assert_sampling_is_exact(model, rescorer, new=NEW):
     """Speculative sampling from `model` (4000 rows of one prompt, one batch) matches the base's exact distribution
-    of `new` tokens (chi-square over whole samples and over their last tokens), with drafts really accepted at depths
+    of `new` tokens (chi-square over whole samples and over their last two tokens), with drafts really accepted at depths
     1 and 2."""
     prompt, rows = [3, 5, 7], 4000
     dist = exact_distribution(model.base, prompt, new)
