@@ -236,7 +236,13 @@ def plot(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     for ax, domain in zip(axes[0], domains):
         ent = report["_raw"][domain]["entropies"]
         for i in range(ent.shape[1]):
-            ax.hist(ent[:, i].numpy(), bins=30, histtype="step", density=True, label=f"head {i + 1}")
+            values = ent[:, i].numpy()
+            if not values.size:
+                continue
+            lo, hi = float(values.min()), float(values.max())
+            if hi - lo < 1e-3:  # numpy cannot cut a span near float resolution into 30 bins (a near-uniform head)
+                lo, hi = lo - 0.05, hi + 0.05
+            ax.hist(values, bins=30, range=(lo, hi), histtype="step", density=True, label=f"head {i + 1}")
         ax.set_title(f"{domain}: h_max={report['domains'][domain]['h_max']}")
         ax.set_xlabel("entropy (nats)")
     axes[0][0].set_ylabel("density")

@@ -189,11 +189,12 @@ def test_cli_analyze_writes_plots(setup, tmp_path):
     assert eff["16"] >= eff["1"] >= 1.0
 
 
-@pytest.mark.parametrize("head_type", ["resblock", "recurrent"])
+@pytest.mark.parametrize("head_type", ["resblock", "recurrent", "context"])
 def test_cli_analyze_compares_an_ngram_rescorer_for_both_head_kinds(setup, tmp_path, head_type):
     """With an n-gram (the stacks' default) the repetition comparison rescored Kim et al.'s lattice, which
     token-conditioned heads do not have: `hf-bpd analyze --stack smollm2` crashed on the recurrent heads shipped in
-    stop 25. They get the same rescoring along the searched path."""
+    stop 25. They get the same rescoring along the searched path. Context heads this small draft near-uniform
+    distributions (entropies within 1e-6 of log V), which the entropy histogram could not bin (stop 32)."""
     res, folder = setup
     model = randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type=head_type), std=0.05)
     model.config.base_model_name_or_path = str(folder / "base")
@@ -211,16 +212,18 @@ def test_cli_analyze_compares_an_ngram_rescorer_for_both_head_kinds(setup, tmp_p
 
 
 def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
-    """Per-depth top-1 given a correct prefix, for independent and token-conditioned heads (issue 17); the oracle
-    top-k lattice (exact only for independent heads) is skipped for the conditioned kind."""
+    """Per-depth top-1 given a correct prefix, for independent and token-conditioned heads (issue 17; the recurrent
+    and the context kind); the oracle top-k lattice (exact only for independent heads) is skipped for the
+    conditioned kinds."""
     from hf_bpd import metrics
     from hf_bpd_bench.analyze import analyze
 
     res, _ = setup
-    conditioned = randomize_heads(
-        BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type="recurrent"), std=0.05
-    )
-    for model in (res.model, conditioned):
+    conditioned = [
+        randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=3, head_type=kind), std=0.05)
+        for kind in ("recurrent", "context")
+    ]
+    for model in (res.model, *conditioned):
         report = analyze(
             Resources(model=model, tokenizer=res.tokenizer), PROMPTS[:1], max_new_tokens=12, top_ks=(1, 4)
         )
