@@ -18,8 +18,8 @@ the fastest repeats on the idle machine give 1.02x; the width chooser then verif
 really pays per width is learnt while generating ([`~hf_bpd.drafters.AutoDrafter`] corrects this curve by the step
 times it observes). Between grid points the cost is interpolated linearly, beyond the last one extrapolated along the last segment.
 
-A cache entry is used only when its whole key equals the current one (another machine, model, dtype, device, thread
-count or torch version is re-measured, never trusted); an unreadable cache file is re-measured with a warning; the file
+A cache entry is used only when its whole key equals the current one (another machine, instruction-set limit
+(`ISA_LIMIT_ENV`), model, dtype, device, thread count or torch version is re-measured, never trusted); an unreadable cache file is re-measured with a warning; the file
 is replaced atomically (write a temporary file, then `os.replace`).
 """
 
@@ -91,6 +91,16 @@ def model_fingerprint(model: Any) -> dict[str, Any]:
     }
 
 
+# Environment variables that limit the instruction sets of torch's math libraries: oneDNN (bf16 matmuls on CPU), MKL
+# (fp32 GEMM) and ATen's vectorised kernels. A run under them is another machine than the CPU's flags say.
+ISA_LIMIT_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+
+
+def isa_limits() -> dict[str, str]:
+    """The instruction-set limits set in the environment, e.g. `{"ONEDNN_MAX_CPU_ISA": "AVX2"}` (`ISA_LIMIT_ENV`)."""
+    return {name: os.environ[name] for name in ISA_LIMIT_ENV if os.environ.get(name, "").strip()}
+
+
 def cost_key(model: Any, widths: tuple[int, ...], context_length: int) -> dict[str, Any]:
     """The full key a measured curve is valid for: machine, model, device, threads, torch and the measuring grid."""
     device = torch.device(model.device)
@@ -98,6 +108,8 @@ def cost_key(model: Any, widths: tuple[int, ...], context_length: int) -> dict[s
     return {
         "schema": _SCHEMA,
         "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "isa_limits": isa_limits(),
         "model": model_fingerprint(model),
         "device": device_name,
         "torch_threads": torch.get_num_threads(),

@@ -10,6 +10,11 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16")
 # x86 flags of native bf16 matrix arithmetic: AMX tiles, or AVX-512 BF16 dot products (vdpbf16ps).
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+# `hf_bpd.cost.ISA_LIMIT_ENV` limits the instruction sets torch's math libraries use: with
+# `ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2` a CPU with bf16 units runs as an AVX2
+# CPU without them (the regime "fp32 on a CPU without bf16 matrix units", emulated on one that has them).
+# oneDNN's x86 ISA names (docs: "CPU Dispatcher Controls") from which on it multiplies bf16 natively; ALL is its default
+_ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
 
 
 def _cpu_flags() -> set[str]:
@@ -34,9 +39,13 @@ def cpu_name() -> str:
 
 
 def has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16; Arm: the bf16 feature)."""
+    """Whether this CPU multiplies bf16 matrices natively (AMX-BF16 or AVX512-BF16; Arm: the bf16 feature) and
+    `ONEDNN_MAX_CPU_ISA`, where set, leaves oneDNN (which runs torch's bf16 matmuls on CPU) an ISA that uses them."""
     flags = _cpu_flags()
-    return any(f in flags for f in _BF16_FLAGS) or "bf16" in flags
+    if not (any(f in flags for f in _BF16_FLAGS) or "bf16" in flags):
+        return False
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return not isa or isa.startswith(_ONEDNN_BF16_ISAS)
 
 
 def resolve_dtype(name: str) -> Any:
@@ -56,6 +65,8 @@ def machine_record(dtype: Any) -> dict[str, Any]:
     """What a benchmark JSON records about where it ran."""
     import torch
 
+    from hf_bpd.cost import isa_limits
+
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": cpu_name(),
@@ -63,12 +74,21 @@ def machine_record(dtype: Any) -> dict[str, Any]:
         "dtype": str(dtype).replace("torch.", ""),
         "torch_threads": torch.get_num_threads(),
         "gpu": device,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # ATen's kernels: e.g. AVX512, AVX2
+        "isa_limits": isa_limits(),  # the environment's limits (hf_bpd.cost.ISA_LIMIT_ENV)
     }
+
+
+def _units(record: dict[str, Any]) -> str:
+    """`yes` / `no`, and the environment's instruction-set limits where a run set any."""
+    units = "yes" if record["native_bf16"] else "no"
+    limits = record.get("isa_limits")
+    return units + (f" (ISA limited: {', '.join(f'{k}={v}' for k, v in limits.items())})" if limits else "")
 
 
 def format_machine(record: dict[str, Any]) -> str:
     """One line for people, above the bench tables: what the figures were measured on."""
-    units = "yes" if record["native_bf16"] else "no"
+    units = _units(record)
     line = (
         f"machine: {record['cpu']} | bf16 matrix units: {units} | torch threads: {record['torch_threads']} | "
         f"dtype: {record['dtype']}"
@@ -78,7 +98,7 @@ def format_machine(record: dict[str, Any]) -> str:
 
 def format_verdict(method: str, speedup: float | None, record: dict[str, Any]) -> str:
     """One line for people: how fast `method` was against greedy on this machine, and what the machine was."""
-    units = "yes" if record["native_bf16"] else "no"
+    units = _units(record)
     threads = record["torch_threads"]
     where = f"({record['dtype']}, {record['cpu']}, bf16 units: {units}, {threads} thread{'s' if threads != 1 else ''})"
     if speedup is None:

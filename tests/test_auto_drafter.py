@@ -228,6 +228,38 @@ def test_bench_verdict_line():
         format_verdict("bpd", 1.4, record) == "bpd: 1.40x greedy here (float32, AMD EPYC, bf16 units: yes, 2 threads)"
     )
     assert "not measured" in format_verdict("bpd", None, record | {"torch_threads": 1})
+    limited = record | {"native_bf16": False, "isa_limits": {"ONEDNN_MAX_CPU_ISA": "AVX2"}}
+    assert "bf16 units: no (ISA limited: ONEDNN_MAX_CPU_ISA=AVX2)" in format_verdict("bpd", 1.2, limited)
+
+
+@pytest.mark.parametrize(
+    "flags, isa, native",
+    [
+        ({"avx512f", "amx_bf16"}, None, True),
+        ({"avx512f", "amx_bf16"}, "AVX2", False),  # an AVX2 CPU emulated on one with bf16 units
+        ({"avx512f", "avx512_bf16"}, "avx512_core_bf16", True),
+        ({"avx512f", "amx_bf16"}, "AVX512_CORE_AMX", True),
+        ({"avx512f", "amx_bf16"}, "AVX512_CORE_VNNI", False),
+        ({"avx512f", "avx2"}, None, False),
+        ({"avx512f", "avx2"}, "ALL", False),
+    ],
+)
+def test_native_bf16_follows_the_cpu_and_the_onednn_isa_limit(monkeypatch, flags, isa, native):
+    """`--dtype auto` picks bf16 only where oneDNN (torch's bf16 matmuls on CPU) may use the CPU's bf16 units: an
+    `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 runs the CPU as one without them, and the machine record says so."""
+    from hf_bpd_bench import machine
+
+    monkeypatch.setattr(machine, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+        monkeypatch.delenv(name, raising=False)
+    if isa is not None:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    assert machine.has_native_bf16() is native
+    assert machine.resolve_dtype("auto") == (torch.bfloat16 if native else torch.float32)
+    record = machine.machine_record(torch.float32)
+    assert record["native_bf16"] is native and record["isa_limits"] == ({"ONEDNN_MAX_CPU_ISA": isa} if isa else {})
+    assert ("ISA limited" in machine.format_machine(record)) is (isa is not None)
 
 
 def test_match_rates_learnt_per_row():

@@ -11,7 +11,7 @@ from conftest import tiny_base
 from transformers import DynamicCache
 
 from hf_bpd import BPDForCausalLM
-from hf_bpd.cost import CACHE_FILE, ForwardCost, _non_decreasing
+from hf_bpd.cost import CACHE_FILE, ISA_LIMIT_ENV, ForwardCost, _non_decreasing
 
 WIDTHS = (1, 2, 5, 9)
 FAST = {"widths": WIDTHS, "context_length": 16, "repeats": 3, "budget_s": 0.0}
@@ -66,6 +66,8 @@ def test_cache_hit_miss_foreign_and_corrupt(tmp_path, monkeypatch, caplog):
         return measure(cls, *args, **kwargs)
 
     monkeypatch.setattr(ForwardCost, "measure", classmethod(counted))
+    for name in ISA_LIMIT_ENV:
+        monkeypatch.delenv(name, raising=False)
     first = ForwardCost.for_model(model, tmp_path, **FAST)
     assert len(calls) == 1 and first.key["model"]["parameters"] == sum(p.numel() for p in model.base.parameters())
     assert ForwardCost.for_model(model, tmp_path, **FAST) == first and len(calls) == 1  # read back
@@ -85,13 +87,17 @@ def test_cache_hit_miss_foreign_and_corrupt(tmp_path, monkeypatch, caplog):
     finally:
         torch.set_num_threads(threads)
     assert len(calls) == 3
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # an instruction-set limit times another machine
+    assert ForwardCost.for_model(model, tmp_path, **FAST).key["isa_limits"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert len(calls) == 4
     half = model.base.to(torch.bfloat16)  # another dtype too
-    assert ForwardCost.for_model(half, tmp_path, **FAST).key["model"]["dtype"] == "bfloat16" and len(calls) == 4
+    assert ForwardCost.for_model(half, tmp_path, **FAST).key["model"]["dtype"] == "bfloat16" and len(calls) == 5
 
     (tmp_path / CACHE_FILE).write_text('{"schema": 1, "entries": [')  # torn write from an older version
     with caplog.at_level(logging.WARNING, logger="hf_bpd.cost"):
         ForwardCost.for_model(half, tmp_path, **FAST)
-    assert len(calls) == 5 and "unreadable" in caplog.text
+    assert len(calls) == 6 and "unreadable" in caplog.text
     assert len(json.loads((tmp_path / CACHE_FILE).read_text())["entries"]) == 1  # rewritten whole
 
 
