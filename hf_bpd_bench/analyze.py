@@ -135,7 +135,7 @@ def analyze(
             hidden, targets = greedy_features(
                 model, out.sequences, batch.get("attention_mask"), model.generation_config.eos_token_id
             )
-            depth.append((hidden, targets))
+            depth.append((hidden, targets, out.sequences))  # context heads attend over the prompt's real tokens
             if model.independent_heads:  # the top-k lattice is exact only for independent heads
                 _add_oracle_counts(oracle, model, batch, out.sequences, pad, max_new_tokens)
         entropies = torch.cat(entropies)  # (steps*B, h)
@@ -202,11 +202,13 @@ def greedy_features(
     return out.hidden_states[-1], targets
 
 
-def _depth_figures(model: Any, depth: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+def _depth_figures(model: Any, depth: list[tuple[torch.Tensor, torch.Tensor, torch.LongTensor]]) -> dict[str, Any]:
+    """Per-depth accuracy and the replayed chain over `(hidden, targets, sequences)` batches. The heads read the
+    rows' real tokens (`sequences`), not the targets: context heads attend over the prompt, whose targets are -100."""
     figures: dict[str, list[float]] = {}
     chain = [0, 0]
-    for hidden, targets in depth:  # batches differ in length: score each, weight by its valid targets
-        acc = metrics.depth_accuracy(model, hidden, targets)
+    for hidden, targets, sequences in depth:  # batches differ in length: score each, weight by its valid targets
+        acc = metrics.depth_accuracy(model, hidden, targets, input_ids=sequences)
         chain[0] += acc.pop("chain_tokens")
         chain[1] += acc.pop("chain_calls")
         weight = int((targets != -100).sum())

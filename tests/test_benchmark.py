@@ -241,8 +241,30 @@ def test_analyze_reports_depth_accuracy_for_both_head_kinds(setup):
         targets = seq.clone()
         targets[:, : ids["input_ids"].shape[1]] = -100
         targets = targets.masked_fill(seq == res.tokenizer.pad_token_id, -100)
-        expected = metrics.depth_accuracy(model, hidden, targets)
+        expected = metrics.depth_accuracy(model, hidden, targets, input_ids=seq)
         assert figures["depth_top1"] == [round(x, 3) for x in expected["top1"]]
+
+
+def test_analyze_feeds_context_heads_the_prompt_tokens(setup, monkeypatch):
+    """Context heads attend over the prompt: the replayed chain must read the rows' real tokens, not the targets
+    (-100 on the prompt). Stop 32's analyze fed the targets and replayed 1.74 tokens per call on SmolLM2's code
+    prompts where the decode took 1.97."""
+    from hf_bpd import metrics
+    from hf_bpd_bench.analyze import analyze
+
+    res, _ = setup
+    model = randomize_heads(BPDForCausalLM.from_base(res.model.base, num_draft_heads=2, head_type="context"))
+    read, depth_accuracy = [], metrics.depth_accuracy
+
+    def recorded(model, hidden, targets, batch_size=8, input_ids=None):
+        read.append((targets, input_ids))
+        return depth_accuracy(model, hidden, targets, batch_size, input_ids)
+
+    monkeypatch.setattr(metrics, "depth_accuracy", recorded)
+    analyze(Resources(model=model, tokenizer=res.tokenizer), PROMPTS[:1], max_new_tokens=8, top_ks=(1,))
+    [(targets, input_ids)], prompt = read, res.tokenizer(PROMPTS[0]["prompt"], return_tensors="pt")["input_ids"]
+    assert input_ids is not None and (input_ids >= 0).all() and (targets[:, : prompt.shape[1]] == -100).all()
+    assert torch.equal(input_ids[:, : prompt.shape[1]], prompt)
 
 
 def test_repetition_and_h_max():
