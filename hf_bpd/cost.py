@@ -19,8 +19,8 @@ really pays per width is learnt while generating ([`~hf_bpd.drafters.AutoDrafter
 times it observes). Between grid points the cost is interpolated linearly, beyond the last one extrapolated along the last segment.
 
 A cache entry is used only when its whole key equals the current one (another machine, instruction-set limit
-(`ISA_LIMIT_ENV`), model, dtype, device, thread count or torch version is re-measured, never trusted); an unreadable cache file is re-measured with a warning; the file
-is replaced atomically (write a temporary file, then `os.replace`).
+(`ISA_LIMIT_ENV`), model, dtype, device, thread count or torch version is re-measured, never trusted); an unreadable
+cache file is re-measured with a warning; the file is replaced atomically (write a temporary file, then `os.replace`).
 """
 
 from __future__ import annotations

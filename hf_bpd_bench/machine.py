@@ -10,10 +10,10 @@ from typing import Any
 DTYPES = ("auto", "float32", "bfloat16")
 # x86 flags of native bf16 matrix arithmetic: AMX tiles, or AVX-512 BF16 dot products (vdpbf16ps).
 _BF16_FLAGS = ("amx_bf16", "avx512_bf16")
-# `hf_bpd.cost.ISA_LIMIT_ENV` limits the instruction sets torch's math libraries use: with
-# `ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2` a CPU with bf16 units runs as an AVX2
-# CPU without them (the regime "fp32 on a CPU without bf16 matrix units", emulated on one that has them).
-# oneDNN's x86 ISA names (docs: "CPU Dispatcher Controls") from which on it multiplies bf16 natively; ALL is its default
+# oneDNN's x86 ISA names ("CPU Dispatcher Controls") from which on it multiplies bf16 natively; ALL is its default.
+# Limiting torch's math libraries (`hf_bpd.cost.ISA_LIMIT_ENV`) with `ONEDNN_MAX_CPU_ISA=AVX2
+# MKL_ENABLE_INSTRUCTIONS=AVX2 ATEN_CPU_CAPABILITY=avx2` runs a CPU with bf16 units as an AVX2 CPU without them
+# (fp32 "on a CPU without bf16 matrix units", emulated on one that has them).
 _ONEDNN_BF16_ISAS = ("ALL", "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10")
 
 

@@ -247,11 +247,12 @@ def test_bench_verdict_line():
 def test_native_bf16_follows_the_cpu_and_the_onednn_isa_limit(monkeypatch, flags, isa, native):
     """`--dtype auto` picks bf16 only where oneDNN (torch's bf16 matmuls on CPU) may use the CPU's bf16 units: an
     `ONEDNN_MAX_CPU_ISA` below AVX512_CORE_BF16 runs the CPU as one without them, and the machine record says so."""
+    from hf_bpd.cost import ISA_LIMIT_ENV
     from hf_bpd_bench import machine
 
     monkeypatch.setattr(machine, "_cpu_flags", lambda: flags)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    for name in ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY"):
+    for name in ISA_LIMIT_ENV:
         monkeypatch.delenv(name, raising=False)
     if isa is not None:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)

@@ -460,8 +460,8 @@ def sampling_base():
 
 def assert_sampling_is_exact(model, rescorer, new=NEW):
     """Speculative sampling from `model` (4000 rows of one prompt, one batch) matches the base's exact distribution
-    of `new` tokens (chi-square over whole samples and over their last two tokens), with drafts really accepted at depths
-    1 and 2."""
+    of `new` tokens (chi-square over whole samples and over their last two tokens), with drafts really accepted at
+    depths 1 and 2."""
     prompt, rows = [3, 5, 7], 4000
     dist = exact_distribution(model.base, prompt, new)
     torch.manual_seed(0)
