@@ -16,6 +16,8 @@ Stages:
   prompts   instruction prompts (5 task kinds) from training texts -> WORK/train_prompts.jsonl; validation and tuning
             chat prompts from validation texts -> reference/prompts/smollm2_{validation,tune}.jsonl
   followups multi-turn prompts: training answers with a second user turn, appended to WORK/train_prompts.jsonl
+  more      --more-prompts-per-kind more training prompts of the --kinds task kinds (the validation prompts'
+            templates and passage length, training texts), appended to WORK/train_prompts.jsonl
   answers   SmolLM2's own greedy answers (chat template, batched, bf16) -> WORK/answers.jsonl (appended, resumable;
             answers archived in reference/smollm2-answers are restored first, without features);
             with --capture-features (the default) the hidden states generate computes anyway are kept as the answers'
@@ -127,6 +129,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--followups", type=int, default=3000, help="multi-turn prompts made from training answers (followups stage)"
     )
+    p.add_argument(
+        "--more-prompts-per-kind",
+        type=int,
+        default=0,
+        help="more stage: training prompts per --kinds task kind to append (ids m-KIND-I, each kind its own random "
+        "stream: rerunning with a larger number adds only the new ones)",
+    )
+    p.add_argument(
+        "--kinds",
+        default=",".join(TASK_KINDS),
+        help="comma-separated task kinds the more and answers stages work on (answers: the other prompts wait for "
+        "a later run); default all",
+    )
     p.add_argument("--val-prompts-per-kind", type=int, default=10)
     p.add_argument("--tune-prompts-per-kind", type=int, default=3)
     p.add_argument("--passage-chars", type=int, default=500)
@@ -235,7 +250,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--small-sequences", type=int, default=4000, help="raw 256-token windows for the small LM")
     p.add_argument("--small-epochs", type=float, default=2.0)
     p.add_argument("--small-max-minutes", type=float, default=25.0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    unknown = [k for k in args.kinds if k not in TASK_KINDS]
+    if unknown or not args.kinds:
+        p.error(f"--kinds takes task kinds among {', '.join(TASK_KINDS)}; got {unknown or 'none'}")
+    return args
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -259,9 +279,10 @@ def make_prompts(
     rng: random.Random,
     split: str,
     templates: dict | None = None,
+    kinds: tuple[str, ...] = TASK_KINDS,
 ) -> list[dict]:
     rows = []
-    for kind in TASK_KINDS:
+    for kind in kinds:
         domains, kind_templates = TEMPLATES[kind]
         kind_templates = templates[kind] if templates else kind_templates
         made = 0
@@ -418,6 +439,35 @@ def stage_followups(args: argparse.Namespace) -> None:
     )
 
 
+def stage_more(args: argparse.Namespace) -> None:
+    """
+    `--more-prompts-per-kind` training prompts for each of the `--kinds` task kinds, made like the validation
+    prompts (the same templates and `--passage-chars`) but from the training texts, appended to
+    WORK/train_prompts.jsonl as `m-{kind}-{i}`. Each kind draws from its own random stream, so the i-th prompt of a
+    kind never changes and a rerun with a larger number appends only the new ones (for a kind whose chain lags).
+    """
+    from hf_bpd_bench.reference import split_reference_corpora
+
+    path = args.work_dir / "train_prompts.jsonl"
+    prompts = _read_jsonl(path)
+    have = {r.get("id") for r in prompts}
+    train_texts = {d: s["train"] for d, s in split_reference_corpora(args.corpora).items()}
+    rows = []
+    for kind in args.kinds:
+        rng = random.Random(args.seed * 1_000_003 + zlib.crc32(f"more-{kind}".encode()))
+        made = make_prompts(train_texts, args.more_prompts_per_kind, args.passage_chars, rng, "train", kinds=(kind,))
+        for i, row in enumerate(made):
+            row["id"] = f"m-{kind}-{i}"
+            if row["id"] not in have:
+                rows.append(row)
+    with path.open("a") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    logger.info(
+        "more: %d prompts of %s appended to %s (%d prompts now)", len(rows), args.kinds, path, len(prompts) + len(rows)
+    )
+
+
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -537,7 +587,8 @@ def stage_answers(args: argparse.Namespace) -> None:
     done = {r.get("id") for r in _read_jsonl(out_path, repair=True)}
     _restore_archived(args, prompts, done)
     next_shard = _captured_features(args.work_dir, done, args.seq_len, repair=True)[1]
-    todo = [r for r in prompts if r.get("id") not in done]
+    every_kind = set(args.kinds) == set(TASK_KINDS)  # then prompts without a task kind are answered too
+    todo = [r for r in prompts if r.get("id") not in done and (every_kind or r.get("domain") in args.kinds)]
     if args.followups_first:  # stable: each group keeps its order
         todo.sort(key=lambda r: not str(r.get("id", "")).endswith("/f"))
     model, tok = load_smollm2(dtype=_dtype(args.dtype))
@@ -1218,6 +1269,7 @@ def cpu_name() -> str:
 STAGES = {
     "prompts": stage_prompts,
     "followups": stage_followups,
+    "more": stage_more,
     "answers": stage_answers,
     "archive": stage_archive,
     "features": stage_features,
@@ -1235,6 +1287,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--train-fraction must be in (0, 1], got {args.train_fraction}.")
     if args.followups < 0:
         raise SystemExit(f"--followups must be >= 0 (how many multi-turn prompts to add), got {args.followups}.")
+    if args.more_prompts_per_kind < 0:
+        raise SystemExit(f"--more-prompts-per-kind must be >= 0, got {args.more_prompts_per_kind}.")
     if args.soft_top_k < 0:
         raise SystemExit(f"--soft-top-k must be >= 0 (0: greedy targets only), got {args.soft_top_k}.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -500,3 +500,37 @@ def test_archived_answers_are_restored_on_a_fresh_work_folder(build, tokenizer, 
     (out / "smollm2-answers" / "answers-000.jsonl.gz").unlink()  # the same answers give the same bytes
     build.stage_archive(build.parse_args(["--work-dir", str(fresh), *flags]))
     assert (out / "smollm2-answers" / "answers-002.jsonl.gz").read_bytes() == first  # numbered after the last
+
+
+def test_more_prompts_are_stable_per_kind_and_answers_take_only_the_chosen_kinds(
+    build, tokenizer, tmp_path, monkeypatch
+):
+    """The more stage appends `m-{kind}-{i}` prompts of the chosen kinds, made with the validation prompts' templates
+    from training texts only; a rerun with a larger number appends only the new ones and the first stay as they were.
+    `--kinds` then restricts the answers stage: the other prompts wait for a later run."""
+    train = "\n".join(f"training line {i} of a long text" for i in range(400))
+    fake = {d: {"train": [train], "validation": ["VALIDATION " * 400]} for d in ("austen", "shakespeare", "kjv")}
+    fake["python"] = {"train": [train], "validation": ["VALIDATION " * 400]}
+    monkeypatch.setattr("hf_bpd_bench.reference.split_reference_corpora", lambda *a, **k: fake)
+    first = {"id": "p0", "domain": "qa", "messages": [{"role": "user", "content": "Who speaks?"}]}
+    (tmp_path / "train_prompts.jsonl").write_text(json.dumps(first) + "\n")
+    flags = ["--work-dir", str(tmp_path), "--out", str(tmp_path / "reference"), "--kinds", "summarize"]
+    build.stage_more(build.parse_args(flags + ["--more-prompts-per-kind", "3"]))
+    before = build._read_jsonl(tmp_path / "train_prompts.jsonl")
+    build.stage_more(build.parse_args(flags + ["--more-prompts-per-kind", "5"]))
+    rows = build._read_jsonl(tmp_path / "train_prompts.jsonl")
+    assert rows[:4] == before and [r["id"] for r in rows[1:]] == [f"m-summarize-{i}" for i in range(5)]
+    templates = build.TEMPLATES["summarize"][1]
+    for row in rows[1:]:
+        text = row["messages"][0]["content"]
+        assert row["domain"] == "summarize" and row["split"] == "train" and "VALIDATION" not in text
+        assert any(text.startswith(t.split("{passage}")[0]) for t in templates)
+    model = tiny_base("llama", vocab_size=len(tokenizer), pad_token_id=0, eos_token_id=0)
+    monkeypatch.setattr("hf_bpd.smollm2.load_smollm2", lambda dtype=None: (model, tokenizer))
+    answer = ["--answer-tokens", "2", "--answer-batch", "4", "--dtype", "float32", "--no-capture-features"]
+    build.stage_answers(build.parse_args(flags + answer))
+    assert sorted(r["id"] for r in build._read_jsonl(tmp_path / "answers.jsonl")) == [r["id"] for r in rows[1:]]
+    build.stage_answers(build.parse_args(flags[:4] + answer))  # every kind: the qa prompt too
+    assert len(build._read_jsonl(tmp_path / "answers.jsonl")) == 6
+    with pytest.raises(SystemExit):
+        build.parse_args(["--kinds", "summarise"])
