@@ -125,7 +125,7 @@ def tune_auto(
     top_k: int = 4,
     max_depth: int = 10,
     max_new_tokens: int = 64,
-    repeats: int = 2,
+    repeats: int = 3,
     rules: Sequence[str] = ("merge", "both"),
     spec: dict[str, Any] | None = None,
 ) -> tuple[dict, dict, dict]:
@@ -234,7 +234,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--top-k", type=count(1), default=None, help="Tree branching (default 4).")
     parser.add_argument("--max-depth", type=count(1), default=None, help="Deepest prompt-lookup draft (default 10).")
-    parser.add_argument("--repeats", type=count(1), default=2)
+    parser.add_argument(
+        "--repeats",
+        type=count(1),
+        default=3,
+        help="Interleaved timings of each candidate, median kept (default 3: the median of two is their mean and cannot "
+        "reject a slow patch of a shared machine; BENCHMARKS.md, stop 33).",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
     parser.add_argument("--json", default=None, help="Write every timing here (JSON).")
