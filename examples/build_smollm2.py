@@ -559,7 +559,19 @@ def _restore_archived(args: argparse.Namespace, prompts: list[dict], done: set) 
     """Append the archived answers that answers.jsonl lacks (their prompts rebuilt by the prompts stage); returns
     how many. They carry no captured features: the `features` stage extracts them."""
     by_id = {r.get("id"): r for r in prompts}
-    rows = [r for r in _archived(args) if r.get("id") not in done and r.get("id") in by_id]
+    archived = [r for r in _archived(args) if r.get("id") not in done]
+    rows = [r for r in archived if r.get("id") in by_id]
+    orphans = [str(r.get("id")) for r in archived if r.get("id") not in by_id]
+    if (
+        orphans
+    ):  # their prompts come from a stage not yet rerun here (more, followups): say so, do not drop them quietly
+        logger.warning(
+            "answers: %d archived answers have no prompt in train_prompts.jsonl (e.g. %s), not restored: rebuild "
+            "their prompts first (ids m-KIND-I: --stages more --kinds KIND --more-prompts-per-kind N; ID/f: "
+            "--stages followups), then rerun",
+            len(orphans),
+            ", ".join(orphans[:3]),
+        )
     if rows:
         with (args.work_dir / "answers.jsonl").open("a") as handle:
             for r in rows:

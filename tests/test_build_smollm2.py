@@ -497,6 +497,13 @@ def test_archived_answers_are_restored_on_a_fresh_work_folder(build, tokenizer, 
     build.stage_answers(build.parse_args(["--work-dir", str(fresh), *flags]))
     restored = build._read_jsonl(fresh / "answers.jsonl")
     assert restored == answers  # every field back, nothing generated again
+    lacking = tmp_path / "lacking"  # a work folder whose prompts file lacks q2 (a stage not rerun): said, not dropped
+    lacking.mkdir()
+    (lacking / "train_prompts.jsonl").write_text("".join(json.dumps(p) + "\n" for p in prompts[:2]))
+    with caplog.at_level(logging.WARNING):
+        build.stage_answers(build.parse_args(["--work-dir", str(lacking), *flags]))
+    assert "1 archived answers have no prompt" in caplog.text and "q2" in caplog.text
+    assert [r["id"] for r in build._read_jsonl(lacking / "answers.jsonl")] == ["q0", "q1"]
     (out / "smollm2-answers" / "answers-000.jsonl.gz").unlink()  # the same answers give the same bytes
     build.stage_archive(build.parse_args(["--work-dir", str(fresh), *flags]))
     assert (out / "smollm2-answers" / "answers-002.jsonl.gz").read_bytes() == first  # numbered after the last
