@@ -562,9 +562,8 @@ def _restore_archived(args: argparse.Namespace, prompts: list[dict], done: set) 
     archived = [r for r in _archived(args) if r.get("id") not in done]
     rows = [r for r in archived if r.get("id") in by_id]
     orphans = [str(r.get("id")) for r in archived if r.get("id") not in by_id]
-    if (
-        orphans
-    ):  # their prompts come from a stage not yet rerun here (more, followups): say so, do not drop them quietly
+    # their prompts come from a stage not yet rerun here (more, followups): say so, do not drop them quietly
+    if orphans:
         logger.warning(
             "answers: %d archived answers have no prompt in train_prompts.jsonl (e.g. %s), not restored: rebuild "
             "their prompts first (ids m-KIND-I: --stages more --kinds KIND --more-prompts-per-kind N; ID/f: "
