@@ -431,9 +431,7 @@ def stage_followups(args: argparse.Namespace) -> None:
                 "id": f"{pid}/f",
             }
         )
-    with path.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _append_jsonl(path, rows)
     logger.info(
         "followups: %d multi-turn prompts appended to %s (%d prompts now)", len(rows), path, len(prompts) + len(rows)
     )
@@ -460,12 +458,15 @@ def stage_more(args: argparse.Namespace) -> None:
             row["id"] = f"m-{kind}-{i}"
             if row["id"] not in have:
                 rows.append(row)
-    with path.open("a") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _append_jsonl(path, rows)
     logger.info(
         "more: %d prompts of %s appended to %s (%d prompts now)", len(rows), args.kinds, path, len(prompts) + len(rows)
     )
+
+
+def _append_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("a") as handle:
+        handle.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
