@@ -541,3 +541,5 @@ def test_more_prompts_are_stable_per_kind_and_answers_take_only_the_chosen_kinds
     assert len(build._read_jsonl(tmp_path / "answers.jsonl")) == 6
     with pytest.raises(SystemExit):
         build.parse_args(["--kinds", "summarise"])
+    with pytest.raises(SystemExit, match="--more-prompts-per-kind must be >= 0"):
+        build.main(["--work-dir", str(tmp_path), "--stages", "more", "--more-prompts-per-kind", "-1"])
